@@ -1,0 +1,17 @@
+"""ds-twolevel: attention partitioned over n head groups x m head-dim segments (m*n devices)."""
+from .attention import TwoLevelAttention
+from .block import TwoLevelBlock
+from .cache import KVCache
+from .collectives import CommCounter
+from .gather import gather_dense_state
+from .layout import AxisGroup, TwoLevelAxes, TwoLevelLayout, TwoLevelMesh
+from .mlp import TwoLevelMLP
+from .partition import AttentionPartition, AttentionSpec, check_partition, feasible_layouts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionPartition", "AttentionSpec", "AxisGroup", "CommCounter", "KVCache", "TwoLevelAttention",
+    "TwoLevelAxes", "TwoLevelBlock", "TwoLevelLayout", "TwoLevelMLP", "TwoLevelMesh", "check_partition",
+    "feasible_layouts", "gather_dense_state",
+]

@@ -1,0 +1,259 @@
+"""Two-level (n head groups x m dim segments) multi-head attention, exact w.r.t. the dense layer.
+
+Rank (i, j) holds query heads [i*h/n, (i+1)*h/n) (and their KV heads) restricted to segment j of
+each head's dims. Shapes below: b batch, s/sq/skv sequence, hl = h/n, gl = g/n, dl = d/m,
+dvl = dv/m, H hidden.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .collectives import all_gather_dim, all_reduce_both, copy_to_axis, reduce_from_axis
+from .costmodel import STRATEGIES, AttentionCall, choose_strategy
+from .layout import TwoLevelAxes
+from .masks import additive_mask, dropout_keep_mask
+from .partition import AttentionPartition, AttentionSpec, shard_dim
+from .rope import apply_rope_segment, segment_cos_sin
+
+
+def tag_parallel(param: nn.Parameter, *, sharded: bool, partition_dim: int | None) -> None:
+    """Megatron/DeepSpeed attributes: ``tensor_model_parallel`` parameters are counted on every
+    model-parallel rank by gradient-norm code, the others only on model-parallel rank 0."""
+    param.tensor_model_parallel = sharded
+    param.partition_dim = partition_dim
+
+
+class TwoLevelAttention(nn.Module):
+    """Partition (i, j) of a multi-head attention layer.
+
+    Args:
+        hidden_size: H, model width (input and output features).
+        spec: heads, KV heads, head dims and RoPE of the layer.
+        axes: this rank's groups and coordinate (``TwoLevelMesh.axes``).
+        qkv_bias: q/k/v projections have biases.
+        o_bias: output projection has a bias (added once, after the all-reduce).
+        qk_norm_eps: if set, Qwen3-style per-head RMSNorm of q and k (over the full d).
+        causal: causal (decoder) or bidirectional (encoder) attention.
+        strategy: "score_allreduce", "qk_allgather" or "auto" (fewer bytes for the call).
+        dropout: attention-probability dropout (training only).
+        dropout_seed: seed of the dropout stream shared by all ranks of the layer.
+        scaling: score scale; default ``1/sqrt(d)`` of the full head dim.
+        kv_replication: allow n > g by replicating KV heads across head groups.
+        layer_idx: index used with the KV cache.
+
+    Example:
+        >>> mesh = TwoLevelLayout(n=2, m=2).build()
+        >>> attn = TwoLevelAttention.from_dense(dense_attn, mesh.axes)
+        >>> y = attn(x, position_embeddings=(cos, sin))
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        spec: AttentionSpec,
+        axes: TwoLevelAxes,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm_eps: float | None = None,
+        causal: bool = True,
+        strategy: str = "auto",
+        dropout: float = 0.0,
+        dropout_seed: int = 0,
+        scaling: float | None = None,
+        kv_replication: bool = False,
+        layer_idx: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if strategy not in (*STRATEGIES, "auto"):
+            raise ValueError(f"strategy must be one of {STRATEGIES + ('auto',)}, got {strategy!r}")
+        # validates h, g, d against (n, m) before any parameter or collective exists
+        self.part = AttentionPartition(spec, axes.n, axes.m, kv_replication=kv_replication)
+        self.spec, self.axes, self.hidden_size = spec, axes, hidden_size
+        self.causal, self.strategy, self.layer_idx = causal, strategy, layer_idx
+        self.dropout, self.dropout_seed, self._dropout_step = dropout, dropout_seed, 0
+        self.scaling = scaling if scaling is not None else 1.0 / math.sqrt(spec.head_dim)
+        self.qk_norm_eps = qk_norm_eps
+        hl, gl = self.part.local_heads, self.part.local_kv_heads
+        dl, dvl = self.part.local_dim, self.part.local_v_dim
+        kw = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(hidden_size, hl * dl, bias=qkv_bias, **kw)
+        self.k_proj = nn.Linear(hidden_size, gl * dl, bias=qkv_bias, **kw)
+        self.v_proj = nn.Linear(hidden_size, gl * dvl, bias=qkv_bias, **kw)
+        self.o_proj = nn.Linear(hl * dvl, hidden_size, bias=False, **kw)
+        self.o_bias = nn.Parameter(torch.zeros(hidden_size, **kw)) if o_bias else None
+        self.q_norm_weight = self.k_norm_weight = None
+        if qk_norm_eps is not None:
+            self.q_norm_weight = nn.Parameter(torch.ones(dl, **kw))
+            self.k_norm_weight = nn.Parameter(torch.ones(dl, **kw))
+        self._tag_parameters()
+        cos_index, partner, sign = self.part.rope_tables(axes.j)
+        self.register_buffer("rope_cos_index", cos_index, persistent=False)
+        self.register_buffer("rope_partner", partner, persistent=False)
+        self.register_buffer("rope_sign", sign, persistent=False)
+
+    def _tag_parameters(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            for p in proj.parameters():
+                tag_parallel(p, sharded=True, partition_dim=0)
+        tag_parallel(self.o_proj.weight, sharded=True, partition_dim=1)
+        if self.o_bias is not None:
+            tag_parallel(self.o_bias, sharded=False, partition_dim=None)
+        for w in (self.q_norm_weight, self.k_norm_weight):
+            if w is not None:
+                # sharded over segments, replicated over head groups: count it on group i == 0 only
+                tag_parallel(w, sharded=self.axes.i == 0, partition_dim=0)
+
+    # -- dense <-> partition ---------------------------------------------------------------------
+    def shard_index(self, tp_rank: int | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+        """Dense parameter name -> (index, dim) of the slice held by ``tp_rank`` (default: this rank)."""
+        part = self.part
+        i, j = (self.axes.i, self.axes.j) if tp_rank is None else divmod(tp_rank, self.axes.m)
+        out = {
+            "q_proj.weight": (part.q_rows(i, j), 0), "q_proj.bias": (part.q_rows(i, j), 0),
+            "k_proj.weight": (part.k_rows(i, j), 0), "k_proj.bias": (part.k_rows(i, j), 0),
+            "v_proj.weight": (part.v_rows(i, j), 0), "v_proj.bias": (part.v_rows(i, j), 0),
+            "o_proj.weight": (part.o_cols(i, j), 1),
+            "q_norm_weight": (torch.tensor(part.qk_dims(j)), 0),
+            "k_norm_weight": (torch.tensor(part.qk_dims(j)), 0),
+        }
+        return {k: v for k, v in out.items() if _has(self, k)}
+
+    @torch.no_grad()
+    def load_dense_state(self, dense: dict[str, torch.Tensor]) -> None:
+        """Copy this rank's slices out of dense weights named like :meth:`shard_index`'s keys
+        (plus ``o_bias``)."""
+        for name, (index, dim) in self.shard_index().items():
+            _get(self, name).copy_(shard_dim(dense[name], index, dim))
+        if self.o_bias is not None:
+            self.o_bias.copy_(dense["o_bias"])
+
+    @classmethod
+    def from_dense(cls, dense: Any, axes: TwoLevelAxes, **overrides: Any) -> "TwoLevelAttention":
+        """Build this rank's partition of a :class:`~ds_twolevel.reference.DenseAttention`."""
+        kwargs = dict(dense.twolevel_kwargs())
+        kwargs.update(overrides)
+        weight = dense.q_proj.weight
+        layer = cls(dense.hidden_size, dense.spec, axes, device=weight.device, dtype=weight.dtype, **kwargs)
+        layer.load_dense_state(dense.dense_state())
+        return layer
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _segment_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, tag: str) -> torch.Tensor:
+        """Per-head RMSNorm over the full d: the sum of squares is all-reduced over segments."""
+        dtype = x.dtype
+        x32 = x.float()
+        sumsq = all_reduce_both(x32.pow(2).sum(-1, keepdim=True), self.axes.seg, f"{tag}_sumsq")
+        x32 = x32 * torch.rsqrt(sumsq / self.spec.head_dim + self.qk_norm_eps)
+        weight = copy_to_axis(weight, self.axes.heads, f"{tag}_norm_weight")  # grads summed over i
+        return weight * x32.to(dtype)
+
+    def resolve_strategy(self, call: AttentionCall, element_size: int, strategy: str | None = None) -> str:
+        """The strategy used for this call ("auto" -> fewer bytes per the cost model)."""
+        strategy = strategy or self.strategy
+        return choose_strategy(call, element_size) if strategy == "auto" else strategy
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: Any = None,
+        strategy: str | None = None,
+    ) -> torch.Tensor:
+        """(b, s, H) replicated input -> (b, s, H) replicated output.
+
+        ``position_embeddings``: full-rotary (cos, sin), each (b, s, r), as Hugging Face passes
+        them. ``attention_mask``: see :func:`ds_twolevel.masks.additive_mask`. ``kv_cache``: any
+        object with ``update(k, v, layer_idx)`` (this rank's slice is stored).
+        """
+        b, s, _ = hidden_states.shape
+        hl, gl, dl, dvl = self.part.local_heads, self.part.local_kv_heads, self.part.local_dim, self.part.local_v_dim
+        x = copy_to_axis(hidden_states, self.axes.tp, "attn_in")
+        q = self.q_proj(x).view(b, s, hl, dl).transpose(1, 2)  # (b, hl, s, dl)
+        k = self.k_proj(x).view(b, s, gl, dl).transpose(1, 2)  # (b, gl, s, dl)
+        v = self.v_proj(x).view(b, s, gl, dvl).transpose(1, 2)  # (b, gl, s, dvl)
+        if self.q_norm_weight is not None:
+            q = self._segment_rms_norm(q, self.q_norm_weight, "q")
+            k = self._segment_rms_norm(k, self.k_norm_weight, "k")
+        if self.spec.rot_dim:
+            if position_embeddings is None:
+                raise ValueError("this layer uses RoPE: pass position_embeddings=(cos, sin)")
+            cos, sin = position_embeddings
+            cos_seg, sin_seg = segment_cos_sin(cos.to(q.dtype), sin.to(q.dtype), self.rope_cos_index, self.rope_sign)
+            q = apply_rope_segment(q, cos_seg, sin_seg, self.rope_partner)
+            k = apply_rope_segment(k, cos_seg, sin_seg, self.rope_partner)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v, self.layer_idx)  # (b, gl, skv, dl), (b, gl, skv, dvl)
+        skv = k.shape[-2]
+        mask = additive_mask(attention_mask, batch=b, q_len=s, kv_len=skv, causal=self.causal,
+                             dtype=q.dtype, device=q.device)
+        if mask is not None and mask.dim() == 4 and mask.shape[1] not in (1, hl):
+            mask = mask[:, self.part.q_heads(self.axes.i)]  # per-head mask given for all h heads
+        call = AttentionCall(b, s, skv, self.hidden_size, hl, gl, self.spec.head_dim, self.axes.m,
+                             self.axes.n, self.q_norm_weight is not None)
+        chosen = self.resolve_strategy(call, q.element_size(), strategy)
+        if chosen == "score_allreduce":
+            out = self._attend_score_allreduce(q, k, v, mask)
+        else:
+            out = self._attend_qk_allgather(q, k, v, mask)
+        out = out.transpose(1, 2).reshape(b, s, hl * dvl)  # (b, s, hl*dvl)
+        y = reduce_from_axis(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s, H)
+        return y if self.o_bias is None else y + self.o_bias
+
+    def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """(b, gl, skv, *) -> (b, hl, skv, *): each KV head serves h/g consecutive query heads."""
+        rep = self.part.local_heads // t.shape[1]
+        return t if rep == 1 else t.repeat_interleave(rep, dim=1)
+
+    def _dropout(self, probs: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.dropout > 0):
+            return probs
+        b, hl, sq, skv = probs.shape
+        keep = dropout_keep_mask((b, self.spec.num_heads, sq, skv), self.dropout, seed=self.dropout_seed,
+                                 step=self._dropout_step, device=probs.device)
+        self._dropout_step += 1
+        keep = keep[:, self.part.q_heads(self.axes.i)]  # (b, hl, sq, skv): this group's heads
+        return probs * keep / (1.0 - self.dropout)
+
+    def _attend_score_allreduce(self, q, k, v, mask):
+        """Partial scores over this segment's dims, summed over the segment group."""
+        scores_partial = q @ self._expand_kv(k).transpose(-1, -2)  # (b, hl, sq, skv)
+        scores = all_reduce_both(scores_partial, self.axes.seg, "scores") * self.scaling
+        if mask is not None:
+            scores = scores + mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return self._dropout(probs) @ self._expand_kv(v)  # (b, hl, sq, dvl)
+
+    def _attend_qk_allgather(self, q, k, v, mask):
+        """Gather full-d q and k over the segment group, then fused SDPA with this segment's v."""
+        q_full = all_gather_dim(q, self.axes.seg, -1, "q")  # (b, hl, sq, d), dims in segment order
+        k_full = self._expand_kv(all_gather_dim(k, self.axes.seg, -1, "k"))  # (b, hl, skv, d)
+        v_e = self._expand_kv(v)
+        if self.training and self.dropout > 0:  # explicit path: the shared dropout stream
+            scores = q_full @ k_full.transpose(-1, -2) * self.scaling
+            probs = F.softmax(scores if mask is None else scores + mask, dim=-1, dtype=torch.float32)
+            return self._dropout(probs.to(q.dtype)) @ v_e
+        return F.scaled_dot_product_attention(q_full, k_full, v_e, attn_mask=mask, scale=self.scaling)
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        return _get(module, name) is not None
+    except AttributeError:
+        return False
+
+
+def _get(module: nn.Module, name: str):
+    obj = module
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj

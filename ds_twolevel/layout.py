@@ -1,0 +1,227 @@
+"""The dp x n x m layout: one validated object that builds the device mesh and hands out groups.
+
+Ranks are laid out with the segment axis fastest: ``rank = (dp_rank * n + i) * m + j``, so the m
+ranks of a segment group (the chattiest one: scores, norms, q/k gathers) are neighbours, i.e.
+on one node / one NVLink island whenever m divides the GPUs per node.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import Backend as C10dBackend
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+MESH_AXES = ("dp", "n", "m")
+
+
+@dataclass(frozen=True)
+class AxisGroup:
+    """One mesh axis as the layers see it: a process group (None when the axis has one rank)."""
+
+    name: str
+    """"m" (segments), "n" (head groups), "tp" (n*m) or "dp"."""
+    size: int
+    rank: int
+    group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+
+    @staticmethod
+    def single(name: str) -> "AxisGroup":
+        """A one-rank axis: collectives over it are no-ops."""
+        return AxisGroup(name=name, size=1, rank=0, group=None)
+
+
+@dataclass(frozen=True)
+class TwoLevelAxes:
+    """The groups one partitioned layer needs, and its coordinate (i, j)."""
+
+    seg: AxisGroup
+    """m ranks sharing head group i: score / norm all-reduces, q/k all-gathers."""
+    heads: AxisGroup
+    """n ranks sharing segment j: gradients of per-dim weights shared by all heads (q/k norm)."""
+    tp: AxisGroup
+    """the n*m ranks of one layer: output all-reduce, MLP."""
+    dp: AxisGroup = AxisGroup.single("dp")
+    """data-parallel replicas (ZeRO, gradient averaging)."""
+
+    @property
+    def i(self) -> int:
+        """Head-group coordinate."""
+        return self.heads.rank
+
+    @property
+    def j(self) -> int:
+        """Segment coordinate."""
+        return self.seg.rank
+
+    @property
+    def n(self) -> int:
+        return self.heads.size
+
+    @property
+    def m(self) -> int:
+        return self.seg.size
+
+    @staticmethod
+    def single() -> "TwoLevelAxes":
+        """m = n = dp = 1 in one process (no process group needed)."""
+        return TwoLevelAxes(AxisGroup.single("m"), AxisGroup.single("n"), AxisGroup.single("tp"))
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def factorizations(world_size: int) -> list[tuple[int, int, int]]:
+    """Every (dp, n, m) whose product is world_size."""
+    out = []
+    for dp in range(1, world_size + 1):
+        if world_size % dp:
+            continue
+        rest = world_size // dp
+        out += [(dp, n, rest // n) for n in range(1, rest + 1) if rest % n == 0]
+    return out
+
+
+@dataclass(frozen=True)
+class TwoLevelLayout:
+    """dp x n x m: data-parallel replicas x head groups x head-dim segments.
+
+    Example:
+        >>> layout = TwoLevelLayout(n=2, m=2, dp=2)
+        >>> layout.world_size, layout.coordinate(5)
+        (8, (1, 0, 1))
+    """
+
+    n: int
+    """head groups (h/n query heads per rank)."""
+    m: int
+    """head-dim segments (d/m dims per rank)."""
+    dp: int = 1
+    """data-parallel replicas."""
+
+    def __post_init__(self) -> None:
+        for name in ("n", "m", "dp"):
+            _positive_int(name, getattr(self, name))
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks sharing one layer: n*m."""
+        return self.n * self.m
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.n * self.m
+
+    @classmethod
+    def from_world_size(cls, world_size: int, *, n: int, m: int) -> "TwoLevelLayout":
+        """Derive dp = world_size / (n*m); ValueError naming the layouts that fit otherwise."""
+        _positive_int("n", n), _positive_int("m", m), _positive_int("world_size", world_size)
+        if world_size % (n * m):
+            fits = ", ".join(f"n={a} x m={b}" for d, a, b in factorizations(world_size) if d == 1)
+            raise ValueError(
+                f"world size {world_size} is not a multiple of n*m = {n}*{m} = {n * m}; "
+                f"n x m layouts for {world_size} ranks: {fits} (or a divisor of it times dp)"
+            )
+        return cls(n=n, m=m, dp=world_size // (n * m))
+
+    def coordinate(self, rank: int) -> tuple[int, int, int]:
+        """(dp_rank, i, j) of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        return rank // self.tp_size, (rank // self.m) % self.n, rank % self.m
+
+    def check_world(self, world_size: int) -> None:
+        """ValueError unless world_size == dp*n*m."""
+        if world_size != self.world_size:
+            fits = ", ".join(f"dp={d} x n={a} x m={b}" for d, a, b in factorizations(world_size))
+            raise ValueError(
+                f"layout dp={self.dp} x n={self.n} x m={self.m} needs {self.world_size} ranks but "
+                f"the world has {world_size}; layouts for {world_size} ranks: {fits}"
+            )
+
+    def build(
+        self, *, device_type: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT
+    ) -> "TwoLevelMesh":
+        """Build the mesh over the initialised default process group (or none for 1 rank)."""
+        if not dist.is_available() or not dist.is_initialized():
+            self.check_world(1)
+            return TwoLevelMesh(self, None, TwoLevelAxes.single())
+        self.check_world(dist.get_world_size())
+        return TwoLevelMesh.create(self, device_type=device_type, timeout=timeout)
+
+
+def _default_device_type() -> str:
+    backend = dist.get_backend()
+    if backend == "gloo":
+        return "cpu"
+    return torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
+
+
+class TwoLevelMesh:
+    """A built layout: the DeviceMesh (axes "dp", "n", "m", plus flattened "tp") and its groups.
+
+    It also duck-types DeepSpeed's ``mpu``: model parallel = the n*m ranks of a layer.
+    """
+
+    def __init__(self, layout: TwoLevelLayout, mesh, axes: TwoLevelAxes) -> None:
+        self.layout = layout
+        self.mesh = mesh
+        self.axes = axes
+
+    @classmethod
+    def create(
+        cls, layout: TwoLevelLayout, *, device_type: str | None, timeout: datetime.timedelta
+    ) -> "TwoLevelMesh":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device_type = device_type or _default_device_type()
+        backend = dist.get_backend()
+        options = C10dBackend.Options(backend)
+        options._timeout = timeout  # sub-groups otherwise get c10d's 30-minute default
+        override = {name: (backend, options) for name in MESH_AXES}
+        mesh = init_device_mesh(
+            device_type, (layout.dp, layout.n, layout.m), mesh_dim_names=MESH_AXES,
+            backend_override=override,
+        )
+        tp_mesh = mesh["n", "m"]._flatten("tp", backend_override=(backend, options))
+
+        def axis(name: str, sub) -> AxisGroup:
+            return AxisGroup(name, sub.size(), sub.get_local_rank(), sub.get_group())
+
+        axes = TwoLevelAxes(
+            seg=axis("m", mesh["m"]), heads=axis("n", mesh["n"]), tp=axis("tp", tp_mesh),
+            dp=axis("dp", mesh["dp"]),
+        )
+        return cls(layout, mesh, axes)
+
+    def __repr__(self) -> str:
+        a = self.axes
+        return (f"TwoLevelMesh(dp={self.layout.dp}, n={self.layout.n}, m={self.layout.m}; "
+                f"this rank: dp_rank={a.dp.rank}, i={a.i}, j={a.j})")
+
+    # -- DeepSpeed mpu duck type ---------------------------------------------------------------
+    def get_model_parallel_group(self):
+        return self.axes.tp.group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.axes.tp.rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.axes.tp.size
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_data_parallel_group(self):
+        return self.axes.dp.group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.axes.dp.rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.axes.dp.size

@@ -1,0 +1,59 @@
+"""Attention masks as one additive float tensor (b, 1|heads, s_q, s_kv)."""
+from __future__ import annotations
+
+import torch
+
+
+def additive_mask(
+    attention_mask: torch.Tensor | None,
+    *,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    causal: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Normalise a mask to additive form; None when nothing is masked.
+
+    ``attention_mask`` may be None, a 2-D padding mask (b, s_kv) with 1 = attend, or a 4-D mask
+    (b, 1|heads, s_q, s_kv), boolean (True = attend) or additive float (used as given; causality
+    is then the caller's). Masked positions get ``finfo.min`` rather than -inf, as Hugging Face
+    does, so fully padded query rows give finite (uniform) rows instead of NaN.
+    """
+    low = torch.finfo(dtype).min
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return torch.zeros((), dtype=dtype, device=device).masked_fill(~attention_mask, low)
+        return attention_mask.to(dtype)
+    keep = None
+    if causal:
+        # queries are the last q_len positions of the kv_len keys (KV cache)
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+        keep = torch.arange(kv_len, device=device).unsqueeze(0) <= q_pos  # (s_q, s_kv)
+        keep = keep.view(1, 1, q_len, kv_len)
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, kv_len):
+            raise ValueError(
+                f"2-D attention_mask must be (batch, kv_len) = ({batch}, {kv_len}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        pad_keep = attention_mask.to(torch.bool).view(batch, 1, 1, kv_len)
+        keep = pad_keep if keep is None else keep & pad_keep
+    if keep is None:
+        return None
+    return torch.zeros((), dtype=dtype, device=device).masked_fill(~keep, low)
+
+
+def dropout_keep_mask(
+    shape: tuple[int, ...], p: float, *, seed: int, step: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean keep-mask for attention dropout over all heads, drawn from one seeded stream.
+
+    Every rank of a layer draws the same full (b, h, s_q, s_kv) mask and slices its own heads,
+    so the m ranks of a segment group drop the same probabilities (training stays exact) and the
+    dense reference drops the same ones too.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 1_000_003 + step)
+    return torch.rand(shape, generator=gen, device=device) >= p
