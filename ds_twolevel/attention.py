@@ -15,7 +15,7 @@ from torch import nn
 
 from .collectives import all_gather_dim, all_reduce_both, copy_to_axis, reduce_from_axis
 from .costmodel import STRATEGIES, AttentionCall, choose_strategy
-from .layout import TwoLevelAxes
+from .layout import TwoLevelAxes, TwoLevelMesh
 from .masks import additive_mask, dropout_keep_mask
 from .partition import AttentionPartition, AttentionSpec, shard_dim
 from .rope import apply_rope_segment, segment_cos_sin
@@ -34,7 +34,8 @@ class TwoLevelAttention(nn.Module):
     Args:
         hidden_size: H, model width (input and output features).
         spec: heads, KV heads, head dims and RoPE of the layer.
-        axes: this rank's groups and coordinate (``TwoLevelMesh.axes``).
+        axes: this rank's groups and coordinate: a ``TwoLevelMesh`` (its axes for this layer are
+            taken), or ``mesh.axes_for(num_kv_heads)``.
         qkv_bias: q/k/v projections have biases.
         o_bias: output projection has a bias (added once, after the all-reduce).
         qk_norm_eps: if set, Qwen3-style per-head RMSNorm of q and k (over the full d).
@@ -56,7 +57,7 @@ class TwoLevelAttention(nn.Module):
         self,
         hidden_size: int,
         spec: AttentionSpec,
-        axes: TwoLevelAxes,
+        axes: TwoLevelAxes | TwoLevelMesh,
         *,
         qkv_bias: bool = False,
         o_bias: bool = False,
@@ -72,10 +73,18 @@ class TwoLevelAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(axes, TwoLevelMesh):  # validate before axes_for creates any group
+            AttentionPartition(spec, axes.layout.n, axes.layout.m, kv_replication=kv_replication)
+            axes = axes.axes_for(spec.num_kv_heads)
         if strategy not in (*STRATEGIES, "auto"):
             raise ValueError(f"strategy must be one of {STRATEGIES + ('auto',)}, got {strategy!r}")
         # validates h, g, d against (n, m) before any parameter or collective exists
         self.part = AttentionPartition(spec, axes.n, axes.m, kv_replication=kv_replication)
+        if self.part.replicated_kv and axes.kv_rep.size != axes.n // spec.num_kv_heads:
+            raise ValueError(
+                f"{spec.name}: each KV head is replicated on {axes.n // spec.num_kv_heads} head groups, whose "
+                f"gradients must be summed: pass the TwoLevelMesh, or mesh.axes_for({spec.num_kv_heads})"
+            )
         self.spec, self.axes, self.hidden_size = spec, axes, hidden_size
         self.causal, self.strategy, self.layer_idx = causal, strategy, layer_idx
         self.dropout, self.dropout_seed, self._dropout_step = dropout, dropout_seed, 0
@@ -100,9 +109,11 @@ class TwoLevelAttention(nn.Module):
         self.register_buffer("rope_sign", sign, persistent=False)
 
     def _tag_parameters(self) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            for p in proj.parameters():
-                tag_parallel(p, sharded=True, partition_dim=0)
+        for p in self.q_proj.parameters():
+            tag_parallel(p, sharded=True, partition_dim=0)
+        for p in (*self.k_proj.parameters(), *self.v_proj.parameters()):
+            # a replicated KV head is counted (in gradient norms) on its first copy only
+            tag_parallel(p, sharded=self.axes.kv_rep.rank == 0, partition_dim=0)
         tag_parallel(self.o_proj.weight, sharded=True, partition_dim=1)
         if self.o_bias is not None:
             tag_parallel(self.o_bias, sharded=False, partition_dim=None)
@@ -136,7 +147,7 @@ class TwoLevelAttention(nn.Module):
             self.o_bias.copy_(dense["o_bias"])
 
     @classmethod
-    def from_dense(cls, dense: Any, axes: TwoLevelAxes, **overrides: Any) -> "TwoLevelAttention":
+    def from_dense(cls, dense: Any, axes: TwoLevelAxes | TwoLevelMesh, **overrides: Any) -> "TwoLevelAttention":
         """Build this rank's partition of a :class:`~ds_twolevel.reference.DenseAttention`."""
         kwargs = dict(dense.twolevel_kwargs())
         kwargs.update(overrides)
@@ -179,8 +190,8 @@ class TwoLevelAttention(nn.Module):
         hl, gl, dl, dvl = self.part.local_heads, self.part.local_kv_heads, self.part.local_dim, self.part.local_v_dim
         x = copy_to_axis(hidden_states, self.axes.tp, "attn_in")
         q = self.q_proj(x).view(b, s, hl, dl).transpose(1, 2)  # (b, hl, s, dl)
-        k = self.k_proj(x).view(b, s, gl, dl).transpose(1, 2)  # (b, gl, s, dl)
-        v = self.v_proj(x).view(b, s, gl, dvl).transpose(1, 2)  # (b, gl, s, dvl)
+        k = self._kv_linear(x, self.k_proj, "k").view(b, s, gl, dl).transpose(1, 2)  # (b, gl, s, dl)
+        v = self._kv_linear(x, self.v_proj, "v").view(b, s, gl, dvl).transpose(1, 2)  # (b, gl, s, dvl)
         if self.q_norm_weight is not None:
             q = self._segment_rms_norm(q, self.q_norm_weight, "q")
             k = self._segment_rms_norm(k, self.k_norm_weight, "k")
@@ -208,6 +219,14 @@ class TwoLevelAttention(nn.Module):
         out = out.transpose(1, 2).reshape(b, s, hl * dvl)  # (b, s, hl*dvl)
         y = reduce_from_axis(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s, H)
         return y if self.o_bias is None else y + self.o_bias
+
+    def _kv_linear(self, x: torch.Tensor, proj: nn.Linear, tag: str) -> torch.Tensor:
+        """K/V projection; a KV head replicated on n/g head groups sums its weight gradients."""
+        rep = self.axes.kv_rep
+        if rep.size == 1:
+            return proj(x)
+        bias = None if proj.bias is None else copy_to_axis(proj.bias, rep, f"{tag}_bias")
+        return F.linear(x, copy_to_axis(proj.weight, rep, f"{tag}_weight"), bias)
 
     def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         """(b, gl, skv, *) -> (b, hl, skv, *): each KV head serves h/g consecutive query heads."""

@@ -6,7 +6,7 @@ import copy
 from torch import nn
 
 from .attention import TwoLevelAttention
-from .layout import TwoLevelAxes
+from .layout import TwoLevelAxes, TwoLevelMesh
 from .mlp import TwoLevelMLP
 
 
@@ -18,9 +18,10 @@ class TwoLevelBlock(nn.Module):
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = attn_norm, attn, mlp_norm, mlp
 
     @classmethod
-    def from_dense(cls, dense, axes: TwoLevelAxes, **attn_overrides) -> "TwoLevelBlock":
-        return cls(copy.deepcopy(dense.attn_norm), TwoLevelAttention.from_dense(dense.attn, axes, **attn_overrides),
-                   copy.deepcopy(dense.mlp_norm), TwoLevelMLP.from_dense(dense.mlp, axes.tp))
+    def from_dense(cls, dense, mesh: TwoLevelMesh | TwoLevelAxes, **attn_overrides) -> "TwoLevelBlock":
+        tp = mesh.axes.tp if isinstance(mesh, TwoLevelMesh) else mesh.tp
+        return cls(copy.deepcopy(dense.attn_norm), TwoLevelAttention.from_dense(dense.attn, mesh, **attn_overrides),
+                   copy.deepcopy(dense.mlp_norm), TwoLevelMLP.from_dense(dense.mlp, tp))
 
     def forward(self, x, *, position_embeddings=None, attention_mask=None, kv_cache=None, strategy=None):
         x = x + self.attn(self.attn_norm(x), position_embeddings=position_embeddings,

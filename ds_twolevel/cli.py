@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo
+from . import bench, demo, planner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +13,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a block on local gloo ranks and compare with dense")
     demo.add_arguments(p)
     p.set_defaults(func=demo.main)
+    p = sub.add_parser("plan", help="rank every dp x n x m layout of P devices with the cost model")
+    planner.add_arguments(p)
+    p.set_defaults(func=planner.main)
+    p = sub.add_parser("bench", help="benchmark layouts on local gloo ranks; write docs/performance tables")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
     return parser
 
 

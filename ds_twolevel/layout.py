@@ -7,7 +7,7 @@ on one node / one NVLink island whenever m divides the GPUs per node.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,8 @@ class TwoLevelAxes:
     """the n*m ranks of one layer: output all-reduce, MLP."""
     dp: AxisGroup = AxisGroup.single("dp")
     """data-parallel replicas (ZeRO, gradient averaging)."""
+    kv_rep: AxisGroup = AxisGroup.single("kv_rep")
+    """head groups holding copies of the same KV head when n > g (see ``TwoLevelMesh.axes_for``)."""
 
     @property
     def i(self) -> int:
@@ -167,10 +169,30 @@ class TwoLevelMesh:
     It also duck-types DeepSpeed's ``mpu``: model parallel = the n*m ranks of a layer.
     """
 
-    def __init__(self, layout: TwoLevelLayout, mesh, axes: TwoLevelAxes) -> None:
+    def __init__(self, layout: TwoLevelLayout, mesh, axes: TwoLevelAxes, options=None) -> None:
         self.layout = layout
         self.mesh = mesh
         self.axes = axes
+        self._options = options
+        self._axes_by_kv: dict[int, TwoLevelAxes] = {}
+
+    def axes_for(self, num_kv_heads: int) -> TwoLevelAxes:
+        """The axes for a layer with ``num_kv_heads`` KV heads.
+
+        When n > g each KV head is held by n/g consecutive head groups; their gradients must be
+        summed, over the "kv_rep" axis this adds (created once per g, on every rank).
+        """
+        n = self.layout.n
+        if n <= num_kv_heads or n % num_kv_heads:
+            return self.axes
+        if num_kv_heads not in self._axes_by_kv:
+            reps = n // num_kv_heads
+            sub = self.mesh._unflatten("n", (num_kv_heads, reps), ("kv_head", "kv_rep"),
+                                       backend_override={"kv_head": self._options, "kv_rep": self._options})
+            kv = sub["kv_rep"]
+            self._axes_by_kv[num_kv_heads] = replace(
+                self.axes, kv_rep=AxisGroup("kv_rep", kv.size(), kv.get_local_rank(), kv.get_group()))
+        return self._axes_by_kv[num_kv_heads]
 
     @classmethod
     def create(
@@ -196,7 +218,7 @@ class TwoLevelMesh:
             seg=axis("m", mesh["m"]), heads=axis("n", mesh["n"]), tp=axis("tp", tp_mesh),
             dp=axis("dp", mesh["dp"]),
         )
-        return cls(layout, mesh, axes)
+        return cls(layout, mesh, axes, (backend, options))
 
     def __repr__(self) -> str:
         a = self.axes

@@ -1,0 +1,451 @@
+"""DeepSpeed integration: ``ds_twolevel.initialize`` mirrors ``deepspeed.initialize``.
+
+What it does, in order (every check before any collective):
+
+1. reads the DeepSpeed config through :func:`~ds_twolevel.config.load_deepspeed_config` (the
+   ``"two_level"`` section becomes a :class:`~ds_twolevel.config.TwoLevelConfig`) and refuses what
+   cannot be honoured (:func:`~ds_twolevel.config.check_deepspeed_config`);
+2. initialises distributed through ``deepspeed.init_distributed`` (gloo on CPU) with the
+   configured timeout, and builds the dp x n x m mesh;
+3. partitions the model in place through the injection policy (Hugging Face models through
+   ``hf_integration.patch_model``; :class:`~ds_twolevel.tiny_lm.TinyLM` through its own policy);
+4. calls ``deepspeed.initialize(..., mpu=mesh)``: ZeRO shards and averages only over the dp axis,
+   and DeepSpeed's gradient-norm code counts ``tensor_model_parallel`` shards on every rank of a
+   layer and replicated parameters once (on tensor-parallel rank 0), so the clipped norm is the
+   dense one. Replicated parameters need no extra all-reduce: the tp ranks of a replica see the
+   same batch and the input all-reduces of the layers make their gradients identical.
+
+Data: the dp replicas get different batches, the n*m ranks of one replica the SAME batch — use
+:func:`replica_rows` (or ``training_data=``, whose sampler DeepSpeed builds from the mpu's dp axis).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import TwoLevelConfig, check_deepspeed_config, load_deepspeed_config, zero_stage
+from .layout import TwoLevelMesh
+
+Policy = Callable[[nn.Module, TwoLevelMesh, TwoLevelConfig], nn.Module]
+EXIT_PEER_LOST = 17
+"""Exit status of a rank that stopped because a peer died or stalled (see :func:`fail_fast`)."""
+
+
+@dataclass
+class TwoLevelRuntime:
+    """What ``initialize`` attaches to the engine as ``engine.two_level``."""
+
+    config: TwoLevelConfig
+    """the validated "two_level" section."""
+    mesh: TwoLevelMesh
+    """the dp x n x m mesh handed to DeepSpeed as its mpu."""
+    ds_config: dict[str, Any]
+    """the DeepSpeed dict deepspeed.initialize received (no "two_level" section)."""
+
+
+# -- distributed set-up ----------------------------------------------------------------------------
+def _device_type() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def _env_world_size() -> int | None:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None
+
+
+def init_distributed(tl: TwoLevelConfig) -> None:
+    """``deepspeed.init_distributed`` with the configured backend and timeout (no-op if done)."""
+    import deepspeed
+
+    backend = tl.dist_backend or ("gloo" if _device_type() == "cpu" else None)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=tl.timeout_s),
+                               verbose=False)
+    if _device_type() != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def build_mesh(config: str | os.PathLike | Mapping[str, Any]) -> TwoLevelMesh:
+    """Validate the config, initialise distributed and build the dp x n x m mesh.
+
+    Example:
+        >>> mesh = build_mesh("ds_configs/zero2_n2_m2.json")   # under the deepspeed launcher
+    """
+    tl, ds = load_deepspeed_config(config)
+    world = _env_world_size()
+    if world is not None:  # refuse before the rendezvous when the launcher told us the world
+        check_deepspeed_config(tl, ds, world, device_type=_device_type())
+    init_distributed(tl)
+    layout = check_deepspeed_config(tl, ds, dist.get_world_size(), device_type=_device_type())
+    return layout.build(timeout=datetime.timedelta(seconds=tl.timeout_s))
+
+
+# -- the injection policy --------------------------------------------------------------------------
+def _is_zero_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _is_patched(model: nn.Module) -> bool:
+    from .attention import TwoLevelAttention
+
+    return any(isinstance(mod, TwoLevelAttention) for mod in model.modules())
+
+
+def default_policy(model: nn.Module, mesh: TwoLevelMesh, tl: TwoLevelConfig) -> nn.Module:
+    """Partition ``model`` in place: TinyLM by its policy, Hugging Face models by ``hf_integration``."""
+    from .tiny_lm import TinyLM, patch_tiny_lm
+
+    if isinstance(model, TinyLM):
+        patch_tiny_lm(model, mesh, strategy=tl.strategy, kv_replication=tl.kv_replication)
+        return model
+    try:
+        from hf_integration import patch_model
+    except ImportError as err:
+        raise ValueError(
+            f"no two-level injection policy for {type(model).__name__}: hf_integration.patch_model is not "
+            f"importable ({err}); pass policy=... or a model ds_twolevel knows") from err
+    out = patch_model(model, mesh, strict=tl.strict, strategy=tl.strategy, kv_replication=tl.kv_replication)
+    return model if out is None or not isinstance(out, nn.Module) else out
+
+
+@torch.no_grad()
+def _sync_dense_weights(model: nn.Module, mesh: TwoLevelMesh) -> None:
+    """Broadcast every (dense, not ZeRO-partitioned) tensor from tp rank 0 over the tp axis."""
+    tp = mesh.axes.tp
+    if tp.size == 1:
+        return
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if not hasattr(tensor, "ds_id"):
+            dist.broadcast(tensor.data, group=tp.group, group_src=0)
+
+
+def patch(model: nn.Module, mesh: TwoLevelMesh, tl: TwoLevelConfig, policy: Policy | None = None) -> nn.Module:
+    """Apply the injection policy (gathering ZeRO-3 partitioned dense weights while it reads them).
+
+    A model that already holds two-level layers is returned as is.
+    """
+    if _is_patched(model):
+        return model
+    policy = policy or default_policy
+    if tl.sync_init:
+        _sync_dense_weights(model, mesh)
+    if not _is_zero_partitioned(model):
+        return policy(model, mesh, tl)
+    import deepspeed
+
+    # zero.Init partitioned the dense model over dp: gather it while the policy slices it; the
+    # new (n*m-partitioned) layers' parameters are converted to ZeRO-3 by deepspeed.initialize.
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        return policy(model, mesh, tl)
+
+
+@contextlib.contextmanager
+def zero_init(config: str | os.PathLike | Mapping[str, Any], mesh: TwoLevelMesh) -> Iterator[None]:
+    """``deepspeed.zero.Init`` partitioning over the mesh's dp axis only (ZeRO stage 3).
+
+    Import model classes (e.g. transformers) before entering it.
+
+    Example:
+        >>> mesh = ds_twolevel.build_mesh(cfg_path)
+        >>> with ds_twolevel.zero_init(cfg_path, mesh):
+        ...     model = TinyLM(TinyLMConfig())
+        >>> engine, *_ = ds_twolevel.initialize(model=model, config=cfg_path, mesh=mesh)
+    """
+    import deepspeed
+
+    tl, ds = load_deepspeed_config(config)
+    if zero_stage(ds) != 3:
+        raise ValueError(f"zero_init needs ZeRO stage 3, the config has stage {zero_stage(ds)}; "
+                         'set "zero_optimization": {"stage": 3}')
+    with deepspeed.zero.Init(config_dict_or_path=ds, mpu=mesh, data_parallel_group=mesh.get_data_parallel_group()):
+        yield
+
+
+# -- initialize ------------------------------------------------------------------------------------
+def _resolve_config(config: Any, args: Any) -> tuple[Any, Any]:
+    """DeepSpeed accepts the config via ``config=`` or ``args.deepspeed_config``: take either."""
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if config is not None and from_args is not None:
+        raise ValueError("the DeepSpeed config was given twice (config= and args.deepspeed_config); pass one")
+    if config is None and from_args is None:
+        raise ValueError("no DeepSpeed config: pass config= (path or dict) or --deepspeed_config")
+    if from_args is not None:
+        args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})
+    return (config if config is not None else from_args), args
+
+
+def _record_stage0_grad_norm(engine: Any) -> None:
+    """Stage 0 fp32 clips through ``clip_grad_norm_`` but drops the norm; keep it for
+    ``engine.get_global_grad_norm()`` like the ZeRO optimizers do."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record
+
+
+def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mapping[str, Any] | None = None, *,
+               args: Any = None, mesh: TwoLevelMesh | None = None, policy: Policy | None = None,
+               **deepspeed_kwargs: Any) -> tuple[Any, Any, Any, Any]:
+    """Partition ``model`` m x n and wrap it in a DeepSpeed engine; returns DeepSpeed's own tuple
+    ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    Args:
+        model: a dense model (Hugging Face, TinyLM) or one already partitioned.
+        config: DeepSpeed config (path or dict) with a ``"two_level"`` section; or ``args.deepspeed_config``.
+        args: as for ``deepspeed.initialize`` (``local_rank``, ``deepspeed_config``).
+        mesh: a mesh from :func:`build_mesh` to reuse; built from the config otherwise.
+        policy: ``policy(model, mesh, two_level_config) -> model``; default :func:`default_policy`.
+        **deepspeed_kwargs: passed to ``deepspeed.initialize`` (optimizer, model_parameters,
+            training_data, lr_scheduler, collate_fn, ...). ``mpu`` is ours.
+
+    Example:
+        >>> engine, optimizer, _, _ = ds_twolevel.initialize(model=model, config="ds_configs/zero2_n2_m2.json")
+        >>> loss = engine(ids); engine.backward(loss); engine.step()
+    """
+    import deepspeed
+
+    if model is None:
+        raise ValueError("initialize needs model=")
+    if "mpu" in deepspeed_kwargs:
+        raise ValueError("mpu= is set by ds_twolevel.initialize (the two-level mesh); do not pass it")
+    config, args = _resolve_config(config, args)
+    tl, ds = load_deepspeed_config(config)
+    if mesh is None:
+        mesh = build_mesh(config)
+    elif (mesh.layout.n, mesh.layout.m) != (tl.n, tl.m):
+        raise ValueError(f"mesh has n={mesh.layout.n}, m={mesh.layout.m} but the config says n={tl.n}, m={tl.m}")
+    else:
+        check_deepspeed_config(tl, ds, dist.get_world_size(), device_type=_device_type())
+    if _is_zero_partitioned(model) and zero_stage(ds) != 3:
+        raise ValueError(f"the model was built under deepspeed.zero.Init but the config has ZeRO stage {zero_stage(ds)};"
+                         ' build it normally or set "zero_optimization": {"stage": 3}')
+    model = patch(model, mesh, tl, policy)
+    if "model_parameters" not in deepspeed_kwargs and deepspeed_kwargs.get("optimizer") is None:
+        deepspeed_kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=ds, args=args, mpu=mesh,
+                                                                **deepspeed_kwargs)
+    engine.two_level = TwoLevelRuntime(tl, mesh, ds)
+    if zero_stage(ds) == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        _record_stage0_grad_norm(engine)
+    return engine, optimizer, loader, scheduler
+
+
+# -- inference -------------------------------------------------------------------------------------
+def init_inference(model: nn.Module, config: str | os.PathLike | Mapping[str, Any], *, mesh: TwoLevelMesh | None = None,
+                   policy: Policy | None = None) -> Any:
+    """``deepspeed.init_inference`` with the two-level policy: returns DeepSpeed's InferenceEngine.
+
+    The config is a DeepSpeed *inference* config (``dtype``, ``replace_with_kernel_inject``, ...)
+    plus the ``"two_level"`` section. Our policy does the tensor parallelism, so DeepSpeed's own
+    (``tensor_parallel.tp_size``, kernel injection) must stay off.
+
+    Example:
+        >>> engine = ds_twolevel.init_inference(model, "ds_configs/inference_n2_m2.json")
+        >>> out = engine.generate(ids, max_new_tokens=16, do_sample=False)
+    """
+    import deepspeed
+
+    tl, ds = load_deepspeed_config(config)
+    tp_size = int((ds.get("tensor_parallel") or {}).get("tp_size", 1) or 1)
+    if tp_size > 1:
+        raise ValueError(f'"tensor_parallel.tp_size" = {tp_size} contradicts "two_level" (n*m = {tl.tp_size} ranks '
+                         'share each layer already); remove "tensor_parallel"')
+    if ds.get("replace_with_kernel_inject"):
+        raise ValueError('"replace_with_kernel_inject": true replaces the attention we partition; set it to false')
+    if mesh is None:
+        world = _env_world_size()
+        if world is not None:
+            tl.layout(world)
+        init_distributed(tl)
+        mesh = tl.layout(dist.get_world_size()).build(timeout=datetime.timedelta(seconds=tl.timeout_s))
+    model = patch(model, mesh, tl, policy)
+    engine = deepspeed.init_inference(model, config={**ds, "tensor_parallel": {"tp_size": 1},
+                                                     "replace_with_kernel_inject": False})
+    engine.two_level = TwoLevelRuntime(tl, mesh, ds)
+    return engine
+
+
+# -- data ------------------------------------------------------------------------------------------
+def replica_rows(batch: torch.Tensor, mesh: TwoLevelMesh) -> torch.Tensor:
+    """This data-parallel replica's rows of a global batch (the same rows on all n*m ranks of it).
+
+    Example:
+        >>> ids = replica_rows(global_ids, engine.two_level.mesh)   # (B/dp, s)
+    """
+    dp = mesh.get_data_parallel_world_size()
+    if batch.shape[0] % dp:
+        raise ValueError(f"global batch of {batch.shape[0]} rows does not split over dp = {dp} replicas; "
+                         f"use a multiple of {dp}")
+    rows = batch.shape[0] // dp
+    start = mesh.get_data_parallel_rank() * rows
+    return batch[start:start + rows]
+
+
+# -- failures --------------------------------------------------------------------------------------
+_PEER_FAILURE_HINTS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                       "peer", "gloo", "nccl", "socket", "closed by")
+
+
+def _is_peer_failure(err: BaseException) -> bool:
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    return isinstance(err, RuntimeError) and any(h in str(err).lower() for h in _PEER_FAILURE_HINTS)
+
+
+@contextlib.contextmanager
+def fail_fast(timeout_s: float, *, what: str = "training") -> Iterator[None]:
+    """Turn a collective that fails because a peer died or stalled into a clear message and an exit.
+
+    A rank waiting on a dead or stalled peer gets an error from the backend within
+    ``timeout_s`` (the process-group timeout set from ``"two_level.timeout_s"``); this prints
+    which rank stopped and why, then exits with :data:`EXIT_PEER_LOST` without tearing down the
+    process group (which could wait on the dead peer again).
+
+    Example:
+        >>> with ds_twolevel.fail_fast(engine.two_level.config.timeout_s):
+        ...     train(engine)
+    """
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - filtered below, anything else re-raised
+        if not _is_peer_failure(err):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        print(f"[ds_twolevel] rank {rank}: a peer rank died or stopped responding during {what}; a collective "
+              f"failed (timeout {timeout_s:g} s): {first}. Stopping this rank (exit {EXIT_PEER_LOST}); the first "
+              f"failure is in the log of the rank that died.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def _is_writer(engine: Any) -> bool:
+    """One rank renames per file system: global rank 0, or local rank 0 with node-local storage."""
+    node_local = bool((engine.two_level.ds_config.get("checkpoint") or {}).get("use_node_local_storage"))
+    rank = int(os.environ.get("LOCAL_RANK", "0")) if node_local else dist.get_rank()
+    return rank == 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = None,
+                    client_state: dict[str, Any] | None = None) -> Path:
+    """``engine.save_checkpoint`` made atomic: write ``<tag>.partial/``, rename it to ``<tag>/``,
+    then replace ``latest``. A job killed at any point leaves the previous checkpoint loadable.
+
+    Example:
+        >>> ds_twolevel.save_checkpoint(engine, "ckpt", client_state={"step": step})
+    """
+    save_dir = Path(save_dir)
+    tag = tag or f"global_step{engine.global_steps}"
+    partial, final = save_dir / f"{tag}.partial", save_dir / tag
+    writer = _is_writer(engine)
+    if writer:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+    dist.barrier()
+    engine.save_checkpoint(str(save_dir), tag=partial.name, client_state=client_state or {}, save_latest=False)
+    dist.barrier()
+    if writer:
+        old = save_dir / f"{tag}.old"
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(partial, final)
+        _write_atomic(save_dir / "latest", tag)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = None, **kwargs: Any) -> tuple[str, dict]:
+    """``engine.load_checkpoint`` of ``tag`` (default: the one ``latest`` names); clear error if none."""
+    load_dir = Path(load_dir)
+    if tag is None:
+        latest = load_dir / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"no checkpoint in {str(load_dir)!r} (no 'latest' file); save one with "
+                                    "ds_twolevel.save_checkpoint or pass tag=")
+        tag = latest.read_text().strip()
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+    if path is None:
+        raise FileNotFoundError(f"checkpoint {str(load_dir / tag)!r} could not be loaded")
+    return path, client_state or {}
+
+
+# -- dense export ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _gathered(module: nn.Module) -> Iterator[None]:
+    """ZeRO-3: materialise every parameter over the dp axis; otherwise nothing to do."""
+    if not _is_zero_partitioned(module):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+def dense_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
+    """The trained model's dense weights (names of the unpatched model), on every rank.
+
+    Collective over the whole world (ZeRO-3 gathers over dp, shards gather over tp).
+    """
+    from .tiny_lm import TinyLM, tiny_lm_dense_state
+
+    module = getattr(engine_or_model, "module", engine_or_model)
+    with _gathered(module):
+        if isinstance(module, TinyLM):
+            return tiny_lm_dense_state(module)
+        from hf_integration import dense_state_dict as hf_dense_state_dict  # noqa: PLC0415
+
+        return hf_dense_state_dict(module)
+
+
+def export_dense(engine_or_model: Any, out_dir: str | os.PathLike) -> Path | None:
+    """Write the trained model as a standard dense Hugging Face checkpoint (``from_pretrained``-able).
+
+    Collective (every rank calls it); rank 0 writes into ``<out_dir>.partial`` and renames it.
+    Returns the directory on rank 0, None elsewhere.
+    """
+    module = getattr(engine_or_model, "module", engine_or_model)
+    out_dir = Path(out_dir)
+    with _gathered(module):
+        from hf_integration import export_dense_checkpoint  # noqa: PLC0415
+
+        partial = out_dir.with_name(out_dir.name + ".partial")
+        result = export_dense_checkpoint(module, partial)
+    if dist.get_rank() == 0:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(partial, out_dir)
+    dist.barrier()
+    return out_dir if dist.get_rank() == 0 else None and result

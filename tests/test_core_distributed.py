@@ -1,0 +1,307 @@
+"""Partitioned attention / MLP / block vs the dense reference on 8 gloo ranks, in one launch.
+
+Each layout (m, n) runs with dp = 8 / (m*n) replicas, every replica on its own batch, so the
+dp axis is exercised too. Every case compares, on every rank: the output, the input gradient and
+every parameter's gradient shard with the dense layer (fp32, max-abs relative error <= 1e-5), and
+records the collectives issued in forward and backward.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ds_twolevel.attention import TwoLevelAttention
+from ds_twolevel.block import TwoLevelBlock
+from ds_twolevel.cache import KVCache
+from ds_twolevel.collectives import CommCounter
+from ds_twolevel.gather import gather_dense_state
+from ds_twolevel.layout import TwoLevelLayout
+from ds_twolevel.partition import AttentionSpec
+from ds_twolevel.reference import DenseAttention, DenseBlock
+from ds_twolevel.rope import rope_cos_sin
+from ds_twolevel.testing import run_distributed
+
+WORLD = 8
+TOL = 1e-5
+LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 4), (2, 4)]  # (m, n)
+HIDDEN = 32
+
+
+@dataclass(frozen=True)
+class Attn:
+    """One attention configuration under test."""
+
+    name: str
+    heads: int
+    kv_heads: int
+    head_dim: int = 16
+    rope: str = "half"
+    rotary_dim: int | None = None
+    qk_norm: bool = False
+    bias: bool = False
+    causal: bool = True
+    padding: bool = False
+    dropout: float = 0.0
+    v_head_dim: int | None = None
+
+    def spec(self) -> AttentionSpec:
+        return AttentionSpec(self.heads, self.kv_heads, self.head_dim, v_head_dim=self.v_head_dim,
+                             rope_style=self.rope, rotary_dim=self.rotary_dim, name=self.name)
+
+
+ATTNS = [
+    Attn("mha_rope", 8, 8),
+    Attn("gqa_rope", 8, 2),
+    Attn("gqa_qknorm_bias_norope", 8, 2, rope="none", qk_norm=True, bias=True),
+    Attn("mqa_interleaved_padded", 8, 1, rope="interleaved", padding=True),
+    Attn("mha_partial_rotary_vdim", 8, 8, rotary_dim=8, v_head_dim=8),
+    Attn("bidirectional_padded", 8, 4, rope="none", causal=False, padding=True, bias=True),
+    Attn("gqa_dropout", 8, 4, dropout=0.25),
+]
+STRATEGIES = ["score_allreduce", "qk_allgather"]
+
+
+def attention_cases() -> list[tuple[tuple[int, int], Attn, str, str]]:
+    """(layout, attention config, strategy, phase) for every combination under test."""
+    out = []
+    for layout, attn, strategy in itertools.product(LAYOUTS, ATTNS, STRATEGIES):
+        out.append((layout, attn, strategy, "prefill"))
+        if attn.causal and not attn.dropout:
+            out.append((layout, attn, strategy, "decode"))
+    return out
+
+
+def case_id(case) -> str:
+    (m, n), attn, strategy, phase = case
+    return f"m{m}n{n}-{attn.name}-{strategy}-{phase}"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
+    """max|a - b| / max|b|; the denominator is floored at ``floor``."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(floor))
+
+
+def _grad_errors(layer, ref_grads: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    """Relative error of every gradient shard vs the slice of the dense gradient.
+
+    The key bias has an identically zero true gradient (softmax is shift-invariant along keys),
+    so a per-tensor relative error would compare rounding noise with rounding noise: each
+    denominator is floored at 1e-3 of the layer's largest dense gradient.
+    """
+    scale = max(float(g.abs().max()) for g in ref_grads.values() if g is not None)
+    out = {}
+    for name, (index, dim) in layer.shard_index().items():
+        ref = ref_grads[name].index_select(dim, index)
+        out[f"grad:{prefix}{name}"] = _rel(layer.get_parameter(name).grad, ref, floor=1e-3 * scale)
+    return out
+
+
+def _inputs(attn: Attn, spec: AttentionSpec, seed: int, seq: int = 6, batch: int = 3, start: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seq, HIDDEN, generator=gen)
+    pos = torch.arange(start, start + seq).expand(batch, -1)
+    rope = rope_cos_sin(pos, spec) if spec.rot_dim else None
+    return x, rope
+
+
+def _padding_mask(attn: Attn, batch: int, kv_len: int) -> torch.Tensor | None:
+    if not attn.padding:
+        return None
+    mask = torch.ones(batch, kv_len, dtype=torch.long)
+    mask[1, :2] = 0  # left padding on one row, as batched generation does
+    mask[2, :1] = 0
+    return mask
+
+
+def _comm_counts(counter: CommCounter) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in counter.records:
+        key = f"{r.op}/{r.axis}/{'bwd' if r.backward else 'fwd'}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _prefill_case(mesh, attn: Attn, strategy: str) -> dict:
+    spec = attn.spec()
+    torch.manual_seed(1234)
+    dense = DenseAttention(HIDDEN, spec, qkv_bias=attn.bias, o_bias=attn.bias,
+                           qk_norm_eps=1e-6 if attn.qk_norm else None, causal=attn.causal, dropout=attn.dropout,
+                           dropout_seed=7)
+    with torch.no_grad():  # non-trivial norm weights so their gradients are checked for real
+        for p in dense.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    kv_rep = mesh.axes.n > spec.num_kv_heads
+    layer = TwoLevelAttention.from_dense(dense, mesh, strategy=strategy, kv_replication=kv_rep)
+    if attn.dropout:
+        dense.train(), layer.train()
+    x, rope = _inputs(attn, spec, seed=100 + mesh.axes.dp.rank)
+    mask = _padding_mask(attn, x.shape[0], x.shape[1])
+    # loss weights; padded query rows attend to nothing, so (as in real training) they carry no loss:
+    # their values are finite but arbitrary, and fused SDPA and the explicit softmax differentiate
+    # them differently
+    weight = torch.linspace(-1, 1, HIDDEN) * (1.0 if mask is None else mask.unsqueeze(-1))
+    x_ref, x_par = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = dense(x_ref, position_embeddings=rope, attention_mask=mask)
+    (y_ref * weight).sum().backward()
+    with CommCounter() as comm:
+        y = layer(x_par, position_embeddings=rope, attention_mask=mask)
+        (y * weight).sum().backward()
+    errors = {"output": _rel(y, y_ref), "input_grad": _rel(x_par.grad, x_ref.grad)}
+    errors.update(_grad_errors(layer, dense.grad_state()))
+    if layer.o_bias is not None:
+        errors["grad:o_bias"] = _rel(layer.o_bias.grad, dense.o_proj.bias.grad)
+    gathered = gather_dense_state(layer)  # the inverse of slicing, through real collectives
+    errors["gather_roundtrip"] = max(_rel(v, dense.dense_state()[k]) for k, v in gathered.items())
+    return {"errors": errors, "comm": _comm_counts(comm)}
+
+
+def _decode_case(mesh, attn: Attn, strategy: str) -> dict:
+    spec = attn.spec()
+    torch.manual_seed(1234)
+    dense = DenseAttention(HIDDEN, spec, qkv_bias=attn.bias, qk_norm_eps=1e-6 if attn.qk_norm else None)
+    layer = TwoLevelAttention.from_dense(dense, mesh, strategy=strategy,
+                                         kv_replication=mesh.axes.n > spec.num_kv_heads)
+    cache_ref, cache_par = KVCache(), KVCache()
+    errors, comms, seq = {}, [], 5
+    with torch.no_grad():
+        for step in range(4):  # prefill 5 tokens, then 3 single-token steps against the cache
+            q_len = seq if step == 0 else 1
+            start = 0 if step == 0 else seq + step - 1
+            x, rope = _inputs(attn, spec, seed=200 + 10 * mesh.axes.dp.rank + step, seq=q_len, start=start)
+            mask = _padding_mask(attn, x.shape[0], start + q_len)
+            y_ref = dense(x, position_embeddings=rope, attention_mask=mask, kv_cache=cache_ref)
+            with CommCounter() as comm:
+                y = layer(x, position_embeddings=rope, attention_mask=mask, kv_cache=cache_par)
+            errors[f"step{step}"] = _rel(y, y_ref)
+            comms.append(_comm_counts(comm))
+    # the cache stays partitioned: this rank holds 1/(n*m) of it (times KV replication)
+    part = layer.part
+    expected = cache_ref.nbytes() * part.local_kv_heads * part.local_dim // (spec.num_kv_heads * spec.head_dim)
+    errors["cache_bytes_mismatch"] = float(cache_par.nbytes() != expected)
+    return {"errors": errors, "comm": comms[-1]}
+
+
+def _block_case(mesh, gated: bool) -> dict:
+    spec = AttentionSpec(8, 4, 8, rope_style="half")
+    torch.manual_seed(99)
+    dense = DenseBlock(HIDDEN, spec, 64, gated=gated, activation="silu" if gated else "gelu")
+    block = TwoLevelBlock.from_dense(dense, mesh)
+    x, rope = _inputs(Attn("block", 8, 4), spec, seed=300 + mesh.axes.dp.rank)
+    x_ref, x_par = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense(x_ref, position_embeddings=rope).pow(2).sum().backward()
+    y = block(x_par, position_embeddings=rope)
+    y.pow(2).sum().backward()
+    y_ref = dense(x_ref.detach(), position_embeddings=rope)
+    errors = {"output": _rel(y, y_ref), "input_grad": _rel(x_par.grad, x_ref.grad)}
+    errors.update(_grad_errors(block.mlp, {n: p.grad for n, p in dense.mlp.named_parameters()}, "mlp."))
+    errors.update(_grad_errors(block.attn, dense.attn.grad_state(), "attn."))
+    for norm in ("attn_norm", "mlp_norm"):
+        errors[f"grad:{norm}"] = _rel(getattr(block, norm).weight.grad, getattr(dense, norm).weight.grad)
+    gathered = gather_dense_state(block.mlp)
+    errors["mlp_gather_roundtrip"] = max(_rel(v, dense.mlp.state_dict()[k]) for k, v in gathered.items())
+    return {"errors": errors, "comm": {}}
+
+
+def _all_cases_on_rank() -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    meshes = {}
+    for m, n in LAYOUTS:
+        meshes[(m, n)] = TwoLevelLayout.from_world_size(dist.get_world_size(), n=n, m=m).build()
+    for case in attention_cases():
+        layout, attn, strategy, phase = case
+        run = _prefill_case if phase == "prefill" else _decode_case
+        results[case_id(case)] = run(meshes[layout], attn, strategy)
+    for (m, n), gated in itertools.product(LAYOUTS, (True, False)):
+        results[f"block-m{m}n{n}-{'gated' if gated else 'plain'}"] = _block_case(meshes[(m, n)], gated)
+    return results
+
+
+@pytest.fixture(scope="module")
+def rank_results() -> list[dict[str, dict]]:
+    return run_distributed(_all_cases_on_rank, WORLD, timeout=900)
+
+
+def _worst(rank_results, key):
+    errors = {}
+    for rank, res in enumerate(rank_results):
+        for name, err in res[key]["errors"].items():
+            if err > errors.get(name, (-1.0, 0))[0]:
+                errors[name] = (err, rank)
+    return errors
+
+
+@pytest.mark.parametrize("case", attention_cases(), ids=case_id)
+def test_attention_matches_dense(rank_results, case):
+    errors = _worst(rank_results, case_id(case))
+    bad = {k: v for k, v in errors.items() if not v[0] <= TOL}
+    assert not bad, f"relative errors above {TOL} (error, rank): {bad}"
+
+
+def expected_comm(case) -> dict[str, int]:
+    """Collectives per call, from DESIGN.md (independent of the cost model)."""
+    (m, n), attn, strategy, phase = case
+    fwd, bwd = {}, {}
+
+    def add(d, key, k=1):
+        if k:
+            d[key] = d.get(key, 0) + k
+
+    if m > 1:
+        add(fwd, "all_reduce/m/fwd", 2 * attn.qk_norm)
+        add(bwd, "all_reduce/m/bwd", 2 * attn.qk_norm)
+        if strategy == "score_allreduce":
+            add(fwd, "all_reduce/m/fwd"), add(bwd, "all_reduce/m/bwd")
+        else:
+            add(fwd, "all_gather/m/fwd", 2), add(bwd, "reduce_scatter/m/bwd", 2)
+    if n > 1:
+        add(bwd, "all_reduce/n/bwd", 2 * attn.qk_norm)
+    if n > attn.kv_heads:  # replicated KV heads sum their k/v weight (and bias) gradients
+        add(bwd, "all_reduce/kv_rep/bwd", 2 + 2 * attn.bias)
+    if m * n > 1:
+        add(fwd, "all_reduce/tp/fwd"), add(bwd, "all_reduce/tp/bwd")
+    return fwd if phase == "decode" else {**fwd, **bwd}
+
+
+@pytest.mark.parametrize("case", attention_cases(), ids=case_id)
+def test_collectives_per_forward_and_backward(rank_results, case):
+    for rank, res in enumerate(rank_results):
+        assert res[case_id(case)]["comm"] == expected_comm(case), f"rank {rank}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"m{l[0]}n{l[1]}")
+@pytest.mark.parametrize("mlp", ["gated", "plain"])
+def test_block_matches_dense(rank_results, layout, mlp):
+    errors = _worst(rank_results, f"block-m{layout[0]}n{layout[1]}-{mlp}")
+    bad = {k: v for k, v in errors.items() if not v[0] <= TOL}
+    assert not bad, f"relative errors above {TOL} (error, rank): {bad}"
+
+
+def _strict_dp_world_case() -> dict:
+    """A world of exactly dp*n*m = 2*1*2 = 4 ranks: the dp axis and its group."""
+    mesh = TwoLevelLayout(n=1, m=2, dp=2).build()
+    out = _prefill_case(mesh, ATTNS[1], "score_allreduce")
+    grads = torch.tensor([float(mesh.axes.dp.rank)])
+    dist.all_reduce(grads, group=mesh.get_data_parallel_group())
+    out["dp_sum"] = float(grads)
+    out["coord"] = (mesh.axes.dp.rank, mesh.axes.i, mesh.axes.j)
+    return out
+
+
+def test_dp2_world_of_four():
+    results = run_distributed(_strict_dp_world_case, 4)
+    assert [r["coord"] for r in results] == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]
+    assert all(r["dp_sum"] == 1.0 for r in results)
+    for r in results:
+        assert max(r["errors"].values()) <= TOL, r["errors"]
+
+
+def test_single_process_layer_without_process_group():
+    mesh = TwoLevelLayout(n=1, m=1).build()
+    res = _prefill_case(mesh, ATTNS[2], "score_allreduce")
+    assert max(res["errors"].values()) <= TOL and res["comm"] == {}
