@@ -15,3 +15,9 @@ __all__ = [
     "TwoLevelAxes", "TwoLevelBlock", "TwoLevelLayout", "TwoLevelMLP", "TwoLevelMesh", "check_partition",
     "feasible_layouts", "gather_dense_state",
 ]
+
+# DeepSpeed integration (deepspeed is imported lazily, inside these functions)
+from .deepspeed_integration import (build_mesh, dense_state_dict, export_dense, fail_fast, init_inference,  # noqa: E402
+                                    initialize, load_checkpoint, replica_rows, save_checkpoint, zero_init)
+__all__ += ["build_mesh", "dense_state_dict", "export_dense", "fail_fast", "init_inference", "initialize",
+            "load_checkpoint", "replica_rows", "save_checkpoint", "zero_init"]

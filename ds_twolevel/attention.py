@@ -205,17 +205,21 @@ class TwoLevelAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, self.layer_idx)  # (b, gl, skv, dl), (b, gl, skv, dvl)
         skv = k.shape[-2]
-        mask = additive_mask(attention_mask, batch=b, q_len=s, kv_len=skv, causal=self.causal,
-                             dtype=q.dtype, device=q.device)
-        if mask is not None and mask.dim() == 4 and mask.shape[1] not in (1, hl):
-            mask = mask[:, self.part.q_heads(self.axes.i)]  # per-head mask given for all h heads
         call = AttentionCall(b, s, skv, self.hidden_size, hl, gl, self.spec.head_dim, self.axes.m,
                              self.axes.n, self.q_norm_weight is not None)
         chosen = self.resolve_strategy(call, q.element_size(), strategy)
+        # plain causal attention needs no mask tensor: with s == skv fused SDPA skips the masked
+        # blocks itself (is_causal); with one query (decode) every cached key is visible
+        plain_causal = attention_mask is None and self.causal and (s == skv or s == 1)
+        fused_causal = plain_causal and s == skv and s > 1 and chosen == "qk_allgather" and not self._dropping
+        mask = None if plain_causal and (fused_causal or s == 1) else additive_mask(
+            attention_mask, batch=b, q_len=s, kv_len=skv, causal=self.causal, dtype=q.dtype, device=q.device)
+        if mask is not None and mask.dim() == 4 and mask.shape[1] not in (1, hl):
+            mask = mask[:, self.part.q_heads(self.axes.i)]  # per-head mask given for all h heads
         if chosen == "score_allreduce":
             out = self._attend_score_allreduce(q, k, v, mask)
         else:
-            out = self._attend_qk_allgather(q, k, v, mask)
+            out = self._attend_qk_allgather(q, k, v, mask, is_causal=fused_causal)
         out = out.transpose(1, 2).reshape(b, s, hl * dvl)  # (b, s, hl*dvl)
         y = reduce_from_axis(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s, H)
         return y if self.o_bias is None else y + self.o_bias
@@ -243,25 +247,38 @@ class TwoLevelAttention(nn.Module):
         keep = keep[:, self.part.q_heads(self.axes.i)]  # (b, hl, sq, skv): this group's heads
         return probs * keep / (1.0 - self.dropout)
 
+    @property
+    def _dropping(self) -> bool:
+        return self.training and self.dropout > 0
+
     def _attend_score_allreduce(self, q, k, v, mask):
-        """Partial scores over this segment's dims, summed over the segment group."""
-        scores_partial = q @ self._expand_kv(k).transpose(-1, -2)  # (b, hl, sq, skv)
+        """Partial scores over this segment's dims, summed over the segment group.
+
+        GQA without copying K/V: the h/g query heads of each KV head are stacked along the
+        query rows, so one (b, gl) batched matmul computes exactly the same dot products.
+        """
+        b, hl, sq, dl = q.shape
+        gl, skv = k.shape[1], k.shape[-2]
+        q_grouped = q.reshape(b, gl, (hl // gl) * sq, dl)  # (b, gl, hl/gl*sq, dl)
+        scores_partial = (q_grouped @ k.transpose(-1, -2)).view(b, hl, sq, skv)  # (b, hl, sq, skv)
         scores = all_reduce_both(scores_partial, self.axes.seg, "scores") * self.scaling
         if mask is not None:
             scores = scores + mask
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return self._dropout(probs) @ self._expand_kv(v)  # (b, hl, sq, dvl)
+        probs = self._dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        out = probs.reshape(b, gl, (hl // gl) * sq, skv) @ v  # (b, gl, hl/gl*sq, dvl)
+        return out.view(b, hl, sq, v.shape[-1])  # (b, hl, sq, dvl)
 
-    def _attend_qk_allgather(self, q, k, v, mask):
+    def _attend_qk_allgather(self, q, k, v, mask, is_causal: bool = False):
         """Gather full-d q and k over the segment group, then fused SDPA with this segment's v."""
         q_full = all_gather_dim(q, self.axes.seg, -1, "q")  # (b, hl, sq, d), dims in segment order
-        k_full = self._expand_kv(all_gather_dim(k, self.axes.seg, -1, "k"))  # (b, hl, skv, d)
-        v_e = self._expand_kv(v)
-        if self.training and self.dropout > 0:  # explicit path: the shared dropout stream
-            scores = q_full @ k_full.transpose(-1, -2) * self.scaling
+        k_full = all_gather_dim(k, self.axes.seg, -1, "k")  # (b, gl, skv, d)
+        if self._dropping:  # explicit path: the shared dropout stream
+            scores = q_full @ self._expand_kv(k_full).transpose(-1, -2) * self.scaling
             probs = F.softmax(scores if mask is None else scores + mask, dim=-1, dtype=torch.float32)
-            return self._dropout(probs.to(q.dtype)) @ v_e
-        return F.scaled_dot_product_attention(q_full, k_full, v_e, attn_mask=mask, scale=self.scaling)
+            return self._dropout(probs.to(q.dtype)) @ self._expand_kv(v)
+        # enable_gqa: SDPA maps query head h to KV head h // (hl/gl) itself, without copying K/V
+        return F.scaled_dot_product_attention(q_full, k_full, v, attn_mask=mask, is_causal=is_causal,
+                                              scale=self.scaling, enable_gqa=k_full.shape[1] != q_full.shape[1])
 
 
 def _has(module: nn.Module, name: str) -> bool:

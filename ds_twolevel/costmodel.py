@@ -47,6 +47,9 @@ class AttentionCall:
     m: int
     n: int
     qk_norm: bool = False
+    kv_rep: int = 1
+    """head groups holding copies of one KV head (n/g when n > g, else 1)."""
+    qkv_bias: bool = False
 
 
 def score_strategy_collectives(call: AttentionCall, strategy: str) -> list[Collective]:
@@ -104,6 +107,12 @@ def attention_collectives(
         dl = c.head_dim // c.m
         bwd += [Collective("all_reduce", "n", "q_norm_weight", dl, c.n, True),
                 Collective("all_reduce", "n", "k_norm_weight", dl, c.n, True)]
+    if c.kv_rep > 1:  # replicated KV heads: weight (and bias) gradients summed over the copies
+        kv_out = c.local_kv_heads * (c.head_dim // c.m)
+        for t in ("k", "v"):
+            bwd.append(Collective("all_reduce", "kv_rep", f"{t}_weight", kv_out * c.hidden, c.kv_rep, True))
+            if c.qkv_bias:
+                bwd.append(Collective("all_reduce", "kv_rep", f"{t}_bias", kv_out, c.kv_rep, True))
     if tp > 1 and input_grad:
         bwd.append(Collective("all_reduce", "tp", "attn_in", c.batch * c.q_len * c.hidden, tp, True))
     return fwd + bwd
@@ -236,7 +245,7 @@ class Phase:
 def attention_call(model: ModelConfig, n: int, m: int, batch: int, q_len: int, kv_len: int) -> AttentionCall:
     """The :class:`AttentionCall` of one rank of an (n, m) layout (KV replicated when n > g)."""
     return AttentionCall(batch, q_len, kv_len, model.hidden, model.heads // n, max(model.kv_heads // n, 1),
-                         model.head_dim, m, n, model.qk_norm)
+                         model.head_dim, m, n, model.qk_norm, kv_rep=max(n // model.kv_heads, 1))
 
 
 def block_collectives(call: AttentionCall, strategy: str, *, backward: bool = False) -> list[Collective]:

@@ -141,10 +141,15 @@ def feasible_layouts(
 
 
 def _fits_text(spec: AttentionSpec, devices: int) -> str:
-    fits = feasible_layouts(spec, devices)
-    if not fits:
-        return f"no n x m layout fits {devices} devices"
-    return f"layouts that fit {devices} devices: " + ", ".join(f"n={a} x m={b}" for a, b in fits)
+    def listed(p: int) -> str:
+        return ", ".join(f"n={a} x m={b}" for a, b in feasible_layouts(spec, p))
+
+    if feasible_layouts(spec, devices):
+        return f"layouts that fit {devices} devices: {listed(devices)}"
+    below = next((p for p in range(devices - 1, 0, -1) if feasible_layouts(spec, p)), None)
+    above = next((p for p in range(devices + 1, 4 * devices + 2) if feasible_layouts(spec, p)), None)
+    near = "; ".join(f"{p} devices: {listed(p)}" for p in (below, above) if p)
+    return f"no n x m layout fits {devices} devices (nearest that fit: {near})"
 
 
 def check_partition(spec: AttentionSpec, n: int, m: int, *, kv_replication: bool = False) -> None:

@@ -10,6 +10,7 @@ import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -39,6 +40,16 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _dead_ranks(procs: list, wait: float) -> list[int]:
+    """Ranks that exited non-zero, waiting up to ``wait`` s for a crashing peer to be reaped."""
+    end = time.monotonic() + wait
+    while True:
+        dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if dead or time.monotonic() > end:
+            return dead
+        time.sleep(0.05)
 
 
 class RankFailure(RuntimeError):
@@ -72,8 +83,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 if dead:
                     raise RankFailure(f"rank(s) {dead} died with exit codes {[procs[r].exitcode for r in dead]}")
                 continue
-            if not ok:
-                raise RankFailure(f"rank {rank} failed:\n{value}")
+            if not ok:  # name a dead peer first: it is usually the cause ("connection closed by peer")
+                dead = _dead_ranks(procs, wait=2.0)
+                cause = f"rank(s) {dead} died with exit codes {[procs[r].exitcode for r in dead]}; " if dead else ""
+                raise RankFailure(f"{cause}rank {rank} failed:\n{value}")
             out[rank] = value
     finally:
         for p in procs:

@@ -1,0 +1,94 @@
+"""Bad input is refused before any collective; a dead or stuck rank ends the job, never a hang."""
+import datetime
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ds_twolevel.attention import TwoLevelAttention
+from ds_twolevel.collectives import CommCounter, all_reduce_both
+from ds_twolevel.layout import TwoLevelLayout
+from ds_twolevel.mlp import TwoLevelMLP
+from ds_twolevel.partition import AttentionSpec
+from ds_twolevel.testing import RankFailure, run_distributed
+
+
+def _bad_configs_on_rank() -> list[str]:
+    """Every rank tries invalid layers on a valid 2x2 mesh; all must raise without communicating."""
+    mesh = TwoLevelLayout(n=2, m=2).build()
+    bad = [
+        lambda: TwoLevelAttention(16, AttentionSpec(3, 3, 8), mesh),  # 3 heads, n=2
+        lambda: TwoLevelAttention(16, AttentionSpec(4, 1, 8), mesh),  # MQA, n=2, no replication choice
+        lambda: TwoLevelAttention(16, AttentionSpec(4, 4, 2, rope_style="half"), mesh),  # 1 RoPE pair, m=2
+        lambda: TwoLevelAttention(16, AttentionSpec(4, 4, 8), mesh, strategy="ring"),
+        lambda: TwoLevelMLP(16, 6, mesh.axes.tp),  # 6 features on 4 ranks
+    ]
+    messages = []
+    with CommCounter() as comm:
+        for make in bad:
+            try:
+                make()
+                messages.append("no error")
+            except ValueError as err:
+                messages.append(str(err))
+    messages.append(f"collectives issued: {len(comm.records)}")
+    return messages
+
+
+def test_bad_layers_raise_before_any_collective():
+    results = run_distributed(_bad_configs_on_rank, 4)
+    for msgs in results:
+        assert msgs[-1] == "collectives issued: 0"
+        assert "num_heads (3) is not divisible by n=2" in msgs[0] and "n=1 x m=4" in msgs[0]
+        assert "kv_replication=True" in msgs[1]
+        assert "1 RoPE pairs" in msgs[2] and "n=4 x m=1" in msgs[2]
+        assert "strategy must be one of" in msgs[3]
+        assert "intermediate_size (6) is not divisible by 4" in msgs[4]
+
+
+def _world_mismatch() -> str:
+    try:
+        TwoLevelLayout(n=2, m=2, dp=2).build()
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_world_size_mismatch_is_refused_on_every_rank():
+    for msg in run_distributed(_world_mismatch, 2):
+        assert "needs 8 ranks but the world has 2" in msg and "dp=1 x n=1 x m=2" in msg
+
+
+def _dies_mid_job() -> None:
+    if dist.get_rank() == 1:
+        os._exit(3)
+    x = torch.ones(1)
+    dist.all_reduce(x)  # rank 0 would wait here forever without the launcher noticing
+
+
+def test_dead_rank_ends_the_job_with_a_message():
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] died with exit codes \[3\]"):
+        run_distributed(_dies_mid_job, 2, timeout=60)
+    assert time.monotonic() - start < 60
+
+
+def _stuck_peer() -> str:
+    mesh = TwoLevelLayout(n=1, m=2).build(timeout=datetime.timedelta(seconds=3))
+    if mesh.axes.j == 1:
+        time.sleep(8)  # never joins the collective below in time
+        return "slept"
+    start = time.monotonic()
+    try:
+        all_reduce_both(torch.ones(4), mesh.axes.seg, "scores")
+    except RuntimeError as err:
+        return f"timed out after {time.monotonic() - start:.0f}s: {str(err).splitlines()[0][:80]}"
+    return "no timeout"
+
+
+def test_segment_group_times_out_instead_of_hanging():
+    results = run_distributed(_stuck_peer, 2, timeout=60)
+    assert results[0].startswith("timed out after"), results[0]
+    assert float(results[0].split()[3].rstrip("s:")) < 8
