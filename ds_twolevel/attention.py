@@ -135,14 +135,14 @@ class TwoLevelAttention(nn.Module):
             "q_norm_weight": (torch.tensor(part.qk_dims(j)), 0),
             "k_norm_weight": (torch.tensor(part.qk_dims(j)), 0),
         }
-        return {k: v for k, v in out.items() if _has(self, k)}
+        return {k: v for k, v in out.items() if _has_parameter(self, k)}
 
     @torch.no_grad()
     def load_dense_state(self, dense: dict[str, torch.Tensor]) -> None:
         """Copy this rank's slices out of dense weights named like :meth:`shard_index`'s keys
         (plus ``o_bias``)."""
         for name, (index, dim) in self.shard_index().items():
-            _get(self, name).copy_(shard_dim(dense[name], index, dim))
+            self.get_parameter(name).copy_(shard_dim(dense[name], index, dim))
         if self.o_bias is not None:
             self.o_bias.copy_(dense["o_bias"])
 
@@ -281,15 +281,9 @@ class TwoLevelAttention(nn.Module):
                                               scale=self.scaling, enable_gqa=k_full.shape[1] != q_full.shape[1])
 
 
-def _has(module: nn.Module, name: str) -> bool:
+def _has_parameter(module: nn.Module, name: str) -> bool:
     try:
-        return _get(module, name) is not None
-    except AttributeError:
+        module.get_parameter(name)
+        return True
+    except AttributeError:  # e.g. "q_proj.bias" of a projection without bias
         return False
-
-
-def _get(module: nn.Module, name: str):
-    obj = module
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj

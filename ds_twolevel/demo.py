@@ -65,15 +65,13 @@ def run_rank(cfg: DemoConfig) -> dict:
         y.square().mean().backward()
     y_ref = dense(x_ref, position_embeddings=rope)
     y_ref.square().mean().backward()
-    dense_grads = {n: p.grad for n, p in dense.named_parameters()}
     grad_err = 0.0
     for prefix, layer in (("attn.", block.attn), ("mlp.", block.mlp)):
         ref_layer = getattr(dense, prefix[:-1])
         ref_grads = ref_layer.grad_state() if prefix == "attn." else {n: p.grad for n, p in ref_layer.named_parameters()}
         for name, (index, dim) in layer.shard_index().items():
-            param = layer.get_parameter(name) if "." in name else getattr(layer, name)
+            param = layer.get_parameter(name)
             grad_err = max(grad_err, _rel(param.grad, ref_grads[name].index_select(dim, index)))
-    del dense_grads
     n_local = sum(p.numel() for p in block.parameters())
     n_dense = sum(p.numel() for p in dense.parameters())
     return {

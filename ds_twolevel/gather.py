@@ -8,13 +8,6 @@ from torch import nn
 from .partition import unshard_dim
 
 
-def _get(module: nn.Module, name: str) -> torch.Tensor:
-    obj = module
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def gather_dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     """Dense weights of a TwoLevelAttention / TwoLevelMLP, assembled on every rank of its layer.
 
@@ -29,7 +22,7 @@ def gather_dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     indices = [layer.shard_index(r) for r in range(tp.size)]
     for name, (_, dim) in layer.shard_index().items():
-        local = _get(layer, name).detach().contiguous()
+        local = layer.get_parameter(name).detach().contiguous()
         if tp.size == 1:
             shards = [local]
         else:

@@ -59,8 +59,7 @@ class TwoLevelMLP(nn.Module):
     def load_dense_state(self, dense: dict[str, torch.Tensor]) -> None:
         """Copy this rank's slices out of dense weights (``down_proj.bias`` replicated)."""
         for name, (index, dim) in self.shard_index().items():
-            module, attr = name.split(".")
-            getattr(getattr(self, module), attr).copy_(shard_dim(dense[name], index, dim))
+            self.get_parameter(name).copy_(shard_dim(dense[name], index, dim))
         if self.down_bias is not None:
             self.down_bias.copy_(dense["down_proj.bias"])
 
