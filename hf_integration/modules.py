@@ -1,0 +1,128 @@
+"""Partitioned layers that stand in for Hugging Face modules (same forward signature and outputs).
+
+:class:`HFTwoLevelAttention` is a :class:`~ds_twolevel.TwoLevelAttention` whose ``forward``
+accepts the HF attention module's arguments (bound by name from the spec's ``signature``) and
+returns ``(attn_output, None)``; the KV cache it is given (HF ``DynamicCache`` or any object with
+``update(k, v, layer_idx)``) stores this rank's (b, g/n, s, d/m) slice only.
+:class:`HFTwoLevelMLP` is a :class:`~ds_twolevel.TwoLevelMLP` that applies the HF module's own
+activation (bit-identical GELU/SiLU variant) and optional trailing dropout.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_twolevel.attention import TwoLevelAttention
+from ds_twolevel.collectives import copy_to_axis, reduce_from_axis
+from ds_twolevel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
+from ds_twolevel.mlp import TwoLevelMLP
+from ds_twolevel.partition import AttentionSpec
+
+from .weights import TensorMap
+
+CACHE_ARGS = ("cache", "past_key_values", "layer_past")
+
+
+def _self_attention_cache(cache: Any) -> Any:
+    """The self-attention half of an EncoderDecoderCache; any other cache as is."""
+    return getattr(cache, "self_attention_cache", cache)
+
+
+class HFTwoLevelAttention(TwoLevelAttention):
+    """Partition (i, j) of a Hugging Face attention module.
+
+    Args (beyond :class:`TwoLevelAttention`'s):
+        signature: positional parameters of the HF forward after ``hidden_states``.
+        post_dropout: the HF module's output dropout (applied after the all-reduce), or None.
+        tensor_maps: where each core tensor lives in the HF checkpoint (relative to ``owner_class``).
+        owner_class: name of the HF class this layer replaced (reports).
+        target: path of this layer inside the replaced HF module ("" = it is the module).
+
+    Example:
+        >>> out, _ = layer(hidden_states, position_embeddings=(cos, sin), attention_mask=mask)
+    """
+
+    def __init__(self, hidden_size: int, spec: AttentionSpec, axes: TwoLevelAxes | TwoLevelMesh, *,
+                 signature: tuple[str, ...],
+                 post_dropout: nn.Module | None, tensor_maps: dict[str, TensorMap], owner_class: str,
+                 target: str = "", **kwargs: Any) -> None:
+        super().__init__(hidden_size, spec, axes, **kwargs)
+        self.signature, self.post_dropout, self.tensor_maps = signature, post_dropout, tensor_maps
+        self.owner_class, self.target = owner_class, target
+
+    def replicated_tensors(self) -> dict[str, str]:
+        """Core name -> attribute of tensors every rank holds whole."""
+        return {"o_bias": "o_bias"} if self.o_bias is not None else {}
+
+    def dense_numel(self) -> int:
+        """Parameters of the dense layer this partition came from."""
+        return sum(t.numel() for t in self._dense_shapes())
+
+    def _dense_shapes(self) -> list[torch.Size]:
+        """Shapes of the dense core tensors (fused HF tensors counted by their q/k/v parts)."""
+        s, hid = self.spec, self.hidden_size
+        shapes = {"q_proj.weight": (s.num_heads * s.head_dim, hid), "k_proj.weight": (s.num_kv_heads * s.head_dim, hid),
+                  "v_proj.weight": (s.num_kv_heads * s.dv, hid), "o_proj.weight": (hid, s.num_heads * s.dv),
+                  "q_proj.bias": (s.num_heads * s.head_dim,), "k_proj.bias": (s.num_kv_heads * s.head_dim,),
+                  "v_proj.bias": (s.num_kv_heads * s.dv,), "o_bias": (hid,), "q_norm_weight": (s.head_dim,),
+                  "k_norm_weight": (s.head_dim,)}
+        return [torch.Size(shapes[name]) for name in self.tensor_maps]
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """HF calling convention in, ``(attn_output (b, s, H), None)`` out (no attention weights)."""
+        bound = dict(zip(self.signature, args))
+        bound.update(kwargs)
+        if bound.get("encoder_hidden_states") is not None:
+            raise ValueError(f"{self.owner_class}: cross-attention is not partitioned; patch the model "
+                             f"with strict=False to keep cross-attention layers dense")
+        cache = next((bound[name] for name in CACHE_ARGS if bound.get(name) is not None), None)
+        mask = bound.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise ValueError(f"{self.owner_class}: attention_mask of type {type(mask).__name__} is not supported; "
+                             f"use attn_implementation='sdpa' or 'eager'")
+        rope = bound.get("position_embeddings") if self.spec.rot_dim else None
+        out = TwoLevelAttention.forward(self, hidden_states, position_embeddings=rope, attention_mask=mask,
+                                        kv_cache=None if cache is None else _self_attention_cache(cache))
+        if self.post_dropout is not None:
+            out = self.post_dropout(out)
+        return out, None
+
+
+class HFTwoLevelMLP(TwoLevelMLP):
+    """Column/row-parallel MLP with the HF module's own activation (and optional output dropout).
+
+    Example:
+        >>> mlp = HFTwoLevelMLP(64, 256, mesh.axes.tp, gated=True, bias=False, act_fn=nn.SiLU(), ...)
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: AxisGroup, *, gated: bool, bias: bool,
+                 act_fn: Any, dropout: nn.Module | None, tensor_maps: dict[str, TensorMap], owner_class: str,
+                 target: str = "", device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        # activation name only satisfies TwoLevelMLP's check; forward uses act_fn (HF's exact variant)
+        super().__init__(hidden_size, intermediate_size, tp, gated=gated, activation="silu", bias=bias,
+                         device=device, dtype=dtype)
+        self.activation = type(act_fn).__name__
+        self.act_fn, self.dropout, self.tensor_maps = act_fn, dropout, tensor_maps
+        self.owner_class, self.target = owner_class, target
+
+    def replicated_tensors(self) -> dict[str, str]:
+        """Core name -> attribute of tensors every rank holds whole."""
+        return {"down_proj.bias": "down_bias"} if self.down_bias is not None else {}
+
+    def dense_numel(self) -> int:
+        """Parameters of the dense MLP this partition came from."""
+        hid, inter = self.hidden_size, self.intermediate_size
+        return (2 + self.gated) * hid * inter + (self.bias and (1 + self.gated) * inter + hid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, s, H) replicated -> (b, s, H) replicated."""
+        x = copy_to_axis(x, self.tp, "mlp_in")
+        if self.gated:
+            inner = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (b, s, I/p)
+        else:
+            inner = self.act_fn(self.up_proj(x))  # (b, s, I/p)
+        y = reduce_from_axis(self.down_proj(inner), self.tp, "mlp_out")  # (b, s, H)
+        y = y if self.down_bias is None else y + self.down_bias
+        return y if self.dropout is None else self.dropout(y)

@@ -1,0 +1,294 @@
+"""Where each dense tensor of a partitioned layer lives in a Hugging Face checkpoint, and readers.
+
+A :class:`TensorMap` ties one *core* tensor name (``q_proj.weight``, ``down_proj.bias``, ... as
+used by ``TwoLevelAttention.shard_index`` / ``TwoLevelMLP.shard_index``) to the HF tensor that
+stores it: key (relative to the replaced module), whether HF stores it transposed (Conv1D), and,
+for fused QKV, the HF row of every core feature. The same maps drive the three directions:
+slicing a live module, slicing a checkpoint on disk, and assembling a dense checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ds_twolevel.partition import AttentionSpec
+
+from .specs import AttentionLayout, MLPLayout
+
+SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+               "U8": torch.uint8, "BOOL": torch.bool}
+ROW_BLOCK_BYTES = 4 << 20  # column slices read rows in blocks of this size: bounded scratch memory
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """How one core tensor is stored in the HF module/checkpoint."""
+
+    key: str
+    """HF tensor name relative to the replaced (owner) module, e.g. "c_attn.weight"."""
+    hf_shape: tuple[int, ...]
+    """full shape of the HF tensor (a fused tensor is larger than the core one)."""
+    core_dim: int | None
+    """dim sharded in the core layout (0 rows / 1 columns of nn.Linear); None = replicated."""
+    transpose: bool = False
+    """HF stores the 2-D weight as (in, out) (GPT-2 Conv1D)."""
+    feature_map: torch.Tensor | None = None
+    """HF index (along hf_dim) of each core feature, for fused projections."""
+
+    @property
+    def hf_dim(self) -> int | None:
+        """The HF dim matching core_dim."""
+        if self.core_dim is None:
+            return None
+        return 1 - self.core_dim if self.transpose else self.core_dim
+
+    def hf_index(self, core_index: torch.Tensor) -> torch.Tensor:
+        """HF positions of core positions ``core_index`` along hf_dim."""
+        return core_index if self.feature_map is None else self.feature_map[core_index]
+
+
+def fused_feature_map(layout: str, kind: str, spec: AttentionSpec) -> torch.Tensor:
+    """HF row of every q/k/v feature (head*d + t) inside a fused QKV projection."""
+    h, g, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dv
+    width = {"q": h * d, "k": g * d, "v": g * dv}[kind]
+    feat = torch.arange(width)
+    if layout == "concat":  # [q | k | v]
+        return feat + {"q": 0, "k": h * d, "v": h * d + g * d}[kind]
+    assert layout == "per_head" and g == h, "per_head packing needs g == h (checked in validation)"
+    size = d if kind != "v" else dv
+    head, t = feat // size, feat % size
+    return head * (2 * d + dv) + {"q": 0, "k": d, "v": 2 * d}[kind] + t  # [q_h k_h v_h] per head
+
+
+def _weight_shape(out_features: int, in_features: int, conv1d: bool) -> tuple[int, int]:
+    return (in_features, out_features) if conv1d else (out_features, in_features)
+
+
+def attention_tensor_maps(layout: AttentionLayout, spec: AttentionSpec, hidden: int, *, qkv_bias: bool,
+                          o_bias: bool, qk_norm: bool) -> dict[str, TensorMap]:
+    """Core name -> TensorMap for one attention layer."""
+    h, g, d, dv, c = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dv, layout.conv1d
+    widths = {"q": h * d, "k": g * d, "v": g * dv}
+    maps: dict[str, TensorMap] = {}
+    for kind, path in (("q", layout.q), ("k", layout.k), ("v", layout.v)):
+        if layout.fused:
+            total, fmap, path = sum(widths.values()), fused_feature_map(layout.fused_layout, kind, spec), layout.fused
+        else:
+            total, fmap = widths[kind], None
+        maps[f"{kind}_proj.weight"] = TensorMap(f"{path}.weight", _weight_shape(total, hidden, c), 0, c, fmap)
+        if qkv_bias:
+            maps[f"{kind}_proj.bias"] = TensorMap(f"{path}.bias", (total,), 0, False, fmap)
+    maps["o_proj.weight"] = TensorMap(f"{layout.o}.weight", _weight_shape(hidden, h * dv, c), 1, c)
+    if o_bias:
+        maps["o_bias"] = TensorMap(f"{layout.o}.bias", (hidden,), None)
+    if qk_norm:
+        maps["q_norm_weight"] = TensorMap(f"{layout.q_norm}.weight", (d,), 0)
+        maps["k_norm_weight"] = TensorMap(f"{layout.k_norm}.weight", (d,), 0)
+    return maps
+
+
+def mlp_tensor_maps(layout: MLPLayout, hidden: int, intermediate: int, *, bias: bool) -> dict[str, TensorMap]:
+    """Core name -> TensorMap for one MLP."""
+    c = layout.conv1d
+    maps: dict[str, TensorMap] = {}
+    for core, path in (("gate_proj", layout.gate), ("up_proj", layout.up)):
+        if path is None:
+            continue
+        maps[f"{core}.weight"] = TensorMap(f"{path}.weight", _weight_shape(intermediate, hidden, c), 0, c)
+        if bias:
+            maps[f"{core}.bias"] = TensorMap(f"{path}.bias", (intermediate,), 0)
+    maps["down_proj.weight"] = TensorMap(f"{layout.down}.weight", _weight_shape(hidden, intermediate, c), 1, c)
+    if bias:
+        maps["down_proj.bias"] = TensorMap(f"{layout.down}.bias", (hidden,), None)
+    return maps
+
+
+# -- readers -------------------------------------------------------------------------------------
+class TensorReader(Protocol):
+    """Reads a whole tensor, or the positions ``index`` along ``dim``, by name."""
+
+    def shape(self, key: str) -> tuple[int, ...] | None: ...
+
+    def read(self, key: str, dim: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class StateDictReader:
+    """Reader over in-memory tensors (a live module's parameters)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        t = self.tensors.get(key)
+        return None if t is None else tuple(t.shape)
+
+    def read(self, key: str, dim: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.tensors[key].detach()
+        return t.clone() if index is None else t.index_select(dim, index.to(t.device))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    """absolute byte offset of the data in the file."""
+
+
+def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive values in ``index`` (in order)."""
+    values = index.tolist()
+    runs, start = [], 0
+    for k in range(1, len(values) + 1):
+        if k == len(values) or values[k] != values[k - 1] + 1:
+            runs.append((values[start], values[k - 1] + 1))
+            start = k
+    return runs
+
+
+class SafetensorsReader:
+    """Reads slices of a ``save_pretrained`` directory (single file or sharded with an index).
+
+    Data are read with positioned reads, never memory-mapped, so that a rank's resident memory
+    holds only its slices (a column slice streams row blocks of ``ROW_BLOCK_BYTES``).
+
+    Example:
+        >>> with SafetensorsReader(path) as ckpt:
+        ...     rows = ckpt.read("model.layers.0.self_attn.q_proj.weight", 0, torch.tensor([0, 1, 8, 9]))
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.entries: dict[str, _Entry] = {}
+        for file in self._files():
+            self.entries.update(self._header(file))
+        self._handles: dict[Path, object] = {}
+
+    def _files(self) -> list[Path]:
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return sorted({self.directory / f for f in weight_map.values()})
+        single = self.directory / "model.safetensors"
+        if not single.exists():
+            raise ValueError(f"{self.directory}: no model.safetensors or model.safetensors.index.json "
+                             f"(save the model with save_pretrained(..., safe_serialization=True))")
+        return [single]
+
+    @staticmethod
+    def _header(file: Path) -> dict[str, _Entry]:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        out = {}
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            if meta["dtype"] not in SAFE_DTYPES:
+                raise ValueError(f"{file}: tensor {key} has unsupported dtype {meta['dtype']}")
+            out[key] = _Entry(file, SAFE_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + meta["data_offsets"][0])
+        return out
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        entry = self.entries.get(key)
+        return None if entry is None else entry.shape
+
+    def _read_bytes(self, entry: _Entry, start: int, nbytes: int) -> bytearray:
+        handle = self._handles.get(entry.file) or self._handles.setdefault(entry.file, open(entry.file, "rb"))
+        buf = bytearray(nbytes)
+        handle.seek(entry.offset + start)
+        if handle.readinto(buf) != nbytes:
+            raise ValueError(f"{entry.file}: truncated tensor data")
+        return buf
+
+    def _rows(self, entry: _Entry, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along dim 0."""
+        row_numel = math.prod(entry.shape[1:])
+        esize = torch.empty((), dtype=entry.dtype).element_size()
+        buf = self._read_bytes(entry, start * row_numel * esize, (stop - start) * row_numel * esize)
+        return torch.frombuffer(buf, dtype=entry.dtype).view(stop - start, *entry.shape[1:])
+
+    def read(self, key: str, dim: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+        entry = self.entries[key]
+        if not entry.shape:  # scalar
+            return self._rows_scalar(entry)
+        if index is None:
+            return self._rows(entry, 0, entry.shape[0])
+        if dim == 0:
+            return torch.cat([self._rows(entry, a, b) for a, b in _runs(index)], dim=0)
+        row_bytes = math.prod(entry.shape[1:]) * torch.empty((), dtype=entry.dtype).element_size()
+        block = max(1, ROW_BLOCK_BYTES // max(row_bytes, 1))
+        parts = [self._rows(entry, r, min(r + block, entry.shape[0])).index_select(dim, index)
+                 for r in range(0, entry.shape[0], block)]
+        return torch.cat(parts, dim=0)
+
+    def _rows_scalar(self, entry: _Entry) -> torch.Tensor:
+        esize = torch.empty((), dtype=entry.dtype).element_size()
+        return torch.frombuffer(self._read_bytes(entry, 0, esize), dtype=entry.dtype).reshape(())
+
+
+# -- loading into modules --------------------------------------------------------------------------
+def assign_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set parameter ``name`` of ``module`` to ``value``: copy in place, or replace a meta parameter
+    (keeping its tensor-parallel tags). ValueError on a shape mismatch."""
+    owner_path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    param = owner._parameters[attr]
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(f"{type(module).__name__}.{name}: expected shape {tuple(param.shape)}, "
+                         f"the checkpoint gives {tuple(value.shape)}")
+    if param.is_meta:
+        new = nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
+        new.__dict__.update(param.__dict__)  # tensor_model_parallel / partition_dim tags
+        owner._parameters[attr] = new
+    else:
+        with torch.no_grad():
+            param.copy_(value)
+
+
+def load_shards(layer: nn.Module, maps: dict[str, TensorMap], reader: TensorReader, prefix: str = "") -> None:
+    """Load this rank's slices of every tensor of ``layer`` (a TwoLevelAttention/TwoLevelMLP) from
+    ``reader``, whose keys are ``prefix + TensorMap.key``."""
+    for name, (index, dim) in layer.shard_index().items():
+        tmap = maps[name]
+        assert tmap.core_dim == dim, f"{name}: TensorMap core dim {tmap.core_dim} != shard dim {dim}"
+        value = reader.read(prefix + tmap.key, tmap.hf_dim, tmap.hf_index(index))
+        assign_tensor(layer, name, value.t() if tmap.transpose else value)
+    for name, attr in layer.replicated_tensors().items():
+        assign_tensor(layer, attr, reader.read(prefix + maps[name].key))
+
+
+def to_hf_tensors(maps: dict[str, TensorMap], dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of slicing: core dense tensors (from ``gather_dense_state``) -> HF tensors by key."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tmap in maps.items():
+        value = dense[name].t() if tmap.transpose else dense[name]
+        if tmap.feature_map is None:
+            out[tmap.key] = value.contiguous()
+            continue
+        fused = out.setdefault(tmap.key, value.new_zeros(tmap.hf_shape))
+        fused.index_copy_(tmap.hf_dim, tmap.feature_map.to(value.device), value)
+    return out

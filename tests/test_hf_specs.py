@@ -1,0 +1,96 @@
+"""Pure tests (one process): specs match the transformers modules, fused QKV maps match HF's own
+splitting, the slice reader matches safetensors, and the policy plugs into DeepSpeed's replace_module."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ds_twolevel import TwoLevelLayout
+from ds_twolevel.partition import AttentionSpec
+from hf_integration import SPECS, injection_policy, patch_model, supported_architectures
+from hf_integration.policy import find_owners
+from hf_integration.testing import ARCHITECTURES, sample_batch, tiny_model
+from hf_integration.weights import SafetensorsReader, fused_feature_map
+
+
+def test_every_architecture_has_a_spec_and_a_tiny_model():
+    assert supported_architectures() == sorted(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_spec_finds_every_layer(arch):
+    model = tiny_model(arch)
+    attn, mlp, refused = find_owners(model, SPECS[arch])
+    assert len(attn) == len(mlp) == 2 and refused == []
+
+
+def test_per_head_fused_map_matches_gpt_neox_split():
+    h, d = 4, 16
+    spec = AttentionSpec(h, h, d, rope_style="half", rotary_dim=8)
+    rows = torch.arange(3 * h * d).view(1, 1, h, 3 * d).transpose(1, 2)  # as GPTNeoXAttention views qkv
+    q, k, v = rows.chunk(3, dim=-1)  # (1, h, 1, d) each
+    for kind, want in (("q", q), ("k", k), ("v", v)):
+        assert torch.equal(fused_feature_map("per_head", kind, spec), want.transpose(1, 2).reshape(-1))
+
+
+def test_concat_fused_map_matches_gpt2_split():
+    h, d = 4, 16
+    spec = AttentionSpec(h, h, d)
+    q, k, v = torch.arange(3 * h * d).split(h * d)  # GPT2Attention: c_attn(x).split(split_size, dim=2)
+    for kind, want in (("q", q), ("k", k), ("v", v)):
+        assert torch.equal(fused_feature_map("concat", kind, spec), want)
+
+
+def test_reader_slices_equal_safetensors(tmp_path):
+    tiny_model("gpt2").save_pretrained(tmp_path, max_shard_size="30KB")
+    index = torch.tensor([0, 1, 2, 7, 8, 40, 41, 42, 63])
+    with SafetensorsReader(tmp_path) as reader:
+        assert (tmp_path / "model.safetensors.index.json").exists() and len(reader.keys()) > 10
+        for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"):
+            file = next(f for f in tmp_path.glob("*.safetensors") if key in safe_open(f, "pt").keys())
+            full = safe_open(file, "pt").get_tensor(key)
+            assert torch.equal(reader.read(key), full)
+            assert torch.equal(reader.read(key, 0, index), full[index])
+            assert torch.equal(reader.read(key, 1, index), full[:, index])
+
+
+def test_policy_works_with_deepspeed_replace_module():
+    from deepspeed.module_inject.replace_module import replace_module
+
+    dense = tiny_model("qwen3")
+    model = copy.deepcopy(dense)
+    mesh = TwoLevelLayout(n=1, m=1).build()
+    for cls, fn in injection_policy(model, mesh).items():
+        replace_module(model, cls, fn, None)
+    ids, mask = sample_batch(0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+                           dense(input_ids=ids, attention_mask=mask).logits[mask.bool()])
+    assert type(model.model.layers[0].self_attn).__name__ == "HFTwoLevelAttention"
+
+
+def test_patched_model_keeps_its_class_and_train_mode():
+    model = tiny_model("bert")
+    model.train()
+    report = patch_model(model, TwoLevelLayout(n=1, m=1).build())
+    assert type(model).__name__ == "BertForMaskedLM" and report.replaced == {"BertAttention": 2, "BertLayer": 2}
+    assert all(mod.training for mod in model.modules())
+
+
+def test_dense_save_replaces_an_existing_checkpoint_atomically(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    dense = tiny_model("gpt2")
+    model = copy.deepcopy(dense)
+    patch_model(model, TwoLevelLayout(n=1, m=1).build())
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    model.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dir left behind
+    assert not (target / "stale.txt").exists()
+    back = GPT2LMHeadModel.from_pretrained(target)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in dense.state_dict().items())
