@@ -1,7 +1,7 @@
 """Column/row-parallel MLP over the n*m ranks of a layer (Megatron style)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,10 +24,14 @@ class TwoLevelMLP(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp: AxisGroup, *, gated: bool = True,
-                 activation: str = "silu", bias: bool = False, device=None, dtype=None) -> None:
+                 activation: str | Callable[[torch.Tensor], torch.Tensor] = "silu", bias: bool = False,
+                 device=None, dtype=None) -> None:
+        """``activation``: a name in ``ACTIVATIONS`` or the callable itself (e.g. a Hugging Face
+        module's own ``act_fn``, so its exact GELU/SiLU variant is used)."""
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if isinstance(activation, str) and activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
+        self.act_fn = ACTIVATIONS[activation] if isinstance(activation, str) else activation
         start, stop = even_chunk(intermediate_size, tp.size, tp.rank, what="intermediate_size")
         self.features = torch.arange(start, stop)
         self.tp, self.gated, self.activation = tp, gated, activation
@@ -73,7 +77,7 @@ class TwoLevelMLP(nn.Module):
         return mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = ACTIVATIONS[self.activation]
+        act = self.act_fn
         x = copy_to_axis(x, self.tp, "mlp_in")
         inner = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))  # (b, s, I/p)
         y = reduce_from_axis(self.down_proj(inner), self.tp, "mlp_out")  # (b, s, H)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ds_twolevel.attention import TwoLevelAttention
-from ds_twolevel.collectives import copy_to_axis, reduce_from_axis
 from ds_twolevel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
 from ds_twolevel.mlp import TwoLevelMLP
 from ds_twolevel.partition import AttentionSpec
@@ -100,11 +99,9 @@ class HFTwoLevelMLP(TwoLevelMLP):
     def __init__(self, hidden_size: int, intermediate_size: int, tp: AxisGroup, *, gated: bool, bias: bool,
                  act_fn: Any, dropout: nn.Module | None, tensor_maps: dict[str, TensorMap], owner_class: str,
                  target: str = "", device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
-        # activation name only satisfies TwoLevelMLP's check; forward uses act_fn (HF's exact variant)
-        super().__init__(hidden_size, intermediate_size, tp, gated=gated, activation="silu", bias=bias,
+        super().__init__(hidden_size, intermediate_size, tp, gated=gated, activation=act_fn, bias=bias,
                          device=device, dtype=dtype)
-        self.activation = type(act_fn).__name__
-        self.act_fn, self.dropout, self.tensor_maps = act_fn, dropout, tensor_maps
+        self.dropout, self.tensor_maps = dropout, tensor_maps
         self.owner_class, self.target = owner_class, target
 
     def replicated_tensors(self) -> dict[str, str]:
@@ -117,12 +114,6 @@ class HFTwoLevelMLP(TwoLevelMLP):
         return (2 + self.gated) * hid * inter + (self.bias and (1 + self.gated) * inter + hid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, s, H) replicated -> (b, s, H) replicated."""
-        x = copy_to_axis(x, self.tp, "mlp_in")
-        if self.gated:
-            inner = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (b, s, I/p)
-        else:
-            inner = self.act_fn(self.up_proj(x))  # (b, s, I/p)
-        y = reduce_from_axis(self.down_proj(inner), self.tp, "mlp_out")  # (b, s, H)
-        y = y if self.down_bias is None else y + self.down_bias
+        """(b, s, H) replicated -> (b, s, H) replicated, then the HF module's output dropout."""
+        y = super().forward(x)
         return y if self.dropout is None else self.dropout(y)
