@@ -18,6 +18,6 @@ __all__ = [
 
 # DeepSpeed integration (deepspeed is imported lazily, inside these functions)
 from .deepspeed_integration import (build_mesh, dense_state_dict, export_dense, fail_fast, init_inference,  # noqa: E402
-                                    initialize, load_checkpoint, replica_rows, save_checkpoint, zero_init)
+                                    initialize, load_checkpoint, replica_rows, save_checkpoint, zero_init, zero_init_model)
 __all__ += ["build_mesh", "dense_state_dict", "export_dense", "fail_fast", "init_inference", "initialize",
-            "load_checkpoint", "replica_rows", "save_checkpoint", "zero_init"]
+            "load_checkpoint", "replica_rows", "save_checkpoint", "zero_init", "zero_init_model"]

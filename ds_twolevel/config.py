@@ -174,6 +174,10 @@ def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size
     sp = int(ds.get("sequence_parallel_size", 1) or 1)
     if sp > 1:
         raise ValueError(f'"sequence_parallel_size" = {sp} is not supported with "two_level"; remove it')
+    if (ds.get("checkpoint") or {}).get("writer"):
+        raise ValueError('"checkpoint.writer" (fast/decoupled checkpoint engine) asks the mpu for pipeline ranks and '
+                         'data-parallel peer lists the two-level mesh does not provide; remove "checkpoint.writer" '
+                         "(ds_twolevel.save_checkpoint is atomic with the default engine)")
     _check_zero(tl, ds, layout)
     _check_batch(ds, dp, world_size)
     if (ds.get("fp16") or {}).get("enabled") and device_type == "cpu":
@@ -197,6 +201,10 @@ def _check_zero(tl: TwoLevelConfig, ds: Mapping[str, Any], layout: TwoLevelLayou
         raise ValueError(
             f'"zero_optimization.zero_hpz_partition_size" = {hpz} groups consecutive ranks, which hold different '
             f"two-level shards (n*m = {layout.tp_size} consecutive ranks share a layer); remove it or set it to 1")
+    if zero.get("zero_quantized_gradients"):
+        raise ValueError(
+            '"zero_optimization.zero_quantized_gradients" reduces gradients by all-to-all over the ranks of each '
+            "node, which hold different two-level shards, instead of over the data-parallel axis; remove it")
     mics = int(zero.get("mics_shard_size", -1) or -1)
     if mics > 0:
         raise ValueError(

@@ -114,6 +114,10 @@ def default_policy(model: nn.Module, mesh: TwoLevelMesh, tl: TwoLevelConfig) -> 
     if isinstance(model, TinyLM):
         patch_tiny_lm(model, mesh, strategy=tl.strategy, kv_replication=tl.kv_replication)
         return model
+    if not hasattr(model, "config"):
+        raise ValueError(
+            f"no two-level injection policy for {type(model).__name__} (neither a Hugging Face PreTrainedModel nor "
+            "ds_twolevel.tiny_lm.TinyLM); pass policy=lambda model, mesh, cfg: ... that partitions it")
     try:
         from hf_integration import patch_model
     except ImportError as err:
@@ -169,12 +173,58 @@ def zero_init(config: str | os.PathLike | Mapping[str, Any], mesh: TwoLevelMesh)
     """
     import deepspeed
 
-    tl, ds = load_deepspeed_config(config)
+    _, ds = load_deepspeed_config(config)
     if zero_stage(ds) != 3:
         raise ValueError(f"zero_init needs ZeRO stage 3, the config has stage {zero_stage(ds)}; "
                          'set "zero_optimization": {"stage": 3}')
     with deepspeed.zero.Init(config_dict_or_path=ds, mpu=mesh, data_parallel_group=mesh.get_data_parallel_group()):
         yield
+
+
+def zero_init_model(factory: Callable[[], nn.Module], config: str | os.PathLike | Mapping[str, Any],
+                    mesh: TwoLevelMesh) -> nn.Module:
+    """``factory()`` under :func:`zero_init`; Hugging Face models then get their weight init.
+
+    transformers' own ZeRO-3 path cannot be used: it partitions over the whole world (ranks of
+    one layer would mix different shards) and initialises on global rank 0 only. Here every rank
+    runs ``_init_weights`` on gathered parameters: with the same seed every rank draws the same
+    values. (They are a valid init, but not the same draw as ``factory()`` without ZeRO: the
+    order in which random numbers are consumed differs.)
+
+    Example:
+        >>> model = ds_twolevel.zero_init_model(lambda: LlamaForCausalLM(cfg), "ds_configs/zero3_init_n2_m2.json", mesh)
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers import initialization as hf_init
+    except ImportError:  # no transformers: nothing HF-specific to do
+        PreTrainedModel, hf_init = None, None
+    with zero_init(config, mesh):
+        model = factory()  # post_init ran on empty shards: it drew no random numbers
+    if PreTrainedModel is not None and isinstance(model, PreTrainedModel):
+        _init_weights_gathered(model, PreTrainedModel, hf_init)
+    return model
+
+
+@torch.no_grad()
+def _init_weights_gathered(model: nn.Module, pretrained_cls: type, hf_init: Any) -> None:
+    """transformers' ``initialize_weights`` order (children first), each module's parameters gathered."""
+    import deepspeed
+
+    remote = model.is_remote_code()
+    for module in model.modules():  # post_init marked the (empty) modules initialised
+        module._is_hf_initialized = False
+
+    def apply(module: nn.Module, fn: Callable) -> None:
+        for child in module.children():
+            apply(child, child._initialize_weights if isinstance(child, pretrained_cls) else fn)
+        params = list(module.parameters(recurse=False))
+        params += [p for c in module.children() if not isinstance(c, pretrained_cls) for p in c.parameters(recurse=False)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if params else contextlib.nullcontext():
+            fn(module, remote)  # on every rank: identical values, rank 0 of each dp group keeps them
+
+    with hf_init.guard_torch_init_functions():
+        apply(model, model._initialize_weights)
 
 
 # -- initialize ------------------------------------------------------------------------------------
@@ -301,8 +351,8 @@ def replica_rows(batch: torch.Tensor, mesh: TwoLevelMesh) -> torch.Tensor:
 
 
 # -- failures --------------------------------------------------------------------------------------
-_PEER_FAILURE_HINTS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-                       "peer", "gloo", "nccl", "socket", "closed by")
+_PEER_FAILURE_HINTS = ("timed out", "timeout", "connection closed", "connection reset", "connection refused",
+                       "broken pipe", "closed by peer", "communicator was aborted")
 
 
 def _is_peer_failure(err: BaseException) -> bool:
@@ -424,28 +474,26 @@ def dense_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
     module = getattr(engine_or_model, "module", engine_or_model)
     with _gathered(module):
         if isinstance(module, TinyLM):
-            return tiny_lm_dense_state(module)
-        from hf_integration import dense_state_dict as hf_dense_state_dict  # noqa: PLC0415
+            state = tiny_lm_dense_state(module)
+        else:
+            from hf_integration import dense_state_dict as hf_dense_state_dict
 
-        return hf_dense_state_dict(module)
+            state = hf_dense_state_dict(module)
+        return {k: v.detach().clone() for k, v in state.items()}  # ZeRO-3 frees the gathered storage on exit
 
 
-def export_dense(engine_or_model: Any, out_dir: str | os.PathLike) -> Path | None:
+def export_dense(engine_or_model: Any, out_dir: str | os.PathLike, **save_pretrained_kwargs: Any) -> Path:
     """Write the trained model as a standard dense Hugging Face checkpoint (``from_pretrained``-able).
 
-    Collective (every rank calls it); rank 0 writes into ``<out_dir>.partial`` and renames it.
-    Returns the directory on rank 0, None elsewhere.
-    """
-    module = getattr(engine_or_model, "module", engine_or_model)
-    out_dir = Path(out_dir)
-    with _gathered(module):
-        from hf_integration import export_dense_checkpoint  # noqa: PLC0415
+    Collective (every rank calls it): ZeRO-3 parameters are gathered over dp, shards over tp
+    (``hf_integration.save_dense_pretrained``); rank 0 writes into a temporary directory and
+    renames it, so a killed export never leaves half a checkpoint at ``out_dir``.
 
-        partial = out_dir.with_name(out_dir.name + ".partial")
-        result = export_dense_checkpoint(module, partial)
-    if dist.get_rank() == 0:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(partial, out_dir)
-    dist.barrier()
-    return out_dir if dist.get_rank() == 0 else None and result
+    Example:
+        >>> ds_twolevel.export_dense(engine, "out/dense")   # AutoModelForCausalLM.from_pretrained("out/dense")
+    """
+    from hf_integration import save_dense_pretrained
+
+    module = getattr(engine_or_model, "module", engine_or_model)
+    with _gathered(module):
+        return save_dense_pretrained(module, out_dir, **save_pretrained_kwargs)
