@@ -138,8 +138,9 @@ def mlp_collectives(
 #     after another; communication is not overlapped with compute;
 #   * a collective takes latency + ring_bytes / bus bandwidth (nccl-tests' busbw definition);
 #     a group of consecutive ranks (m fastest) inside one node uses the intra-node bandwidth;
-#   * attention computes the full s_q x s_kv score rectangle (no causal block skipping), as the
-#     layers here do; "qk_allgather" is fused (scores never reach memory), "score_allreduce"
+#   * attention computes the full s_q x s_kv score rectangle (no causal block skipping: the
+#     score-all-reduce path does compute it all; a fused causal kernel may skip up to half, which
+#     is not modelled - conservative for qk_allgather); "qk_allgather" is fused (scores never reach memory), "score_allreduce"
 #     writes and reads the scores (materialised: 4 passes over b*h/n*s_q*s_kv elements);
 #   * weights are read once per forward, activations of each op read and written once;
 #   * norms, RoPE, residual adds, embeddings and the LM head are left out of the time (they are
@@ -375,11 +376,16 @@ def activation_bytes(model: ModelConfig, call: AttentionCall, strategy: str, eb:
     return (base + max(attn, mlp)) * eb
 
 
-def comm_time(collectives: list[Collective], hw, eb: int, layout_m: int) -> float:
-    """Seconds for the collectives of one layer: latency + ring bytes / bus bandwidth of the group."""
+def comm_time(collectives: list[Collective], hw, eb: int, m: int, n: int) -> float:
+    """Seconds for the collectives of one layer: latency + ring bytes / bus bandwidth of the group.
+
+    Ranks are laid out m fastest, then n, then dp: a group's span (consecutive ranks it covers)
+    decides whether it stays inside one node.
+    """
+    stride = {"m": 1, "tp": 1, "n": m, "kv_rep": m, "dp": m * n}
     total = 0.0
     for col in collectives:
-        span = col.ranks if col.axis in ("m", "tp") else col.ranks * layout_m  # consecutive ranks spanned
+        span = col.ranks * stride.get(col.axis, m * n)
         total += hw.collective_latency + col.bytes_sent(eb) / hw.busbw(span)
     return total
 
@@ -411,6 +417,6 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
         kv_cache_bytes=kv_cache_bytes(model, n, b, phase.kv_len, m, eb),
         activation_bytes=activation_bytes(model, call, chosen, eb),
         compute_time=L * sum(o.time(hw) for o in ops),
-        comm_time=L * comm_time(cols, hw, eb, m),
+        comm_time=L * comm_time(cols, hw, eb, m, n),
         tokens=phase.tokens,
     )

@@ -73,19 +73,20 @@ H100_SXM = HardwareProfile(
 )
 
 # Measured on the project's 2-core CPU machine with `python -m ds_twolevel.hardware` (torch 2.13
-# CPU, gloo, 1 thread per rank, 2 ranks, 16 MiB all-reduce; FP32; 2026-11-26). Re-run
-# calibrate() on another machine.
+# CPU, gloo, 1 thread per rank, 2 ranks, 16 MiB all-reduce; FP32; 2026-11-26). The machine is shared:
+# five runs gave 45-113 GFLOP/s, 20-36 GB/s copy bandwidth, 1.1-1.5 GB/s all-reduce busbw and 66-103 us
+# small all-reduce latency; the best of each is stored. Re-run calibrate() on another machine.
 CPU_GLOO = HardwareProfile(
     name="cpu",
-    peak_flops=45.3e9,
-    mem_bandwidth=20.1e9,
-    intra_node_busbw=1.09e9,
-    inter_node_busbw=1.09e9,
+    peak_flops=113e9,
+    mem_bandwidth=36e9,
+    intra_node_busbw=1.46e9,
+    inter_node_busbw=1.46e9,
     devices_per_node=2,
-    collective_latency=93e-6,
+    collective_latency=66e-6,
     memory_bytes=23e9,
     dtype_bytes=4,
-    source="calibrate() on the 2-core dev machine, fp32, gloo over loopback",
+    source="calibrate() on the 2-core dev machine (best of 5 runs), fp32, gloo over loopback",
 )
 
 PROFILES: dict[str, HardwareProfile] = {p.name: p for p in (H100_SXM, CPU_GLOO)}
@@ -109,7 +110,7 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+def measure_matmul_flops(size: int = 1024, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
     """Best-of-``repeats`` FLOP/s of one (size x size) @ (size x size) matmul in this process."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     return 2 * size**3 / _best_time(lambda: a @ b, repeats)

@@ -1,0 +1,72 @@
+"""Per-shard attention compute for the paper's shapes on one accelerator, against the dense layer.
+
+One rank's shard of an n x m layer (H = 4096, 32 heads x 128, bf16) is timed with its collectives
+replaced by local ops of the same shapes (``ds_twolevel.bench.local_collectives``), so the number
+is exactly one rank's compute; the ideal is dense time / (m n). Prefill (batch x seq tokens) and
+decode (one token per sequence against a cache of seq).
+
+    python recipes/bench_gpu_shard.py                      # CUDA (or any accelerator), bf16, paper shapes
+    python recipes/bench_gpu_shard.py --device cpu --small # the same code at small shapes (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ds_twolevel.bench import ShardCase, time_shards  # noqa: E402
+from ds_twolevel.partition import AttentionSpec  # noqa: E402
+
+PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_allgather"),
+                 (4, 4, "score_allreduce"), (4, 4, "qk_allgather"), (2, 8, "score_allreduce"),
+                 (2, 8, "qk_allgather"), (4, 1, "qk_allgather"), (2, 2, "score_allreduce"), (2, 2, "qk_allgather"),
+                 (1, 4, "score_allreduce"), (1, 4, "qk_allgather"))
+"""(n, m, strategy): the 16-device layouts of the paper, and m n = 4."""
+
+
+def cases(args: argparse.Namespace) -> list[ShardCase]:
+    """The settings to time: paper shapes, or small ones with --small."""
+    dtype = getattr(torch, args.dtype)
+    # one shard at a time off CPU: the paper's decode cache is 21 GB dense (b=128, s=10000, bf16)
+    kw = {"device": args.device, "dtype": dtype, "interleave": args.device == "cpu"}
+    if args.small:
+        spec = AttentionSpec(8, 8, 32, rope_style="half")
+        return [ShardCase(256, spec, "prefill", 1, 256, 2, **kw), ShardCase(256, spec, "decode", 2, 256, 2, **kw)]
+    spec = AttentionSpec(32, 32, 128, rope_style="half")
+    return [ShardCase(4096, spec, "prefill", 1, args.seq, args.repeats, **kw),
+            ShardCase(4096, spec, "decode", args.decode_batch, args.seq, args.repeats, **kw)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_device = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--seq", type=int, default=10000, help="prefill length and decode KV length")
+    parser.add_argument("--decode-batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--small", action="store_true", help="small shapes (CPU tests)")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    start = time.time()
+    layouts = PAPER_LAYOUTS[-5:] if args.small else PAPER_LAYOUTS
+    rows = [row for case in cases(args) for row in time_shards(case, layouts)]
+    print(f"device {args.device}, {args.dtype}, {time.time() - start:.0f} s")
+    print("| phase | batch | seq | n x m | strategy | shard ms | dense ms | ratio to ideal | same-path ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['phase']} | {r['batch']} | {r['seq']} | {r['n']} x {r['m']} | {r['strategy']} | "
+              f"{r['ms']:.3f} | {r['dense_ms']:.3f} | {r['ratio_to_ideal']:.2f}x | {r['ratio_to_same_path']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Counted collectives == the cost model's prediction, exactly, over the whole test matrix.
+
+One ``run_distributed(..., 8)`` launch runs every case (layouts with n*m < 8 use dp = 8/(n*m));
+each rank returns, per case, the sorted (op, axis, tag, numel, ranks, backward) records it
+counted and the ones :mod:`ds_twolevel.costmodel` predicts; the tests below only compare.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ds_twolevel.block import TwoLevelBlock
+from ds_twolevel.cache import KVCache
+from ds_twolevel.collectives import CommCounter
+from ds_twolevel.costmodel import (STRATEGIES, attention_call, attention_collectives, block_collectives,
+                                   mlp_collectives, ModelConfig, resolve)
+from ds_twolevel.layout import TwoLevelLayout
+from ds_twolevel.reference import DenseBlock
+from ds_twolevel.rope import rope_cos_sin
+from ds_twolevel.testing import run_distributed
+
+WORLD = 8
+LAYOUTS_MN = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 4), (2, 4)]
+"""(m, n) pairs of the matrix."""
+KV_HEADS = {4: "gqa", 2: "kvrep"}  # g=2 with n=4: KV heads replicated over head groups
+BATCH, SEQ = 2, 6
+PHASES = ("prefill", "decode")
+
+
+def model_config(kv_heads: int, qk_norm: bool) -> ModelConfig:
+    """The small block every case uses (h=8, d=16 with RoPE, H=64, I=128)."""
+    return ModelConfig("bytes-test", hidden=64, heads=8, kv_heads=kv_heads, head_dim=16, intermediate=128,
+                       layers=1, qk_norm=qk_norm)
+
+
+def cases() -> list[tuple[str, int, int, int, bool, str, str, str]]:
+    """(id, m, n, g, qk_norm, strategy, phase, module) for every case of the matrix."""
+    out = []
+    layouts = [(m, n, 4) for m, n in LAYOUTS_MN] + [(1, 4, 2), (2, 4, 2)]
+    for (m, n, g), phase in itertools.product(layouts, PHASES):
+        out.append((f"m{m}n{n}-{KV_HEADS[g]}-mlp-{phase}", m, n, g, False, "-", phase, "mlp"))
+        for qk_norm, strategy, module in itertools.product((False, True), (*STRATEGIES, "auto"), ("attn", "block")):
+            if module == "block" and strategy == "auto":
+                continue
+            cid = f"m{m}n{n}-{KV_HEADS[g]}-{module}-{strategy}-{'qknorm' if qk_norm else 'plain'}-{phase}"
+            out.append((cid, m, n, g, qk_norm, strategy, phase, module))
+    return out
+
+
+def _key(op, axis, tag, numel, ranks, backward) -> tuple:
+    return (op, axis, tag, int(numel), int(ranks), bool(backward))
+
+
+def _predicted(model: ModelConfig, m: int, n: int, strategy: str, phase: str, module: str) -> list[tuple]:
+    q_len, kv_len = (SEQ, SEQ) if phase == "prefill" else (1, SEQ + 1)
+    call = attention_call(model, n, m, BATCH, q_len, kv_len)
+    if module == "mlp":
+        cols = mlp_collectives(batch=BATCH, seq=q_len, hidden=model.hidden, tp=m * n, backward=True)
+    elif module == "attn":
+        cols = attention_collectives(call, resolve(call, strategy, 4), backward=True)
+    else:
+        cols = block_collectives(call, resolve(call, strategy, 4), backward=True)
+    return sorted(_key(c.op, c.axis, c.tag, c.numel, c.ranks, c.backward) for c in cols)
+
+
+def _run_case(block: TwoLevelBlock, model: ModelConfig, strategy: str, phase: str, module: str,
+              gen: torch.Generator) -> list[tuple]:
+    """Forward + backward of one module; returns the sorted records counted."""
+    spec = model.spec()
+    cache = KVCache() if phase == "decode" else None
+    if cache is not None:  # fill the cache with SEQ positions, untimed and uncounted
+        with torch.no_grad():
+            prompt = torch.randn(BATCH, SEQ, model.hidden, generator=gen)
+            rope = rope_cos_sin(torch.arange(SEQ).expand(BATCH, -1), spec)
+            block.attn(prompt, position_embeddings=rope, kv_cache=cache, strategy=_fixed(strategy))
+    start, q_len = (SEQ, 1) if cache is not None else (0, SEQ)
+    x = torch.randn(BATCH, q_len, model.hidden, generator=gen).requires_grad_()
+    rope = rope_cos_sin(torch.arange(start, start + q_len).expand(BATCH, -1), spec)
+    with CommCounter() as comm:
+        if module == "mlp":
+            y = block.mlp(x)
+        elif module == "attn":
+            y = block.attn(x, position_embeddings=rope, kv_cache=cache, strategy=strategy)
+        else:
+            y = block(x, position_embeddings=rope, kv_cache=cache, strategy=strategy)
+        y.square().mean().backward()
+    return sorted(_key(r.op, r.axis, r.tag, r.numel, r.ranks, r.backward) for r in comm.records)
+
+
+def _fixed(strategy: str) -> str | None:
+    return strategy if strategy in STRATEGIES else None
+
+
+def matrix_rank() -> dict[str, tuple[list[tuple], list[tuple]]]:
+    """Body of each of the 8 ranks: case id -> (counted, predicted)."""
+    torch.manual_seed(0)
+    out: dict[str, tuple[list[tuple], list[tuple]]] = {}
+    all_cases = cases()
+    meshes = {}
+    for cid, m, n, g, qk_norm, strategy, phase, module in all_cases:
+        if (m, n) not in meshes:
+            meshes[(m, n)] = TwoLevelLayout(n=n, m=m, dp=WORLD // (m * n)).build()
+        mesh = meshes[(m, n)]
+        model = model_config(g, qk_norm)
+        torch.manual_seed(1)
+        dense = DenseBlock(model.hidden, model.spec(), model.intermediate,
+                           qk_norm_eps=1e-6 if qk_norm else None)
+        block = TwoLevelBlock.from_dense(dense, mesh, kv_replication=n > g)
+        gen = torch.Generator().manual_seed(2 + mesh.axes.dp.rank)
+        counted = _run_case(block, model, strategy if strategy != "-" else "auto", phase, module, gen)
+        out[cid] = (counted, _predicted(model, m, n, strategy, phase, module))
+    return out
+
+
+@pytest.fixture(scope="module")
+def matrix() -> list[dict]:
+    return run_distributed(matrix_rank, WORLD, timeout=240)
+
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c[0])
+def test_counted_equals_modelled(matrix, case):
+    cid, m = case[0], case[1]
+    for rank, result in enumerate(matrix):
+        counted, predicted = result[cid]
+        assert counted == predicted, f"rank {rank}: counted {counted} != predicted {predicted}"
+    axes = {r[1] for r in matrix[0][cid][0]}
+    if m > 1 and case[7] != "mlp":  # the segment axis is exercised where it exists
+        assert "m" in axes
+    if "kvrep" in cid and case[7] != "mlp":  # so is the replicated-KV gradient sum
+        assert "kv_rep" in axes
