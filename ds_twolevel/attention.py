@@ -104,9 +104,10 @@ class TwoLevelAttention(nn.Module):
             self.k_norm_weight = nn.Parameter(torch.ones(dl, **kw))
         self._tag_parameters()
         cos_index, partner, sign = self.part.rope_tables(axes.j)
-        self.register_buffer("rope_cos_index", cos_index, persistent=False)
-        self.register_buffer("rope_partner", partner, persistent=False)
-        self.register_buffer("rope_sign", sign, persistent=False)
+        buffer_device = None if device is None or torch.device(device).type == "meta" else device
+        self.register_buffer("rope_cos_index", cos_index.to(buffer_device), persistent=False)
+        self.register_buffer("rope_partner", partner.to(buffer_device), persistent=False)
+        self.register_buffer("rope_sign", sign.to(buffer_device), persistent=False)
 
     def _tag_parameters(self) -> None:
         for p in self.q_proj.parameters():

@@ -47,11 +47,12 @@ def segment_cos_sin(
     """The segment's (cos, sign*sin), (b, s, d/m): non-rotated dims get cos 1, sin 0."""
     cos_pad = torch.nn.functional.pad(cos, (0, 1), value=1.0)  # (b, s, r+1)
     sin_pad = torch.nn.functional.pad(sin, (0, 1), value=0.0)
-    return cos_pad[..., cos_index], sin_pad[..., cos_index] * sign.to(sin.dtype)
+    cos_index = cos_index.to(cos.device)  # no-op unless the layer's buffers sit elsewhere (meta init)
+    return cos_pad[..., cos_index], sin_pad[..., cos_index] * sign.to(device=sin.device, dtype=sin.dtype)
 
 
 def apply_rope_segment(
     x: torch.Tensor, cos_seg: torch.Tensor, signed_sin_seg: torch.Tensor, partner: torch.Tensor
 ) -> torch.Tensor:
     """RoPE on a segment (b, heads, s, d/m): ``x*cos + x[partner]*sign*sin``, exact per dim."""
-    return x * cos_seg.unsqueeze(1) + x[..., partner] * signed_sin_seg.unsqueeze(1)
+    return x * cos_seg.unsqueeze(1) + x[..., partner.to(x.device)] * signed_sin_seg.unsqueeze(1)
