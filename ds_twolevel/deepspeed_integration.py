@@ -8,7 +8,7 @@ What it does, in order (every check before any collective):
 2. initialises distributed through ``deepspeed.init_distributed`` (gloo on CPU) with the
    configured timeout, and builds the dp x n x m mesh;
 3. partitions the model in place through the injection policy (Hugging Face models through
-   ``hf_integration.patch_model``; :class:`~ds_twolevel.tiny_lm.TinyLM` through its own policy);
+   ``hf_integration.patch_model``, anything else through ``policy=``);
 4. calls ``deepspeed.initialize(..., mpu=mesh)``: ZeRO shards and averages only over the dp axis,
    and DeepSpeed's gradient-norm code counts ``tensor_model_parallel`` shards on every rank of a
    layer and replicated parameters once (on tensor-parallel rank 0), so the clipped norm is the
@@ -108,16 +108,14 @@ def _is_patched(model: nn.Module) -> bool:
 
 
 def default_policy(model: nn.Module, mesh: TwoLevelMesh, tl: TwoLevelConfig) -> nn.Module:
-    """Partition ``model`` in place: TinyLM by its policy, Hugging Face models by ``hf_integration``."""
-    from .tiny_lm import TinyLM, patch_tiny_lm
+    """Partition a Hugging Face model in place through ``hf_integration.patch_model``.
 
-    if isinstance(model, TinyLM):
-        patch_tiny_lm(model, mesh, strategy=tl.strategy, kv_replication=tl.kv_replication)
-        return model
+    Anything else has no default policy: pass ``policy=`` to :func:`initialize`.
+    """
     if not hasattr(model, "config"):
         raise ValueError(
-            f"no two-level injection policy for {type(model).__name__} (neither a Hugging Face PreTrainedModel nor "
-            "ds_twolevel.tiny_lm.TinyLM); pass policy=lambda model, mesh, cfg: ... that partitions it")
+            f"no two-level injection policy for {type(model).__name__} (not a Hugging Face PreTrainedModel); "
+            "pass policy=lambda model, mesh, cfg: ... that partitions it")
     try:
         from hf_integration import patch_model
     except ImportError as err:
@@ -168,7 +166,7 @@ def zero_init(config: str | os.PathLike | Mapping[str, Any], mesh: TwoLevelMesh)
     Example:
         >>> mesh = ds_twolevel.build_mesh(cfg_path)
         >>> with ds_twolevel.zero_init(cfg_path, mesh):
-        ...     model = TinyLM(TinyLMConfig())
+        ...     model = MyModel()   # Hugging Face models: zero_init_model (it also runs their weight init)
         >>> engine, *_ = ds_twolevel.initialize(model=model, config=cfg_path, mesh=mesh)
     """
     import deepspeed
@@ -259,7 +257,7 @@ def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mappi
     ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
     Args:
-        model: a dense model (Hugging Face, TinyLM) or one already partitioned.
+        model: a dense model (Hugging Face, or any model ``policy`` partitions) or one already partitioned.
         config: DeepSpeed config (path or dict) with a ``"two_level"`` section; or ``args.deepspeed_config``.
         args: as for ``deepspeed.initialize`` (``local_rank``, ``deepspeed_config``).
         mesh: a mesh from :func:`build_mesh` to reuse; built from the config otherwise.
@@ -467,18 +465,14 @@ def _gathered(module: nn.Module) -> Iterator[None]:
 def dense_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
     """The trained model's dense weights (names of the unpatched model), on every rank.
 
-    Collective over the whole world (ZeRO-3 gathers over dp, shards gather over tp).
+    Collective over the whole world (ZeRO-3 gathers over dp, shards gather over tp through
+    ``hf_integration.dense_state_dict``).
     """
-    from .tiny_lm import TinyLM, tiny_lm_dense_state
+    from hf_integration import dense_state_dict as hf_dense_state_dict
 
     module = getattr(engine_or_model, "module", engine_or_model)
     with _gathered(module):
-        if isinstance(module, TinyLM):
-            state = tiny_lm_dense_state(module)
-        else:
-            from hf_integration import dense_state_dict as hf_dense_state_dict
-
-            state = hf_dense_state_dict(module)
+        state = hf_dense_state_dict(module)
         return {k: v.detach().clone() for k, v in state.items()}  # ZeRO-3 frees the gathered storage on exit
 
 
