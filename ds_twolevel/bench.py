@@ -259,8 +259,11 @@ def _autotp_variant(hf_model: nn.Module, inp: dict, cfg: BenchConfig, ref: dict)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    from .deepspeed_integration import release_shm_workspace
+
     engine = deepspeed.init_inference(copy.deepcopy(hf_model), tensor_parallel={"tp_size": cfg.ranks},
                                       dtype=torch.float32, replace_with_kernel_inject=False)
+    release_shm_workspace()  # DeepSpeed never unlinks its /dev/shm workspace
     model = engine.module.model
     uneven = f" (attention on {cfg.kv_heads} of {cfg.ranks} ranks)" if cfg.ranks > cfg.kv_heads else ""
     res = VariantResult(f"DeepSpeed AutoTP tp={cfg.ranks}", "AutoTP" + uneven,

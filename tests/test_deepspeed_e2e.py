@@ -274,11 +274,16 @@ def launch(ranks: int, *script_args: str, timeout: float = 300) -> tuple[subproc
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "PYTHONUNBUFFERED": "1"}
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(Path(__file__).resolve()),
            *script_args]
     t0 = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    return proc, time.time() - t0
+    seconds = time.time() - t0
+    # DeepSpeed's CPU shm workspace (69 MB per rank) must not outlive the job (release_shm_workspace)
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"DeepSpeed shared-memory workspaces leaked: {[p.name for p in leaked]}"
+    return proc, seconds
 
 
 def dense_run(dp: int, init_state: dict | None = None) -> dict:
