@@ -353,14 +353,30 @@ def _check_launch(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
 
 
+@pytest.fixture(scope="module")
+def parity_launch(workdir):
+    """Run the parity launch of a layout once per module (the resume test reuses the 8-rank one)."""
+    done: dict[int, float] = {}
+
+    def run(ranks: int, n: int, m: int) -> float:
+        if ranks not in done:
+            save = ["--checkpoint"] if ranks == 8 else []
+            proc, done[ranks] = launch(ranks, "--scenario", "parity", "--out", str(workdir), "--layout",
+                                       f"{n}x{m}", "--cases", PARITY_CASES[ranks], "--tag", f"w{ranks}", *save)
+            _check_launch(proc)
+        return done[ranks]
+
+    return run
+
+
+PARITY_CASES = {8: "0,1,2,3,3i", 4: "0,1,2,3"}
+
+
 @pytest.mark.parametrize("ranks,n,m", [(8, 2, 2), (4, 1, 2)], ids=["dp2xn2xm2", "dp2xn1xm2"])
-def test_zero_stages_match_dense(workdir, ranks, n, m):
+def test_zero_stages_match_dense(workdir, parity_launch, ranks, n, m):
     """ZeRO 0/1/2/3 (+3 under zero.Init) under the launcher: every loss, grad norm, final weight."""
-    save = ["--checkpoint"] if ranks == 8 else []
-    cases = "0,1,2,3,3i" if ranks == 8 else "0,1,2,3"
-    proc, seconds = launch(ranks, "--scenario", "parity", "--out", str(workdir), "--layout", f"{n}x{m}",
-                           "--cases", cases, "--tag", f"w{ranks}", *save)
-    _check_launch(proc)
+    cases = PARITY_CASES[ranks]
+    seconds = parity_launch(ranks, n, m)
     dp = ranks // (n * m)
     ref, seeded = dense_run(dp), build_model().state_dict()
     report = {}
@@ -380,11 +396,10 @@ def test_zero_stages_match_dense(workdir, ranks, n, m):
     print(f"\n{ranks} ranks (dp x n x m = {ranks // (n * m)} x {n} x {m}), launch {seconds:.0f} s:", report)
 
 
-def test_resume_reproduces_uninterrupted_run(workdir):
+def test_resume_reproduces_uninterrupted_run(workdir, parity_launch):
     """Checkpoints saved at step 5 by the 8-rank parity launch, resumed in fresh processes."""
-    if not (workdir / "w8_0.json").exists():
-        pytest.skip("needs test_zero_stages_match_dense[dp2xn2xm2] (same module) to run first")
-    cases = "0,1,2,3,3i"
+    parity_launch(8, 2, 2)
+    cases = PARITY_CASES[8]
     proc, seconds = launch(8, "--scenario", "resume", "--out", str(workdir), "--layout", "2x2",
                            "--cases", cases)
     _check_launch(proc)
