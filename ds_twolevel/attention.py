@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .collectives import all_gather_dim, all_reduce_both, copy_to_axis, reduce_from_axis
-from .costmodel import STRATEGIES, AttentionCall, choose_strategy
+from .collectives import all_gather_dim, all_reduce_both, copy_to_axis, reduce_from_axis, reduce_scatter_dim
+from .costmodel import STRATEGIES, AttentionCall, choose_strategy, split_softmax
 from .layout import TwoLevelAxes, TwoLevelMesh
 from .masks import additive_mask, dropout_keep_mask
 from .partition import AttentionPartition, AttentionSpec, shard_dim
@@ -238,14 +238,17 @@ class TwoLevelAttention(nn.Module):
         rep = self.part.local_heads // t.shape[1]
         return t if rep == 1 else t.repeat_interleave(rep, dim=1)
 
-    def _dropout(self, probs: torch.Tensor) -> torch.Tensor:
+    def _dropout(self, probs: torch.Tensor, q_len: int | None = None, row0: int = 0) -> torch.Tensor:
+        """Dropout of ``probs`` (b, hl, rows, skv): rows [row0, row0 + rows) of the shared keep-mask
+        of a call with ``q_len`` query rows (default: all of them)."""
         if not (self.training and self.dropout > 0):
             return probs
-        b, hl, sq, skv = probs.shape
+        b, hl, rows, skv = probs.shape
+        sq = rows if q_len is None else q_len
         keep = dropout_keep_mask((b, self.spec.num_heads, sq, skv), self.dropout, seed=self.dropout_seed,
                                  step=self._dropout_step, device=probs.device)
         self._dropout_step += 1
-        keep = keep[:, self.part.q_heads(self.axes.i)]  # (b, hl, sq, skv): this group's heads
+        keep = keep[:, self.part.q_heads(self.axes.i), row0:row0 + rows]  # (b, hl, rows, skv): this group's heads
         return probs * keep / (1.0 - self.dropout)
 
     @property
@@ -257,15 +260,30 @@ class TwoLevelAttention(nn.Module):
 
         GQA without copying K/V: the h/g query heads of each KV head are stacked along the
         query rows, so one (b, gl) batched matmul computes exactly the same dot products.
+
+        Split softmax (DESIGN.md section 2, step 4): when the query rows divide by m, the
+        all-reduce is done as its two halves - reduce-scatter the partial scores along the rows,
+        so that each rank of the segment group runs scale, mask, softmax and dropout on its 1/m
+        of the rows only, then all-gather the probabilities (same bytes as the all-reduce).
         """
         b, hl, sq, dl = q.shape
         gl, skv = k.shape[1], k.shape[-2]
+        seg = self.axes.seg
         q_grouped = q.reshape(b, gl, (hl // gl) * sq, dl)  # (b, gl, hl/gl*sq, dl)
         scores_partial = (q_grouped @ k.transpose(-1, -2)).view(b, hl, sq, skv)  # (b, hl, sq, skv)
-        scores = all_reduce_both(scores_partial, self.axes.seg, "scores") * self.scaling
+        if split_softmax(seg.size, sq):
+            rows, row0 = sq // seg.size, seg.rank * (sq // seg.size)
+            scores = reduce_scatter_dim(scores_partial, seg, 2, "scores") * self.scaling  # (b, hl, sq/m, skv)
+            if mask is not None and mask.shape[-2] == sq:
+                mask = mask[..., row0:row0 + rows, :]
+        else:
+            rows, row0 = sq, 0
+            scores = all_reduce_both(scores_partial, seg, "scores") * self.scaling
         if mask is not None:
             scores = scores + mask
-        probs = self._dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        probs = self._dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), sq, row0)
+        if rows != sq:
+            probs = all_gather_dim(probs, seg, 2, "probs")  # (b, hl, sq, skv)
         out = probs.reshape(b, gl, (hl // gl) * sq, skv) @ v  # (b, gl, hl/gl*sq, dvl)
         return out.view(b, hl, sq, v.shape[-1])  # (b, hl, sq, dvl)
 

@@ -318,9 +318,12 @@ def local_collectives():
     """
     from . import attention as attn_mod
 
-    saved = {k: getattr(attn_mod, k) for k in ("all_reduce_both", "all_gather_dim", "copy_to_axis", "reduce_from_axis")}
+    saved = {k: getattr(attn_mod, k) for k in ("all_reduce_both", "all_gather_dim", "reduce_scatter_dim",
+                                                "copy_to_axis", "reduce_from_axis")}
     attn_mod.all_reduce_both = lambda x, axis, tag="": x
     attn_mod.all_gather_dim = lambda x, axis, dim, tag="": torch.cat([x] * axis.size, dim=dim)
+    # rank 0's chunk, in a new buffer as the real collective writes
+    attn_mod.reduce_scatter_dim = lambda x, axis, dim, tag="": x.narrow(dim, 0, x.shape[dim] // axis.size).clone()
     attn_mod.copy_to_axis = lambda x, axis, tag="": x
     attn_mod.reduce_from_axis = lambda x, axis, tag="": x
     try:

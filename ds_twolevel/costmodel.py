@@ -52,13 +52,24 @@ class AttentionCall:
     qkv_bias: bool = False
 
 
+def split_softmax(m: int, q_len: int) -> bool:
+    """Whether score_allreduce splits its all-reduce into reduce-scatter (partial scores, by query
+    rows) + all-gather (probabilities): when there are m > 1 segments and the query rows divide by
+    m (not for decode's single row)."""
+    return m > 1 and q_len > 1 and q_len % m == 0
+
+
 def score_strategy_collectives(call: AttentionCall, strategy: str) -> list[Collective]:
     """Forward collectives over the segment axis for the score computation."""
     c, m = call, call.m
     if m == 1:
         return []
     if strategy == "score_allreduce":
-        return [Collective("all_reduce", "m", "scores", c.batch * c.local_heads * c.q_len * c.kv_len, m)]
+        numel = c.batch * c.local_heads * c.q_len * c.kv_len
+        if split_softmax(m, c.q_len):  # the all-reduce as its two halves, softmax on 1/m of the rows
+            return [Collective("reduce_scatter", "m", "scores", numel, m),
+                    Collective("all_gather", "m", "probs", numel, m)]
+        return [Collective("all_reduce", "m", "scores", numel, m)]
     if strategy == "qk_allgather":
         return [
             Collective("all_gather", "m", "q", c.batch * c.local_heads * c.q_len * c.head_dim, m),
@@ -76,7 +87,7 @@ def choose_strategy(call: AttentionCall, element_size: int = 4) -> str:
     return "score_allreduce" if sent["score_allreduce"] < sent["qk_allgather"] else "qk_allgather"
 
 
-_BACKWARD_OF = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter"}
+_BACKWARD_OF = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}
 
 
 def attention_collectives(

@@ -29,6 +29,8 @@ WORLD = 8
 TOL = 1e-5
 LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 4), (2, 4)]  # (m, n)
 HIDDEN = 32
+PREFILL_SEQ = 6
+"""query rows of the prefill cases: divisible by m = 2 (split softmax), not by m = 4 (all-reduce)."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def _grad_errors(layer, ref_grads: dict[str, torch.Tensor], prefix: str = "") ->
     return out
 
 
-def _inputs(attn: Attn, spec: AttentionSpec, seed: int, seq: int = 6, batch: int = 3, start: int = 0):
+def _inputs(attn: Attn, spec: AttentionSpec, seed: int, seq: int = PREFILL_SEQ, batch: int = 3, start: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, seq, HIDDEN, generator=gen)
     pos = torch.arange(start, start + seq).expand(batch, -1)
@@ -255,7 +257,11 @@ def expected_comm(case) -> dict[str, int]:
     if m > 1:
         add(fwd, "all_reduce/m/fwd", 2 * attn.qk_norm)
         add(bwd, "all_reduce/m/bwd", 2 * attn.qk_norm)
-        if strategy == "score_allreduce":
+        if strategy == "score_allreduce" and phase == "prefill" and PREFILL_SEQ % m == 0:
+            # split softmax: reduce-scatter the partial scores by query rows, all-gather the probabilities
+            add(fwd, "reduce_scatter/m/fwd"), add(fwd, "all_gather/m/fwd")
+            add(bwd, "all_gather/m/bwd"), add(bwd, "reduce_scatter/m/bwd")
+        elif strategy == "score_allreduce":  # rows do not divide by m (prefill of 6 at m = 4; decode)
             add(fwd, "all_reduce/m/fwd"), add(bwd, "all_reduce/m/bwd")
         else:
             add(fwd, "all_gather/m/fwd", 2), add(bwd, "reduce_scatter/m/bwd", 2)
