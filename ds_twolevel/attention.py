@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .collectives import all_gather_dim, all_reduce_both, copy_to_axis, reduce_from_axis, reduce_scatter_dim
-from .costmodel import STRATEGIES, AttentionCall, choose_strategy, split_softmax
+from .costmodel import STRATEGIES, AttentionCall, causal_block_owner, causal_block_rows, choose_strategy, split_softmax
 from .layout import TwoLevelAxes, TwoLevelMesh
 from .masks import additive_mask, dropout_keep_mask
 from .partition import AttentionPartition, AttentionSpec, shard_dim
@@ -206,18 +206,23 @@ class TwoLevelAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, self.layer_idx)  # (b, gl, skv, dl), (b, gl, skv, dvl)
         skv = k.shape[-2]
-        call = AttentionCall(b, s, skv, self.hidden_size, hl, gl, self.spec.head_dim, self.axes.m,
-                             self.axes.n, self.q_norm_weight is not None)
-        chosen = self.resolve_strategy(call, q.element_size(), strategy)
         # plain causal attention needs no mask tensor: with s == skv fused SDPA skips the masked
-        # blocks itself (is_causal); with one query (decode) every cached key is visible
+        # blocks itself (is_causal) and the score path computes only the visible key blocks; with
+        # one query (decode) every cached key is visible
         plain_causal = attention_mask is None and self.causal and (s == skv or s == 1)
-        fused_causal = plain_causal and s == skv and s > 1 and chosen == "qk_allgather" and not self._dropping
-        mask = None if plain_causal and (fused_causal or s == 1) else additive_mask(
+        causal_blocks = plain_causal and s == skv and s > 1 and not self._dropping
+        call = AttentionCall(b, s, skv, self.hidden_size, hl, gl, self.spec.head_dim, self.axes.m,
+                             self.axes.n, self.q_norm_weight is not None, causal_blocks=causal_blocks)
+        chosen = self.resolve_strategy(call, q.element_size(), strategy)
+        fused_causal = causal_blocks and chosen == "qk_allgather"
+        block_rows = causal_block_rows(self.axes.m, s) if causal_blocks and chosen == "score_allreduce" else 0
+        mask = None if plain_causal and (fused_causal or block_rows or s == 1) else additive_mask(
             attention_mask, batch=b, q_len=s, kv_len=skv, causal=self.causal, dtype=q.dtype, device=q.device)
         if mask is not None and mask.dim() == 4 and mask.shape[1] not in (1, hl):
             mask = mask[:, self.part.q_heads(self.axes.i)]  # per-head mask given for all h heads
-        if chosen == "score_allreduce":
+        if block_rows:
+            out = self._attend_causal_blocks(q, k, v, block_rows)
+        elif chosen == "score_allreduce":
             out = self._attend_score_allreduce(q, k, v, mask)
         else:
             out = self._attend_qk_allgather(q, k, v, mask, is_causal=fused_causal)
@@ -286,6 +291,60 @@ class TwoLevelAttention(nn.Module):
             probs = all_gather_dim(probs, seg, 2, "probs")  # (b, hl, sq, skv)
         out = probs.reshape(b, gl, (hl // gl) * sq, skv) @ v  # (b, gl, hl/gl*sq, dvl)
         return out.view(b, hl, sq, v.shape[-1])  # (b, hl, sq, dvl)
+
+    def _attend_causal_blocks(self, q, k, v, rows: int):
+        """Score all-reduce for a plain causal mask (s_q == s_kv), skipping the masked key blocks.
+
+        The query rows are cut into B blocks of ``rows``; block c sees keys [0, (c+1)*rows) only,
+        so only those scores are computed. Each rank of the segment group owns the blocks of
+        :func:`~ds_twolevel.costmodel.causal_block_owner` (zigzag pairs: equal work per rank);
+        the partial scores of every rank's blocks are packed into one (m, N) tensor,
+        reduce-scattered (this rank keeps its blocks), scaled, masked on the diagonal tile and
+        softmaxed, then the probabilities are all-gathered in the same packing: two collectives,
+        as in the split softmax, on about (B+1)/(2B) of the bytes.
+        """
+        b, hl, sq, dl = q.shape
+        gl, rep, seg = k.shape[1], hl // k.shape[1], self.axes.seg
+        blocks, m = sq // rows, seg.size
+        owned = [causal_block_owner(m, blocks, j) for j in range(m)]
+
+        def keys(c: int) -> int:
+            return (c + 1) * rows
+
+        def partial(c: int) -> torch.Tensor:  # (b, hl, rows, keys(c)) partial scores of block c
+            qc = q[:, :, c * rows:(c + 1) * rows].reshape(b, gl, rep * rows, dl)
+            return (qc @ k[:, :, :keys(c)].transpose(-1, -2)).view(b, hl, rows, keys(c))
+
+        def unpack(packed: torch.Tensor, cs: list[int]) -> list[torch.Tensor]:  # flat chunk -> blocks
+            out, off = [], 0
+            for c in cs:
+                size = b * hl * rows * keys(c)
+                out.append(packed[off:off + size].view(b, hl, rows, keys(c)))
+                off += size
+            return out
+
+        # packing: rank-major, each block flattened whole, so every rank's chunk is contiguous and
+        # the collectives work along dim 0 without a transposing copy
+        if m > 1:
+            packed = torch.cat([partial(c).reshape(-1) for cs in owned for c in cs]).view(m, -1)  # (m, N)
+            mine = unpack(reduce_scatter_dim(packed, seg, 0, "scores").view(-1), owned[seg.rank])
+        else:
+            mine = [partial(c) for c in owned[0]]
+        low = torch.finfo(q.dtype).min
+        tile = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)  # key > query on the diagonal
+        probs = []
+        for c, scores in zip(owned[seg.rank], mine):
+            mask = F.pad(torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(tile, low), (c * rows, 0))
+            probs.append(F.softmax(scores * self.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype))
+        if m > 1:
+            local = torch.cat([p.reshape(-1) for p in probs]).view(1, -1)  # (1, N)
+            gathered = all_gather_dim(local, seg, 0, "probs")  # (m, N)
+            probs = [p for j, cs in enumerate(owned) for p in unpack(gathered[j], cs)]
+        order = [c for cs in owned for c in cs]
+        out = [None] * blocks
+        for c, p in zip(order, probs):
+            out[c] = (p.reshape(b, gl, rep * rows, keys(c)) @ v[:, :, :keys(c)]).view(b, hl, rows, v.shape[-1])
+        return torch.cat(out, 2)  # (b, hl, sq, dvl)
 
     def _attend_qk_allgather(self, q, k, v, mask, is_causal: bool = False):
         """Gather full-d q and k over the segment group, then fused SDPA with this segment's v."""

@@ -50,6 +50,9 @@ class AttentionCall:
     kv_rep: int = 1
     """head groups holding copies of one KV head (n/g when n > g, else 1)."""
     qkv_bias: bool = False
+    causal_blocks: bool = False
+    """plain causal mask (no padding, no dropout) with q_len == kv_len > 1: the score path
+    computes only the key blocks each query block can see (:func:`causal_block_rows`)."""
 
 
 def split_softmax(m: int, q_len: int) -> bool:
@@ -59,12 +62,43 @@ def split_softmax(m: int, q_len: int) -> bool:
     return m > 1 and q_len > 1 and q_len % m == 0
 
 
+def causal_block_rows(m: int, q_len: int, min_rows: int = 128, max_pairs: int = 4) -> int:
+    """Rows per query block of the causal score path (0: q_len does not split into 2m blocks).
+
+    The q_len rows are cut into B = 2*m*pairs blocks (each rank of the segment group owns
+    ``pairs`` zigzag pairs, :func:`causal_block_owner`); the most pairs (up to ``max_pairs``) that
+    divide q_len with blocks of at least ``min_rows`` rows, else one pair.
+    """
+    for pairs in range(max_pairs, 0, -1):
+        blocks = 2 * m * pairs
+        if q_len % blocks == 0 and (q_len // blocks >= min_rows or pairs == 1):
+            return q_len // blocks
+    return 0
+
+
+def causal_block_owner(m: int, blocks: int, rank: int) -> list[int]:
+    """Query blocks owned by ``rank`` of m: pairs (t*2m + rank, t*2m + 2m-1 - rank), so every rank
+    gets the same number of visible scores."""
+    return [c for t in range(0, blocks, 2 * m) for c in (t + rank, t + 2 * m - 1 - rank)]
+
+
+def causal_block_numel(call: "AttentionCall", rows: int) -> int:
+    """Scores of the blocked causal path: block c (of B) has rows x (c+1)*rows of them."""
+    blocks = call.q_len // rows
+    return call.batch * call.local_heads * rows * rows * blocks * (blocks + 1) // 2
+
+
 def score_strategy_collectives(call: AttentionCall, strategy: str) -> list[Collective]:
     """Forward collectives over the segment axis for the score computation."""
     c, m = call, call.m
     if m == 1:
         return []
     if strategy == "score_allreduce":
+        rows = causal_block_rows(m, c.q_len) if c.causal_blocks else 0
+        if rows:  # only the visible key blocks, packed into one reduce-scatter + one all-gather
+            numel = causal_block_numel(c, rows)
+            return [Collective("reduce_scatter", "m", "scores", numel, m),
+                    Collective("all_gather", "m", "probs", numel, m)]
         numel = c.batch * c.local_heads * c.q_len * c.kv_len
         if split_softmax(m, c.q_len):  # the all-reduce as its two halves, softmax on 1/m of the rows
             return [Collective("reduce_scatter", "m", "scores", numel, m),
@@ -149,9 +183,10 @@ def mlp_collectives(
 #     after another; communication is not overlapped with compute;
 #   * a collective takes latency + ring_bytes / bus bandwidth (nccl-tests' busbw definition);
 #     a group of consecutive ranks (m fastest) inside one node uses the intra-node bandwidth;
-#   * attention computes the full s_q x s_kv score rectangle (no causal block skipping: the
-#     score-all-reduce path does compute it all; a fused causal kernel may skip up to half, which
-#     is not modelled - conservative for qk_allgather); "qk_allgather" is fused (scores never reach memory), "score_allreduce"
+#   * attention computes the full s_q x s_kv score rectangle (causal block skipping is not
+#     modelled in the FLOPs and times: the fused causal kernel and the blocked causal score path,
+#     :func:`causal_block_rows`, skip about half of it at prefill - conservative for both; the
+#     collectives above do count the blocked path's smaller score tensors exactly); "qk_allgather" is fused (scores never reach memory), "score_allreduce"
 #     writes and reads the scores (materialised: 4 passes over b*h/n*s_q*s_kv elements);
 #   * weights are read once per forward, activations of each op read and written once;
 #   * norms, RoPE, residual adds, embeddings and the LM head are left out of the time (they are
@@ -254,10 +289,16 @@ class Phase:
         return self.batch * self.q_len
 
 
-def attention_call(model: ModelConfig, n: int, m: int, batch: int, q_len: int, kv_len: int) -> AttentionCall:
-    """The :class:`AttentionCall` of one rank of an (n, m) layout (KV replicated when n > g)."""
+def attention_call(model: ModelConfig, n: int, m: int, batch: int, q_len: int, kv_len: int, *,
+                   causal: bool = True) -> AttentionCall:
+    """The :class:`AttentionCall` of one rank of an (n, m) layout (KV replicated when n > g).
+
+    ``causal``: a decoder's plain causal mask (no padding); a prefill (q_len == kv_len > 1) then
+    takes the blocked causal score path.
+    """
     return AttentionCall(batch, q_len, kv_len, model.hidden, model.heads // n, max(model.kv_heads // n, 1),
-                         model.head_dim, m, n, model.qk_norm, kv_rep=max(n // model.kv_heads, 1))
+                         model.head_dim, m, n, model.qk_norm, kv_rep=max(n // model.kv_heads, 1),
+                         causal_blocks=causal and q_len == kv_len > 1)
 
 
 def block_collectives(call: AttentionCall, strategy: str, *, backward: bool = False) -> list[Collective]:

@@ -30,7 +30,8 @@ TOL = 1e-5
 LAYOUTS = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 4), (2, 4)]  # (m, n)
 HIDDEN = 32
 PREFILL_SEQ = 6
-"""query rows of the prefill cases: divisible by m = 2 (split softmax), not by m = 4 (all-reduce)."""
+"""query rows of most prefill cases: divisible by m = 2 (split softmax), not by m = 4 (all-reduce),
+not into 2m = 4 causal blocks at m = 2."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Attn:
     padding: bool = False
     dropout: float = 0.0
     v_head_dim: int | None = None
+    seq: int = PREFILL_SEQ
+    """prefill query rows."""
 
     def spec(self) -> AttentionSpec:
         return AttentionSpec(self.heads, self.kv_heads, self.head_dim, v_head_dim=self.v_head_dim,
@@ -63,6 +66,8 @@ ATTNS = [
     Attn("mha_partial_rotary_vdim", 8, 8, rotary_dim=8, v_head_dim=8),
     Attn("bidirectional_padded", 8, 4, rope="none", causal=False, padding=True, bias=True),
     Attn("gqa_dropout", 8, 4, dropout=0.25),
+    # 8 rows split into 2m blocks at m = 1, 2, 4: the causal score path that skips masked key blocks
+    Attn("gqa_causal_blocks", 8, 2, seq=8),
 ]
 STRATEGIES = ["score_allreduce", "qk_allgather"]
 
@@ -142,7 +147,7 @@ def _prefill_case(mesh, attn: Attn, strategy: str) -> dict:
     layer = TwoLevelAttention.from_dense(dense, mesh, strategy=strategy, kv_replication=kv_rep)
     if attn.dropout:
         dense.train(), layer.train()
-    x, rope = _inputs(attn, spec, seed=100 + mesh.axes.dp.rank)
+    x, rope = _inputs(attn, spec, seed=100 + mesh.axes.dp.rank, seq=attn.seq)
     mask = _padding_mask(attn, x.shape[0], x.shape[1])
     # loss weights; padded query rows attend to nothing, so (as in real training) they carry no loss:
     # their values are finite but arbitrary, and fused SDPA and the explicit softmax differentiate
@@ -257,8 +262,9 @@ def expected_comm(case) -> dict[str, int]:
     if m > 1:
         add(fwd, "all_reduce/m/fwd", 2 * attn.qk_norm)
         add(bwd, "all_reduce/m/bwd", 2 * attn.qk_norm)
-        if strategy == "score_allreduce" and phase == "prefill" and PREFILL_SEQ % m == 0:
-            # split softmax: reduce-scatter the partial scores by query rows, all-gather the probabilities
+        if strategy == "score_allreduce" and phase == "prefill" and attn.seq % m == 0:
+            # split softmax (or causal blocks): reduce-scatter the partial scores by query rows (or
+            # by owned blocks), all-gather the probabilities
             add(fwd, "reduce_scatter/m/fwd"), add(fwd, "all_gather/m/fwd")
             add(bwd, "all_gather/m/bwd"), add(bwd, "reduce_scatter/m/bwd")
         elif strategy == "score_allreduce":  # rows do not divide by m (prefill of 6 at m = 4; decode)

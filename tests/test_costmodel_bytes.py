@@ -26,7 +26,14 @@ LAYOUTS_MN = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 4), (2, 4)]
 """(m, n) pairs of the matrix."""
 KV_HEADS = {4: "gqa", 2: "kvrep"}  # g=2 with n=4: KV heads replicated over head groups
 BATCH, SEQ = 2, 6
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "decode", "prefill8")
+"""prefill of SEQ rows (split softmax at m = 2, all-reduce at m = 4), decode, and a prefill of 8
+rows (the causal block path at m = 2 and 4)."""
+
+
+def _lengths(phase: str) -> tuple[int, int]:
+    """(q_len, kv_len) of the counted call."""
+    return {"prefill": (SEQ, SEQ), "decode": (1, SEQ + 1), "prefill8": (8, 8)}[phase]
 
 
 def model_config(kv_heads: int, qk_norm: bool) -> ModelConfig:
@@ -54,7 +61,7 @@ def _key(op, axis, tag, numel, ranks, backward) -> tuple:
 
 
 def _predicted(model: ModelConfig, m: int, n: int, strategy: str, phase: str, module: str) -> list[tuple]:
-    q_len, kv_len = (SEQ, SEQ) if phase == "prefill" else (1, SEQ + 1)
+    q_len, kv_len = _lengths(phase)
     call = attention_call(model, n, m, BATCH, q_len, kv_len)
     if module == "mlp":
         cols = mlp_collectives(batch=BATCH, seq=q_len, hidden=model.hidden, tp=m * n, backward=True)
@@ -75,7 +82,7 @@ def _run_case(block: TwoLevelBlock, model: ModelConfig, strategy: str, phase: st
             prompt = torch.randn(BATCH, SEQ, model.hidden, generator=gen)
             rope = rope_cos_sin(torch.arange(SEQ).expand(BATCH, -1), spec)
             block.attn(prompt, position_embeddings=rope, kv_cache=cache, strategy=_fixed(strategy))
-    start, q_len = (SEQ, 1) if cache is not None else (0, SEQ)
+    start, q_len = (SEQ, 1) if cache is not None else (0, _lengths(phase)[0])
     x = torch.randn(BATCH, q_len, model.hidden, generator=gen).requires_grad_()
     rope = rope_cos_sin(torch.arange(start, start + q_len).expand(BATCH, -1), spec)
     with CommCounter() as comm:
@@ -130,3 +137,7 @@ def test_counted_equals_modelled(matrix, case):
         assert "m" in axes
     if "kvrep" in cid and case[7] != "mlp":  # so is the replicated-KV gradient sum
         assert "kv_rep" in axes
+    if case[6] == "prefill8" and m > 1 and case[5] == "score_allreduce":  # causal blocks: masked keys skipped
+        full = BATCH * (8 // case[2]) * 8 * 8
+        scores = [r for r in matrix[0][cid][0] if r[2] == "scores"]
+        assert scores and all(r[3] < full for r in scores), scores
