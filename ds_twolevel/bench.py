@@ -314,7 +314,8 @@ def layout_rank(cfg: BenchConfig) -> list[dict]:
 def local_collectives():
     """Replace the attention layer's collectives by local ops of the same output shapes.
 
-    Lets one process time exactly the compute of one rank's shard (all-gather -> m local copies).
+    Lets one process time exactly the compute of one rank's shard (all-gather -> m local copies,
+    reduce-scatter -> a copy of rank 0's chunk).
     """
     from . import attention as attn_mod
 
@@ -609,8 +610,8 @@ def _shard_section(results: dict) -> tuple[str, str]:
                      "Face's DynamicCache), copying the whole cache every step, and the batched matrix-vector "
                      "products of one query run well below this CPU's copy bandwidth; the model (a cache read once "
                      "per step, as with a paged or static cache, at full bandwidth) counts neither."
-                     + (" Where prefill runs faster than modelled, the fused causal kernel skips the masked half "
-                        "that the model counts." if fit["prefill"] and min(fit["prefill"]) < 1 else ""))
+                     + (" Where prefill runs faster than modelled, the fused causal kernel and the blocked causal "
+                        "score path skip the masked half that the model counts." if fit["prefill"] and min(fit["prefill"]) < 1 else ""))
     verdict = verdict + "\n\n" + verdict_model
     head = ["phase", "batch", "seq (KV)", "n x m", "strategy", "shard ms", "ideal ms (dense/(m n))", "ratio to ideal",
             "ratio to ideal of the same path", "cost model ms (cpu profile)"]
@@ -822,11 +823,12 @@ Assumptions:
 * **Compute** is a per-op roofline: each op (QKV projection, scores, softmax, PV, output projection, MLP in/out;
   or one fused attention op) takes `max(flops / peak, bytes / memory bandwidth)`; ops run one after another.
   Weights are read once per step; each op reads its inputs and writes its outputs once.
-* **Attention** computes the full s_q x s_kv rectangle: the score all-reduce path really does; a fused causal
-  kernel (used by `qk_allgather` and the dense layer) may skip up to half of it, which is not modelled.
+* **Attention** computes the full s_q x s_kv rectangle: at a plain causal prefill the fused causal kernel (used
+  by `qk_allgather` and the dense layer) and the blocked causal score path of `score_allreduce` skip about half
+  of it, which the compute model does not count (its collectives do count the blocked path's smaller tensors).
   `qk_allgather` is fused (scores never reach memory; its Q K^T is repeated on all m ranks of a segment group);
-  `score_allreduce` writes, all-reduces and reads the scores (4 passes over b h/n s_q s_kv elements), and every
-  rank of the segment group repeats the softmax.
+  `score_allreduce` writes, reduce-scatters (or all-reduces) and reads the scores (4 passes over b h/n s_q s_kv
+  elements); its softmax runs on 1/m of the query rows when they divide by m, else (decode) on all of them.
 * **Communication** is not overlapped with compute. A collective costs `latency + ring_bytes / busbw`, where
   `ring_bytes` is what one rank sends in a ring (all-reduce 2(p-1)/p of the tensor, all-gather and
   reduce-scatter (p-1)/p) - the same function the runtime counter uses - and `busbw` is nccl-tests' bus bandwidth.
@@ -894,11 +896,17 @@ Notes:
 {shard_verdict}
 
 How it is measured: `TwoLevelAttention` of rank (0, 0) with placeholder axes, its collectives replaced by local ops
-of the same output shapes (all-gather = m local copies), so exactly one rank's compute is timed; ideal = dense time
-/ (m n), the dense layer being the same class at m = n = 1 (fused SDPA). Where it loses: under score all-reduce
-every rank of a segment group repeats the whole softmax of its h/n heads (the reduce-scatter / softmax /
-all-gather split of DESIGN section 4 would divide it by m) and cannot use the fused causal kernel; Q K^T over d/m
-dims is a thinner, less efficient matmul; under QK all-gather Q K^T is repeated m-fold by design.
+of the same output shapes (all-gather = m local copies, reduce-scatter = a copy of rank 0's chunk), so exactly one
+rank's compute is timed; ideal = dense time / (m n), the dense layer being the same class at m = n = 1 (fused SDPA).
+Score all-reduce at prefill splits the all-reduce into reduce-scatter (partial scores) -> softmax on this rank's
+1/m of the query rows -> all-gather (probabilities), as DESIGN section 2 step 4 describes, and under a plain causal
+mask computes only the key blocks each query block sees (query blocks dealt to the m ranks in zigzag pairs, so
+every rank does the same work; the blocks of all ranks packed into one reduce-scatter and one all-gather, about
+(B+1)/(2B) of the full tensor for B blocks). Where it still loses: the scores and probabilities are materialised
+(the all-gathered probabilities alone are a full pass over about half of b h/n s^2 elements, and the packing of
+the partial scores another), Q K^T and P V over d/m dims are thinner, less efficient matmuls, and these memory
+passes grow as s^2 while the projections grow as s, so the ratio worsens with s and with m; under QK all-gather
+Q K^T is repeated m-fold by design.
 
 ## 5. Overhead of the layer at m = n = 1 against Hugging Face SDPA attention
 
