@@ -25,7 +25,7 @@ def test_console_script_demo_default_layout():
     assert [r[0] for r in rows] == ["0", "1", "2", "3"]
     for row in rows:
         assert max(float(e) for e in row[4:7]) <= 1e-5
-    assert "all_gather/m/q" in out or "all_reduce/m/scores" in out
+    assert "all_gather/m/q" in out or "/m/scores" in out
     assert out.strip().endswith("(OK)")
 
 
@@ -34,7 +34,9 @@ def test_console_script_demo_default_layout():
 def test_module_demo_with_flags(flags):
     proc = _run(sys.executable, "-m", "ds_twolevel", "demo", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "dp=2 x n=1 x m=4" in proc.stdout and "all_reduce/m/scores" in proc.stdout
+    # s = 16 causal prefill at m = 4: 8 causal blocks, reduce-scatter of scores + all-gather of probabilities
+    assert "dp=2 x n=1 x m=4" in proc.stdout and "reduce_scatter/m/scores" in proc.stdout
+    assert "all_gather/m/probs" in proc.stdout
     assert "all_reduce/m/q_sumsq" in proc.stdout
 
 
