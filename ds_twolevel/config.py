@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .costmodel import STRATEGIES
-from .layout import TwoLevelLayout, factorizations
+from .layout import TwoLevelLayout
 
 SECTION = "two_level"
 REQUIRED = ("n", "m")
@@ -131,8 +131,8 @@ def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any]) -> tupl
     ds = read_json(config)
     if SECTION not in ds:
         raise ValueError(
-            f'the DeepSpeed config has no "two_level" section; add e.g. "two_level": {{"n": 2, "m": 2}} '
-            f"(n head groups x m head-dim segments; dp = world size / (n*m))")
+            'the DeepSpeed config has no "two_level" section; add e.g. "two_level": {"n": 2, "m": 2} '
+            "(n head groups x m head-dim segments; dp = world size / (n*m))")
     return TwoLevelConfig.from_dict(ds.pop(SECTION)), ds
 
 
@@ -230,8 +230,3 @@ def _check_batch(ds: Mapping[str, Any], dp: int, world_size: int) -> None:
     if tbs % (per_replica * dp):
         raise ValueError(f'"train_batch_size" = {tbs} is not a multiple of {per_replica} x dp {dp}; '
                          f"e.g. {per_replica * dp}")
-
-
-def layouts_hint(world_size: int) -> str:
-    """``"dp=2 x n=2 x m=2, ..."``: every layout of ``world_size`` ranks (for messages)."""
-    return ", ".join(f"dp={d} x n={a} x m={b}" for d, a, b in factorizations(world_size))

@@ -13,6 +13,7 @@ from .layout import TwoLevelLayout
 from .partition import AttentionSpec, check_partition
 from .reference import DenseBlock
 from .rope import rope_cos_sin
+from .testing import rel_err
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,6 @@ class DemoConfig:
         return AttentionSpec(self.heads, self.kv_heads, self.head_dim, rope_style=self.rope, name="demo block")
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def run_rank(cfg: DemoConfig) -> dict:
     """Body of one rank: build dense + partitioned block, compare, count bytes."""
     layout = TwoLevelLayout(n=cfg.n, m=cfg.m, dp=cfg.dp)
@@ -71,13 +67,13 @@ def run_rank(cfg: DemoConfig) -> dict:
         ref_grads = ref_layer.grad_state() if prefix == "attn." else {n: p.grad for n, p in ref_layer.named_parameters()}
         for name, (index, dim) in layer.shard_index().items():
             param = layer.get_parameter(name)
-            grad_err = max(grad_err, _rel(param.grad, ref_grads[name].index_select(dim, index)))
+            grad_err = max(grad_err, rel_err(param.grad, ref_grads[name].index_select(dim, index)))
     n_local = sum(p.numel() for p in block.parameters())
     n_dense = sum(p.numel() for p in dense.parameters())
     return {
         "rank": dist.get_rank() if dist.is_initialized() else 0,
         "coord": (mesh.axes.dp.rank, mesh.axes.i, mesh.axes.j),
-        "out_err": _rel(y, y_ref), "input_grad_err": _rel(x_par.grad, x_ref.grad), "param_grad_err": grad_err,
+        "out_err": rel_err(y, y_ref), "input_grad_err": rel_err(x_par.grad, x_ref.grad), "param_grad_err": grad_err,
         "params_local": n_local, "params_dense": n_dense,
         "comm": {f"{op}/{axis}/{tag}{' (bwd)' if bwd else ''}": v for (op, axis, tag, bwd), v in comm.summary().items()},
     }

@@ -19,6 +19,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: float | None = None, *,
+            floor: float = 1e-30) -> float:
+    """max |actual - expected| / max |expected| (or / ``scale`` when given), the denominator
+    floored at ``floor``: the error measure every parity check in this project uses."""
+    actual, expected = actual.detach().float(), expected.detach().float()
+    denom = float(expected.abs().max()) if scale is None else scale
+    return float((actual - expected).abs().max()) / max(denom, floor)
+
+
 def free_port() -> int:
     """A TCP port free on localhost right now."""
     with socket.socket() as s:

@@ -14,6 +14,7 @@ import transformers
 from torch import nn
 
 from ds_twolevel.layout import TwoLevelMesh
+from ds_twolevel.testing import rel_err  # noqa: F401 (re-exported: notebook and tests import it from here)
 
 from .policy import partitioned_layers, patch_model
 from .weights import StateDictReader
@@ -66,13 +67,6 @@ def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> transformers.PreTr
     cls = transformers.BertForMaskedLM if arch == "bert" else transformers.AutoModelForCausalLM
     model = cls.from_config(config) if cls is transformers.AutoModelForCausalLM else cls(config)
     return model.float().eval()
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: float | None = None) -> float:
-    """max |actual - expected| / max |expected| (or / ``scale`` when given)."""
-    actual, expected = actual.detach().float(), expected.detach().float()
-    denom = float(expected.abs().max()) if scale is None else scale
-    return float((actual - expected).abs().max()) / max(denom, 1e-30)
 
 
 def sample_batch(seed: int, batch: int = 2, seq: int = 12, pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

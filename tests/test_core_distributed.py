@@ -8,7 +8,7 @@ records the collectives issued in forward and backward.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ from ds_twolevel.layout import TwoLevelLayout
 from ds_twolevel.partition import AttentionSpec
 from ds_twolevel.reference import DenseAttention, DenseBlock
 from ds_twolevel.rope import rope_cos_sin
-from ds_twolevel.testing import run_distributed
+from ds_twolevel.testing import rel_err, run_distributed
 
 WORLD = 8
 TOL = 1e-5
@@ -87,12 +87,6 @@ def case_id(case) -> str:
     return f"m{m}n{n}-{attn.name}-{strategy}-{phase}"
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
-    """max|a - b| / max|b|; the denominator is floored at ``floor``."""
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(floor))
-
-
 def _grad_errors(layer, ref_grads: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
     """Relative error of every gradient shard vs the slice of the dense gradient.
 
@@ -104,7 +98,7 @@ def _grad_errors(layer, ref_grads: dict[str, torch.Tensor], prefix: str = "") ->
     out = {}
     for name, (index, dim) in layer.shard_index().items():
         ref = ref_grads[name].index_select(dim, index)
-        out[f"grad:{prefix}{name}"] = _rel(layer.get_parameter(name).grad, ref, floor=1e-3 * scale)
+        out[f"grad:{prefix}{name}"] = rel_err(layer.get_parameter(name).grad, ref, floor=1e-3 * scale)
     return out
 
 
@@ -159,12 +153,12 @@ def _prefill_case(mesh, attn: Attn, strategy: str) -> dict:
     with CommCounter() as comm:
         y = layer(x_par, position_embeddings=rope, attention_mask=mask)
         (y * weight).sum().backward()
-    errors = {"output": _rel(y, y_ref), "input_grad": _rel(x_par.grad, x_ref.grad)}
+    errors = {"output": rel_err(y, y_ref), "input_grad": rel_err(x_par.grad, x_ref.grad)}
     errors.update(_grad_errors(layer, dense.grad_state()))
     if layer.o_bias is not None:
-        errors["grad:o_bias"] = _rel(layer.o_bias.grad, dense.o_proj.bias.grad)
+        errors["grad:o_bias"] = rel_err(layer.o_bias.grad, dense.o_proj.bias.grad)
     gathered = gather_dense_state(layer)  # the inverse of slicing, through real collectives
-    errors["gather_roundtrip"] = max(_rel(v, dense.dense_state()[k]) for k, v in gathered.items())
+    errors["gather_roundtrip"] = max(rel_err(v, dense.dense_state()[k]) for k, v in gathered.items())
     return {"errors": errors, "comm": _comm_counts(comm)}
 
 
@@ -185,7 +179,7 @@ def _decode_case(mesh, attn: Attn, strategy: str) -> dict:
             y_ref = dense(x, position_embeddings=rope, attention_mask=mask, kv_cache=cache_ref)
             with CommCounter() as comm:
                 y = layer(x, position_embeddings=rope, attention_mask=mask, kv_cache=cache_par)
-            errors[f"step{step}"] = _rel(y, y_ref)
+            errors[f"step{step}"] = rel_err(y, y_ref)
             comms.append(_comm_counts(comm))
     # the cache stays partitioned: this rank holds 1/(n*m) of it (times KV replication)
     part = layer.part
@@ -205,13 +199,13 @@ def _block_case(mesh, gated: bool) -> dict:
     y = block(x_par, position_embeddings=rope)
     y.pow(2).sum().backward()
     y_ref = dense(x_ref.detach(), position_embeddings=rope)
-    errors = {"output": _rel(y, y_ref), "input_grad": _rel(x_par.grad, x_ref.grad)}
+    errors = {"output": rel_err(y, y_ref), "input_grad": rel_err(x_par.grad, x_ref.grad)}
     errors.update(_grad_errors(block.mlp, {n: p.grad for n, p in dense.mlp.named_parameters()}, "mlp."))
     errors.update(_grad_errors(block.attn, dense.attn.grad_state(), "attn."))
     for norm in ("attn_norm", "mlp_norm"):
-        errors[f"grad:{norm}"] = _rel(getattr(block, norm).weight.grad, getattr(dense, norm).weight.grad)
+        errors[f"grad:{norm}"] = rel_err(getattr(block, norm).weight.grad, getattr(dense, norm).weight.grad)
     gathered = gather_dense_state(block.mlp)
-    errors["mlp_gather_roundtrip"] = max(_rel(v, dense.mlp.state_dict()[k]) for k, v in gathered.items())
+    errors["mlp_gather_roundtrip"] = max(rel_err(v, dense.mlp.state_dict()[k]) for k, v in gathered.items())
     return {"errors": errors, "comm": {}}
 
 
