@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .collectives import all_gather_dim, all_reduce_both, copy_to_axis, reduce_from_axis, reduce_scatter_dim
-from .costmodel import STRATEGIES, AttentionCall, causal_block_owner, causal_block_rows, choose_strategy, split_softmax
+from .collectives import (all_gather_dim, all_reduce_both, all_to_all_dim0, copy_to_axis, reduce_from_axis,
+                          reduce_scatter_dim)
+from .costmodel import (STRATEGIES, AttentionCall, causal_block_owner, causal_block_rows, choose_strategy,
+                        split_softmax, values_gathered)
 from .layout import TwoLevelAxes, TwoLevelMesh
 from .masks import additive_mask, dropout_keep_mask
 from .partition import AttentionPartition, AttentionSpec, shard_dim
@@ -212,7 +214,8 @@ class TwoLevelAttention(nn.Module):
         plain_causal = attention_mask is None and self.causal and (s == skv or s == 1)
         causal_blocks = plain_causal and s == skv and s > 1 and not self._dropping
         call = AttentionCall(b, s, skv, self.hidden_size, hl, gl, self.spec.head_dim, self.axes.m,
-                             self.axes.n, self.q_norm_weight is not None, causal_blocks=causal_blocks)
+                             self.axes.n, self.q_norm_weight is not None, causal_blocks=causal_blocks,
+                             v_head_dim=self.spec.dv)
         chosen = self.resolve_strategy(call, q.element_size(), strategy)
         fused_causal = causal_blocks and chosen == "qk_allgather"
         block_rows = causal_block_rows(self.axes.m, s) if causal_blocks and chosen == "score_allreduce" else 0
@@ -221,9 +224,9 @@ class TwoLevelAttention(nn.Module):
         if mask is not None and mask.dim() == 4 and mask.shape[1] not in (1, hl):
             mask = mask[:, self.part.q_heads(self.axes.i)]  # per-head mask given for all h heads
         if block_rows:
-            out = self._attend_causal_blocks(q, k, v, block_rows)
+            out = self._attend_causal_blocks(q, k, v, block_rows, call)
         elif chosen == "score_allreduce":
-            out = self._attend_score_allreduce(q, k, v, mask)
+            out = self._attend_score_allreduce(q, k, v, mask, call)
         else:
             out = self._attend_qk_allgather(q, k, v, mask, is_causal=fused_causal)
         out = out.transpose(1, 2).reshape(b, s, hl * dvl)  # (b, s, hl*dvl)
@@ -260,82 +263,122 @@ class TwoLevelAttention(nn.Module):
     def _dropping(self) -> bool:
         return self.training and self.dropout > 0
 
-    def _attend_score_allreduce(self, q, k, v, mask):
+    def _attend_score_allreduce(self, q, k, v, mask, call: AttentionCall):
         """Partial scores over this segment's dims, summed over the segment group.
 
         GQA without copying K/V: the h/g query heads of each KV head are stacked along the
         query rows, so one (b, gl) batched matmul computes exactly the same dot products.
+        The scale 1/sqrt(d) is applied to q (fewer elements than the scores).
 
         Split softmax (DESIGN.md section 2, step 4): when the query rows divide by m, the
         all-reduce is done as its two halves - reduce-scatter the partial scores along the rows,
-        so that each rank of the segment group runs scale, mask, softmax and dropout on its 1/m
-        of the rows only, then all-gather the probabilities (same bytes as the all-reduce).
+        so that each rank of the segment group runs mask, softmax and dropout on its 1/m of the
+        rows only - then either all-gathers the probabilities (same bytes as the all-reduce) or,
+        when it sends fewer bytes (:func:`~ds_twolevel.costmodel.values_gathered`), multiplies its
+        rows by the all-gathered full-width V and all-to-alls the outputs (:meth:`_rows_to_segments`).
         """
         b, hl, sq, dl = q.shape
         gl, skv = k.shape[1], k.shape[-2]
         seg = self.axes.seg
-        q_grouped = q.reshape(b, gl, (hl // gl) * sq, dl)  # (b, gl, hl/gl*sq, dl)
+        q_grouped = (q * self.scaling).reshape(b, gl, (hl // gl) * sq, dl)  # (b, gl, hl/gl*sq, dl)
         scores_partial = (q_grouped @ k.transpose(-1, -2)).view(b, hl, sq, skv)  # (b, hl, sq, skv)
         if split_softmax(seg.size, sq):
             rows, row0 = sq // seg.size, seg.rank * (sq // seg.size)
-            scores = reduce_scatter_dim(scores_partial, seg, 2, "scores") * self.scaling  # (b, hl, sq/m, skv)
+            scores = reduce_scatter_dim(scores_partial, seg, 2, "scores")  # (b, hl, sq/m, skv)
             if mask is not None and mask.shape[-2] == sq:
                 mask = mask[..., row0:row0 + rows, :]
         else:
             rows, row0 = sq, 0
-            scores = all_reduce_both(scores_partial, seg, "scores") * self.scaling
+            scores = all_reduce_both(scores_partial, seg, "scores")
         if mask is not None:
             scores = scores + mask
-        probs = self._dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), sq, row0)
+        probs = self._dropout(_softmax(scores), sq, row0)
+        if rows != sq and values_gathered(call, scores_partial.numel(), q.element_size()):
+            v_full = all_gather_dim(v, seg, -1, "v")  # (b, gl, skv, dv), dims in segment order
+            out = (probs.reshape(b, gl, (hl // gl) * rows, skv) @ v_full).view(b, hl, rows, v_full.shape[-1])
+            return self._rows_to_segments(out, None)
         if rows != sq:
             probs = all_gather_dim(probs, seg, 2, "probs")  # (b, hl, sq, skv)
         out = probs.reshape(b, gl, (hl // gl) * sq, skv) @ v  # (b, gl, hl/gl*sq, dvl)
         return out.view(b, hl, sq, v.shape[-1])  # (b, hl, sq, dvl)
 
-    def _attend_causal_blocks(self, q, k, v, rows: int):
+    def _rows_to_segments(self, out: torch.Tensor, order: list[int] | None) -> torch.Tensor:
+        """(b, hl, R, dv) outputs of this rank's query rows, all value dims -> (b, hl, sq, dv/m).
+
+        One all-to-all over the segment group: segment j's dv/m columns of every rank's rows go to
+        rank j. ``order``: the query blocks of the received rows, rank after rank (causal path;
+        None: rank r's rows are the r-th contiguous 1/m of them).
+        """
+        b, hl, rows, dv = out.shape
+        m = self.axes.seg.size
+        send = out.view(b, hl, rows, m, dv // m).permute(3, 0, 1, 2, 4)  # (m, b, hl, R, dv/m)
+        recv = all_to_all_dim0(send, self.axes.seg, "attn_rows").permute(1, 2, 0, 3, 4)  # (b, hl, m, R, dv/m)
+        if order is None:
+            return recv.reshape(b, hl, m * rows, dv // m)
+        blocks = len(order)
+        inverse = torch.tensor(sorted(range(blocks), key=order.__getitem__), device=out.device)
+        return recv.reshape(b, hl, blocks, -1, dv // m).index_select(2, inverse).view(b, hl, m * rows, dv // m)
+
+    def _attend_causal_blocks(self, q, k, v, rows: int, call: AttentionCall):
         """Score all-reduce for a plain causal mask (s_q == s_kv), skipping the masked key blocks.
 
         The query rows are cut into B blocks of ``rows``; block c sees keys [0, (c+1)*rows) only,
         so only those scores are computed. Each rank of the segment group owns the blocks of
         :func:`~ds_twolevel.costmodel.causal_block_owner` (zigzag pairs: equal work per rank);
         the partial scores of every rank's blocks are packed into one (m, N) tensor,
-        reduce-scattered (this rank keeps its blocks), scaled, masked on the diagonal tile and
-        softmaxed, then the probabilities are all-gathered in the same packing: two collectives,
-        as in the split softmax, on about (B+1)/(2B) of the bytes.
+        reduce-scattered (this rank keeps its blocks), masked on the diagonal tile and
+        softmaxed; then, as in the split softmax, either the probabilities are all-gathered in the
+        same packing, or this rank's blocks are multiplied by the all-gathered V and the outputs
+        all-to-all'ed (:func:`~ds_twolevel.costmodel.values_gathered`).
         """
         b, hl, sq, dl = q.shape
         gl, rep, seg = k.shape[1], hl // k.shape[1], self.axes.seg
         blocks, m = sq // rows, seg.size
         owned = [causal_block_owner(m, blocks, j) for j in range(m)]
+        q = q * self.scaling
 
         def keys(c: int) -> int:
             return (c + 1) * rows
 
-        def partial(c: int) -> torch.Tensor:  # (b, hl, rows, keys(c)) partial scores of block c
+        def sizes(cs: list[int]) -> list[int]:
+            return [b * hl * rows * keys(c) for c in cs]
+
+        def partial(c: int, out: torch.Tensor | None = None) -> torch.Tensor:  # (b, gl, rep*rows, keys(c))
             qc = q[:, :, c * rows:(c + 1) * rows].reshape(b, gl, rep * rows, dl)
-            return (qc @ k[:, :, :keys(c)].transpose(-1, -2)).view(b, hl, rows, keys(c))
+            if out is None:
+                return qc @ k[:, :, :keys(c)].transpose(-1, -2)
+            return torch.matmul(qc, k[:, :, :keys(c)].transpose(-1, -2), out=out.view(b, gl, rep * rows, keys(c)))
 
         def unpack(packed: torch.Tensor, cs: list[int]) -> list[torch.Tensor]:  # flat chunk -> blocks
-            out, off = [], 0
-            for c in cs:
-                size = b * hl * rows * keys(c)
-                out.append(packed[off:off + size].view(b, hl, rows, keys(c)))
-                off += size
-            return out
+            return [t.view(b, hl, rows, keys(c)) for t, c in zip(packed.split(sizes(cs)), cs)]
 
         # packing: rank-major, each block flattened whole, so every rank's chunk is contiguous and
         # the collectives work along dim 0 without a transposing copy
         if m > 1:
-            packed = torch.cat([partial(c).reshape(-1) for cs in owned for c in cs]).view(m, -1)  # (m, N)
-            mine = unpack(reduce_scatter_dim(packed, seg, 0, "scores").view(-1), owned[seg.rank])
+            flat = [c for cs in owned for c in cs]
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+                packed = torch.cat([partial(c).reshape(-1) for c in flat])
+            else:  # inference: each block's matmul writes straight into the packed buffer
+                packed = q.new_empty(sum(sizes(flat)))
+                for c, chunk in zip(flat, packed.split(sizes(flat))):
+                    partial(c, chunk)
+            mine = unpack(reduce_scatter_dim(packed.view(m, -1), seg, 0, "scores").view(-1), owned[seg.rank])
         else:
-            mine = [partial(c) for c in owned[0]]
+            mine = [partial(c).view(b, hl, rows, keys(c)) for c in owned[0]]
         low = torch.finfo(q.dtype).min
         tile = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)  # key > query on the diagonal
         probs = []
         for c, scores in zip(owned[seg.rank], mine):
-            mask = F.pad(torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(tile, low), (c * rows, 0))
-            probs.append(F.softmax(scores * self.scaling + mask, dim=-1, dtype=torch.float32).to(q.dtype))
+            if scores.requires_grad:
+                scores = scores.masked_fill(F.pad(tile, (c * rows, 0)), low)
+            else:  # inference: mask the diagonal tile in place, no full-width temporary
+                scores[..., c * rows:].masked_fill_(tile, low)
+            probs.append(_softmax(scores))
+        if m > 1 and values_gathered(call, packed.numel(), q.element_size()):
+            v_full = all_gather_dim(v, seg, -1, "v")  # (b, gl, skv, dv), dims in segment order
+            out = [(p.reshape(b, gl, rep * rows, keys(c)) @ v_full[:, :, :keys(c)]).view(b, hl, rows, -1)
+                   for c, p in zip(owned[seg.rank], probs)]
+            return self._rows_to_segments(torch.cat(out, 2), [c for cs in owned for c in cs])
         if m > 1:
             local = torch.cat([p.reshape(-1) for p in probs]).view(1, -1)  # (1, N)
             gathered = all_gather_dim(local, seg, 0, "probs")  # (m, N)
@@ -357,6 +400,13 @@ class TwoLevelAttention(nn.Module):
         # enable_gqa: SDPA maps query head h to KV head h // (hl/gl) itself, without copying K/V
         return F.scaled_dot_product_attention(q_full, k_full, v, attn_mask=mask, is_causal=is_causal,
                                               scale=self.scaling, enable_gqa=k_full.shape[1] != q_full.shape[1])
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys in the scores' dtype. PyTorch's softmax kernels (CPU and CUDA) accumulate
+    bf16/fp16 in fp32 and round once at the end - what ``softmax(dtype=float32).to(dtype)`` gives -
+    without writing and re-reading an fp32 copy of the (materialised, s_q x s_kv) probabilities."""
+    return F.softmax(scores, dim=-1)
 
 
 def _has_parameter(module: nn.Module, name: str) -> bool:

@@ -19,13 +19,13 @@ class CommRecord:
     """One collective issued by this rank."""
 
     op: str
-    """"all_reduce", "all_gather" or "reduce_scatter"."""
+    """"all_reduce", "all_gather", "reduce_scatter" or "all_to_all"."""
     axis: str
     """mesh axis name: "m", "n", "tp", "dp"."""
     ranks: int
     """ranks in the group."""
     numel: int
-    """elements of the full (reduced / gathered) tensor."""
+    """elements of the full (reduced / gathered) tensor; for all_to_all, of this rank's tensor."""
     element_size: int
     """bytes per element."""
     tag: str
@@ -42,7 +42,8 @@ class CommRecord:
 def ring_bytes(op: str, full_bytes: int, ranks: int) -> int:
     """Bytes one rank sends for a ring collective on a tensor of ``full_bytes`` bytes.
 
-    all-reduce = reduce-scatter + all-gather: 2(p-1)/p; all-gather, reduce-scatter: (p-1)/p.
+    all-reduce = reduce-scatter + all-gather: 2(p-1)/p; all-gather, reduce-scatter: (p-1)/p;
+    all-to-all (``full_bytes`` = this rank's tensor): the (p-1)/p of it that goes to the others.
     """
     factor = 2 if op == "all_reduce" else 1
     return factor * (ranks - 1) * full_bytes // ranks
@@ -125,6 +126,16 @@ def _reduce_scatter(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str, backwa
     return out.movedim(0, dim)
 
 
+def _all_to_all(x: torch.Tensor, axis: AxisGroup, tag: str, backward: bool) -> torch.Tensor:
+    send = x.contiguous()  # (p, ...): chunk r goes to rank r
+    if send.shape[0] != axis.size:
+        raise ValueError(f"all-to-all of {send.shape[0]} chunks over {axis.size} ranks")
+    out = torch.empty_like(send)
+    _record("all_to_all", axis, send.numel(), send.element_size(), tag, backward)
+    dist.all_to_all_single(out, send, group=axis.group)
+    return out
+
+
 class _CopyToAxis(torch.autograd.Function):
     """forward: identity; backward: all-reduce (the input feeds every rank's partial compute)."""
 
@@ -189,6 +200,20 @@ class _ReduceScatter(torch.autograd.Function):
         return _all_gather(grad, ctx.axis, ctx.dim, ctx.tag, True), None, None, None
 
 
+class _AllToAll(torch.autograd.Function):
+    """forward: all-to-all of dim-0 chunks; backward: the same exchange of the gradient chunks
+    (rank r's chunk j came from rank j's chunk r, so its gradient goes back the same way)."""
+
+    @staticmethod
+    def forward(ctx, x, axis, tag):
+        ctx.axis, ctx.tag = axis, tag
+        return _all_to_all(x, axis, tag, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.axis, ctx.tag, True), None, None
+
+
 def copy_to_axis(x: torch.Tensor, axis: AxisGroup, tag: str = "input_grad") -> torch.Tensor:
     """Identity forward, all-reduce backward: at the input of a partitioned layer."""
     return x if axis.size == 1 else _CopyToAxis.apply(x, axis, tag)
@@ -212,3 +237,8 @@ def all_gather_dim(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str = "gathe
 def reduce_scatter_dim(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str = "scatter") -> torch.Tensor:
     """Reduce-scatter along ``dim`` (rank r keeps chunk r), all-gather backward."""
     return x if axis.size == 1 else _ReduceScatter.apply(x, axis, dim, tag)
+
+
+def all_to_all_dim0(x: torch.Tensor, axis: AxisGroup, tag: str = "all_to_all") -> torch.Tensor:
+    """(p, ...) -> (p, ...): chunk r is sent to rank r; chunk j of the result came from rank j."""
+    return x if axis.size == 1 else _AllToAll.apply(x, axis, tag)

@@ -53,6 +53,12 @@ class AttentionCall:
     causal_blocks: bool = False
     """plain causal mask (no padding, no dropout) with q_len == kv_len > 1: the score path
     computes only the key blocks each query block can see (:func:`causal_block_rows`)."""
+    v_head_dim: int | None = None
+    """value head dim (None: head_dim)."""
+
+    @property
+    def v_dim(self) -> int:
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
 
 
 def split_softmax(m: int, q_len: int) -> bool:
@@ -88,6 +94,35 @@ def causal_block_numel(call: "AttentionCall", rows: int) -> int:
     return call.batch * call.local_heads * rows * rows * blocks * (blocks + 1) // 2
 
 
+def values_gathered(call: AttentionCall, probs_numel: int, element_size: int = 4) -> bool:
+    """Whether the split score path gathers V instead of the probabilities (fewer bytes).
+
+    After the reduce-scatter each rank of the segment group holds the probabilities of its own
+    query rows. Two exact ways to finish: all-gather those probabilities (``probs_numel``
+    elements, s_q x s_kv per head) and multiply by this segment's v; or all-gather v (full
+    value dim, b g/n s_kv d_v) so that each rank multiplies its rows by the whole v, then
+    all-to-all the (rows, d_v) outputs back to (all rows, d_v/m) per segment for the row-parallel
+    output projection. Same FLOPs; the second moves ~s·d instead of ~s² elements, so it wins
+    once s_kv > d_v (g/h + 1/m) (split softmax; the causal blocks send about half the
+    probabilities, so about twice that) - every long prefill. Ties keep the probabilities.
+    """
+    c, m = call, call.m
+    v_numel = c.batch * c.local_kv_heads * c.kv_len * c.v_dim
+    rows_numel = c.batch * c.local_heads * c.q_len * c.v_dim // m  # this rank's all-to-all tensor
+    sent = ring_bytes("all_gather", v_numel * element_size, m) + ring_bytes("all_to_all", rows_numel * element_size, m)
+    return sent < ring_bytes("all_gather", probs_numel * element_size, m)
+
+
+def _split_collectives(call: AttentionCall, scores_numel: int) -> list[Collective]:
+    """Reduce-scatter of the partial scores, then the probabilities or V (:func:`values_gathered`)."""
+    c, m = call, call.m
+    out = [Collective("reduce_scatter", "m", "scores", scores_numel, m)]
+    if values_gathered(c, scores_numel):
+        return out + [Collective("all_gather", "m", "v", c.batch * c.local_kv_heads * c.kv_len * c.v_dim, m),
+                      Collective("all_to_all", "m", "attn_rows", c.batch * c.local_heads * c.q_len * c.v_dim // m, m)]
+    return out + [Collective("all_gather", "m", "probs", scores_numel, m)]
+
+
 def score_strategy_collectives(call: AttentionCall, strategy: str) -> list[Collective]:
     """Forward collectives over the segment axis for the score computation."""
     c, m = call, call.m
@@ -95,14 +130,11 @@ def score_strategy_collectives(call: AttentionCall, strategy: str) -> list[Colle
         return []
     if strategy == "score_allreduce":
         rows = causal_block_rows(m, c.q_len) if c.causal_blocks else 0
-        if rows:  # only the visible key blocks, packed into one reduce-scatter + one all-gather
-            numel = causal_block_numel(c, rows)
-            return [Collective("reduce_scatter", "m", "scores", numel, m),
-                    Collective("all_gather", "m", "probs", numel, m)]
+        if rows:  # only the visible key blocks, packed into one reduce-scatter
+            return _split_collectives(c, causal_block_numel(c, rows))
         numel = c.batch * c.local_heads * c.q_len * c.kv_len
         if split_softmax(m, c.q_len):  # the all-reduce as its two halves, softmax on 1/m of the rows
-            return [Collective("reduce_scatter", "m", "scores", numel, m),
-                    Collective("all_gather", "m", "probs", numel, m)]
+            return _split_collectives(c, numel)
         return [Collective("all_reduce", "m", "scores", numel, m)]
     if strategy == "qk_allgather":
         return [
@@ -121,7 +153,8 @@ def choose_strategy(call: AttentionCall, element_size: int = 4) -> str:
     return "score_allreduce" if sent["score_allreduce"] < sent["qk_allgather"] else "qk_allgather"
 
 
-_BACKWARD_OF = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather"}
+_BACKWARD_OF = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
+                "all_to_all": "all_to_all"}
 
 
 def attention_collectives(

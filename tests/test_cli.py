@@ -34,9 +34,11 @@ def test_console_script_demo_default_layout():
 def test_module_demo_with_flags(flags):
     proc = _run(sys.executable, "-m", "ds_twolevel", "demo", *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # s = 16 causal prefill at m = 4: 8 causal blocks, reduce-scatter of scores + all-gather of probabilities
+    # s = 16 causal prefill at m = 4: 8 causal blocks, reduce-scatter of scores; at d = 16 gathering V
+    # and all-to-all'ing the output rows sends fewer bytes than gathering the probabilities
     assert "dp=2 x n=1 x m=4" in proc.stdout and "reduce_scatter/m/scores" in proc.stdout
-    assert "all_gather/m/probs" in proc.stdout
+    assert "all_gather/m/v" in proc.stdout and "all_to_all/m/attn_rows" in proc.stdout
+    assert "all_gather/m/probs" not in proc.stdout
     assert "all_reduce/m/q_sumsq" in proc.stdout
 
 

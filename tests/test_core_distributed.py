@@ -68,7 +68,18 @@ ATTNS = [
     Attn("gqa_dropout", 8, 4, dropout=0.25),
     # 8 rows split into 2m blocks at m = 1, 2, 4: the causal score path that skips masked key blocks
     Attn("gqa_causal_blocks", 8, 2, seq=8),
+    # 32 rows (>= LONG_SEQ): the split score paths gather V and all-to-all the output rows instead of
+    # gathering the probabilities (fewer bytes) - causal blocks, padded/bidirectional, dropout, d_v != d
+    Attn("gqa_causal_blocks_long", 8, 2, seq=32),
+    Attn("bidirectional_padded_long", 8, 4, rope="none", causal=False, padding=True, seq=32),
+    Attn("gqa_dropout_long", 8, 4, dropout=0.25, seq=32),
+    Attn("mha_vdim_long", 8, 8, rotary_dim=8, v_head_dim=8, seq=32),
 ]
+LONG_SEQ = 32
+"""At 32 query rows and d = 16, every (m > 1, n) of the matrix sends fewer bytes gathering V
+(b g/n 32 d_v + b h/n 32 d_v/m elements) than gathering the probabilities (b h/n 32 x 32, or
+about half of it for the causal blocks), e.g. m = 2, n = 1, g = 4: 2048b + 2048b < 8192b; at 6 or
+8 rows it is the other way round (b g/n 8 d_v > b h/n 8 x 8)."""
 STRATEGIES = ["score_allreduce", "qk_allgather"]
 
 
@@ -154,6 +165,9 @@ def _prefill_case(mesh, attn: Attn, strategy: str) -> dict:
         y = layer(x_par, position_embeddings=rope, attention_mask=mask)
         (y * weight).sum().backward()
     errors = {"output": rel_err(y, y_ref), "input_grad": rel_err(x_par.grad, x_ref.grad)}
+    if not attn.dropout:  # inference takes its own paths (blocks written in place, mask filled in place)
+        with torch.no_grad():
+            errors["output_no_grad"] = rel_err(layer(x, position_embeddings=rope, attention_mask=mask), y_ref)
     errors.update(_grad_errors(layer, dense.grad_state()))
     if layer.o_bias is not None:
         errors["grad:o_bias"] = rel_err(layer.o_bias.grad, dense.o_proj.bias.grad)
@@ -258,9 +272,12 @@ def expected_comm(case) -> dict[str, int]:
         add(bwd, "all_reduce/m/bwd", 2 * attn.qk_norm)
         if strategy == "score_allreduce" and phase == "prefill" and attn.seq % m == 0:
             # split softmax (or causal blocks): reduce-scatter the partial scores by query rows (or
-            # by owned blocks), all-gather the probabilities
+            # by owned blocks), all-gather the probabilities - or, for long rows, all-gather V and
+            # all-to-all the output rows
             add(fwd, "reduce_scatter/m/fwd"), add(fwd, "all_gather/m/fwd")
             add(bwd, "all_gather/m/bwd"), add(bwd, "reduce_scatter/m/bwd")
+            if attn.seq >= LONG_SEQ:
+                add(fwd, "all_to_all/m/fwd"), add(bwd, "all_to_all/m/bwd")
         elif strategy == "score_allreduce":  # rows do not divide by m (prefill of 6 at m = 4; decode)
             add(fwd, "all_reduce/m/fwd"), add(bwd, "all_reduce/m/bwd")
         else:

@@ -122,3 +122,21 @@ def test_comm_time_uses_the_bandwidth_of_the_span():
     assert comm_time([col("m", 16)], H100_SXM, 2, 16, 1) == pytest.approx(seconds(45e9, 16))
     assert comm_time([col("n", 4)], H100_SXM, 2, 2, 4) == pytest.approx(seconds(450e9, 4))  # spans 8 ranks
     assert comm_time([col("n", 4)], H100_SXM, 2, 4, 4) == pytest.approx(seconds(45e9, 4))  # spans 16 ranks
+
+
+def test_split_score_path_gathers_values_only_where_that_sends_fewer_bytes():
+    """values_gathered: all-gather v + all-to-all the output rows (~s d) instead of all-gathering the
+    probabilities (~s^2): where s_kv > d_v (g/h + 1/m) - here 128 (4/16 + 1/2) = 96 (a tie keeps the
+    probabilities) - and never for shorter rows."""
+    from ds_twolevel.costmodel import score_strategy_collectives, values_gathered
+
+    for s, expect in ((64, False), (96, False), (128, True), (8192, True)):
+        call = attention_call(LLAMA, 2, 2, 1, s, s, causal=False)  # h/n = 16, g/n = 4, d = 128, split softmax
+        probs = call.batch * call.local_heads * s * s
+        assert values_gathered(call, probs, 2) is expect, s
+        tags = {c.tag for c in score_strategy_collectives(call, "score_allreduce")}
+        assert tags == ({"scores", "v", "attn_rows"} if expect else {"scores", "probs"}), (s, tags)
+        # whichever tail is taken, it is the one with fewer bytes
+        v_tail = 1 * (s * 4 * 128 + 16 * s * 128 // 2) // 2  # ring (m-1)/m of v and of this rank's rows, m = 2
+        assert min(v_tail, probs // 2) * 2 == sum(c.bytes_sent(2) for c in score_strategy_collectives(call, "score_allreduce")
+                                                   if c.tag != "scores")

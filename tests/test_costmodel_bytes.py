@@ -26,14 +26,17 @@ LAYOUTS_MN = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 4), (2, 4)]
 """(m, n) pairs of the matrix."""
 KV_HEADS = {4: "gqa", 2: "kvrep"}  # g=2 with n=4: KV heads replicated over head groups
 BATCH, SEQ = 2, 6
-PHASES = ("prefill", "decode", "prefill8")
-"""prefill of SEQ rows (split softmax at m = 2, all-reduce at m = 4), decode, and a prefill of 8
-rows (the causal block path at m = 2 and 4)."""
+PHASES = ("prefill", "decode", "prefill8", "prefill30", "prefill32")
+"""prefill of SEQ rows (split softmax at m = 2, all-reduce at m = 4), decode, a prefill of 8
+rows (the causal block path at m = 2 and 4); at 30 and 32 rows the split paths gather V and
+all-to-all the output rows instead of gathering the probabilities (30: split softmax at m = 2;
+32: causal blocks at m = 2 and 4)."""
 
 
 def _lengths(phase: str) -> tuple[int, int]:
     """(q_len, kv_len) of the counted call."""
-    return {"prefill": (SEQ, SEQ), "decode": (1, SEQ + 1), "prefill8": (8, 8)}[phase]
+    return {"prefill": (SEQ, SEQ), "decode": (1, SEQ + 1), "prefill8": (8, 8), "prefill30": (30, 30),
+            "prefill32": (32, 32)}[phase]
 
 
 def model_config(kv_heads: int, qk_norm: bool) -> ModelConfig:
@@ -141,3 +144,9 @@ def test_counted_equals_modelled(matrix, case):
         full = BATCH * (8 // case[2]) * 8 * 8
         scores = [r for r in matrix[0][cid][0] if r[2] == "scores"]
         assert scores and all(r[3] < full for r in scores), scores
+    tags = {r[2] for r in matrix[0][cid][0]}
+    if m > 1 and case[5] == "score_allreduce" and case[7] != "mlp":  # which split tail ran
+        if case[6] == "prefill8":
+            assert "probs" in tags and "attn_rows" not in tags, tags
+        if case[6] == "prefill32" or (case[6] == "prefill30" and m == 2):
+            assert {"v", "attn_rows"} <= tags and "probs" not in tags, tags
