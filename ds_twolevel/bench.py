@@ -266,11 +266,30 @@ def _autotp_variant(hf_model: nn.Module, inp: dict, cfg: BenchConfig, ref: dict)
     release_shm_workspace()  # DeepSpeed never unlinks its /dev/shm workspace
     model = engine.module.model
     uneven = f" (attention on {cfg.kv_heads} of {cfg.ranks} ranks)" if cfg.ranks > cfg.kv_heads else ""
-    res = VariantResult(f"DeepSpeed AutoTP tp={cfg.ranks}", "AutoTP" + uneven,
-                        bytes_counted=False, param_bytes=_layer_params(model.layers))
-    ar = lambda tokens: 2 * ring_bytes("all_reduce", tokens * cfg.hidden * 4, cfg.ranks)  # attn out + MLP out
-    res.prefill_bytes_per_layer, res.decode_bytes_per_layer = ar(cfg.prefill_batch * cfg.prefill_seq), ar(cfg.decode_batch)
-    return _hf_variant(model, inp, cfg, res, ref)
+    res = VariantResult(f"DeepSpeed AutoTP tp={cfg.ranks}", "AutoTP" + uneven, param_bytes=_layer_params(model.layers))
+    variant = _hf_variant(model, inp, cfg, res, ref)
+    res.prefill_bytes_per_layer = _ds_counted_bytes(variant.prefill, cfg.ranks) // cfg.layers
+    res.decode_bytes_per_layer = _ds_counted_bytes(variant.decode, cfg.ranks) // cfg.layers
+    return variant
+
+
+def _ds_counted_bytes(step: Callable[[], Any], ranks: int) -> int:
+    """Bytes this rank sends in ``step``, from DeepSpeed's own comms logger (``deepspeed.comm``):
+    every collective DeepSpeed issues is logged with its tensor size; a ring all-reduce over
+    ``ranks`` sends 2 (p-1)/p of it. Run outside the timed steps (the logger synchronises)."""
+    import deepspeed.comm as ds_comm
+
+    ds_comm.reset_log()
+    ds_comm.configure(enabled=True, prof_all=True, verbose=False)
+    try:
+        step()
+    finally:
+        ds_comm.configure(enabled=False)
+    logged = {name: dict(sizes) for name, sizes in ds_comm.comms_logger.comms_dict.items()}
+    ds_comm.reset_log()
+    if any("all_reduce" not in name for name in logged):
+        raise RuntimeError(f"AutoTP issued collectives other than all-reduce: {sorted(logged)}")
+    return sum(vals[0] * ring_bytes("all_reduce", size, ranks) for sizes in logged.values() for size, vals in sizes.items())
 
 
 def _reference(hf_model: nn.Module, inp: dict) -> dict[str, torch.Tensor]:
@@ -315,16 +334,17 @@ def local_collectives():
     """Replace the attention layer's collectives by local ops of the same output shapes.
 
     Lets one process time exactly the compute of one rank's shard (all-gather -> m local copies,
-    reduce-scatter -> a copy of rank 0's chunk).
+    reduce-scatter -> a copy of rank 0's chunk, all-to-all -> a copy).
     """
     from . import attention as attn_mod
 
     saved = {k: getattr(attn_mod, k) for k in ("all_reduce_both", "all_gather_dim", "reduce_scatter_dim",
-                                                "copy_to_axis", "reduce_from_axis")}
+                                                "all_to_all_dim0", "copy_to_axis", "reduce_from_axis")}
     attn_mod.all_reduce_both = lambda x, axis, tag="": x
     attn_mod.all_gather_dim = lambda x, axis, dim, tag="": torch.cat([x] * axis.size, dim=dim)
     # rank 0's chunk, in a new buffer as the real collective writes
     attn_mod.reduce_scatter_dim = lambda x, axis, dim, tag="": x.narrow(dim, 0, x.shape[dim] // axis.size).clone()
+    attn_mod.all_to_all_dim0 = lambda x, axis, tag="": x.clone()  # a new buffer of the same shape
     attn_mod.copy_to_axis = lambda x, axis, tag="": x
     attn_mod.reduce_from_axis = lambda x, axis, tag="": x
     try:
@@ -448,12 +468,40 @@ def shard_compute(cfg: BenchConfig) -> list[dict]:
     return [row for case in cases for row in time_shards(case, SHARD_LAYOUTS)]
 
 
-def sdpa_overhead(cfg: BenchConfig) -> list[dict]:
+def _shard_compute_child(cfg: BenchConfig) -> list[dict]:
+    torch.set_num_threads(1)
+    return shard_compute(cfg)
+
+
+def shard_compute_thp(cfg: BenchConfig) -> list[dict]:
+    """:func:`shard_compute` again in a fresh process whose CPU allocator backs tensors of 2 MB and
+    more with transparent huge pages (PyTorch's ``THP_MEM_ALLOC_ENABLE=1``, read once at start).
+
+    The score path allocates tensors of tens of MB each call (the fused dense kernel does not):
+    with 4 KB pages every call page-faults through them again; this run shows how much of the
+    per-shard ratio is that.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    saved = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # inherited by the spawned child
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_shard_compute_child, cfg).result()
+    finally:
+        if saved is None:
+            del os.environ["THP_MEM_ALLOC_ENABLE"]
+        else:
+            os.environ["THP_MEM_ALLOC_ENABLE"] = saved
+
+
+def sdpa_overhead(cfg: BenchConfig, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
     """Our layer at m = n = 1 against HF LlamaAttention (sdpa), same weights and input, interleaved runs."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-    rows = []
+    rows, dev = [], torch.device(device)
     for kv in (cfg.shard_heads, max(cfg.shard_heads // 4, 1)):
         hf_cfg = LlamaConfig(hidden_size=cfg.shard_hidden, num_attention_heads=cfg.shard_heads, num_key_value_heads=kv,
                              head_dim=cfg.shard_head_dim, attn_implementation="sdpa")
@@ -462,17 +510,19 @@ def sdpa_overhead(cfg: BenchConfig) -> list[dict]:
         spec = AttentionSpec(cfg.shard_heads, kv, cfg.shard_head_dim, rope_style="half")
         ours = TwoLevelAttention(cfg.shard_hidden, spec, TwoLevelAxes.single()).eval()
         ours.load_dense_state({f"{p}.weight": getattr(hf, p).weight.detach() for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
-        x = torch.randn(1, cfg.overhead_seq, cfg.shard_hidden)
-        rope = LlamaRotaryEmbedding(hf_cfg)(x, torch.arange(cfg.overhead_seq)[None])
+        hf, ours = hf.to(dev, dtype), ours.to(dev, dtype)
+        x = torch.randn(1, cfg.overhead_seq, cfg.shard_hidden, device=dev, dtype=dtype)
+        rope = LlamaRotaryEmbedding(hf_cfg).to(dev)(x, torch.arange(cfg.overhead_seq, device=dev)[None])
         run_hf, run_ours = (lambda: hf(x, rope, None)[0]), (lambda: ours(x, position_embeddings=rope))
         with torch.no_grad():
-            err = float((run_hf() - run_ours()).abs().max())
-            t_hf, t_ours = _rounds_ms([run_hf, run_ours], cfg.overhead_repeats, torch.device("cpu"))
+            ref = run_hf()
+            err = float((ref - run_ours()).abs().max() / ref.abs().max())
+            t_hf, t_ours = _rounds_ms([run_hf, run_ours], cfg.overhead_repeats, dev)
         hf_ms, ours_ms = min(t_hf), min(t_ours)
         median = statistics.median(o / h for h, o in zip(t_hf, t_ours)) - 1  # per round: same load on both
         rows.append({"heads": cfg.shard_heads, "kv_heads": kv, "head_dim": cfg.shard_head_dim, "seq": cfg.overhead_seq,
                      "hf_ms": hf_ms, "ours_ms": ours_ms, "overhead": ours_ms / hf_ms - 1,
-                     "overhead_median_of_rounds": median, "max_abs_diff": err})
+                     "overhead_median_of_rounds": median, "max_rel_diff": err})
     return rows
 
 
@@ -486,7 +536,9 @@ def run_all(cfg: BenchConfig) -> dict:
     out: dict[str, Any] = {"config": asdict(cfg), "torch": torch.__version__, "threads_per_rank": 1,
                            "cpu_count": os.cpu_count()}
     out["overhead"] = sdpa_overhead(cfg)
+    out["allocator"] = "THP_MEM_ALLOC_ENABLE=" + os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     out["shard"] = shard_compute(cfg)
+    out["shard_thp"] = shard_compute_thp(cfg)
     out["layouts"] = run_distributed(layout_rank, cfg.ranks, cfg, timeout=900)[0]
     out["seconds"] = time.time() - started
     return out
@@ -533,14 +585,16 @@ def _modelled_bytes(cfg: dict, name: str, phase: str) -> int | None:
     """Bytes per layer the cost model predicts for a benchmark row (None for rows it does not model)."""
     from .costmodel import ModelConfig, block_collectives, attention_call
 
+    b, q, kv = ((cfg["prefill_batch"], cfg["prefill_seq"], cfg["prefill_seq"]) if phase == "prefill"
+                else (cfg["decode_batch"], 1, cfg["decode_seq"] + 1))
+    if name.startswith("DeepSpeed AutoTP"):  # row-parallel o_proj and down_proj: one all-reduce of T x H each
+        return 2 * ring_bytes("all_reduce", b * q * cfg["hidden"] * 4, cfg["ranks"])
     if not name.startswith("n="):
         return None
     n, m = int(name.split(" x ")[0][2:]), int(name.split(" x ")[1].split(",")[0][2:])
     strategy = name.split(", ")[1] if ", " in name else "qk_allgather"
     model = ModelConfig("bench", cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["intermediate"],
                         cfg["layers"])
-    b, q, kv = ((cfg["prefill_batch"], cfg["prefill_seq"], cfg["prefill_seq"]) if phase == "prefill"
-                else (cfg["decode_batch"], 1, cfg["decode_seq"] + 1))
     return sum(c.bytes_sent(4) for c in block_collectives(attention_call(model, n, m, b, q, kv), strategy))
 
 
@@ -585,22 +639,37 @@ def _shard_model_ms(cfg: dict, r: dict) -> float:
     return 1e3 * sum(op.time(CPU_GLOO) for op in attention_ops(model, call, r["strategy"], 4))
 
 
+def _shard_key(r: dict) -> tuple:
+    return r["phase"], r["batch"], r["seq"], r["n"], r["m"], r["strategy"]
+
+
 def _shard_section(results: dict) -> tuple[str, str]:
     rows, cfg = results["shard"], results["config"]
+    thp = {_shard_key(r): r for r in results.get("shard_thp", [])}
+
+    def with_thp(r: dict) -> list[str]:
+        t = thp.get(_shard_key(r))
+        return [f"{t['ms']:.2f}", f"{t['ratio_to_ideal']:.2f}x"] if t else ["-", "-"]
+
     table = [[r["phase"], r["batch"], r["seq"], f"{r['n']} x {r['m']}",
               r["strategy"] if r["m"] > 1 or r["n"] * r["m"] == 1 else "-", f"{r['ms']:.2f}",
               f"{r['dense_ms'] / (r['n'] * r['m']):.2f}", f"{r['ratio_to_ideal']:.2f}x",
-              f"{r.get('ratio_to_same_path', r['ratio_to_ideal']):.2f}x", f"{_shard_model_ms(cfg, r):.2f}"]
+              f"{r.get('ratio_to_same_path', r['ratio_to_ideal']):.2f}x", *with_thp(r), f"{_shard_model_ms(cfg, r):.2f}"]
              for r in rows]
     target = [r for r in rows if r["phase"] == "prefill" and r["seq"] >= 1024 and r["n"] * r["m"] == 4
               and r["m"] > 1 and r["strategy"] == "score_allreduce"]
     if target:
         worst = max(r["ratio_to_ideal"] for r in target)
         same = max(r.get("ratio_to_same_path", 0.0) for r in target)
+        target_thp = [thp[_shard_key(r)]["ratio_to_ideal"] for r in target if _shard_key(r) in thp]
         verdict = (f"**Target (score all-reduce, m*n = 4, prefill s >= 1024, within 1.3x of ideal): "
                    f"{'holds' if worst <= 1.3 else 'does NOT hold'}** - worst measured ratio {worst:.2f}x "
-                   f"({', '.join(_shard_label(r) for r in target)}). Against the dense layer on the same explicit score path "
-                   f"(materialised scores, no fused kernel), the worst ratio is {same:.2f}x.")
+                   f"({', '.join(_shard_label(r) for r in target)}), with the allocator as the process found it "
+                   f"({results.get('allocator', 'THP_MEM_ALLOC_ENABLE unset')}). "
+                   + (f"With 2 MB transparent huge pages (same grid, fresh process): worst {max(target_thp):.2f}x. "
+                      if target_thp else "")
+                   + f"Against the dense layer on the same explicit score path (materialised scores, no fused "
+                   f"kernel), the worst ratio is {same:.2f}x.")
     else:
         verdict = "The target (m*n = 4, prefill s >= 1024) was not in this run's grid."
     fit = {ph: [r["ms"] / _shard_model_ms(cfg, r) for r in rows if r["phase"] == ph] for ph in ("prefill", "decode")}
@@ -614,10 +683,13 @@ def _shard_section(results: dict) -> tuple[str, str]:
                         "score path skip the masked half that the model counts." if fit["prefill"] and min(fit["prefill"]) < 1 else ""))
     verdict = verdict + "\n\n" + verdict_model
     head = ["phase", "batch", "seq (KV)", "n x m", "strategy", "shard ms", "ideal ms (dense/(m n))", "ratio to ideal",
-            "ratio to ideal of the same path", "cost model ms (cpu profile)"]
+            "ratio to ideal of the same path", "shard ms, THP", "ratio to ideal, THP", "cost model ms (cpu profile)"]
     text = (f"Attention layer H={cfg['shard_hidden']}, h=g={cfg['shard_heads']} (MHA), d={cfg['shard_head_dim']} "
             f"(the paper's head size), fp32, one thread; fastest of {cfg['shard_repeats']} round-robin rounds "
-            "(all shards built first, timed in turn, so that load from other jobs hits them alike).\n\n" + _table(head, table))
+            "(all shards built first, timed in turn, so that load from other jobs hits them alike). The THP columns "
+            "repeat the whole grid in a fresh process with `THP_MEM_ALLOC_ENABLE=1` (PyTorch's switch that backs CPU "
+            "tensors of 2 MB and more with transparent huge pages): the score path allocates tensors of tens of MB "
+            "per call, and with 4 KB pages each call faults through them again.\n\n" + _table(head, table))
     return text, verdict
 
 
@@ -625,12 +697,12 @@ def _overhead_section(results: dict) -> tuple[str, str]:
     rows = results["overhead"]
     table = [[r["heads"], r["kv_heads"], r["head_dim"], r["seq"], f"{r['hf_ms']:.2f}", f"{r['ours_ms']:.2f}",
               f"{r['overhead']:+.1%}", f"{r.get('overhead_median_of_rounds', r['overhead']):+.1%}",
-              f"{r['max_abs_diff']:.1e}"] for r in rows]
+              f"{r['max_rel_diff']:.1e}"] for r in rows]
     worst = max(max(r["overhead"], r.get("overhead_median_of_rounds", r["overhead"])) for r in rows)
     verdict = (f"**Target (m = n = 1 overhead <= 5% against HF SDPA): {'holds' if worst <= 0.05 else 'does NOT hold'}** "
                f"- worst {worst:+.1%} (the larger of the two statistics, over both shapes).")
     head = ["h", "g", "d", "seq", "HF LlamaAttention sdpa ms (fastest)", "ours ms (fastest)", "overhead (fastest)",
-            "overhead (median of per-round ratios)", "max abs diff"]
+            "overhead (median of per-round ratios)", "largest diff / largest output"]
     return _table(head, table), verdict
 
 
@@ -750,6 +822,60 @@ def _plot(results: dict, out: Path) -> list[str]:
     return names
 
 
+GPU_JSON = "gpu_shard.json"
+"""Results of ``recipes/bench_gpu_shard.py --json`` in the report folder (run by hand on a GPU)."""
+
+
+def _gpu_section(path: Path) -> str:
+    """Section 8: the GPU recipe's rows, if a run left them in the report folder."""
+    how = (f"`recipes/bench_gpu_shard.py` times one rank's shard of the paper's attention layer (H = 4096, 32 heads x "
+           f"128, bf16, s = 10000 prefill, decode of 128 sequences against a 10000-token cache) against the dense layer "
+           f"on one accelerator, with the same placeholder-axes method as section 4, then our layer at m = n = 1 against "
+           f"HF `LlamaAttention` (sdpa). It cannot run in this command (no GPU here); run it by hand on a GPU - "
+           f"`python recipes/bench_gpu_shard.py --json docs/{GPU_JSON}` - and re-render this page with "
+           f"`python -m ds_twolevel bench --from-json docs/bench_results.json --out docs/`.")
+    if not path.exists():
+        return how + " No GPU results are in this folder."
+    res = json.loads(path.read_text())
+    rows = res["shards"]
+    head = ["phase", "batch", "seq (KV)", "n x m", "strategy", "shard ms", "ideal ms (dense/(m n))", "ratio to ideal",
+            "ratio to ideal of the same path"]
+    table = [[r["phase"], r["batch"], r["seq"], f"{r['n']} x {r['m']}", r["strategy"], f"{r['ms']:.3f}",
+              f"{r['dense_ms'] / (r['n'] * r['m']):.3f}", f"{r['ratio_to_ideal']:.2f}x", f"{r['ratio_to_same_path']:.2f}x"]
+             for r in rows]
+    pick = {(r["phase"], r["n"], r["m"], r["strategy"]): r for r in rows}
+    four = [pick[k] for k in (("prefill", 2, 2, "score_allreduce"), ("prefill", 1, 4, "score_allreduce"))
+            if k in pick]
+    gather = [pick[k] for k in (("prefill", 2, 2, "qk_allgather"), ("prefill", 1, 4, "qk_allgather")) if k in pick]
+    text = [how, "", f"Measured on {res['device']}, torch {res['torch']}, {res['dtype']} (fastest of the recipe's "
+            "repeats, CUDA-synchronised; the numbers in this section come from that run, not from this command):", "",
+            _table(head, table)]
+    if four:
+        worst = max(r["ratio_to_ideal"] for r in four)
+        same = max(r["ratio_to_same_path"] for r in four)
+        text += ["", f"**On the GPU the score all-reduce prefill shard at m*n = 4 is {worst:.2f}x of ideal, far from "
+                 f"1.3x** ({same:.2f}x of a dense layer on the same explicit path). The ideal here is 1/(m n) of "
+                 "flash attention, which never writes the s x s scores; the score all-reduce strategy must "
+                 "materialise them, because the partial scores are what the segment group sums, so it is bound by "
+                 "memory passes over b h/n s^2/2 elements while flash attention is bound by tensor-core FLOPs (here the "
+                 "dense explicit path is " + f"{pick[('prefill', 1, 1, 'score_allreduce')]['ratio_to_ideal']:.2f}x"
+                 " of flash; on the CPU of section 4 it is within about 1.15x, and the target holds there). A profile of the 2 x 2 shard "
+                 "(torch.profiler, same shapes) put about half of its GPU time in the batched matmuls and a quarter "
+                 "in the softmax; the causal blocks of 10000 / 16 = 625 rows give odd leading dimensions, so cuBLAS "
+                 "falls back to unaligned kernels (not fixed: blocks of equal, 8-aligned rows do not divide 10000)."]
+    if gather:
+        text += ["", "For long prefill `auto` picks QK all-gather (fewer bytes), which keeps flash attention: "
+                 + ", ".join(f"{r['n']} x {r['m']}: {r['ratio_to_ideal']:.2f}x" for r in gather)
+                 + " of ideal, the rest being Q K^T repeated on each of the m ranks, as designed."]
+    if res.get("overhead"):
+        over = res["overhead"]
+        text += ["", "Our layer at m = n = 1 against HF `LlamaAttention` (sdpa) on the same GPU: "
+                 + "; ".join(f"h = {r['heads']}, g = {r['kv_heads']}, s = {r['seq']}: {r['overhead']:+.1%} "
+                             f"(median of rounds {r['overhead_median_of_rounds']:+.1%}), largest difference "
+                             f"{r['max_rel_diff']:.1e} of the largest output" for r in over) + "."]
+    return "\n".join(text)
+
+
 def write_report(results: dict, out: Path) -> Path:
     """Render ``performance.md`` (+ PNGs) from measured results and the (pure) planner/paper models."""
     plots = _plot(results, out)
@@ -757,7 +883,7 @@ def write_report(results: dict, out: Path) -> Path:
     overhead_text, overhead_verdict = _overhead_section(results)
     text = _render(regenerate=REGENERATE, results=results, layouts=_layouts_section(results), shard=shard_text,
                   shard_verdict=shard_verdict, overhead=overhead_text, overhead_verdict=overhead_verdict,
-                  planner=_planner_section(), paper=_paper_section(), plots=plots)
+                  planner=_planner_section(), paper=_paper_section(), plots=plots, gpu=_gpu_section(out / GPU_JSON))
     path = out / "performance.md"
     path.write_text(text)
     return path
@@ -788,7 +914,7 @@ def _profiles_table() -> str:
 
 
 def _render(*, regenerate: str, results: dict, layouts: str, shard: str, shard_verdict: str, overhead: str,
-            overhead_verdict: str, planner: str, paper: str, plots: list[str]) -> str:
+            overhead_verdict: str, planner: str, paper: str, plots: list[str], gpu: str = "") -> str:
     b = _paper_bounds()
     cfg = results["config"]
     return f"""# Performance: cost model, planner and benchmarks
@@ -881,8 +1007,9 @@ Notes:
   through its shared-memory kernel (`torch.ops.deepspeed.inference_all_reduce_`, `deepspeed/comm/torch.py`; built
   in this run), ours through gloo over TCP loopback; and its ranks without attention leave more of the 2 shared
   cores to the others. Neither says anything about NCCL on GPUs.
-* AutoTP's bytes come from the formula (two all-reduces of T x H per layer, its `inference_all_reduce`), since
-  DeepSpeed's collectives are not counted; ours are counted at run time.
+* Bytes are counted at run time for every row: ours by `CommCounter`, AutoTP's by DeepSpeed's own comms logger
+  (`deepspeed.comm.configure(enabled=True, prof_all=True)`, one prefill and one decode step outside the timed runs),
+  each logged all-reduce converted to ring bytes (2 (p-1)/p of its tensor).
 * DeepSpeed AutoTP ran on CPU after setting `LOCAL_SIZE` to the world size in each spawned rank (it segfaults in
   `inference_all_reduce` otherwise, see CPU_NOTES).
 * Parameter bytes are those of the transformer layers on one rank (embeddings are replicated everywhere).
@@ -896,17 +1023,20 @@ Notes:
 {shard_verdict}
 
 How it is measured: `TwoLevelAttention` of rank (0, 0) with placeholder axes, its collectives replaced by local ops
-of the same output shapes (all-gather = m local copies, reduce-scatter = a copy of rank 0's chunk), so exactly one
-rank's compute is timed; ideal = dense time / (m n), the dense layer being the same class at m = n = 1 (fused SDPA).
-Score all-reduce at prefill splits the all-reduce into reduce-scatter (partial scores) -> softmax on this rank's
-1/m of the query rows -> all-gather (probabilities), as DESIGN section 2 step 4 describes, and under a plain causal
-mask computes only the key blocks each query block sees (query blocks dealt to the m ranks in zigzag pairs, so
-every rank does the same work; the blocks of all ranks packed into one reduce-scatter and one all-gather, about
-(B+1)/(2B) of the full tensor for B blocks). Where it still loses: the scores and probabilities are materialised
-(the all-gathered probabilities alone are a full pass over about half of b h/n s^2 elements, and the packing of
-the partial scores another), Q K^T and P V over d/m dims are thinner, less efficient matmuls, and these memory
-passes grow as s^2 while the projections grow as s, so the ratio worsens with s and with m; under QK all-gather
-Q K^T is repeated m-fold by design.
+of the same output shapes (all-gather = m local copies, reduce-scatter = a copy of rank 0's chunk, all-to-all = a
+copy), so exactly one rank's compute is timed; ideal = dense time / (m n), the dense layer being the same class at
+m = n = 1 (fused SDPA). Score all-reduce at prefill splits the all-reduce into reduce-scatter (partial scores) ->
+softmax on this rank's 1/m of the query rows, as DESIGN section 2 step 4 describes, and under a plain causal mask
+computes only the key blocks each query block sees (query blocks dealt to the m ranks in zigzag pairs, so every
+rank does the same work; the blocks of all ranks packed into one reduce-scatter, about (B+1)/(2B) of the full
+tensor for B blocks). It then finishes whichever way sends fewer bytes (`ds_twolevel.costmodel.values_gathered`):
+all-gather the probabilities and multiply by this segment's v (short rows), or all-gather v (full value width, b
+g/n s d_v) and multiply this rank's rows by it, then one all-to-all sends each segment its d_v/m columns of every
+row (b h/n s d_v/m) for the row-parallel output projection - same FLOPs, ~s d instead of ~s^2 elements, and the
+P V matmul is full-width instead of d/m thin. At s = 1024 and 2048 with d = 128 every prefill shard here takes the
+second way. What is left against the fused dense kernel: the partial scores are materialised (b h/n s^2/2
+elements written, reduce-scattered, softmaxed), Q K^T over d/m dims is a thinner, less efficient matmul, and these
+passes grow as s^2 while the projections grow as s; under QK all-gather Q K^T is repeated m-fold by design.
 
 ## 5. Overhead of the layer at m = n = 1 against Hugging Face SDPA attention
 
@@ -962,8 +1092,5 @@ What the model says about the claims:
 
 ## 8. GPU per-shard benchmark
 
-`recipes/bench_gpu_shard.py` times one rank's shard of the paper's attention layer (H = 4096, 32 heads x 128, bf16,
-s = 10000 prefill and decode) against the dense layer on one CUDA GPU, with the same placeholder-axes method as
-section 4 (`python recipes/bench_gpu_shard.py`; `--device cpu --small` runs the same code at small shapes, as a
-test does). No GPU was available to this run; its numbers are not in this page.
+{gpu}
 """

@@ -3,7 +3,8 @@
 One rank's shard of an n x m layer (H = 4096, 32 heads x 128, bf16) is timed with its collectives
 replaced by local ops of the same shapes (``ds_twolevel.bench.local_collectives``), so the number
 is exactly one rank's compute; the ideal is dense time / (m n). Prefill (batch x seq tokens) and
-decode (one token per sequence against a cache of seq).
+decode (one token per sequence against a cache of seq). Then our layer at m = n = 1 against Hugging Face's
+LlamaAttention (sdpa) on the same weights and input: time and largest difference.
 
     python recipes/bench_gpu_shard.py                      # CUDA (or any accelerator), bf16, paper shapes
     python recipes/bench_gpu_shard.py --device cpu --small # the same code at small shapes (tests)
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ds_twolevel.bench import ShardCase, time_shards  # noqa: E402
+from ds_twolevel.bench import BenchConfig, ShardCase, sdpa_overhead, time_shards  # noqa: E402
 from ds_twolevel.partition import AttentionSpec  # noqa: E402
 
 PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_allgather"),
@@ -43,6 +44,14 @@ def cases(args: argparse.Namespace) -> list[ShardCase]:
             ShardCase(4096, spec, "decode", args.decode_batch, args.seq, args.repeats, **kw)]
 
 
+def overhead_config(args: argparse.Namespace) -> BenchConfig:
+    """Shapes of the m = n = 1 overhead measurement: the paper's layer (small with --small)."""
+    if args.small:
+        return BenchConfig(shard_hidden=64, shard_heads=4, shard_head_dim=16, overhead_seq=32, overhead_repeats=2)
+    return BenchConfig(shard_hidden=4096, shard_heads=32, shard_head_dim=128, overhead_seq=args.seq,
+                       overhead_repeats=3 * args.repeats)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_device = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
@@ -52,21 +61,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="small shapes (CPU tests)")
+    parser.add_argument("--no-overhead", action="store_true", help="skip our m = n = 1 layer vs HF LlamaAttention (sdpa)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     start = time.time()
+    name = torch.get_device_module(args.device).get_device_name() if args.device != "cpu" else "cpu"
+    result = {"device": str(name), "torch": torch.__version__, "dtype": args.dtype, "shards": [], "overhead": []}
     layouts = PAPER_LAYOUTS[-5:] if args.small else PAPER_LAYOUTS
-    rows = [row for case in cases(args) for row in time_shards(case, layouts)]
-    print(f"device {args.device}, {args.dtype}, {time.time() - start:.0f} s")
+    print(f"device {args.device} ({name}), torch {torch.__version__}, {args.dtype}")
     print("| phase | batch | seq | n x m | strategy | shard ms | dense ms | ratio to ideal | same-path ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['phase']} | {r['batch']} | {r['seq']} | {r['n']} x {r['m']} | {r['strategy']} | "
-              f"{r['ms']:.3f} | {r['dense_ms']:.3f} | {r['ratio_to_ideal']:.2f}x | {r['ratio_to_same_path']:.2f}x |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    for case in cases(args):
+        for r in time_shards(case, layouts):
+            result["shards"].append(r)
+            print(f"| {r['phase']} | {r['batch']} | {r['seq']} | {r['n']} x {r['m']} | {r['strategy']} | "
+                  f"{r['ms']:.3f} | {r['dense_ms']:.3f} | {r['ratio_to_ideal']:.2f}x | {r['ratio_to_same_path']:.2f}x |")
+        _save(args, result)
+    if not args.no_overhead:
+        result["overhead"] = sdpa_overhead(overhead_config(args), args.device, getattr(torch, args.dtype))
+        print("\nour layer at m = n = 1 vs HF LlamaAttention (sdpa), prefill, same weights and input:")
+        print("| h | g | seq | HF ms | ours ms | overhead (fastest) | overhead (median of rounds) | max diff / max abs |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in result["overhead"]:
+            print(f"| {r['heads']} | {r['kv_heads']} | {r['seq']} | {r['hf_ms']:.3f} | {r['ours_ms']:.3f} | "
+                  f"{r['overhead']:+.1%} | {r['overhead_median_of_rounds']:+.1%} | {r['max_rel_diff']:.1e} |")
+        _save(args, result)
+    print(f"{time.time() - start:.0f} s")
     return 0
 
+
+def _save(args: argparse.Namespace, result: dict) -> None:
+    """Write what is measured so far (a later failure keeps the earlier tables)."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 if __name__ == "__main__":
     raise SystemExit(main())
