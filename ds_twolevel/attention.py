@@ -293,7 +293,7 @@ class TwoLevelAttention(nn.Module):
         if mask is not None:
             scores = scores + mask
         probs = self._dropout(_softmax(scores), sq, row0)
-        if rows != sq and values_gathered(call, scores_partial.numel(), q.element_size()):
+        if rows != sq and values_gathered(call, scores_partial.numel()):
             v_full = all_gather_dim(v, seg, -1, "v")  # (b, gl, skv, dv), dims in segment order
             out = (probs.reshape(b, gl, (hl // gl) * rows, skv) @ v_full).view(b, hl, rows, v_full.shape[-1])
             return self._rows_to_segments(out, None)
@@ -335,6 +335,7 @@ class TwoLevelAttention(nn.Module):
         gl, rep, seg = k.shape[1], hl // k.shape[1], self.axes.seg
         blocks, m = sq // rows, seg.size
         owned = [causal_block_owner(m, blocks, j) for j in range(m)]
+        order = [c for cs in owned for c in cs]  # the packing order: rank after rank
         q = q * self.scaling
 
         def keys(c: int) -> int:
@@ -355,12 +356,11 @@ class TwoLevelAttention(nn.Module):
         # packing: rank-major, each block flattened whole, so every rank's chunk is contiguous and
         # the collectives work along dim 0 without a transposing copy
         if m > 1:
-            flat = [c for cs in owned for c in cs]
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-                packed = torch.cat([partial(c).reshape(-1) for c in flat])
+                packed = torch.cat([partial(c).reshape(-1) for c in order])
             else:  # inference: each block's matmul writes straight into the packed buffer
-                packed = q.new_empty(sum(sizes(flat)))
-                for c, chunk in zip(flat, packed.split(sizes(flat))):
+                packed = q.new_empty(sum(sizes(order)))
+                for c, chunk in zip(order, packed.split(sizes(order))):
                     partial(c, chunk)
             mine = unpack(reduce_scatter_dim(packed.view(m, -1), seg, 0, "scores").view(-1), owned[seg.rank])
         else:
@@ -374,16 +374,15 @@ class TwoLevelAttention(nn.Module):
             else:  # inference: mask the diagonal tile in place, no full-width temporary
                 scores[..., c * rows:].masked_fill_(tile, low)
             probs.append(_softmax(scores))
-        if m > 1 and values_gathered(call, packed.numel(), q.element_size()):
+        if m > 1 and values_gathered(call, packed.numel()):
             v_full = all_gather_dim(v, seg, -1, "v")  # (b, gl, skv, dv), dims in segment order
             out = [(p.reshape(b, gl, rep * rows, keys(c)) @ v_full[:, :, :keys(c)]).view(b, hl, rows, -1)
                    for c, p in zip(owned[seg.rank], probs)]
-            return self._rows_to_segments(torch.cat(out, 2), [c for cs in owned for c in cs])
+            return self._rows_to_segments(torch.cat(out, 2), order)
         if m > 1:
             local = torch.cat([p.reshape(-1) for p in probs]).view(1, -1)  # (1, N)
             gathered = all_gather_dim(local, seg, 0, "probs")  # (m, N)
             probs = [p for j, cs in enumerate(owned) for p in unpack(gathered[j], cs)]
-        order = [c for cs in owned for c in cs]
         out = [None] * blocks
         for c, p in zip(order, probs):
             out[c] = (p.reshape(b, gl, rep * rows, keys(c)) @ v[:, :, :keys(c)]).view(b, hl, rows, v.shape[-1])

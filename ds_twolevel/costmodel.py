@@ -94,7 +94,7 @@ def causal_block_numel(call: "AttentionCall", rows: int) -> int:
     return call.batch * call.local_heads * rows * rows * blocks * (blocks + 1) // 2
 
 
-def values_gathered(call: AttentionCall, probs_numel: int, element_size: int = 4) -> bool:
+def values_gathered(call: AttentionCall, probs_numel: int) -> bool:
     """Whether the split score path gathers V instead of the probabilities (fewer bytes).
 
     After the reduce-scatter each rank of the segment group holds the probabilities of its own
@@ -105,12 +105,13 @@ def values_gathered(call: AttentionCall, probs_numel: int, element_size: int = 4
     output projection. Same FLOPs; the second moves ~s·d instead of ~s² elements, so it wins
     once s_kv > d_v (g/h + 1/m) (split softmax; the causal blocks send about half the
     probabilities, so about twice that) - every long prefill. Ties keep the probabilities.
+    Every one of these collectives sends (m-1)/m of the elements it is counted by, so elements
+    decide, whatever the dtype.
     """
-    c, m = call, call.m
+    c = call
     v_numel = c.batch * c.local_kv_heads * c.kv_len * c.v_dim
-    rows_numel = c.batch * c.local_heads * c.q_len * c.v_dim // m  # this rank's all-to-all tensor
-    sent = ring_bytes("all_gather", v_numel * element_size, m) + ring_bytes("all_to_all", rows_numel * element_size, m)
-    return sent < ring_bytes("all_gather", probs_numel * element_size, m)
+    rows_numel = c.batch * c.local_heads * c.q_len * c.v_dim // c.m  # this rank's all-to-all tensor
+    return v_numel + rows_numel < probs_numel
 
 
 def _split_collectives(call: AttentionCall, scores_numel: int) -> list[Collective]:

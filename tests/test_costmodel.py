@@ -133,7 +133,7 @@ def test_split_score_path_gathers_values_only_where_that_sends_fewer_bytes():
     for s, expect in ((64, False), (96, False), (128, True), (8192, True)):
         call = attention_call(LLAMA, 2, 2, 1, s, s, causal=False)  # h/n = 16, g/n = 4, d = 128, split softmax
         probs = call.batch * call.local_heads * s * s
-        assert values_gathered(call, probs, 2) is expect, s
+        assert values_gathered(call, probs) is expect, s
         tags = {c.tag for c in score_strategy_collectives(call, "score_allreduce")}
         assert tags == ({"scores", "v", "attn_rows"} if expect else {"scores", "probs"}), (s, tags)
         # whichever tail is taken, it is the one with fewer bytes
