@@ -163,6 +163,21 @@ def _default_device_type() -> str:
     return torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
 
 
+def _group_options(backend: str, timeout: datetime.timedelta) -> C10dBackend.Options:
+    """Options for the mesh's sub-groups, carrying ``timeout`` (DeviceMesh passes ``_timeout`` on
+    to ``new_group``; sub-groups otherwise get c10d's default of 10 or 30 minutes). NCCL accepts
+    only its own ``ProcessGroupNCCL.Options`` (c10d asserts so), the others the generic class."""
+    if backend == "nccl":
+        from torch.distributed import ProcessGroupNCCL
+
+        options = ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = False  # c10d's own default for NCCL groups
+    else:
+        options = C10dBackend.Options(backend)
+    options._timeout = timeout
+    return options
+
+
 class TwoLevelMesh:
     """A built layout: the DeviceMesh (axes "dp", "n", "m", plus flattened "tp") and its groups.
 
@@ -202,8 +217,7 @@ class TwoLevelMesh:
 
         device_type = device_type or _default_device_type()
         backend = dist.get_backend()
-        options = C10dBackend.Options(backend)
-        options._timeout = timeout  # sub-groups otherwise get c10d's 30-minute default
+        options = _group_options(backend, timeout)
         override = {name: (backend, options) for name in MESH_AXES}
         mesh = init_device_mesh(
             device_type, (layout.dp, layout.n, layout.m), mesh_dim_names=MESH_AXES,

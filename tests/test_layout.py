@@ -35,3 +35,22 @@ def test_single_process_build_needs_no_process_group():
 def test_factorizations_cover_world():
     assert all(d * n * m == 12 for d, n, m in factorizations(12))
     assert len(factorizations(12)) == 18
+
+
+def test_sub_group_options_carry_the_timeout_in_the_backend_class():
+    """DeviceMesh hands these options to new_group: their _timeout is the sub-groups' timeout, and
+    NCCL refuses any class but ProcessGroupNCCL.Options (found on an H200: the generic class made
+    every NCCL mesh fail). Only the gloo branch can run on a CPU-only torch."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from ds_twolevel.layout import _group_options
+
+    timeout = datetime.timedelta(seconds=7)
+    assert _group_options("gloo", timeout)._timeout == timeout
+    if dist.is_nccl_available():
+        from torch.distributed import ProcessGroupNCCL
+
+        options = _group_options("nccl", timeout)
+        assert isinstance(options, ProcessGroupNCCL.Options) and options._timeout == timeout
