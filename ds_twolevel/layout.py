@@ -178,17 +178,26 @@ def _group_options(backend: str, timeout: datetime.timedelta) -> C10dBackend.Opt
     return options
 
 
+def _override(config: tuple[str, datetime.timedelta]) -> tuple[str, C10dBackend.Options]:
+    """A DeviceMesh backend_override entry with options of its own (c10d writes group names and
+    ranks into the options object it is given, so no two axes share one)."""
+    backend, timeout = config
+    return backend, _group_options(backend, timeout)
+
+
 class TwoLevelMesh:
     """A built layout: the DeviceMesh (axes "dp", "n", "m", plus flattened "tp") and its groups.
 
     It also duck-types DeepSpeed's ``mpu``: model parallel = the n*m ranks of a layer.
     """
 
-    def __init__(self, layout: TwoLevelLayout, mesh, axes: TwoLevelAxes, options=None) -> None:
+    def __init__(self, layout: TwoLevelLayout, mesh, axes: TwoLevelAxes,
+                 group_config: tuple[str, datetime.timedelta] | None = None) -> None:
         self.layout = layout
         self.mesh = mesh
         self.axes = axes
-        self._options = options
+        self._group_config = group_config
+        """(backend, timeout) of the sub-groups, for the ones made later (kv_rep)."""
         self._axes_by_kv: dict[int, TwoLevelAxes] = {}
 
     def axes_for(self, num_kv_heads: int) -> TwoLevelAxes:
@@ -203,7 +212,7 @@ class TwoLevelMesh:
         if num_kv_heads not in self._axes_by_kv:
             reps = n // num_kv_heads
             sub = self.mesh._unflatten("n", (num_kv_heads, reps), ("kv_head", "kv_rep"),
-                                       backend_override={"kv_head": self._options, "kv_rep": self._options})
+                                       backend_override={a: _override(self._group_config) for a in ("kv_head", "kv_rep")})
             kv = sub["kv_rep"]
             self._axes_by_kv[num_kv_heads] = replace(
                 self.axes, kv_rep=AxisGroup("kv_rep", kv.size(), kv.get_local_rank(), kv.get_group()))
@@ -217,13 +226,13 @@ class TwoLevelMesh:
 
         device_type = device_type or _default_device_type()
         backend = dist.get_backend()
-        options = _group_options(backend, timeout)
-        override = {name: (backend, options) for name in MESH_AXES}
+        config = (backend, timeout)
+        override = {name: _override(config) for name in MESH_AXES}
         mesh = init_device_mesh(
             device_type, (layout.dp, layout.n, layout.m), mesh_dim_names=MESH_AXES,
             backend_override=override,
         )
-        tp_mesh = mesh["n", "m"]._flatten("tp", backend_override=(backend, options))
+        tp_mesh = mesh["n", "m"]._flatten("tp", backend_override=_override(config))
 
         def axis(name: str, sub) -> AxisGroup:
             return AxisGroup(name, sub.size(), sub.get_local_rank(), sub.get_group())
@@ -232,7 +241,7 @@ class TwoLevelMesh:
             seg=axis("m", mesh["m"]), heads=axis("n", mesh["n"]), tp=axis("tp", tp_mesh),
             dp=axis("dp", mesh["dp"]),
         )
-        return cls(layout, mesh, axes, (backend, options))
+        return cls(layout, mesh, axes, config)
 
     def __repr__(self) -> str:
         a = self.axes
