@@ -159,8 +159,6 @@ class VariantResult:
     decode_ms: float = 0.0
     prefill_bytes_per_layer: int = 0
     decode_bytes_per_layer: int = 0
-    bytes_counted: bool = True
-    """False: bytes from the collective formula (not counted at run time)."""
     param_bytes: int = 0
     """per rank, transformer layers only."""
     kv_cache_bytes: int = 0
@@ -604,12 +602,11 @@ def _layouts_section(results: dict) -> str:
     table = []
     for r in rows:
         mod_p, mod_d = _modelled_bytes(cfg, r["name"], "prefill"), _modelled_bytes(cfg, r["name"], "decode")
-        mark = "" if r["bytes_counted"] else " (formula)"
         table.append([r["name"], r["kind"], f"{r['prefill_ms']:.2f} [{1e3 * min(r['prefill_times']):.2f}]",
                       f"{r['prefill_ms'] / base['prefill_ms']:.2f}x",
                       f"{r['decode_ms']:.2f} [{1e3 * min(r['decode_times']):.2f}]", f"{r['decode_ms'] / base['decode_ms']:.2f}x",
-                      f"{r['prefill_bytes_per_layer']:,}{mark}" + ("" if mod_p is None else f" / {mod_p:,}"),
-                      f"{r['decode_bytes_per_layer']:,}{mark}" + ("" if mod_d is None else f" / {mod_d:,}"),
+                      f"{r['prefill_bytes_per_layer']:,}" + ("" if mod_p is None else f" / {mod_p:,}"),
+                      f"{r['decode_bytes_per_layer']:,}" + ("" if mod_d is None else f" / {mod_d:,}"),
                       f"{r['param_bytes'] / 2**20:.2f}", f"{r['kv_cache_bytes'] / 2**20:.2f}", f"{r['max_error']:.1e}"])
     head = ["layout", "kind", "prefill ms median [min]", "vs baseline", "decode ms median [min]", "vs baseline",
             "prefill B/layer sent (counted / model)", "decode B/layer sent (counted / model)",
@@ -859,8 +856,8 @@ def _gpu_section(path: Path) -> str:
                  "materialise them, because the partial scores are what the segment group sums, so it is bound by "
                  "memory passes over b h/n s^2/2 elements while flash attention is bound by tensor-core FLOPs (here the "
                  "dense explicit path is " + f"{pick[('prefill', 1, 1, 'score_allreduce')]['ratio_to_ideal']:.2f}x"
-                 " of flash; on the CPU of section 4 it is within about 1.15x, and the target holds there). A profile of the 2 x 2 shard "
-                 "(torch.profiler, same shapes) put about half of its GPU time in the batched matmuls and a quarter "
+                 " of flash; on the CPU of section 4 it is close to the fused kernel, and the target holds there). "
+                 "A profile of the 2 x 2 shard on the H200 (torch.profiler, same shapes, 2026-11-26) put about half of its GPU time in the batched matmuls and a quarter "
                  "in the softmax; the causal blocks of 10000 / 16 = 625 rows give odd leading dimensions, so cuBLAS "
                  "falls back to unaligned kernels (not fixed: blocks of equal, 8-aligned rows do not divide 10000)."]
     if gather:
@@ -914,7 +911,7 @@ def _profiles_table() -> str:
 
 
 def _render(*, regenerate: str, results: dict, layouts: str, shard: str, shard_verdict: str, overhead: str,
-            overhead_verdict: str, planner: str, paper: str, plots: list[str], gpu: str = "") -> str:
+            overhead_verdict: str, planner: str, paper: str, plots: list[str], gpu: str) -> str:
     b = _paper_bounds()
     cfg = results["config"]
     return f"""# Performance: cost model, planner and benchmarks
