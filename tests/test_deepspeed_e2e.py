@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -165,16 +166,21 @@ def _finish_case(engine, out: Path, name: str, metrics: dict, export: bool = Fal
     dist.barrier()
 
 
+def _scenario_setup(args) -> tuple[Path, Any, int, list[tuple[str, int, bool]]]:
+    """(output folder, mesh, dp, [(case, ZeRO stage, zero.Init?)]) of a parity or resume launch."""
+    import ds_twolevel
+
+    mesh = ds_twolevel.build_mesh(ds_config(0, args.n, args.m))
+    cases = [(case, int(case[0]), case.endswith("i")) for case in args.cases.split(",")]
+    return Path(args.out), mesh, mesh.get_data_parallel_world_size(), cases
+
+
 def scenario_parity(args) -> None:
     """Every ZeRO stage (+ stage 3 under zero.Init) on one layout; save at SAVE_AT for the resume launch."""
     import ds_twolevel
 
-    out = Path(args.out)
-    base = ds_config(0, args.n, args.m)
-    mesh = ds_twolevel.build_mesh(base)
-    dp = mesh.get_data_parallel_world_size()
-    for case in args.cases.split(","):
-        stage, zero_init = int(case[0]), case.endswith("i")
+    out, mesh, dp, cases = _scenario_setup(args)
+    for case, stage, zero_init in cases:
         cfg = ds_config(stage, args.n, args.m, zero_init=zero_init)
         t0 = time.time()
         engine, *_ = ds_twolevel.initialize(model=_make_model(cfg, mesh, zero_init), config=cfg, mesh=mesh)
@@ -193,12 +199,8 @@ def scenario_resume(args) -> None:
 
     import ds_twolevel
 
-    out = Path(args.out)
-    base = ds_config(0, args.n, args.m)
-    mesh = ds_twolevel.build_mesh(base)
-    dp = mesh.get_data_parallel_world_size()
-    for case in args.cases.split(","):
-        stage, zero_init = int(case[0]), case.endswith("i")
+    out, mesh, dp, cases = _scenario_setup(args)
+    for case, stage, zero_init in cases:
         ckpt = out / f"ckpt_{case}"
         if dist.get_rank() == 0:  # what a save killed midway leaves behind: must be ignored
             (ckpt / f"step{SAVE_AT + 2}.partial").mkdir(exist_ok=True)
