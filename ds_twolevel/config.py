@@ -7,8 +7,14 @@ A DeepSpeed config for this package is an ordinary DeepSpeed JSON with one extra
       "gradient_accumulation_steps": 1,
       "gradient_clipping": 1.0,
       "zero_optimization": {"stage": 2},
-      "two_level": {"n": 2, "m": 2, "strategy": "auto", "timeout_s": 600}
+      "two_level": {"n": 2, "m": 2, "strategy": "cost_model", "timeout_s": 600}
     }
+
+``"strategy": "cost_model"`` is the JSON spelling of the Python API's ``strategy="auto"`` (choose per
+call with the cost model). A JSON value ``"auto"`` is still read, but accelerate's DeepSpeedPlugin
+and the Hugging Face Trainer treat every ``"auto"`` string in a DeepSpeed config as a placeholder
+to fill from their own arguments, and refuse a key they cannot fill; shipped configs and
+:func:`save_deepspeed_config` therefore write ``"cost_model"``.
 
 :func:`load_deepspeed_config` splits it into a validated :class:`TwoLevelConfig` and the plain
 DeepSpeed dict (without ``"two_level"``) that ``deepspeed.initialize`` receives.
@@ -29,6 +35,8 @@ from .layout import TwoLevelLayout
 
 SECTION = "two_level"
 REQUIRED = ("n", "m")
+COST_MODEL = "cost_model"
+"""JSON spelling of ``strategy="auto"`` (accelerate fills every "auto" string of a DeepSpeed config)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,8 @@ class TwoLevelConfig:
     dp: int | None = None
     """expected data-parallel replicas; optional check, dp is always world_size / (n*m)."""
     strategy: str = "auto"
-    """scores across segments: "score_allreduce", "qk_allgather" or "auto" (cost model per call)."""
+    """scores across segments: "score_allreduce", "qk_allgather" or "auto" (cost model per call;
+    spelled "cost_model" in JSON, see the module docstring)."""
     kv_replication: bool = False
     """allow n > num_key_value_heads by replicating KV heads across head groups (costs memory)."""
     strict: bool = True
@@ -70,8 +79,10 @@ class TwoLevelConfig:
                 raise ValueError(f'"two_level.{name}" must be an int >= 1, got {value!r}')
         if self.dp is not None and (not isinstance(self.dp, int) or isinstance(self.dp, bool) or self.dp < 1):
             raise ValueError(f'"two_level.dp" must be an int >= 1 or absent, got {self.dp!r}')
+        if self.strategy == COST_MODEL:
+            object.__setattr__(self, "strategy", "auto")
         if self.strategy not in (*STRATEGIES, "auto"):
-            raise ValueError(f'"two_level.strategy" must be one of {[*STRATEGIES, "auto"]}, got {self.strategy!r}')
+            raise ValueError(f'"two_level.strategy" must be one of {[COST_MODEL, *STRATEGIES]}, got {self.strategy!r}')
         if not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool) or self.timeout_s <= 0:
             raise ValueError(f'"two_level.timeout_s" must be a number of seconds > 0, got {self.timeout_s!r}')
         for name in ("kv_replication", "strict", "zero_init", "sync_init"):
@@ -108,7 +119,11 @@ class TwoLevelConfig:
         return cls(**dict(section))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON section (``strategy="auto"`` written as ``"cost_model"``)."""
+        out = asdict(self)
+        if out["strategy"] == "auto":
+            out["strategy"] = COST_MODEL
+        return out
 
 
 def read_json(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,21 @@ def test_round_trip_through_json(tmp_path):
     assert tl2.to_dict()["strategy"] == "qk_allgather"
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_has_no_auto_placeholder(path):
+    """accelerate and the HF Trainer fill (or refuse) every "auto" string of a DeepSpeed JSON."""
+    assert '"auto"' not in path.read_text(), path
+
+
+def test_cost_model_is_the_json_spelling_of_auto(tmp_path):
+    assert TwoLevelConfig.from_dict({"n": 2, "m": 2, "strategy": "cost_model"}).strategy == "auto"
+    assert TwoLevelConfig.from_dict({"n": 2, "m": 2, "strategy": "auto"}).strategy == "auto"  # old spelling read
+    tl, ds = load_deepspeed_config(with_({}, strategy="auto"))
+    save_deepspeed_config(tl, ds, tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["two_level"]["strategy"] == "cost_model"
+    assert load_deepspeed_config(tmp_path / "c.json")[0] == tl
+
+
 def test_missing_section_names_the_fix():
     cfg = with_({})
     del cfg["two_level"]

@@ -87,7 +87,7 @@ def ds_config(stage: int, n: int, m: int, *, zero_init: bool = False, timeout_s:
                                                    "weight_decay": 0.01, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
         "steps_per_print": 10 ** 9,
-        "two_level": {"n": n, "m": m, "strategy": "auto", "timeout_s": timeout_s, "zero_init": zero_init},
+        "two_level": {"n": n, "m": m, "strategy": "cost_model", "timeout_s": timeout_s, "zero_init": zero_init},
     }
 
 

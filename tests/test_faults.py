@@ -34,13 +34,31 @@ def _bad_configs_on_rank() -> list[str]:
             except ValueError as err:
                 messages.append(str(err))
     messages.append(f"collectives issued: {len(comm.records)}")
+    messages.append(_agreement_on_rank())
     return messages
+
+
+def _agreement_on_rank() -> str:
+    """Only rank 2 fails a step; every rank must raise the same AgreementError naming it."""
+    from ds_twolevel.agreement import AgreementError, agreement
+
+    with agreement(what="a step that passes"):
+        pass
+    try:
+        with agreement(what="reading shard.safetensors"):
+            if dist.get_rank() == 2:
+                raise ValueError("shard.safetensors: truncated tensor data")
+    except AgreementError as err:
+        return str(err)
+    return "no error"
 
 
 def test_bad_layers_raise_before_any_collective():
     results = run_distributed(_bad_configs_on_rank, 4)
     for msgs in results:
-        assert msgs[-1] == "collectives issued: 0"
+        assert msgs[-2] == "collectives issued: 0"
+        assert msgs[-1] == ("reading shard.safetensors failed on rank 2: ValueError: shard.safetensors: "
+                            "truncated tensor data")
         assert "num_heads (3) is not divisible by n=2" in msgs[0] and "n=1 x m=4" in msgs[0]
         assert "kv_replication=True" in msgs[1]
         assert "1 RoPE pairs" in msgs[2] and "n=4 x m=1" in msgs[2]
