@@ -21,3 +21,9 @@ from .deepspeed_integration import (build_mesh, dense_state_dict, export_dense, 
                                     initialize, load_checkpoint, replica_rows, save_checkpoint, zero_init, zero_init_model)
 __all__ += ["build_mesh", "dense_state_dict", "export_dense", "fail_fast", "init_inference", "initialize",
             "load_checkpoint", "replica_rows", "save_checkpoint", "zero_init", "zero_init_model"]
+
+# DeepSpeed's CPU shm comm op is JIT-compiled under TORCH_EXTENSIONS_DIR: one directory per Python
+# environment (unless the user set one), so environments never rebuild it for each other.
+from .deepspeed_env import use_environment_extensions_dir as _use_environment_extensions_dir  # noqa: E402
+
+_use_environment_extensions_dir()

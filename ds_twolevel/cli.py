@@ -1,24 +1,47 @@
-"""``ds-twolevel`` command line: one sub-command per module, each registering itself here."""
+"""``ds-twolevel`` command line: one sub-command per module, listed in :data:`SUBCOMMANDS`.
+
+A sub-command's module defines ``add_arguments(parser)`` and ``main(args) -> int``; to add one,
+add one line to :data:`SUBCOMMANDS`. Bad input ends with one line on stderr and exit status 2:
+argparse's own errors (:class:`OneLineParser`) and every ``ValueError`` a sub-command raises.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from typing import NoReturn
 
-from . import bench, demo, planner
+from . import __version__
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module with add_arguments(parser) and main(args), one-line help)
+    "demo": ("ds_twolevel.demo", "run a transformer block on local gloo ranks and compare it with the dense block"),
+    "plan": ("ds_twolevel.planner", "rank every dp x n x m layout of P devices for a model with the cost model"),
+    "bench": ("ds_twolevel.bench", "benchmark layouts on local gloo ranks; write the docs/performance tables"),
+    "prebuild": ("ds_twolevel.deepspeed_env", "compile DeepSpeed's CPU shm comm op for this environment now"),
+}
+
+DESCRIPTION = ("Attention partitioned over n head groups x m head-dim segments: n*m ranks per layer, "
+               "exactly equivalent to the dense layer.")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prog: error: ...; see prog --help``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-twolevel", description="m x n partitioned attention")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run a block on local gloo ranks and compare with dense")
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.main)
-    p = sub.add_parser("plan", help="rank every dp x n x m layout of P devices with the cost model")
-    planner.add_arguments(p)
-    p.set_defaults(func=planner.main)
-    p = sub.add_parser("bench", help="benchmark layouts on local gloo ranks; write docs/performance tables")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.main)
+    parser = OneLineParser(prog="ds-twolevel", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=getattr(module, "HELP", help_text),
+                           formatter_class=getattr(module, "HELP_FORMATTER", argparse.HelpFormatter))
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
     return parser
 
 
@@ -27,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # bad layout / shapes: a clear message, no traceback
-        print(f"ds-twolevel: error: {err}", file=sys.stderr)
+        print(f"ds-twolevel {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

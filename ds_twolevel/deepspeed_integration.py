@@ -72,9 +72,12 @@ def init_distributed(tl: TwoLevelConfig) -> None:
     """``deepspeed.init_distributed`` with the configured backend and timeout (no-op if done)."""
     import deepspeed
 
+    from .deepspeed_env import quiet_launch
+
     backend = tl.dist_backend or ("gloo" if _device_type() == "cpu" else None)
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=tl.timeout_s),
-                               verbose=False)
+    with quiet_launch():  # the CPU shm op: per-environment build dir, a message while it compiles
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=tl.timeout_s),
+                                   verbose=False)
     release_shm_workspace()
     if _device_type() != "cpu":
         from deepspeed.accelerator import get_accelerator

@@ -1,4 +1,4 @@
-"""The main job: one transformer block forward + backward on m x n (x dp) local ranks vs dense."""
+"""The main job: one transformer block forward + backward on dp x n x m local ranks vs dense."""
 from __future__ import annotations
 
 import argparse
@@ -96,22 +96,85 @@ def report(cfg: DemoConfig, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
+ROPES = ("half", "interleaved", "none")
+HELP = """\
+Run one transformer block (attention + gated MLP) forward and backward on dp*n*m local ranks
+(gloo; this command spawns them) and compare every rank with the dense block: the output, the
+input gradient and every parameter gradient, and the bytes each collective sends.
+
+The layout: the h query heads are split into n head groups (h/n heads per rank, GQA groups kept
+whole) and each head's d dims into m segments (d/m dims per rank), so each of the n*m ranks of a
+layer holds one (group i, segment j) block of W_q, W_k, W_v and W_o; dp replicas of the layer each
+get their own batch. Example: --dp 2 --n 2 --m 2 on the default block (8 heads x 16 dims, 4 KV
+heads) starts 8 ranks; rank 2 = (dp, i, j) (0, 1, 0) holds query heads 4-7 (KV heads 2-3) and dims
+0-3 and 8-11 of each head (a rotate_half pair (t, t+8) never straddles two segments). A layout the
+shapes cannot take exits with status 2 and names the layouts that fit.
+"""
+HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
+_FLAG_HELP = {
+    "n": "head groups: each rank holds h/n query heads (and g/n KV heads)",
+    "m": "head-dim segments: each rank holds d/m dims of each of its heads",
+    "dp": "data-parallel replicas of the n x m layer, each with its own batch",
+    "strategy": "score strategy: auto picks per call whichever sends fewer bytes",
+    "batch": "sequences per replica", "seq": "tokens per sequence", "hidden": "hidden size H",
+    "heads": "query heads h", "kv_heads": "key/value heads g (h must be a multiple)",
+    "head_dim": "dims per head d", "intermediate": "MLP intermediate size (a multiple of n*m)",
+    "rope": "rotary embedding style", "qk_norm": "per-head Q/K RMSNorm (Qwen3 style)", "seed": "weights and inputs seed",
+}
+
+
+def _int_in(text: str, low: int, high: int | None, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value >= high):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a bad value becomes argparse's one-line usage error)."""
+    return _int_in(text, 1, None, "an int >= 1")
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed torch.manual_seed takes (0 <= seed < 2**63)."""
+    return _int_in(text, 0, 2**63, "an int in [0, 2**63)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = DemoConfig()
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
+    choices = {"strategy": STRATEGIES, "rope": ROPES}
+    for name, value in asdict(DemoConfig()).items():
+        flag, text = "--" + name.replace("_", "-"), _FLAG_HELP[name]
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help=f"default {value}")
+            parser.add_argument(flag, action="store_true", help=f"{text} (default: off)")
+        elif name in choices:
+            parser.add_argument(flag, choices=choices[name], default=value, help=f"{text} (default: {value})")
         else:
-            parser.add_argument(flag, type=type(value), default=value, help=f"default {value}")
+            kind = seed_int if name == "seed" else positive_int
+            parser.add_argument(flag, type=kind, default=value, metavar="N", help=f"{text} (default: {value})")
+
+
+def check(cfg: DemoConfig) -> None:
+    """Everything a rank would refuse, refused here before any rank is spawned (ValueError)."""
+    TwoLevelLayout(n=cfg.n, m=cfg.m, dp=cfg.dp)
+    if cfg.rope != "none" and cfg.head_dim % 2:
+        raise ValueError(f"--head-dim {cfg.head_dim} is odd, but --rope {cfg.rope} rotates pairs of dims; "
+                         "use an even --head-dim or --rope none")
+    check_partition(cfg.spec(), cfg.n, cfg.m)
+    tp = cfg.n * cfg.m
+    if cfg.intermediate % tp:
+        raise ValueError(f"--intermediate {cfg.intermediate} is not divisible by n*m = {tp} (the MLP is split "
+                         f"over the n*m ranks); use a multiple of {tp}, e.g. {-(-cfg.intermediate // tp) * tp}")
 
 
 def main(args: argparse.Namespace) -> int:
     from .testing import run_distributed
 
     cfg = DemoConfig(**{k: getattr(args, k) for k in asdict(DemoConfig())})
-    TwoLevelLayout(n=cfg.n, m=cfg.m, dp=cfg.dp)  # validate before spawning anything
-    check_partition(cfg.spec(), cfg.n, cfg.m)
+    check(cfg)  # validate before spawning anything
     world = cfg.dp * cfg.n * cfg.m
     results = [run_rank(cfg)] if world == 1 else run_distributed(run_rank, world, cfg)
     print(report(cfg, results))

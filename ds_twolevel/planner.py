@@ -27,14 +27,28 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def load_model(name_or_path: str) -> ModelConfig:
-    """A preset name or the path of a Hugging Face ``config.json`` (or of its directory)."""
+    """A preset name or the path of a Hugging Face ``config.json`` (or of its directory).
+
+    A config is labelled with its ``_name_or_path`` (the Hub id it was saved from) when it has one,
+    else with the path as given.
+    """
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
     path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
     if not os.path.isfile(path):
         raise ValueError(f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
-    with open(path) as f:
-        return ModelConfig.from_hf_config(json.load(f), name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model {path}: cannot read it as JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"--model {path}: a config.json holds a JSON object, got {type(config).__name__}")
+    label = str(config.get("_name_or_path") or "") or name_or_path
+    try:
+        return ModelConfig.from_hf_config(config, name=label)
+    except (TypeError, ZeroDivisionError) as err:
+        raise ValueError(f"--model {path}: unusable shapes in the config ({err})") from err
 
 
 @dataclass(frozen=True)
@@ -192,21 +206,86 @@ def format_paper(rows: list[PaperRow]) -> str:
 
 
 # -- command line ---------------------------------------------------------------------------------------
+HELP = """\
+List every dp x n x m layout of P devices for a model (a preset or a Hugging Face config.json) with
+its predicted step time, memory and traffic, best first, and say why the others cannot run. n head
+groups x m head-dim segments share each layer (n*m ranks; m = 1 is head-wise tensor parallelism),
+dp replicas of it split the batch. Example: ds-twolevel plan --model llama-3-8b --devices 16
+--phase decode --batch 64 --seq 8192. When no layout of P devices fits, it says so, names the
+nearest device counts that have one, and exits with status 2.
+"""
+HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
+STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=f"preset ({', '.join(PRESETS)}) or HF config.json path")
-    parser.add_argument("--devices", type=int, required=True, help="number of devices P")
-    parser.add_argument("--seq", type=int, default=4096, help="prompt length (prefill) or KV length (decode)")
-    parser.add_argument("--batch", type=int, default=8, help="global batch (split over dp)")
-    parser.add_argument("--phase", choices=("prefill", "decode"), default="prefill")
-    parser.add_argument("--hardware", default="h100", help="hardware profile: h100 or cpu")
-    parser.add_argument("--strategy", default="auto", help="score_allreduce, qk_allgather or auto")
+    from .hardware import PROFILES
+
+    parser.add_argument("--model", required=True,
+                        help=f"a preset ({', '.join(PRESETS)}) or the path of a Hugging Face config.json (or its directory)")
+    parser.add_argument("--devices", type=_positive_int, required=True, metavar="P", help="number of devices P")
+    parser.add_argument("--seq", type=_positive_int, default=4096, metavar="N",
+                        help="prompt length (prefill) or KV-cache length (decode) (default: %(default)s)")
+    parser.add_argument("--batch", type=_positive_int, default=8, metavar="N",
+                        help="global batch, split over dp (default: %(default)s)")
+    parser.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="(default: %(default)s)")
+    parser.add_argument("--hardware", choices=sorted(PROFILES), default="h100",
+                        help="hardware profile (default: %(default)s)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                        help="score strategy; auto: the cost model picks per layer (default: %(default)s)")
+
+
+def _best_layout(model: ModelConfig, devices: int, phase: Phase, hw: HardwareProfile, strategy: str) -> str | None:
+    rows = [r for r in plan(model, devices, phase, hw, strategy=strategy) if r.feasible]
+    return f"{rows[0].dp} x {rows[0].n} x {rows[0].m}" if rows else None
+
+
+def nearest_feasible(model: ModelConfig, devices: int, phase: Phase, hw: HardwareProfile, *,
+                     strategy: str = "auto") -> list[tuple[int, str]]:
+    """The nearest device counts below and above ``devices`` with a feasible layout: [(P, best dp x n x m)].
+
+    Example:
+        >>> nearest_feasible(PRESETS["llama-3-8b"], 3, Phase("prefill", 8, 4096), H100_SXM)
+        [(2, '1 x 2 x 1'), (4, '1 x 4 x 1')]
+    """
+    found = []
+    for counts in (range(devices - 1, 0, -1), range(devices + 1, 4 * devices + 9)):
+        for p in counts:
+            best = _best_layout(model, p, phase, hw, strategy)
+            if best:
+                found.append((p, best))
+                break
+    return found
+
+
+def no_layout_message(model: ModelConfig, devices: int, phase: Phase, hw: HardwareProfile, rows: list[PlanRow], *,
+                      strategy: str = "auto", shown: int = 4) -> str:
+    """One line: no layout of ``devices`` fits, why (the first ``shown`` reasons), the nearest counts that fit."""
+    why = "; ".join(f"{r.dp} x {r.n} x {r.m}: {r.reason}" for r in rows[:shown])
+    if len(rows) > shown:
+        why += f"; ... ({len(rows) - shown} more)"
+    near = nearest_feasible(model, devices, phase, hw, strategy=strategy)
+    fits = (" and ".join(f"{p} (best {layout})" for p, layout in near) if near else "none up to "
+            f"{4 * devices + 8} devices")
+    return (f"no dp x n x m layout of {devices} devices can run {model.name} ({phase.kind}, batch {phase.batch}, "
+            f"seq {phase.seq}, {hw.name}): {why}. Nearest device counts with a feasible layout: {fits}")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.devices < 1:
-        raise ValueError(f"--devices must be >= 1, got {args.devices}")
     model, hw = load_model(args.model), get_profile(args.hardware)
     phase = Phase(args.phase, args.batch, args.seq)
     rows = plan(model, args.devices, phase, hw, strategy=args.strategy)
+    if not any(r.feasible for r in rows):
+        raise ValueError(no_layout_message(model, args.devices, phase, hw, rows, strategy=args.strategy))
     print(format_plan(model, args.devices, phase, hw, rows))
-    return 0 if any(r.feasible for r in rows) else 1
+    return 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import types
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,8 @@ def save_dense_pretrained(model: nn.Module, save_directory: str | os.PathLike, *
 def _write_dense(model: nn.Module, state: dict[str, torch.Tensor], final: Path, save_kwargs: dict) -> None:
     """save_pretrained into a temp dir next to ``final``, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # 0o777 minus the umask, like any directory (tempfile.mkdtemp would make it 0o700)
     try:
         kwargs = {k: v for k, v in save_kwargs.items() if k not in ("is_main_process", "state_dict")}
         type(model).save_pretrained(model, tmp, state_dict=state, is_main_process=True, **kwargs)

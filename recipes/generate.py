@@ -1,52 +1,99 @@
 """Patch a Hugging Face causal LM onto n x m ranks and generate greedily.
 
-    torchrun --nproc_per_node 4 recipes/generate.py --groups 2 --segments 2
-    deepspeed --num_gpus 4 recipes/generate.py --groups 2 --segments 2
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 4 recipes/generate.py --groups 2 --segments 2
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 4 recipes/generate.py --groups 1 --segments 4 --arch gpt_neox
     torchrun --nproc_per_node 4 recipes/generate.py --model path/to/save_pretrained_dir
 
 Without ``--model`` it builds a small seeded model (``--arch``) and also checks the tokens against
-the unpatched model. With ``--model`` every rank reads only its slices of the checkpoint.
+the unpatched model. With ``--model`` every rank reads only its slices of the checkpoint (a local
+directory: it is checked before anything is imported).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import os
+import sys
+from pathlib import Path
 
-import torch
-import torch.distributed as dist
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")  # hf_integration.testing.DECODERS
 
-from ds_twolevel import TwoLevelLayout
-from hf_integration import load_partitioned, patch_model
-from hf_integration.testing import DECODERS, sample_batch, tiny_model
+
+def fail(message: str) -> None:
+    """One line from rank 0 (every rank would say the same), exit status 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"recipes/generate.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="save_pretrained directory (default: a small seeded --arch model)")
-    parser.add_argument("--arch", default="llama", choices=DECODERS)
+    parser.add_argument("--model", help="a local save_pretrained directory (default: a small seeded --arch model)")
+    parser.add_argument("--arch", default="llama", choices=ARCHS)
     # not --n/--m: torchrun would take them as abbreviations of its own options
-    parser.add_argument("--groups", type=int, default=2, help="n: head groups")
-    parser.add_argument("--segments", type=int, default=2, help="m: head-dim segments")
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--groups", type=_positive_int, default=2, help="n: head groups")
+    parser.add_argument("--segments", type=_positive_int, default=2, help="m: head-dim segments")
+    parser.add_argument("--new-tokens", type=_positive_int, default=16)
     parser.add_argument("--strategy", default="auto", choices=("auto", "score_allreduce", "qk_allgather"))
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        fail(f"--model {args.model}: no such save_pretrained directory (no config.json there); pass a local "
+             "directory, or leave --model out for a small seeded --arch model")
+    return args
+
+
+def check_world(config, world: int, n: int, m: int) -> None:
+    """Refuse a world size that n x m does not divide, naming the layouts this model can take."""
+    from ds_twolevel.partition import feasible_layouts
+    from hf_integration.policy import intermediate_size
+    from hf_integration.specs import spec_for
+
+    if world % (n * m) == 0:
+        return
+    spec, inter = spec_for(config).attention_spec(config, name=config.model_type), intermediate_size(config)
+    fits = [f"dp={world // p} x n={a} x m={b}" for p in range(world, 0, -1) if world % p == 0 and inter % p == 0
+            for a, b in feasible_layouts(spec, p)]
+    fail(f"world size {world} is not a multiple of --groups x --segments = {n}*{m} = {n * m}; layouts of {world} "
+         f"ranks this {config.model_type} model takes: {', '.join(fits)}")
 
 
 def main() -> None:
     args = parse_args()
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from ds_twolevel import TwoLevelLayout
+    from hf_integration import load_partitioned, patch_model
+    from hf_integration.testing import sample_batch, tiny_model
+
     use_cuda = torch.cuda.is_available()
+    dense = None if args.model else tiny_model(args.arch)
+    if args.model:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    else:
+        config = dense.config
+    check_world(config, int(os.environ.get("WORLD_SIZE", "1")), args.groups, args.segments)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    mesh = TwoLevelLayout.from_world_size(dist.get_world_size(), n=args.groups, m=args.segments).build()
-    dense = None
-    if args.model:
-        model, report = load_partitioned(args.model, mesh, strategy=args.strategy)
-    else:
-        dense = tiny_model(args.arch)
-        model = copy.deepcopy(dense)
-        report = patch_model(model, mesh, strategy=args.strategy)
+    try:  # every layout / model problem is refused before any collective, the same on every rank
+        mesh = TwoLevelLayout.from_world_size(dist.get_world_size(), n=args.groups, m=args.segments).build()
+        if args.model:
+            model, report = load_partitioned(args.model, mesh, strategy=args.strategy)
+        else:
+            model = copy.deepcopy(dense)
+            report = patch_model(model, mesh, strategy=args.strategy)
+    except ValueError as err:
+        fail(str(err))
     ids, mask = (t.to(device) for t in sample_batch(0))
     gen = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id or 0)
     tokens = model.to(device).generate(ids, attention_mask=mask, **gen)

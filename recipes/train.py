@@ -1,17 +1,22 @@
 """Train a small Llama whose attention is partitioned n x m, in a DeepSpeed engine (ZeRO over dp).
 
-    deepspeed --num_gpus 8 recipes/train.py --deepspeed_config ds_configs/zero2_n2_m2.json
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 8 recipes/train.py \\
+        --deepspeed_config ds_configs/zero2_n2_m2.json --export
     torchrun --nproc_per_node 4 recipes/train.py --deepspeed_config ds_configs/zero2_n1_m2.json
 
-(CPU: prefix ``DS_ACCELERATOR=cpu OMP_NUM_THREADS=1``.) Byte-level tokens (vocab 256, nothing
-to download) over the public-domain texts in ``recipes/data/``. Writes to ``--out``: checkpoints
-(``ckpt/``, atomic), ``metrics.json``, ``loss.png`` and, with ``--export``, a dense Hugging Face
-checkpoint (``dense/``) that plain ``LlamaForCausalLM.from_pretrained`` loads.
+Byte-level tokens (vocab 256, nothing to download) over the public-domain texts in
+``recipes/data/``. Writes to ``--out``: checkpoints (``ckpt/``, atomic), ``metrics.json`` (loss,
+gradient norm and learning rate of every step, wall time of all segments), ``loss.png`` and, with
+``--export``, a dense Hugging Face checkpoint (``dense/``) that plain
+``LlamaForCausalLM.from_pretrained`` loads. ``DS_TWOLEVEL_STEPS`` in the environment changes the
+default of ``--steps`` (the README test runs every command at a few steps).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,15 +25,19 @@ from transformers import LlamaConfig, LlamaForCausalLM  # before deepspeed.zero.
 
 import ds_twolevel
 from ds_twolevel.config import load_deepspeed_config
+from ds_twolevel.partition import AttentionSpec, check_partition, feasible_layouts
 
 DATA = Path(__file__).resolve().parent / "data"
+HEADS, KV_HEADS, HEAD_DIM = 8, 4, 16
+MODEL = f"the recipe's Llama ({HEADS} heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM})"
 
 
 def model_config(seq: int) -> LlamaConfig:
     """8 query heads, 4 KV heads, head_dim 16: fits n in {1, 2, 4} x m in {1, 2, 4, 8}."""
     return LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=seq,
-                       tie_word_embeddings=False, rms_norm_eps=1e-6, attention_dropout=0.0)
+                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                       max_position_embeddings=seq, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                       attention_dropout=0.0)
 
 
 def corpus() -> torch.Tensor:
@@ -44,19 +53,54 @@ def global_batch(tokens: torch.Tensor, step: int, rows: int, seq: int, seed: int
     return torch.stack([tokens[s:s + seq] for s in starts.tolist()])  # (rows, seq)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a \"two_level\" section")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    steps = os.environ.get("DS_TWOLEVEL_STEPS", "200")
+    p.add_argument("--steps", type=_positive_int, default=steps,
+                   help="optimizer steps (default: %(default)s; DS_TWOLEVEL_STEPS sets the default)")
+    p.add_argument("--seq", type=_positive_int, default=64, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=10, help="print the loss every this many steps")
+    p.add_argument("--log_every", type=_positive_int, default=10, help="print the loss every this many steps")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every this many steps (0: only at the end)")
     p.add_argument("--out", default="recipes/out", help="checkpoints, metrics.json, loss.png, dense/")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt/latest if it exists")
     p.add_argument("--export", action="store_true", help="write a dense Hugging Face checkpoint to --out/dense")
-    return p.parse_args(argv)
+    return p.parse_args(argv)  # argparse applies type= to the string default too
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def fail(message: str) -> None:
+    """A launch the recipe cannot run: one line (from rank 0: every rank would say the same), exit 2."""
+    if _rank() == 0:
+        print(f"recipes/train.py: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def check_launch(args: argparse.Namespace) -> None:
+    """Refuse, before any rank talks, a config, world size or layout the recipe's model cannot take."""
+    if not Path(args.deepspeed_config).is_file():
+        fail(f"--deepspeed_config {args.deepspeed_config}: no such file (the shipped ones are in ds_configs/)")
+    tl, _ = load_deepspeed_config(args.deepspeed_config)
+    spec = AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, rope_style="half", name=MODEL)
+    check_partition(spec, tl.n, tl.m, kv_replication=tl.kv_replication)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tl.tp_size:
+        layouts = [f"dp={world // p} x n={n} x m={m}" for p in range(world, 0, -1) if world % p == 0
+                   for n, m in feasible_layouts(spec, p, kv_replication=tl.kv_replication)]
+        fail(f"world size {world} is not a multiple of n*m = {tl.n}*{tl.m} = {tl.tp_size} ({args.deepspeed_config}); "
+             f"launch {tl.tp_size} or {2 * tl.tp_size} ranks, or give \"two_level\" a layout that {world} ranks and "
+             f"{MODEL} take: {', '.join(layouts)}")
 
 
 def build(args: argparse.Namespace):
@@ -73,16 +117,17 @@ def build(args: argparse.Namespace):
     return engine, mesh
 
 
-def train(engine, mesh, args: argparse.Namespace, tokens: torch.Tensor, first: int, out: Path) -> list[float]:
-    """Steps first..args.steps; returns the (dp-averaged) loss of each step."""
+def train(engine, mesh, args: argparse.Namespace, tokens: torch.Tensor, first: int, out: Path,
+          history: dict) -> dict:
+    """Steps first..args.steps, appended to ``history`` (lists "losses", "grad_norms", "lrs")."""
     import torch.distributed as dist
     from tqdm import tqdm
 
     micro, gas, dp = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps(), engine.dp_world_size
-    is_main = dist.get_rank() == 0
-    losses = []
+    is_main, t0, seconds = dist.get_rank() == 0, time.time(), history["seconds"]
     bar = tqdm(range(first, args.steps + 1), disable=not is_main, desc="train", unit="step")
     for step in bar:
+        lr = float(engine.get_lr()[0])  # the rate this step uses (the scheduler moves it after the step)
         rows = ds_twolevel.replica_rows(global_batch(tokens, step, micro * gas * dp, args.seq, args.seed), mesh)
         total = torch.zeros((), device=engine.device)
         for ids in rows.split(micro):  # same rows on every tp rank of this replica
@@ -92,15 +137,18 @@ def train(engine, mesh, args: argparse.Namespace, tokens: torch.Tensor, first: i
             engine.step()
             total += loss.detach().float()
         dist.all_reduce(total, group=mesh.get_data_parallel_group())
-        losses.append(float(total) / (gas * dp))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        norm = engine.get_global_grad_norm()
+        history["losses"].append(float(total) / (gas * dp))
+        history["grad_norms"].append(float(norm) if norm is not None else float("nan"))
+        history["lrs"].append(lr)
+        history["seconds"] = seconds + time.time() - t0  # earlier segments (resumed runs) included
+        bar.set_postfix(loss=f"{history['losses'][-1]:.4f}")
         if is_main and (step % args.log_every == 0 or step == first):
-            norm = engine.get_global_grad_norm()
-            tqdm.write(f"step {step:5d}  loss {losses[-1]:.4f}  grad_norm {float(norm) if norm is not None else float('nan'):.4f}"
-                       f"  lr {engine.get_lr()[0]:.2e}")
+            tqdm.write(f"step {step:5d}  loss {history['losses'][-1]:.4f}  grad_norm {history['grad_norms'][-1]:.4f}"
+                       f"  lr {lr:.2e}")
         if args.save_every and step % args.save_every == 0 and step < args.steps:
-            ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": step, "losses": losses})
-    return losses
+            ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": step, **history})
+    return history
 
 
 def plot(losses: list[float], first: int, path: Path) -> None:
@@ -120,23 +168,48 @@ def plot(losses: list[float], first: int, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def resume(engine, args: argparse.Namespace, out: Path) -> tuple[int, dict]:
+    """(first step, history) from --out/ckpt/latest with --resume, else (1, empty history)."""
+    history = {"losses": [], "grad_norms": [], "lrs": [], "seconds": 0.0}
+    if not args.resume:
+        return 1, history
+    if not (out / "ckpt" / "latest").is_file():
+        if _rank() == 0:
+            print(f"--resume: no checkpoint in {out / 'ckpt'} yet; starting at step 1", flush=True)
+        return 1, history
+    tag = (out / "ckpt" / "latest").read_text().strip()
+    _, client = ds_twolevel.load_checkpoint(engine, out / "ckpt", tag=tag)
+    for key in ("losses", "grad_norms", "lrs"):
+        history[key] = list(client.get(key, []))
+    history["seconds"] = float(client.get("seconds", 0.0))
+    if _rank() == 0:
+        print(f"resumed from step {client['step']} ({out / 'ckpt' / tag}); continuing to step {args.steps}", flush=True)
+    return client["step"] + 1, history
+
+
+def write_results(out: Path, history: dict, mesh, engine, args: argparse.Namespace, first: int) -> None:
+    """Rank 0: metrics.json and loss.png."""
+    layout = mesh.layout
+    metrics = {"losses": history["losses"], "grad_norms": history["grad_norms"], "lrs": history["lrs"],
+               "layout": {"dp": layout.dp, "n": layout.n, "m": layout.m},
+               "zero_stage": engine.zero_optimization_stage(), "seconds": history["seconds"],
+               "steps_run": args.steps - first + 1, "resumed_from": first - 1 if first > 1 else None}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot(history["losses"], 1, out / "loss.png")
+    print(f"done: {len(history['losses'])} steps, final loss {history['losses'][-1]:.4f}; wrote {out}/loss.png, "
+          "metrics.json" + (", dense/" if args.export else ""), flush=True)
+
+
+def run(engine, mesh, args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
-    engine, mesh = build(args)
     tokens = corpus()
-    first, history = 1, []
-    if args.resume and (out / "ckpt" / "latest").is_file():
-        _, client = ds_twolevel.load_checkpoint(engine, out / "ckpt")
-        first, history = client["step"] + 1, client.get("losses", [])
-    t0 = time.time()
+    first, history = resume(engine, args, out)
     with ds_twolevel.fail_fast(engine.two_level.config.timeout_s):
-        losses = history + train(engine, mesh, args, tokens, first, out)
-        seconds = time.time() - t0
-        ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": args.steps, "losses": losses})
+        if first <= args.steps:
+            history = train(engine, mesh, args, tokens, first, out, history)
+        ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": args.steps, **history})
         probe = global_batch(tokens, 0, 2, args.seq, args.seed + 1).to(engine.device)
         engine.eval()
         with torch.no_grad():
@@ -144,15 +217,20 @@ def main(argv: list[str] | None = None) -> None:
         if args.export:
             ds_twolevel.export_dense(engine, out / "dense")
     if dist.get_rank() == 0:
-        layout = mesh.layout
         torch.save({"input_ids": probe.cpu(), "logits": logits}, out / "probe.pt")
-        (out / "metrics.json").write_text(json.dumps(
-            {"losses": losses, "layout": {"dp": layout.dp, "n": layout.n, "m": layout.m},
-             "zero_stage": engine.zero_optimization_stage(), "seconds": seconds,
-             "steps_run": args.steps - first + 1}, indent=1))
-        plot(losses, 1, out / "loss.png")
-        print(f"done: {len(losses)} steps, final loss {losses[-1]:.4f}; wrote {out}/loss.png, metrics.json", flush=True)
+        write_results(out, history, mesh, engine, args, first)
     dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:  # everything ds_twolevel refuses (config, layout, model) it refuses here, before the first step
+        check_launch(args)
+        engine, mesh = build(args)
+    except ValueError as err:
+        fail(str(err))
+    run(engine, mesh, args)
 
 
 if __name__ == "__main__":
