@@ -175,6 +175,14 @@ class _DropLrWarning(logging.Filter):
 _LR_FILTER = _DropLrWarning()
 
 
+def drop_startup_lr_warning() -> None:
+    """Attach the filter for WarmupLR's start-up record to DeepSpeed's logger (once)."""
+    from deepspeed.utils import logger
+
+    if _LR_FILTER not in logger.filters:
+        logger.addFilter(_LR_FILTER)
+
+
 def _use_all_gather_single() -> None:
     """Point DeepSpeed's comm backend at ``all_gather_single`` (``all_gather_into_tensor`` is deprecated)."""
     import torch.distributed as dist
@@ -195,8 +203,6 @@ def quiet_launch() -> Iterator[None]:
         >>> with quiet_launch():
         ...     deepspeed.init_distributed(dist_backend="gloo")
     """
-    from deepspeed.utils import logger
-
     from deepspeed.comm import comm as ds_comm
 
     use_environment_extensions_dir()
@@ -211,8 +217,7 @@ def quiet_launch() -> Iterator[None]:
         sys.stdout.flush()
         sys.stdout = stdout
     _use_all_gather_single()
-    if _LR_FILTER not in logger.filters:
-        logger.addFilter(_LR_FILTER)
+    drop_startup_lr_warning()
 
 
 # -- ``ds-twolevel prebuild`` -------------------------------------------------------------------------

@@ -160,6 +160,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(cfg: DemoConfig) -> None:
     """Everything a rank would refuse, refused here before any rank is spawned (ValueError)."""
     TwoLevelLayout(n=cfg.n, m=cfg.m, dp=cfg.dp)
+    if cfg.heads % cfg.kv_heads:
+        divisors = ", ".join(str(g) for g in range(1, cfg.heads + 1) if cfg.heads % g == 0)
+        raise ValueError(f"--heads {cfg.heads} is not a multiple of --kv-heads {cfg.kv_heads} (each KV head serves "
+                         f"h/g query heads); use a --kv-heads that divides {cfg.heads}: {divisors}")
     if cfg.rope != "none" and cfg.head_dim % 2:
         raise ValueError(f"--head-dim {cfg.head_dim} is odd, but --rope {cfg.rope} rotates pairs of dims; "
                          "use an even --head-dim or --rope none")

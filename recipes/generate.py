@@ -63,37 +63,40 @@ def check_world(config, world: int, n: int, m: int) -> None:
          f"ranks this {config.model_type} model takes: {', '.join(fits)}")
 
 
-def main() -> None:
-    args = parse_args()
+def partitioned(args: argparse.Namespace, dense):
+    """(model, report) on this rank's mesh; any layout / model problem is one line, exit 2."""
     import copy
 
-    import torch
     import torch.distributed as dist
 
     from ds_twolevel import TwoLevelLayout
     from hf_integration import load_partitioned, patch_model
+
+    try:  # refused before any collective, the same on every rank
+        mesh = TwoLevelLayout.from_world_size(dist.get_world_size(), n=args.groups, m=args.segments).build()
+        if args.model:
+            return load_partitioned(args.model, mesh, strategy=args.strategy)
+        model = copy.deepcopy(dense)
+        return model, patch_model(model, mesh, strategy=args.strategy)
+    except ValueError as err:
+        fail(str(err))
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
     from hf_integration.testing import sample_batch, tiny_model
 
     use_cuda = torch.cuda.is_available()
     dense = None if args.model else tiny_model(args.arch)
-    if args.model:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-    else:
-        config = dense.config
+    config = AutoConfig.from_pretrained(args.model, local_files_only=True) if args.model else dense.config
     check_world(config, int(os.environ.get("WORLD_SIZE", "1")), args.groups, args.segments)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    try:  # every layout / model problem is refused before any collective, the same on every rank
-        mesh = TwoLevelLayout.from_world_size(dist.get_world_size(), n=args.groups, m=args.segments).build()
-        if args.model:
-            model, report = load_partitioned(args.model, mesh, strategy=args.strategy)
-        else:
-            model = copy.deepcopy(dense)
-            report = patch_model(model, mesh, strategy=args.strategy)
-    except ValueError as err:
-        fail(str(err))
+    model, report = partitioned(args, dense)
     ids, mask = (t.to(device) for t in sample_batch(0))
     gen = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id or 0)
     tokens = model.to(device).generate(ids, attention_mask=mask, **gen)

@@ -1,11 +1,18 @@
 """The recipes end to end on CPU: recipes/train.py under the ``deepspeed`` launcher (a small Llama,
-ZeRO-3 under zero.Init, 2 x 1 x 2 ranks), its dense export through plain ``from_pretrained``, and
-recipes/infer_deepspeed.py (``ds_twolevel.init_inference``) under ``torchrun``.
+ZeRO-3 under zero.Init, 2 x 1 x 2 ranks) in two launches (4 steps, then ``--resume`` to 8 with
+``--export``), its dense export through plain ``from_pretrained``, recipes/infer_deepspeed.py
+(``ds_twolevel.init_inference``) under ``torchrun``, and their one-line refusals.
+
+The two training launches are also the launcher test of DeepSpeed's CPU comm op: they run with
+their own, fresh ``TORCH_EXTENSIONS_DIR`` that holds this environment's compiled objects but not the
+library, so the first launch must build (link) ``deepspeed_shm_comm.so`` and say so; the second must
+reach its first step without building anything.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,33 +21,83 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_twolevel.deepspeed_env import SHM_OP, extensions_dir
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 PROMPT = "We hold these truths"
+CONFIG = "ds_configs/zero3_init_n1_m2.json"
+NOISE = ("Traceback", "FutureWarning", "Attempting to get learning rate from scheduler", "built successfully")
 
 
-def _env() -> dict:
+def _env(**extra: str) -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _run(cmd: list[str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+def _run(cmd: list[str], timeout: float = 900, check: bool = True, **env: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.time()
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    proc = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+        noise = [n for n in NOISE if n in proc.stdout + proc.stderr]
+        assert not noise, (noise, proc.stdout[-3000:], proc.stderr[-3000:])
     return proc, time.time() - t0
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def _seeded_extensions_dir(root: Path) -> Path:
+    """A fresh extensions dir with this environment's compiled objects of the op but not its library
+    (a link instead of 2 min of compiling; a full build when the environment has none yet)."""
+    src = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or extensions_dir()) / SHM_OP
+    dst = root / SHM_OP
+    dst.mkdir(parents=True)
+    for item in (src.iterdir() if src.is_dir() else []):
+        if item.is_file() and item.name not in (f"{SHM_OP}.so", "lock"):
+            shutil.copy2(item, dst / item.name)
+    return root
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def _train(out: Path, ext: Path, steps: int, *flags: str) -> tuple[str, float]:
     from ds_twolevel.testing import free_port
 
-    out = tmp_path_factory.mktemp("recipe")
     proc, seconds = _run(["deepspeed", "--num_gpus", "4", "--master_port", str(free_port()), "recipes/train.py",
-                          "--deepspeed_config", "ds_configs/zero3_init_n1_m2.json", "--steps", str(STEPS),
-                          "--log_every", "4", "--save_every", "4", "--out", str(out), "--export"])
-    print(f"\nrecipes/train.py, 4 ranks, {STEPS} steps: {seconds:.0f} s")
-    return out
+                          "--deepspeed_config", CONFIG, "--steps", str(steps), "--log_every", "4",
+                          "--save_every", "4", "--out", str(out), *flags], TORCH_EXTENSIONS_DIR=str(ext))
+    return proc.stdout + proc.stderr, seconds
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory) -> dict:
+    out, ext = tmp_path_factory.mktemp("recipe"), _seeded_extensions_dir(tmp_path_factory.mktemp("ext"))
+    library = ext / SHM_OP / f"{SHM_OP}.so"
+    first, t_first = _train(out, ext, STEPS // 2)
+    stamp = _stamp(library)
+    second, t_second = _train(out, ext, STEPS, "--resume", "--export")
+    print(f"\nrecipes/train.py, 4 ranks: {STEPS // 2} steps (building the op) {t_first:.0f} s; "
+          f"--resume to {STEPS} + export {t_second:.0f} s")
+    return {"out": out, "ext": ext, "first": first, "second": second, "stamp": (stamp, _stamp(library))}
+
+
+@pytest.fixture(scope="module")
+def trained(launches) -> Path:
+    return launches["out"]
+
+
+def test_first_launch_says_what_it_builds_and_the_second_builds_nothing(launches):
+    build_dir = launches["ext"] / SHM_OP
+    first, second = launches["first"], launches["second"]
+    assert first.count(f"[ds_twolevel] compiling DeepSpeed's CPU shared-memory comm op ({SHM_OP}) in {build_dir}") == 1
+    assert first.count(f"[ds_twolevel] built {SHM_OP} in ") == 1  # local rank 0 speaks for the node
+    assert f"({build_dir / f'{SHM_OP}.so'})" in first
+    assert "[ds_twolevel]" not in second, second[-3000:]
+    before, after = launches["stamp"]
+    assert before == after  # the library was not rewritten
+    assert "resumed from step 4" in second and "step     5  loss" in second  # it reached its first step
 
 
 def test_train_recipe_logs_plots_and_checkpoints(trained):
@@ -54,9 +111,23 @@ def test_train_recipe_logs_plots_and_checkpoints(trained):
     assert not list((trained / "ckpt").glob("*.partial"))
 
 
+def test_metrics_have_grad_norm_lr_and_the_time_of_both_segments(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    norms, lrs = metrics["grad_norms"], metrics["lrs"]
+    assert len(norms) == len(lrs) == STEPS and all(0 < g < 100 for g in norms)
+    assert lrs[0] == pytest.approx(5e-5) and lrs == sorted(lrs) and lrs[-1] > lrs[0]  # warm-up from 5e-5, not 0
+    assert metrics["resumed_from"] == 4 and metrics["steps_run"] == STEPS - 4
+    state = torch.load(trained / "ckpt" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert 0 < state["seconds"] < metrics["seconds"]  # the first segment's seconds are included
+    assert state["losses"] == metrics["losses"][:4] and state["lrs"] == lrs[:4]
+
+
 def test_exported_dense_checkpoint_loads_with_from_pretrained_and_matches(trained):
     from transformers import LlamaForCausalLM
 
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (trained / "dense").stat().st_mode & 0o777 == 0o777 & ~umask  # a normal directory, not 0700
     model = LlamaForCausalLM.from_pretrained(trained / "dense").eval()  # plain HF, no ds_twolevel
     probe = torch.load(trained / "probe.pt")  # logits of the trained, partitioned model
     with torch.no_grad():
@@ -80,3 +151,87 @@ def test_inference_under_torchrun_generates_like_dense(trained, tmp_path):
     dense = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
     assert json.loads(out.read_text())["ids"] == dense[0].tolist()
     print(f"\ninit_inference under torchrun (1 x 2 x 2): greedy tokens equal dense; {seconds:.0f} s")
+
+
+def _one_line_refusal(proc: subprocess.CompletedProcess, *expected: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (proc.stdout, proc.stderr)
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def test_inference_refuses_a_missing_model_directory_at_once():
+    proc, _ = _run([sys.executable, "recipes/infer_deepspeed.py", "--model", "out/dense", "--deepspeed_config",
+                    "ds_configs/inference_n2_m2.json"], check=False, HF_HUB_OFFLINE="0")
+    _one_line_refusal(proc, "recipes/infer_deepspeed.py: error: --model out/dense: no such directory",
+                      "recipes/out/dense")
+
+
+def test_train_refuses_a_world_its_layout_does_not_divide_naming_layouts_the_model_takes():
+    """What the launcher hands every rank (WORLD_SIZE, RANK): refused before the rendezvous, rank 0 says it."""
+    cmd = [sys.executable, "recipes/train.py", "--deepspeed_config", "ds_configs/zero2_n2_m2.json"]
+    proc, _ = _run(cmd, check=False, WORLD_SIZE="3", RANK="0", LOCAL_RANK="0")
+    line = _one_line_refusal(proc, "world size 3 is not a multiple of n*m = 2*2 = 4 (ds_configs/zero2_n2_m2.json)",
+                             "launch 4 or 8 ranks", "take: dp=3 x n=1 x m=1")
+    assert "m=3" not in line and "n=3" not in line  # 8 heads x 16 dims take neither
+
+
+def test_generate_recipe_lists_the_decoders_hf_integration_tests():
+    """recipes/generate.py names its --arch choices without importing torch (its checks come first)."""
+    import importlib.util
+
+    from hf_integration.testing import DECODERS
+
+    spec = importlib.util.spec_from_file_location("generate_recipe", REPO / "recipes" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.ARCHS == DECODERS
+
+
+SCHEDULED = [p for p in sorted((REPO / "ds_configs").glob("*.json")) if "scheduler" in json.loads(p.read_text())]
+
+
+@pytest.mark.parametrize("path", SCHEDULED, ids=[p.name for p in SCHEDULED])
+def test_shipped_warmup_starts_above_zero_and_rises_to_the_optimizer_lr(path):
+    """DeepSpeed's own WarmupLR with each shipped config's parameters: step 1 no longer runs at lr 0."""
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    config = json.loads(path.read_text())
+    assert config["scheduler"]["type"] == "WarmupLR"
+    params, peak = config["scheduler"]["params"], config["optimizer"]["params"]["lr"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    scheduler = WarmupLR(optimizer, **params)
+    lrs = []
+    for _ in range(params["warmup_num_steps"] + 3):  # the lr each optimizer step uses, then the scheduler moves
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] > 0 and lrs == sorted(lrs) and lrs[-1] == pytest.approx(peak), lrs
+
+
+def test_warmup_start_up_warning_is_dropped_and_nothing_else():
+    import logging
+
+    from deepspeed.runtime.lr_schedules import WarmupLR
+    from deepspeed.utils import logger
+
+    from ds_twolevel.deepspeed_env import _LR_FILTER, drop_startup_lr_warning
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    try:
+        logger.removeFilter(_LR_FILTER)
+        WarmupLR(optimizer, warmup_min_lr=1e-5, warmup_max_lr=1e-3)
+        assert [r.getMessage() for r in records].count(
+            "Attempting to get learning rate from scheduler before it has started") == 1  # DeepSpeed's own record
+        records.clear()
+        drop_startup_lr_warning()
+        WarmupLR(optimizer, warmup_min_lr=1e-5, warmup_max_lr=1e-3)
+        logger.warning("another warning")
+        assert [r.getMessage() for r in records] == ["another warning"]
+    finally:
+        logger.removeHandler(handler)
