@@ -35,7 +35,7 @@ def _env(**extra: str) -> dict:
             "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _run(cmd: list[str], timeout: float = 900, check: bool = True, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+def _run(cmd: list[str], timeout: float = 1800, check: bool = True, **env: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.time()
     proc = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check:

@@ -220,6 +220,8 @@ def test_readme_command(runner: Runner, index: int):
     assert not noise, f"README line {cmd.line} printed {noise}:\n{output[-6000:]}"
     if "recipes/train.py" in cmd.text:
         assert "done: 2 steps" in output, output[-3000:]
+    if "recipes/generate.py" in cmd.text and "--model" not in cmd.text:
+        assert "identical to the unpatched model: True" in output, output[-3000:]
     if "recipes/infer_deepspeed.py" in cmd.text:
         assert "generated (" in output, output[-3000:]
     if cmd.text.endswith("ds-twolevel demo"):
