@@ -13,10 +13,11 @@ rank's first ``init_distributed``, through ``torch.utils.cpp_extension.load``:
   where, and how long it has waited, and ``built ... in N s`` only when the library file changed.
 - ``ds-twolevel prebuild`` compiles it ahead of time (``install.sh`` runs it).
 
-Two more things every launch met (:func:`quiet_launch`): DeepSpeed's CPU/gloo backend gathers
-with ``torch.distributed.all_gather_into_tensor``, deprecated in torch 2.13 (a ``FutureWarning``
-on every rank at the first ZeRO step): the backend is pointed at ``all_gather_single``, the same
-collective under its current name. And ``WarmupLR``'s constructor calls its own ``get_lr`` before
+Two more things every launch met (:func:`quiet_launch`): DeepSpeed's backend gathers with
+``torch.distributed.all_gather_into_tensor`` and reduce-scatters with ``reduce_scatter_tensor``,
+both deprecated in torch 2.13 (a ``FutureWarning`` on every rank at the first ZeRO step): the
+backend is pointed at ``all_gather_single`` / ``reduce_scatter_single``, the same collectives
+under their current names. And ``WarmupLR``'s constructor calls its own ``get_lr`` before
 the first step, which logs "Attempting to get learning rate from scheduler before it has started"
 on every rank: that one record is dropped.
 """
@@ -183,21 +184,34 @@ def drop_startup_lr_warning() -> None:
         logger.addFilter(_LR_FILTER)
 
 
-def _use_all_gather_single() -> None:
-    """Point DeepSpeed's comm backend at ``all_gather_single`` (``all_gather_into_tensor`` is deprecated)."""
+_RENAMED = (("all_gather_function", "all_gather_into_tensor", "all_gather_single"),
+            ("reduce_scatter_function", "reduce_scatter_tensor", "reduce_scatter_single"))
+"""(DeepSpeed backend attribute, name deprecated in torch 2.13, the same collective's current name)."""
+
+
+def use_current_collective_names() -> None:
+    """Point DeepSpeed's comm backend at ``all_gather_single`` / ``reduce_scatter_single``.
+
+    DeepSpeed 0.19.8 picks ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (ZeRO's
+    partition gathers and ZeRO-3's gradient reduce-scatter), which torch 2.13 deprecates with a
+    ``FutureWarning`` on every rank; the ``*_single`` functions are the same collectives with the
+    same arguments. Nothing changes where torch has no ``*_single`` or DeepSpeed chose otherwise.
+    """
     import torch.distributed as dist
     from deepspeed.comm import comm as ds_comm
 
-    backend, single = getattr(ds_comm, "cdb", None), getattr(dist, "all_gather_single", None)
-    if single is not None and getattr(backend, "all_gather_function", None) is dist.all_gather_into_tensor:
-        backend.all_gather_function = single
+    backend = getattr(ds_comm, "cdb", None)
+    for attribute, old, new in _RENAMED:
+        current = getattr(dist, new, None)
+        if current is not None and getattr(backend, attribute, None) is getattr(dist, old, None):
+            setattr(backend, attribute, current)
 
 
 @contextlib.contextmanager
 def quiet_launch() -> Iterator[None]:
     """Wrap ``deepspeed.init_distributed``: the shm op loads with a message instead of 8 silent
-    minutes and 8 "built successfully" lines; afterwards the backend gathers with
-    ``all_gather_single`` and WarmupLR's start-up warning is dropped.
+    minutes and 8 "built successfully" lines; afterwards the backend uses the current collective
+    names (:func:`use_current_collective_names`) and WarmupLR's start-up warning is dropped.
 
     Example:
         >>> with quiet_launch():
@@ -216,7 +230,7 @@ def quiet_launch() -> Iterator[None]:
     finally:
         sys.stdout.flush()
         sys.stdout = stdout
-    _use_all_gather_single()
+    use_current_collective_names()
     drop_startup_lr_warning()
 
 

@@ -206,6 +206,39 @@ class Runner:
         return self.results[index]
 
 
+def _export_matches_the_trained_model(out: Path) -> None:
+    """The export loads with plain from_pretrained and gives the partitioned model's logits."""
+    import json
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    probe = torch.load(out / "probe.pt")
+    with torch.no_grad():
+        logits = LlamaForCausalLM.from_pretrained(out / "dense").eval()(input_ids=probe["input_ids"]).logits
+    assert float((logits - probe["logits"]).abs().max() / probe["logits"].abs().max()) <= 1e-5
+    assert json.loads((out / "metrics.json").read_text())["lrs"][0] > 0
+
+
+def _generated_like_dense(output: str, dense_dir: Path, command: str) -> None:
+    """What the README's inference command printed is the dense model's greedy continuation."""
+    import ast
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    printed = re.search(r"^generated \(.*?\): (.*)$", output, re.M)
+    assert printed, output[-3000:]
+    words = shlex.split(command)
+    prompt = words[words.index("--prompt") + 1]
+    new_tokens = int(words[words.index("--max_new_tokens") + 1]) if "--max_new_tokens" in words else 32
+    ids = torch.tensor([list(prompt.encode("utf-8"))])
+    with torch.no_grad():
+        dense = LlamaForCausalLM.from_pretrained(dense_dir).eval().generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    assert ast.literal_eval(printed.group(1)) == bytes(dense[0].tolist()).decode("utf-8", errors="replace")
+
+
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory) -> Runner:
     return Runner(tmp_path_factory.mktemp("readme"))
@@ -222,7 +255,9 @@ def test_readme_command(runner: Runner, index: int):
         assert "done: 2 steps" in output, output[-3000:]
     if "recipes/generate.py" in cmd.text and "--model" not in cmd.text:
         assert "identical to the unpatched model: True" in output, output[-3000:]
+    if "recipes/train.py" in cmd.text and "--export" in cmd.text:
+        _export_matches_the_trained_model(runner.copy / "recipes" / "out")
     if "recipes/infer_deepspeed.py" in cmd.text:
-        assert "generated (" in output, output[-3000:]
+        _generated_like_dense(output, runner.copy / "recipes" / "out" / "dense", cmd.text)
     if cmd.text.endswith("ds-twolevel demo"):
         assert output.rstrip().endswith("(OK)") and "ds-twolevel prebuild:" in output, output[-3000:]
