@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one sub-command; the exit status (2: bad input, one line on stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help / --version (0) or a usage error (2), already printed
+        return int(exit_.code or 0)
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # bad layout / shapes: a clear message, no traceback

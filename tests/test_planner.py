@@ -55,7 +55,7 @@ def test_load_model_from_hf_config(tmp_path):
     path.parent.mkdir()
     path.write_text(json.dumps(cfg))
     model = load_model(str(path.parent))
-    assert (model.name, model.kv_heads, model.head_dim) == ("tiny", 2, 64)
+    assert (model.name, model.kv_heads, model.head_dim) == (str(path.parent), 2, 64)  # no _name_or_path: the path
     with pytest.raises(ValueError, match="neither a preset"):
         load_model(str(tmp_path / "missing.json"))
 
@@ -66,4 +66,4 @@ def test_cli_plan(capsys):
     out = capsys.readouterr().out
     assert "**best**" in out and "Infeasible" not in out.split("**best**")[0]
     assert cli_main(["plan", "--model", "paper", "--devices", "64", "--hardware", "tpu"]) == 2
-    assert "known: cpu, h100" in capsys.readouterr().err
+    assert "invalid choice: 'tpu' (choose from 'cpu', 'h100')" in capsys.readouterr().err
