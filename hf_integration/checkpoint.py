@@ -302,11 +302,11 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
         >>> model, report = load_partitioned("ckpt/", TwoLevelLayout(n=2, m=2).build())
     """
     directory = Path(directory)
-    with _agreed(f"loading {directory}"):
+    with _agreed("loading a checkpoint (load_partitioned)"):  # each rank's error names its own files
         model, files, reader = _open_checkpoint(directory, model_class, dtype)
     try:
         report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication)
-        with _agreed(f"reading the slices of {directory}"):
+        with _agreed("reading checkpoint slices (load_partitioned)"):
             for path, layer in partitioned_layers(model):
                 owner = _owner_path(path, layer)
                 load_shards(layer, layer.tensor_maps, reader, prefix=(owner + ".") if owner else "")
