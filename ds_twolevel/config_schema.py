@@ -64,11 +64,11 @@ def _k(path: str, kind: str, example: str, **kw: Any) -> Key:
 
 
 DEEPSPEED_KEYS: tuple[Key, ...] = (
-    _k("train_batch_size", "int", "8", low=1, auto=True),
-    _k("train_micro_batch_size_per_gpu", "int", "2", low=1, auto=True),
-    _k("gradient_accumulation_steps", "int", "1", low=1, auto=True),
+    _k("train_batch_size", "int", "8", low=1, auto=True, nullable=True),  # null: DeepSpeed computes it
+    _k("train_micro_batch_size_per_gpu", "int", "2", low=1, auto=True, nullable=True),
+    _k("gradient_accumulation_steps", "int", "1", low=1, auto=True, nullable=True),
     _k("gradient_clipping", "number", "1.0", low=0, auto=True),
-    _k("steps_per_print", "int", "100", low=1),
+    _k("steps_per_print", "int", "100", low=1, nullable=True),
     _k("wall_clock_breakdown", "bool", "false"),
     _k("sequence_parallel_size", "int", "1", low=1),
     _k("zero_optimization", "object", '{"stage": 2}'),
@@ -159,11 +159,8 @@ def _expected(key: Key) -> str:
         text += f" in [{key.low:g}, {key.high:g}]"
     elif key.low is not None:
         text += f" >= {key.low:g}"
-    if key.auto:
-        text += ' (or "auto")'
-    if key.nullable:
-        text += " or null"
-    return text
+    alternatives = (['"auto"'] if key.auto else []) + (["null"] if key.nullable else [])
+    return text + (f" (or {' or '.join(alternatives)})" if alternatives else "")
 
 
 def check_key(key: Key | str, value: Any) -> None:
