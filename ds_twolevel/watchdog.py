@@ -104,6 +104,16 @@ def gone(chain: list[Watched], parent_at_start: int) -> Watched | None:
     return None
 
 
+def _listening() -> bool:
+    """Whether the rendezvous store still accepts connections (a refused connect is silent, unlike
+    an operation on a store client whose server is gone)."""
+    try:
+        socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=2).close()
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def _rendezvous_store(timeout_s: float):
     """A new client of the job's rendezvous store (env:// variables), or None."""
     import torch.distributed as dist
@@ -118,17 +128,54 @@ def _rendezvous_store(timeout_s: float):
         return None
 
 
+def _state_text(pid: int) -> str:
+    """What /proc shows of a process on this host: "exited", "stopped (SIGSTOP/SIGTSTP)", ..."""
+    stat = _proc_stat(pid)
+    return {None: "exited", "Z": "exited", "X": "exited", "T": "stopped (SIGSTOP/SIGTSTP)",
+            "t": "stopped (traced)"}.get(None if stat is None else stat[0], "alive but not answering")
+
+
 class Watchdog(threading.Thread):
-    """The daemon thread: orphan check + heartbeat every ``interval`` seconds."""
+    """The daemon thread: orphan check + heartbeat every ``interval`` seconds.
+
+    Before each store operation it checks that the store still listens and, when the process
+    hosting it (rank 0, or the torchrun agent) is on this host, that it is not stopped: an
+    operation on a store that is gone prints a C++ warning with a stack trace, which a job that
+    ended normally must not show.
+    """
 
     def __init__(self, rank: int, world_size: int, chain: list[Watched], store, interval: float) -> None:
         super().__init__(name="ds_twolevel-watchdog", daemon=True)
         self.rank, self.world_size, self.chain, self.store, self.interval = rank, world_size, chain, store, interval
         self.parent_at_start = os.getppid()
         self.lock = threading.Lock()
-        self.beats = 0
+        self.host_pid, self.host_rank = self._store_host()
+        self.host_lost: str | None = None
+        """why the store host's process is gone ("exited", "stopped ..."), once seen."""
         if store is not None:
             self._store_op(lambda s: s.set(f"{WHO}{rank}", f"{socket.gethostname()} {os.getpid()}"))
+
+    def _store_host(self) -> tuple[int | None, int | None]:
+        """(pid of the store's host process when on this host, its rank or None for an agent)."""
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun: the agent hosts it
+            return (os.getppid() if os.environ.get("GROUP_RANK", "0") == "0" else None), None
+        return (os.getpid() if self.rank == 0 else None), 0  # env://: rank 0; its pid is read from WHO/0
+
+    def _host_alive(self) -> bool:
+        """False once the store's host process (on this host) has exited or is stopped."""
+        if self.host_pid is None and self.host_rank == 0 and self.store is not None:
+            try:  # rank 0 publishes "<host> <pid>" when its watchdog starts
+                if self.store.check([f"{WHO}0"]):
+                    host, pid = self.store.get(f"{WHO}0").decode().rsplit(" ", 1)
+                    self.host_pid = int(pid) if host == socket.gethostname() else -1
+            except Exception:  # noqa: BLE001 - treated like any failed store operation
+                return False
+        if self.host_pid is not None and self.host_pid > 0 and self.host_pid != os.getpid():
+            state = _state_text(self.host_pid)
+            if state != "alive but not answering":
+                self.host_lost = state
+                return False
+        return self.host_pid == os.getpid() or _listening()
 
     def _store_op(self, op):
         """Run ``op(store)``; on failure, stop using the store (it may be gone with rank 0)."""
@@ -136,6 +183,9 @@ class Watchdog(threading.Thread):
             if self.store is None:
                 return None
             try:
+                if not self._host_alive():
+                    self.store = None
+                    return None
                 return op(self.store)
             except Exception:  # noqa: BLE001 - the job is ending; the heartbeat must not add noise
                 self.store = None
@@ -149,8 +199,7 @@ class Watchdog(threading.Thread):
                       f"exited); stopping this rank (exit {EXIT_ORPHANED}) instead of running on without it "
                       f"({ENV_SWITCH}=0 keeps ranks running)", file=sys.stderr, flush=True)
                 os._exit(EXIT_ORPHANED)
-            if self._store_op(lambda s: s.add(f"{KEY}{self.rank}", 1)) is not None:
-                self.beats += 1
+            self._store_op(lambda s: s.add(f"{KEY}{self.rank}", 1))
             time.sleep(self.interval)
 
     def counters(self) -> dict[int, int] | None:
@@ -171,10 +220,7 @@ class Watchdog(threading.Thread):
         host, pid = who.decode().rsplit(" ", 1)
         if host != socket.gethostname():
             return f"pid {pid} on {host}"
-        stat = _proc_stat(int(pid))
-        state = {None: "exited", "Z": "exited", "X": "exited", "T": "stopped (SIGSTOP/SIGTSTP)",
-                 "t": "stopped (traced)"}.get(None if stat is None else stat[0], "alive but not answering")
-        return f"pid {pid} on this host, {state}"
+        return f"pid {pid} on this host, {_state_text(int(pid))}"
 
 
 _WATCHDOG: Watchdog | None = None
@@ -200,18 +246,20 @@ def start(rank: int, world_size: int | None = None, *, interval: float = INTERVA
 
 def unresponsive_peers(wait_s: float | None = None) -> dict[int, str] | None:
     """After a failed collective: the other ranks whose heartbeat stood still for ``wait_s``
-    (default 3 intervals), each with what is visible of its process; None when this process has
-    no heartbeat (no watchdog, no store) or the store is unreachable."""
+    (default 3 intervals), each with what is visible of its process. When the store's host is
+    rank 0 on this host and it exited or is stopped, that is the answer. None when this process has
+    no heartbeat (no watchdog, no store) or the store is unreachable for another reason."""
     dog = _WATCHDOG
-    if dog is None or dog.store is None:
+    if dog is None:
         return None
     wait_s = 3 * dog.interval if wait_s is None else wait_s
     before = dog.counters()
-    if before is None:
-        return None
-    time.sleep(wait_s)
-    after = dog.counters()
+    if before is not None:
+        time.sleep(wait_s)
+    after = dog.counters() if before is not None else None
     if after is None:
+        if dog.host_lost is not None and dog.host_rank == 0 and dog.rank != 0:
+            return {0: f"pid {dog.host_pid} on this host, {dog.host_lost}; it hosts the rendezvous store"}
         return None
     return {r: dog.where(r) for r in range(dog.world_size) if r != dog.rank and after[r] == before[r]}
 
@@ -223,5 +271,6 @@ def describe_peers(peers: dict[int, str] | None) -> str:
         return (f"which rank is unknown (no heartbeat, or the rendezvous store, hosted by {store_host}, "
                 f"is unreachable: then {store_host} is the one that stopped)")
     if not peers:
-        return "every peer's heartbeat is still running (a peer is slower than the timeout, or hangs in a collective)"
+        return ("every peer's heartbeat is still running: a peer is alive but did not join the collective in time "
+                "(slower than the timeout, or busy elsewhere)")
     return "; ".join(f"rank {r} stopped responding ({what})" for r, what in sorted(peers.items()))
