@@ -154,7 +154,9 @@ def run_jobs(jobs: list[Job], *, timeout: float = 300.0, preload: tuple[str, ...
         with open(spec, "wb") as f:
             pickle.dump((jobs, timeout, preload, max_parallel, tmp), f)
         cmd = [sys.executable, "-c", "import sys; from ds_twolevel.testing import _zygote; _zygote(sys.argv[1])", spec]
-        subprocess.run(cmd, check=True, timeout=timeout + 120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        path = os.pathsep.join(p for p in sys.path if p)  # what imports here imports in the zygote (jobs' fns)
+        subprocess.run(cmd, check=True, timeout=timeout + 120,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
         with open(os.path.join(tmp, "result.pkl"), "rb") as f:
             return pickle.load(f)
 

@@ -5,20 +5,20 @@ safetensors checkpoint, DeepSpeed ZeRO-1 on gloo, process-group timeout ``TIMEOU
 faulty rank is always rank 1 (rank 0 hosts the rendezvous store); it prints ``FAULT_AT <time>``
 and then kills or stops itself at an instrumented point *inside* the phase:
 
-| phase    | SIGKILL / SIGSTOP at                                      | bad input on one rank               |
-|----------|-----------------------------------------------------------|-------------------------------------|
-| load     | its first tensor read (``SafetensorsReader.read``)        | its copy of one shard is truncated  |
-| train    | step 2, before the forward                                | its copy of the config is invalid   |
-| save     | kill: after DeepSpeed wrote its files into ``<tag>.partial``; stop: inside the export's gather | the writer (rank 0) cannot create the export directory |
-| generate | its 3rd forward (the 2nd decoding step)                   | a token id outside the vocabulary   |
+- load: SIGKILL/SIGSTOP at its first tensor read (``SafetensorsReader.read``); bad input: its
+  copy of one shard is truncated;
+- train: at step 2, before the forward; bad input: its copy of the config is invalid;
+- save: SIGKILL after DeepSpeed wrote its files into ``<tag>.partial``, SIGSTOP inside the
+  export's gather; bad input: the writer (rank 0) cannot create the export directory;
+- generate: at its 3rd forward (the 2nd decoding step); bad input: a token id outside the vocabulary.
 
 What must hold: every rank that is not stopped exits by itself within ``TIMEOUT + 30`` s of the
 fault (a stopped rank is killed once the rest of its job ended, as the launchers do), with a
 message naming rank 1: ``fail_fast``'s "rank 1 stopped responding (pid ..., exited|stopped)"
 (exit 17), or the same ``AgreementError`` naming rank 1 and its file on every rank; and no
 checkpoint or export is left half-written (``latest`` names a complete checkpoint, an export is
-absent or complete). The three bad-input cells that end in an agreement share one job with the
-fourth, so the matrix is 9 jobs, run 3 at a time from one pre-imported "zygote"
+absent or complete). The three bad-input cells that end in the same error on both ranks share
+one job with the fourth, so the matrix is 9 jobs, run ``PARALLEL`` at a time from one pre-imported "zygote"
 (``ds_twolevel.testing.run_jobs``: forked ranks start in milliseconds).
 
 The orphan test runs the real ``deepspeed`` launcher and ``torchrun`` side by side and kills the
@@ -265,7 +265,8 @@ def test_fault_matrix(tmp_path):
         assert r0.returncode == 17, (cell, r0.returncode, r0.output[-3000:])
         state = "exited" if kind == "kill" else "stopped (SIGSTOP/SIGTSTP)"
         what = {"load": "loading", "train": "training", "save": "saving", "generate": "generating"}[phase]
-        message = f"[ds_twolevel] rank 0: a peer rank died or stopped responding during {what}: rank 1 stopped responding"
+        message = (f"[ds_twolevel] rank 0: a peer rank died or stopped responding during {what}: "
+                   f"rank 1 stopped responding")
         assert message in r0.output and state in r0.output, (cell, r0.output[-3000:])
         assert r0.ended_at - fault_at < BOUND, (cell, r0.ended_at - fault_at)
         assert (r1.returncode == -signal.SIGKILL) if kind == "kill" else r1.stopped, (cell, r1)

@@ -156,9 +156,10 @@ def test_a_valid_file_reads_back(tmp_path):
 
 
 def test_an_index_may_not_point_outside_its_directory(tmp_path):
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "../elsewhere.safetensors"}}))
     with pytest.raises(ValueError, match=r"'../elsewhere.safetensors' points outside"):
         SafetensorsReader(tmp_path)
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["w"]}))
+    index.write_text(json.dumps({"weight_map": ["w"]}))
     with pytest.raises(ValueError, match=r"not a safetensors index"):
         SafetensorsReader(tmp_path)
