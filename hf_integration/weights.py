@@ -19,7 +19,7 @@ from torch import nn
 
 from ds_twolevel.partition import AttentionSpec
 
-from .safetensors_files import SAFE_DTYPES, Entry, read_header, weight_files
+from .safetensors_files import SAFE_DTYPES, Entry, read_header, weight_files  # noqa: F401 (re-export)
 from .specs import AttentionLayout, MLPLayout
 
 ROW_BLOCK_BYTES = 4 << 20  # column slices read rows in blocks of this size: bounded scratch memory
