@@ -203,11 +203,29 @@ def _start_job(ctx, index: int, job: Job, tmp: str) -> list:
     return procs
 
 
+def _reap(index: int, procs: list, ended: dict, late: bool) -> bool:
+    """Record the ranks of job ``index`` that ended; kill the stopped ones once all others ended (or
+    everything at the deadline). True when the whole job is over."""
+    import signal
+
+    for rank, (proc, _) in enumerate(procs):
+        if (index, rank) not in ended and proc.exitcode is not None:
+            ended[(index, rank)] = (proc.exitcode, False, time.time())
+    live = [r for r in range(len(procs)) if (index, r) not in ended]
+    if live and (late or all(_is_stopped(procs[r][0].pid) for r in live)):
+        for r in live:  # a stopped rank is killed once the others ended (as launchers do)
+            stopped = _is_stopped(procs[r][0].pid)
+            os.kill(procs[r][0].pid, signal.SIGKILL)
+            procs[r][0].join()
+            ended[(index, r)] = (None if late and not stopped else procs[r][0].exitcode, stopped, time.time())
+        live = []
+    return not live
+
+
 def _zygote(spec: str) -> None:
     """The launcher of :func:`run_jobs` (a fresh process): preload, fork the ranks, watch them end."""
     import importlib
     import pickle
-    import signal
 
     with open(spec, "rb") as f:
         jobs, timeout, preload, max_parallel, tmp = pickle.load(f)
@@ -223,19 +241,7 @@ def _zygote(spec: str) -> None:
             index = pending.pop(0)
             running[index] = _start_job(ctx, index, jobs[index], tmp)
         for index, procs in list(running.items()):
-            for rank, (proc, _) in enumerate(procs):
-                if (index, rank) not in ended and proc.exitcode is not None:
-                    ended[(index, rank)] = (proc.exitcode, False, time.time())
-            live = [r for r in range(len(procs)) if (index, r) not in ended]
-            late = time.monotonic() > deadline
-            if live and (late or all(_is_stopped(procs[r][0].pid) for r in live)):
-                for r in live:  # a stopped rank is killed once the others ended (as launchers do)
-                    stopped = _is_stopped(procs[r][0].pid)
-                    os.kill(procs[r][0].pid, signal.SIGKILL)
-                    procs[r][0].join()
-                    ended[(index, r)] = (None if late and not stopped else procs[r][0].exitcode, stopped, time.time())
-                live = []
-            if not live:
+            if _reap(index, procs, ended, late=time.monotonic() > deadline):
                 del running[index]
         time.sleep(0.05)
     results = []
