@@ -138,11 +138,16 @@ def build_mesh(config: str | os.PathLike | Mapping[str, Any]) -> TwoLevelMesh:
     """
     world = _env_world_size()
     tl, ds, error = _validate_on_rank(config, world)
-    if error is not None and world is None and not dist.is_initialized():
-        raise error  # a single process without a launcher: nobody to tell
+    if error is not None and world in (None, 1) and not dist.is_initialized():
+        raise error  # a single process: nobody to tell
     # a rank whose config failed still joins the rendezvous (its own timeout, if readable, else the
     # default) so that the agreement can tell every rank
-    init_distributed(tl or _fallback_two_level(config))
+    try:
+        init_distributed(tl or _fallback_two_level(config))
+    except Exception:
+        if error is not None:  # the rendezvous failed too: this rank's own problem comes first
+            raise error from None
+        raise
     if error is None:
         try:
             layout = check_deepspeed_config(tl, ds, dist.get_world_size(), device_type=_device_type())

@@ -345,3 +345,20 @@ def test_property_only_value_errors_escape_the_loader():
         _load_and_check(cfg, world, device)
 
     run()
+
+
+def test_build_mesh_in_a_single_process_refuses_at_once(monkeypatch):
+    """No launcher (no WORLD_SIZE) or a world of 1: nobody to agree with, the error is raised as is
+    before any rendezvous (under a launcher the ranks agree first: tests/test_fault_matrix.py)."""
+    import torch.distributed as dist
+
+    import ds_twolevel
+
+    for world in (None, "1"):
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(ValueError, match=r'^"zero_optimization" must be a JSON object, got \[\]'):
+            ds_twolevel.build_mesh({"zero_optimization": [], "two_level": {"n": 1, "m": 1}})
+        assert not dist.is_initialized()
