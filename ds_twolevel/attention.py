@@ -18,7 +18,7 @@ from .collectives import (all_gather_dim, all_reduce_both, all_to_all_dim0, copy
 from .costmodel import (STRATEGIES, AttentionCall, causal_block_owner, causal_block_rows, choose_strategy,
                         split_softmax, values_gathered)
 from .layout import TwoLevelAxes, TwoLevelMesh
-from .masks import additive_mask, dropout_keep_mask
+from .masks import additive_mask, dropout_keep_mask, zero_unattended_rows
 from .partition import AttentionPartition, AttentionSpec, shard_dim
 from .rope import apply_rope_segment, segment_cos_sin
 
@@ -229,6 +229,7 @@ class TwoLevelAttention(nn.Module):
             out = self._attend_score_allreduce(q, k, v, mask, call)
         else:
             out = self._attend_qk_allgather(q, k, v, mask, is_causal=fused_causal)
+        out = zero_unattended_rows(out, attention_mask, causal=self.causal, heads=self.part.q_heads(self.axes.i))
         out = out.transpose(1, 2).reshape(b, s, hl * dvl)  # (b, s, hl*dvl)
         y = reduce_from_axis(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s, H)
         return y if self.o_bias is None else y + self.o_bias

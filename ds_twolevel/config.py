@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .costmodel import STRATEGIES
+from .config_schema import AUTO, check_key, check_object_keys, show, validate_deepspeed_dict
 from .layout import TwoLevelLayout
 
 SECTION = "two_level"
@@ -73,21 +73,10 @@ class TwoLevelConfig:
     a replica starts from the same model even if seeding differed."""
 
     def __post_init__(self) -> None:
-        for name in ("n", "m"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f'"two_level.{name}" must be an int >= 1, got {value!r}')
-        if self.dp is not None and (not isinstance(self.dp, int) or isinstance(self.dp, bool) or self.dp < 1):
-            raise ValueError(f'"two_level.dp" must be an int >= 1 or absent, got {self.dp!r}')
+        for field in fields(self):  # type and range of every field: one line naming key, value, example
+            check_key(f"{SECTION}.{field.name}", getattr(self, field.name))
         if self.strategy == COST_MODEL:
             object.__setattr__(self, "strategy", "auto")
-        if self.strategy not in (*STRATEGIES, "auto"):
-            raise ValueError(f'"two_level.strategy" must be one of {[COST_MODEL, *STRATEGIES]}, got {self.strategy!r}')
-        if not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool) or self.timeout_s <= 0:
-            raise ValueError(f'"two_level.timeout_s" must be a number of seconds > 0, got {self.timeout_s!r}')
-        for name in ("kv_replication", "strict", "zero_init", "sync_init"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f'"two_level.{name}" must be true or false, got {getattr(self, name)!r}')
 
     @property
     def tp_size(self) -> int:
@@ -106,8 +95,7 @@ class TwoLevelConfig:
     @classmethod
     def from_dict(cls, section: Mapping[str, Any]) -> "TwoLevelConfig":
         """Validate a ``"two_level"`` section; unknown or missing keys are errors."""
-        if not isinstance(section, Mapping):
-            raise ValueError(f'"two_level" must be a JSON object, got {type(section).__name__}')
+        check_object_keys(section, '"two_level"')
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(section) - known)
         if unknown:
@@ -126,15 +114,30 @@ class TwoLevelConfig:
         return out
 
 
+class ConfigNotFoundError(FileNotFoundError, ValueError):
+    """The DeepSpeed config path names no file (both a FileNotFoundError and a ValueError: every
+    config problem is a ValueError)."""
+
+
 def read_json(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """A DeepSpeed config given as a path or a dict, as a fresh dict."""
+    """A DeepSpeed config given as a path or a dict, as a fresh dict (ValueError naming the file
+    when it is not a JSON object)."""
     if isinstance(config, Mapping):
+        check_object_keys(config, "the DeepSpeed config")
         return copy.deepcopy(dict(config))
+    if not isinstance(config, (str, os.PathLike)):
+        raise ValueError(f"a DeepSpeed config is a path or a dict, got {show(config)}")
     path = Path(config)
     if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {str(path)!r} does not exist")
-    with open(path) as f:
-        return json.load(f)
+        raise ConfigNotFoundError(f"DeepSpeed config {str(path)!r} does not exist (or is not a file); pass the path "
+                                  "of a JSON file or a dict")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"DeepSpeed config {str(path)!r} is not valid JSON: {err}") from None
+    check_object_keys(data, f"DeepSpeed config {str(path)!r}")
+    return data
 
 
 def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[TwoLevelConfig, dict[str, Any]]:
@@ -148,7 +151,9 @@ def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any]) -> tupl
         raise ValueError(
             'the DeepSpeed config has no "two_level" section; add e.g. "two_level": {"n": 2, "m": 2} '
             "(n head groups x m head-dim segments; dp = world size / (n*m))")
-    return TwoLevelConfig.from_dict(ds.pop(SECTION)), ds
+    section = ds.pop(SECTION)
+    validate_deepspeed_dict(ds)
+    return TwoLevelConfig.from_dict(section), ds
 
 
 def save_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -179,6 +184,7 @@ def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size
     counted in data-parallel replicas; dtype supported on the device; ``zero_init`` only with
     stage 3.
     """
+    validate_deepspeed_dict(ds)  # idempotent; a dict that did not come through load_deepspeed_config
     layout = tl.layout(world_size)
     dp = layout.dp
     autotp = int((ds.get("tensor_parallel") or {}).get("autotp_size", 0) or 0)
@@ -195,7 +201,7 @@ def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size
                          "(ds_twolevel.save_checkpoint is atomic with the default engine)")
     _check_zero(tl, ds, layout)
     _check_batch(ds, dp, world_size)
-    if (ds.get("fp16") or {}).get("enabled") and device_type == "cpu":
+    if (ds.get("fp16") or {}).get("enabled") is True and device_type == "cpu":
         raise ValueError('"fp16.enabled" is not supported on CPU; use "bf16": {"enabled": true} or fp32 '
                          "(no fp16/bf16 section)")
     return layout
@@ -229,9 +235,8 @@ def _check_zero(tl: TwoLevelConfig, ds: Mapping[str, Any], layout: TwoLevelLayou
 
 def _check_batch(ds: Mapping[str, Any], dp: int, world_size: int) -> None:
     """DeepSpeed counts batches per data-parallel replica (dp), not per rank: say so with numbers."""
-    tbs = ds.get("train_batch_size")
-    mbs = ds.get("train_micro_batch_size_per_gpu")
-    gas = ds.get("gradient_accumulation_steps")
+    tbs, mbs, gas = (None if ds.get(k) == AUTO else ds.get(k)  # "auto": accelerate fills it in
+                     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
     if tbs is None or (mbs is None and gas is None):
         return
     if mbs is not None and gas is not None and tbs != mbs * gas * dp:

@@ -34,7 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import TwoLevelConfig, check_deepspeed_config, load_deepspeed_config, zero_stage
+from . import watchdog
+from .agreement import agree, agreement
+from .config import TwoLevelConfig, check_deepspeed_config, load_deepspeed_config, read_json, zero_stage
 from .layout import TwoLevelMesh
 
 Policy = Callable[[nn.Module, TwoLevelMesh, TwoLevelConfig], nn.Module]
@@ -69,7 +71,9 @@ def _env_world_size() -> int | None:
 
 
 def init_distributed(tl: TwoLevelConfig) -> None:
-    """``deepspeed.init_distributed`` with the configured backend and timeout (no-op if done)."""
+    """``deepspeed.init_distributed`` with the configured backend and timeout (no-op if done), then
+    this rank's watchdog (``ds_twolevel.watchdog``: the rank stops when its launcher exits, and a
+    heartbeat lets ``fail_fast`` name a peer that stopped responding)."""
     import deepspeed
 
     from .deepspeed_env import quiet_launch
@@ -79,6 +83,7 @@ def init_distributed(tl: TwoLevelConfig) -> None:
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=tl.timeout_s),
                                    verbose=False)
     release_shm_workspace()
+    watchdog.start(rank=dist.get_rank(), world_size=dist.get_world_size())
     if _device_type() != "cpu":
         from deepspeed.accelerator import get_accelerator
 
@@ -109,19 +114,68 @@ def release_shm_workspace() -> None:
         pass
 
 
+def _validate_on_rank(config: str | os.PathLike | Mapping[str, Any],
+                      world: int | None) -> tuple[TwoLevelConfig | None, dict | None, ValueError | None]:
+    """(two_level, DeepSpeed dict, None) or (None, None, the ValueError): this rank's reading of the config."""
+    try:
+        tl, ds = load_deepspeed_config(config)
+        if world is not None:
+            check_deepspeed_config(tl, ds, world, device_type=_device_type())
+        return tl, ds, None
+    except ValueError as err:  # name this rank's file: another rank may have read another copy
+        named = isinstance(config, (str, os.PathLike)) and str(config) not in str(err)
+        return None, None, ValueError(f"{str(config)!r}: {err}") if named else err
+
+
 def build_mesh(config: str | os.PathLike | Mapping[str, Any]) -> TwoLevelMesh:
     """Validate the config, initialise distributed and build the dp x n x m mesh.
+
+    Every rank reads and checks the config itself, then the ranks agree on the outcome
+    (``ds_twolevel.agreement``: one 4-byte all-reduce): a config that fails on any rank — the same
+    file everywhere, or one node's copy — raises the same AgreementError on every rank, naming the
+    rank(s) and the file, instead of leaving the others waiting for it in the rendezvous or the
+    first collective. The mesh is built under a second agreement.
 
     Example:
         >>> mesh = build_mesh("ds_configs/zero2_n2_m2.json")   # under the deepspeed launcher
     """
-    tl, ds = load_deepspeed_config(config)
     world = _env_world_size()
-    if world is not None:  # refuse before the rendezvous when the launcher told us the world
-        check_deepspeed_config(tl, ds, world, device_type=_device_type())
-    init_distributed(tl)
-    layout = check_deepspeed_config(tl, ds, dist.get_world_size(), device_type=_device_type())
-    return layout.build(timeout=datetime.timedelta(seconds=tl.timeout_s))
+    tl, ds, error = _validate_on_rank(config, world)
+    if error is not None and world in (None, 1) and not dist.is_initialized():
+        raise error  # a single process: nobody to tell
+    # a rank whose config failed still joins the rendezvous (its own timeout, if readable, else the
+    # default) so that the agreement can tell every rank
+    try:
+        init_distributed(tl or _fallback_two_level(config))
+    except Exception:
+        if error is not None:  # the rendezvous failed too: this rank's own problem comes first
+            raise error from None
+        raise
+    if error is None:
+        try:
+            layout = check_deepspeed_config(tl, ds, dist.get_world_size(), device_type=_device_type())
+        except ValueError as err:
+            error = err
+    agree(error, None, what="validating the DeepSpeed config")
+    with agreement(None, what="building the dp x n x m mesh"):
+        return layout.build(timeout=datetime.timedelta(seconds=tl.timeout_s))
+
+
+def _fallback_two_level(config: str | os.PathLike | Mapping[str, Any]) -> TwoLevelConfig:
+    """The settings a rank whose config failed uses to reach the agreement: its own timeout and
+    backend when those two are valid, the defaults otherwise."""
+    try:
+        section = dict(read_json(config).get("two_level") or {})
+    except (ValueError, OSError, TypeError, AttributeError):
+        section = {}
+    kept = {}
+    for key in ("timeout_s", "dist_backend"):
+        try:
+            TwoLevelConfig(n=1, m=1, **{key: section[key]})
+            kept[key] = section[key]
+        except (KeyError, ValueError, TypeError):
+            pass
+    return TwoLevelConfig(n=1, m=1, **kept)
 
 
 # -- the injection policy --------------------------------------------------------------------------
@@ -393,9 +447,11 @@ def fail_fast(timeout_s: float, *, what: str = "training") -> Iterator[None]:
     """Turn a collective that fails because a peer died or stalled into a clear message and an exit.
 
     A rank waiting on a dead or stalled peer gets an error from the backend within
-    ``timeout_s`` (the process-group timeout set from ``"two_level.timeout_s"``); this prints
-    which rank stopped and why, then exits with :data:`EXIT_PEER_LOST` without tearing down the
-    process group (which could wait on the dead peer again).
+    ``timeout_s`` (the process-group timeout set from ``"two_level.timeout_s"``); this names the
+    rank(s) that stopped (their heartbeat stood still, ``ds_twolevel.watchdog``; a few seconds),
+    prints one line and exits with :data:`EXIT_PEER_LOST` without tearing down the process group
+    (which could wait on the dead peer again). Wrap any phase: ``what="loading"``, ``"saving"``,
+    ``"generating"``.
 
     Example:
         >>> with ds_twolevel.fail_fast(engine.two_level.config.timeout_s):
@@ -408,9 +464,10 @@ def fail_fast(timeout_s: float, *, what: str = "training") -> Iterator[None]:
             raise
         rank = dist.get_rank() if dist.is_initialized() else "?"
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        print(f"[ds_twolevel] rank {rank}: a peer rank died or stopped responding during {what}; a collective "
-              f"failed (timeout {timeout_s:g} s): {first}. Stopping this rank (exit {EXIT_PEER_LOST}); the first "
-              f"failure is in the log of the rank that died.", file=sys.stderr, flush=True)
+        peers = watchdog.describe_peers(watchdog.unresponsive_peers())
+        print(f"[ds_twolevel] rank {rank}: a peer rank died or stopped responding during {what}: {peers}; a "
+              f"collective failed (timeout {timeout_s:g} s): {first}. Stopping this rank (exit {EXIT_PEER_LOST}).",
+              file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_PEER_LOST)
 

@@ -1,4 +1,14 @@
-"""Attention masks as one additive float tensor (b, 1|heads, s_q, s_kv)."""
+"""Attention masks as one additive float tensor (b, 1|heads, s_q, s_kv), and the rows they leave empty.
+
+Fully masked query rows (a sequence whose attention mask is all zeros; left padding under a causal
+mask) follow the mask's kind, as Hugging Face's two attention paths do:
+
+- a *boolean* mask (a 2-D 0/1 padding mask, or the 4-D boolean mask transformers builds for
+  ``attn_implementation="sdpa"``): a row that may attend to no key outputs **zeros** (and passes
+  no gradient), as ``torch.nn.functional.scaled_dot_product_attention`` does since torch 2.5;
+- an *additive* float mask (what transformers builds for ``"eager"``): used as given, so a row
+  masked with ``finfo.min`` everywhere attends uniformly to every key, as HF's eager softmax does.
+"""
 from __future__ import annotations
 
 import torch
@@ -57,3 +67,30 @@ def dropout_keep_mask(
     gen = torch.Generator(device=device)
     gen.manual_seed(seed * 1_000_003 + step)
     return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def zero_unattended_rows(out: torch.Tensor, attention_mask: torch.Tensor | None, *, causal: bool,
+                         heads: list[int] | None = None) -> torch.Tensor:
+    """``out`` (b, hl, s_q, dv) with the query rows a boolean mask lets attend to no key set to 0.
+
+    ``attention_mask`` is what :func:`additive_mask` accepted. Additive float masks and ``None``
+    leave ``out`` unchanged (see the module docstring). ``heads``: this rank's heads, for a 4-D
+    mask given per head for all h heads. No host synchronisation: one elementwise fill.
+
+    Example:
+        >>> out = zero_unattended_rows(out, torch.zeros(2, 5), causal=True)   # every row of both sequences -> 0
+    """
+    if attention_mask is None or (attention_mask.dim() == 4 and attention_mask.dtype != torch.bool):
+        return out
+    if attention_mask.dim() == 4:
+        empty = ~attention_mask.any(dim=-1, keepdim=True)  # (b, 1|h, s_q, 1)
+        if empty.shape[1] not in (1, out.shape[1]) and heads is not None:
+            empty = empty[:, heads]
+        return out.masked_fill(empty.to(out.device), 0)
+    batch, kv_len = attention_mask.shape
+    q_len = out.shape[-2]
+    keep = attention_mask.to(device=out.device, dtype=torch.bool).view(batch, 1, 1, kv_len)
+    if causal:  # queries are the last q_len of the kv_len positions (KV cache)
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=out.device).view(1, 1, q_len, 1)
+        keep = keep & (torch.arange(kv_len, device=out.device).view(1, 1, 1, kv_len) <= q_pos)
+    return out.masked_fill(~keep.any(dim=-1, keepdim=True), 0)  # (b, 1, s_q, 1) rows that see no key

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masks import additive_mask, dropout_keep_mask
+from .masks import additive_mask, dropout_keep_mask, zero_unattended_rows
 from .partition import AttentionSpec
 from .rope import apply_rope_dense
 
@@ -116,7 +116,8 @@ class DenseAttention(nn.Module):
                                      step=self._dropout_step, device=probs.device)
             self._dropout_step += 1
             probs = probs * keep / (1.0 - self.dropout)
-        out = (probs @ v).transpose(1, 2).reshape(b, s, h * dv)  # (b, s, h*dv)
+        out = zero_unattended_rows(probs @ v, attention_mask, causal=self.causal)  # (b, h, s, dv)
+        out = out.transpose(1, 2).reshape(b, s, h * dv)  # (b, s, h*dv)
         return self.o_proj(out)
 
 

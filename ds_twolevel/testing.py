@@ -12,6 +12,7 @@ import queue
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -103,3 +104,153 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             if p.is_alive():
                 p.terminate()
     return [out[r] for r in range(world_size)]
+
+
+# -- jobs whose ranks end on their own (fault tests) -----------------------------------------------
+@dataclass(frozen=True)
+class RankExit:
+    """How one rank of a :func:`run_jobs` job ended."""
+
+    rank: int
+    returncode: int | None
+    """exit status (negative: killed by that signal); None: still running at the deadline (a hang)."""
+    stopped: bool
+    """it was stopped (SIGSTOP) when every other rank of its job had ended, and was then killed,
+    as the ``deepspeed`` launcher and torchrun kill the rest of a job."""
+    ended_at: float
+    """``time.time()`` when it was seen ended (or was killed)."""
+    output: str
+    """its stdout and stderr."""
+
+
+Job = tuple[Callable[..., Any], int, tuple]
+"""(importable function, world size, args): every rank runs ``fn(*args)`` with the env:// variables
+(MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) set, as a launcher does."""
+
+
+def run_jobs(jobs: list[Job], *, timeout: float = 300.0, preload: tuple[str, ...] = (),
+             max_parallel: int = 3) -> list[list[RankExit]]:
+    """Run independent multi-rank jobs, at most ``max_parallel`` at a time; per job, how each rank ended.
+
+    Unlike :func:`run_distributed` nothing is done when a rank fails: each rank must end on its own
+    (that is what fault tests check), except that a rank left *stopped* once the rest of its job has
+    ended is killed, as launchers do, and everything still running at ``timeout`` is killed and
+    reported with ``returncode=None``. Ranks are forked from one fresh "zygote" process that imports
+    ``preload`` once (a rank starts in milliseconds instead of re-importing torch, transformers and
+    deepspeed); the zygote is their parent. Linux (reads ``/proc`` to see a stopped rank).
+
+    Example:
+        >>> [[r0, r1]] = run_jobs([(mymodule.rank_fn, 2, ("stall",))], timeout=120, preload=("torch",))
+        >>> r0.returncode, r1.stopped
+        (17, True)
+    """
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ds_twolevel_jobs_") as tmp:
+        spec = os.path.join(tmp, "jobs.pkl")
+        with open(spec, "wb") as f:
+            pickle.dump((jobs, timeout, preload, max_parallel, tmp), f)
+        cmd = [sys.executable, "-c", "import sys; from ds_twolevel.testing import _zygote; _zygote(sys.argv[1])", spec]
+        path = os.pathsep.join(p for p in sys.path if p)  # what imports here imports in the zygote (jobs' fns)
+        subprocess.run(cmd, check=True, timeout=timeout + 120,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
+        with open(os.path.join(tmp, "result.pkl"), "rb") as f:
+            return pickle.load(f)
+
+
+def _forked_rank(fn: Callable, args: tuple, env: dict[str, str], log: str) -> None:
+    """In the forked child: the env:// variables, stdout/stderr to ``log``, then ``fn(*args)``."""
+    import sys
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    except BaseException:  # noqa: BLE001 - a rank that raises exits 1 with its traceback, like a script
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _is_stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _start_job(ctx, index: int, job: Job, tmp: str) -> list:
+    fn, world, args = job
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+        log = os.path.join(tmp, f"job{index}_rank{rank}.log")
+        proc = ctx.Process(target=_forked_rank, args=(fn, args, env, log))
+        proc.start()
+        procs.append((proc, log))
+    return procs
+
+
+def _reap(index: int, procs: list, ended: dict, late: bool) -> bool:
+    """Record the ranks of job ``index`` that ended; kill the stopped ones once all others ended (or
+    everything at the deadline). True when the whole job is over."""
+    import signal
+
+    for rank, (proc, _) in enumerate(procs):
+        if (index, rank) not in ended and proc.exitcode is not None:
+            ended[(index, rank)] = (proc.exitcode, False, time.time())
+    live = [r for r in range(len(procs)) if (index, r) not in ended]
+    if live and (late or all(_is_stopped(procs[r][0].pid) for r in live)):
+        for r in live:  # a stopped rank is killed once the others ended (as launchers do)
+            stopped = _is_stopped(procs[r][0].pid)
+            os.kill(procs[r][0].pid, signal.SIGKILL)
+            procs[r][0].join()
+            ended[(index, r)] = (None if late and not stopped else procs[r][0].exitcode, stopped, time.time())
+        live = []
+    return not live
+
+
+def _zygote(spec: str) -> None:
+    """The launcher of :func:`run_jobs` (a fresh process): preload, fork the ranks, watch them end."""
+    import importlib
+    import pickle
+
+    with open(spec, "rb") as f:
+        jobs, timeout, preload, max_parallel, tmp = pickle.load(f)
+    for module in preload:
+        importlib.import_module(module)
+    ctx = mp.get_context("fork")  # this process has one thread: forking is safe
+    deadline = time.monotonic() + timeout
+    running: dict[int, list] = {}
+    ended: dict[tuple[int, int], tuple[int | None, bool, float]] = {}
+    pending = list(range(len(jobs)))
+    while pending or running:
+        while pending and len(running) < max_parallel:
+            index = pending.pop(0)
+            running[index] = _start_job(ctx, index, jobs[index], tmp)
+        for index, procs in list(running.items()):
+            if _reap(index, procs, ended, late=time.monotonic() > deadline):
+                del running[index]
+        time.sleep(0.05)
+    results = []
+    for index, (_, world, _) in enumerate(jobs):
+        outcome = []
+        for rank in range(world):
+            code, stopped, at = ended[(index, rank)]
+            with open(os.path.join(tmp, f"job{index}_rank{rank}.log"), errors="replace") as f:
+                outcome.append(RankExit(rank, code, stopped, at, f.read()))
+        results.append(outcome)
+    with open(os.path.join(tmp, "result.pkl"), "wb") as f:
+        pickle.dump(results, f)

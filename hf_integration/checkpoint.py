@@ -8,12 +8,14 @@ shards layer by layer (``ds_twolevel.gather_dense_state``) into a standard check
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import shutil
 import types
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -21,11 +23,12 @@ import transformers
 from accelerate import init_empty_weights
 from torch import nn
 
+from ds_twolevel.agreement import agreement
 from ds_twolevel.gather import gather_dense_state
 from ds_twolevel.layout import TwoLevelMesh
 
 from .policy import PatchReport, model_name, partitioned_layers, patch_model
-from .weights import SafetensorsReader, assign_tensor, load_shards, to_hf_tensors
+from .weights import ROW_BLOCK_BYTES, SafetensorsReader, assign_tensor, load_shards, to_hf_tensors
 
 
 # -- dense export ---------------------------------------------------------------------------------
@@ -166,12 +169,13 @@ def check_checkpoint(model: nn.Module, reader: RenamedReader, directory: Path) -
     problems = []
     for group in _parameter_holders(model).values():
         names = [full for _, _, full in group]
-        name = next((n for n in names if n in reader.keys), None)
+        present = [n for n in names if n in reader.keys]
         expected = tuple(group[0][0]._parameters[group[0][1]].shape)
-        if name is None:
+        if not present:
             problems.append(f"{names[0]} missing")
-        elif tuple(reader.shape(name)) != expected:
-            problems.append(f"{reader.keys[name]}: checkpoint {tuple(reader.shape(name))} vs config {expected}")
+        for name in present:  # tied names: each tensor the checkpoint holds must fit
+            if tuple(reader.shape(name)) != expected:
+                problems.append(f"{reader.keys[name]}: checkpoint {tuple(reader.shape(name))} vs config {expected}")
     if problems:
         raise ValueError(f"{model_name(model)}: checkpoint {directory} does not match its config.json "
                          f"({len(problems)} tensor(s)): {'; '.join(problems[:6])}; re-export the checkpoint "
@@ -192,29 +196,125 @@ def _materialize_rest(model: nn.Module, reader: RenamedReader) -> None:
             other._parameters[other_attr] = new
 
 
-def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_class: type | None = None,
-                     strict: bool = True, strategy: str = "auto", kv_replication: bool = False,
-                     dtype: torch.dtype | None = None) -> tuple[nn.Module, PatchReport]:
-    """Build ``model_class`` (default: ``config.architectures[0]``) from a ``save_pretrained``
-    directory with each rank reading only its slices; return (patched model in eval mode, report).
+def _world_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
-    Example:
-        >>> model, report = load_partitioned("ckpt/", TwoLevelLayout(n=2, m=2).build())
-    """
-    directory = Path(directory)
-    with SafetensorsReader(directory) as files:
-        config = transformers.AutoConfig.from_pretrained(directory)
+
+@contextlib.contextmanager
+def _agreed(what: str) -> Iterator[None]:
+    """A per-rank step whose failure on any rank raises the same AgreementError on every rank
+    (``ds_twolevel.agreement``: one 4-byte all-reduce); without a process group, the error as is."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    with agreement(None, what=what):
+        yield
+
+
+def _report_unused(model: nn.Module, reader: RenamedReader, directory: Path) -> None:
+    """Warn about checkpoint tensors the model does not use (biases with ``attention_bias=false``,
+    extra layers, ...) with transformers' own LOAD REPORT, as ``from_pretrained`` does (rank 0 only)."""
+    expected = set(model.state_dict())
+    unexpected = {name for name in reader.keys if name not in expected}
+    if not unexpected or _world_rank() != 0:
+        return
+    from transformers.modeling_utils import logger as hf_logger
+    from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
+
+    info = LoadStateDictInfo(missing_keys=set(), unexpected_keys=unexpected, mismatched_keys=set(), error_msgs=[],
+                             conversion_errors={}, skipped_pp_keys=set())
+    model._adjust_missing_and_unexpected_keys(info)  # the rotary inv_freq / position_ids exceptions HF makes
+    log_state_dict_report(model=model, pretrained_model_name_or_path=str(directory), ignore_mismatched_sizes=False,
+                          loading_info=info, logger=hf_logger)
+
+
+def _same_values(reader: RenamedReader, a: str, b: str, dtype: torch.dtype) -> bool:
+    """``torch.equal`` of two checkpoint tensors in the model's dtype, streamed in row blocks."""
+    shape = reader.shape(a)
+    if shape != reader.shape(b):
+        return False
+    if not shape:
+        return torch.equal(reader.read(a).to(dtype), reader.read(b).to(dtype))
+    rows = max(1, ROW_BLOCK_BYTES // max(1, math.prod(shape[1:]) * 4))
+    for start in range(0, shape[0], rows):
+        index = torch.arange(start, min(start + rows, shape[0]))
+        if not torch.equal(reader.read(a, 0, index).to(dtype), reader.read(b, 0, index).to(dtype)):
+            return False
+    return True
+
+
+def _untie_different(model: nn.Module, reader: RenamedReader) -> None:
+    """Tie embeddings exactly when transformers would (``PreTrainedModel.tie_weights(missing_keys=...)``
+    in 5.24): the config asks for a tie, but when the checkpoint holds *both* tensors with different
+    values, warn as HF does and keep both. (Only one present: tied to it, by ``_materialize_rest``.)"""
+    from transformers.modeling_utils import logger as hf_logger
+
+    for target, source in list((getattr(model, "all_tied_weights_keys", None) or {}).items()):
+        if target not in reader.keys or source not in reader.keys:
+            continue
+        parent_path, _, attr = target.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        tied = parent._parameters[attr]
+        if _same_values(reader, target, source, tied.dtype):
+            continue
+        if _world_rank() == 0:
+            hf_logger.warning(
+                f"The tied weights mapping and config for this model specifies to tie {source} to {target}, but both "
+                "are present in the checkpoints with different values, so we will NOT tie them. You should update the "
+                "config with `tie_word_embeddings=False` to silence this warning.")
+        model.all_tied_weights_keys.pop(target)
+        untied = nn.Parameter(torch.empty_like(tied, device="meta"), requires_grad=tied.requires_grad)
+        untied.__dict__.update(tied.__dict__)
+        parent._parameters[attr] = untied  # its own meta parameter: _materialize_rest reads it from `target`
+
+
+def _open_checkpoint(directory: Path, model_class: type | None,
+                     dtype: torch.dtype | None) -> tuple[nn.Module, SafetensorsReader, RenamedReader]:
+    """Config, bounded headers, the model on meta (tied as its config says) and the checked key map.
+    Per rank and without collectives."""
+    config = transformers.AutoConfig.from_pretrained(directory)
+    files = SafetensorsReader(directory, weights_name=getattr(config, "transformers_weights", None))
+    try:
         cls = _model_class(config, model_class)
         with init_empty_weights():  # parameters on meta, buffers (RoPE tables, position ids) real
             model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
         model.tie_weights()  # meta construction leaves tied weights (GPT-2's lm_head) untied
         reader = RenamedReader(files, checkpoint_keys(model, files))
         check_checkpoint(model, reader, directory)
+        _report_unused(model, reader, directory)
+    except BaseException:
+        files.close()
+        raise
+    return model, files, reader
+
+
+def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_class: type | None = None,
+                     strict: bool = True, strategy: str = "auto", kv_replication: bool = False,
+                     dtype: torch.dtype | None = None) -> tuple[nn.Module, PatchReport]:
+    """Build ``model_class`` (default: ``config.architectures[0]``) from a ``save_pretrained``
+    directory with each rank reading only its slices; return (patched model in eval mode, report).
+
+    Loads as ``from_pretrained`` would: the same file precedence (a single ``model.safetensors``
+    wins over an index), tied embeddings only when transformers would tie them, and its LOAD
+    REPORT for checkpoint tensors the model does not use. A rank that fails (a file only it reads is
+    truncated, ...) makes every rank raise the same ``AgreementError`` naming that rank and file.
+
+    Example:
+        >>> model, report = load_partitioned("ckpt/", TwoLevelLayout(n=2, m=2).build())
+    """
+    directory = Path(directory)
+    with _agreed("loading a checkpoint (load_partitioned)"):  # each rank's error names its own files
+        model, files, reader = _open_checkpoint(directory, model_class, dtype)
+    try:
         report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication)
-        for path, layer in partitioned_layers(model):
-            owner = _owner_path(path, layer)
-            load_shards(layer, layer.tensor_maps, reader, prefix=(owner + ".") if owner else "")
-        _materialize_rest(model, reader)
+        with _agreed("reading checkpoint slices (load_partitioned)"):
+            for path, layer in partitioned_layers(model):
+                owner = _owner_path(path, layer)
+                load_shards(layer, layer.tensor_maps, reader, prefix=(owner + ".") if owner else "")
+            _untie_different(model, reader)
+            _materialize_rest(model, reader)
+    finally:
+        files.close()
     if dtype is not None:
         model.to(dtype)
     model.eval()

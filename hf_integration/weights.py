@@ -8,7 +8,6 @@ slicing a live module, slicing a checkpoint on disk, and assembling a dense chec
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -20,11 +19,9 @@ from torch import nn
 
 from ds_twolevel.partition import AttentionSpec
 
+from .safetensors_files import SAFE_DTYPES, Entry, read_header, weight_files  # noqa: F401 (re-export)
 from .specs import AttentionLayout, MLPLayout
 
-SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-               "U8": torch.uint8, "BOOL": torch.bool}
 ROW_BLOCK_BYTES = 4 << 20  # column slices read rows in blocks of this size: bounded scratch memory
 
 
@@ -135,13 +132,7 @@ class StateDictReader:
         return t.clone() if index is None else t.index_select(dim, index.to(t.device))
 
 
-@dataclass(frozen=True)
-class _Entry:
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    """absolute byte offset of the data in the file."""
+_Entry = Entry  # where one tensor lives (file, dtype, shape, offset): see safetensors_files
 
 
 def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
@@ -166,37 +157,14 @@ class SafetensorsReader:
         ...     rows = ckpt.read("model.layers.0.self_attn.q_proj.weight", 0, torch.tensor([0, 1, 8, 9]))
     """
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, *, weights_name: str | None = None) -> None:
         self.directory = Path(directory)
         self.entries: dict[str, _Entry] = {}
-        for file in self._files():
-            self.entries.update(self._header(file))
+        # headers are parsed with bounds (safetensors_files.read_header): a damaged or hostile file
+        # is a ValueError naming it, never an allocation; files resolve as from_pretrained does
+        for file in weight_files(self.directory, weights_name):
+            self.entries.update(read_header(file))
         self._handles: dict[Path, object] = {}
-
-    def _files(self) -> list[Path]:
-        index = self.directory / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return sorted({self.directory / f for f in weight_map.values()})
-        single = self.directory / "model.safetensors"
-        if not single.exists():
-            raise ValueError(f"{self.directory}: no model.safetensors or model.safetensors.index.json "
-                             f"(save the model with save_pretrained(..., safe_serialization=True))")
-        return [single]
-
-    @staticmethod
-    def _header(file: Path) -> dict[str, _Entry]:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        out = {}
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            if meta["dtype"] not in SAFE_DTYPES:
-                raise ValueError(f"{file}: tensor {key} has unsupported dtype {meta['dtype']}")
-            out[key] = _Entry(file, SAFE_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + meta["data_offsets"][0])
-        return out
 
     def __enter__(self) -> "SafetensorsReader":
         return self

@@ -81,9 +81,9 @@ def test_missing_section_names_the_fix():
 @pytest.mark.parametrize("section,match", [
     ({"n": 2}, r'"two_level" needs \[\'m\'\]'),
     ({"n": 2, "m": 2, "heads": 4}, r"unknown key\(s\) \['heads'\]"),
-    ({"n": 0, "m": 2}, r'"two_level.n" must be an int >= 1, got 0'),
+    ({"n": 0, "m": 2}, r'^"two_level.n" must be an integer >= 1, got 0; e.g. "n": 2$'),
     ({"n": 2, "m": 2, "strategy": "fast"}, r'"two_level.strategy" must be one of'),
-    ({"n": 2, "m": 2, "timeout_s": 0}, r'"two_level.timeout_s" must be a number of seconds > 0'),
+    ({"n": 2, "m": 2, "timeout_s": 0}, r'"two_level.timeout_s" must be a finite number in \[1, 604800\], got 0'),
     ({"n": 2, "m": 2, "strict": "yes"}, r'"two_level.strict" must be true or false'),
     ([2, 2], r'"two_level" must be a JSON object'),
 ])
@@ -108,7 +108,6 @@ def test_world_that_does_not_factor_lists_layouts():
     ({"zero_optimization": {"stage": 3, "mics_shard_size": 2}}, {}, r'mics_shard_size" = 2 shards over consecutive'),
     ({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}}, {},
      r"zero_quantized_gradients\" reduces gradients by all-to-all over the ranks of each node"),
-    ({"zero_optimization": {"stage": 4}}, {}, r'"zero_optimization.stage" must be 0, 1, 2 or 3, got 4'),
     ({"train_batch_size": 16}, {}, r'"train_batch_size" = 16 != micro batch 2 x gradient_accumulation_steps 1 x dp 2 '
                                    r"\(it was computed with the world size 8; batches count replicas, not ranks\); "
                                    r"set it to 4"),
@@ -176,3 +175,190 @@ def test_a_model_without_a_policy_is_refused_with_the_fix():
     tl, _ = load_deepspeed_config(BASE)
     with pytest.raises(ValueError, match=r"no two-level injection policy for Linear.*pass policy="):
         default_policy(nn.Linear(2, 2), TwoLevelLayout(n=1, m=1).build(), tl)
+
+
+# -- one validation layer: type and range of every key we read, one line each -----------------------
+def _from_json_text(tmp_path, text: str):
+    """Load a config written as JSON text (Python's json reads Infinity / NaN literals)."""
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    return load_deepspeed_config(path)
+
+
+@pytest.mark.parametrize("two_level,message", [
+    ('{"n": 2, "m": 2, "timeout_s": Infinity}',
+     '"two_level.timeout_s" must be a finite number in [1, 604800], got Infinity; e.g. "timeout_s": 600'),
+    ('{"n": 2, "m": 2, "timeout_s": NaN}',
+     '"two_level.timeout_s" must be a finite number in [1, 604800], got NaN; e.g. "timeout_s": 600'),
+    ('{"n": 2, "m": 2, "timeout_s": 1e-7}',
+     '"two_level.timeout_s" must be a finite number in [1, 604800], got 1e-07; e.g. "timeout_s": 600'),
+    ('{"n": 2, "m": 2, "timeout_s": "600"}',
+     '"two_level.timeout_s" must be a finite number in [1, 604800], got "600"; e.g. "timeout_s": 600'),
+    ('{"n": 2.0, "m": 2}', '"two_level.n" must be an integer >= 1, got 2.0; e.g. "n": 2'),
+    ('{"n": true, "m": 2}', '"two_level.n" must be an integer >= 1, got true; e.g. "n": 2'),
+    ('{"n": 2, "m": 2, "dp": 0}', '"two_level.dp" must be an integer >= 1 (or null), got 0; e.g. "dp": 2'),
+    ('{"n": 2, "m": 2, "dist_backend": 7}',
+     '"two_level.dist_backend" must be a non-empty string (or null), got 7; e.g. "dist_backend": "gloo"'),
+    ('{"n": 2, "m": 2, "strategy": ["auto"]}',
+     '"two_level.strategy" must be one of "cost_model", "auto", "score_allreduce", "qk_allgather", got ["auto"]; '
+     'e.g. "strategy": "cost_model"'),
+])
+def test_two_level_values_are_type_and_range_checked(tmp_path, two_level, message):
+    """Table rows: Infinity / NaN gave OverflowError / ValueError from timedelta, 1e-7 a 0 ms socket timeout."""
+    with pytest.raises(ValueError) as err:
+        _from_json_text(tmp_path, '{"train_micro_batch_size_per_gpu": 2, "two_level": ' + two_level + "}")
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("section,message", [
+    ('"fp16": true', '"fp16" must be a JSON object, got true; e.g. "fp16": {"enabled": true}'),
+    ('"zero_optimization": []', '"zero_optimization" must be a JSON object, got []; e.g. "zero_optimization": '
+                                '{"stage": 2}'),
+    ('"zero_optimization": true', '"zero_optimization" must be a JSON object, got true; e.g. "zero_optimization": '
+                                  '{"stage": 2}'),
+    ('"zero_optimization": {"stage": 4}', '"zero_optimization.stage" must be one of 0, 1, 2, 3, got 4; e.g. "stage": 2'),
+    ('"zero_optimization": {"stage": "2"}',
+     '"zero_optimization.stage" must be one of 0, 1, 2, 3, got "2"; e.g. "stage": 2'),
+    ('"bf16": {"enabled": 1}', '"bf16.enabled" must be true or false (or "auto"), got 1; e.g. "enabled": true'),
+    ('"tensor_parallel": [2]', '"tensor_parallel" must be a JSON object, got [2]; e.g. "tensor_parallel": {"tp_size": 1}'),
+    ('"tensor_parallel": {"autotp_size": Infinity}',
+     '"tensor_parallel.autotp_size" must be an integer >= 0, got Infinity; e.g. "autotp_size": 0'),
+    ('"checkpoint": "on"', '"checkpoint" must be a JSON object, got "on"; e.g. "checkpoint": '
+                           '{"use_node_local_storage": false}'),
+    ('"train_micro_batch_size_per_gpu": 0',
+     '"train_micro_batch_size_per_gpu" must be an integer >= 1 (or "auto" or null), got 0; e.g. "train_micro_batch_size_per_gpu": 2'),
+    ('"gradient_accumulation_steps": 1.5',
+     '"gradient_accumulation_steps" must be an integer >= 1 (or "auto" or null), got 1.5; e.g. "gradient_accumulation_steps": 1'),
+    ('"gradient_clipping": NaN', '"gradient_clipping" must be a finite number >= 0 (or "auto"), got NaN; '
+                                 'e.g. "gradient_clipping": 1.0'),
+    ('"optimizer": {"type": "AdamW", "params": [0.001]}',
+     '"optimizer.params" must be a JSON object, got [0.001]; e.g. "params": {"lr": 0.001}'),
+    ('"scheduler": "WarmupLR"', '"scheduler" must be a JSON object, got "WarmupLR"; e.g. "scheduler": '
+                                '{"type": "WarmupLR", "params": {"warmup_num_steps": 100}}'),
+    ('"sequence_parallel_size": null', '"sequence_parallel_size" must be an integer >= 1, got null; '
+                                       'e.g. "sequence_parallel_size": 1'),
+    ('"dtype": "fp64"', '"dtype" must be one of "fp32", "float32", "float", "torch.float32", "fp16", "float16", "half", '
+                        '"torch.float16", "bf16", "bfloat16", "bfloat", "torch.bfloat16", "int8", "torch.int8", '
+                        'got "fp64"; e.g. "dtype": "fp32"'),
+])
+def test_deepspeed_sections_are_type_and_range_checked(tmp_path, section, message):
+    """Objects where objects belong (`"fp16": true` was an AttributeError, `"zero_optimization": []` a
+    TypeError, both inside our checks), numbers in range, each with a valid example."""
+    with pytest.raises(ValueError) as err:
+        _from_json_text(tmp_path, "{" + section + ', "two_level": {"n": 2, "m": 2}}')
+    assert str(err.value) == message
+
+
+def test_placeholders_accelerate_fills_are_accepted():
+    cfg = with_({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+                 "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}})
+    tl, ds = load_deepspeed_config(cfg)
+    assert check_deepspeed_config(tl, ds, 8).dp == 2
+
+
+def test_a_config_that_is_not_an_object_names_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"DeepSpeed config '.*ds.json' must be a JSON object, got \[1, 2\]"):
+        _from_json_text(tmp_path, "[1, 2]")
+    with pytest.raises(ValueError, match=r"DeepSpeed config '.*ds.json' is not valid JSON: Expecting"):
+        _from_json_text(tmp_path, '{"two_level": {"n": 2,}}')
+    with pytest.raises(ValueError, match=r"a DeepSpeed config is a path or a dict, got 3"):
+        load_deepspeed_config(3)
+
+
+# -- property: whatever JSON value sits wherever, only ValueError escapes the loader ----------------
+# written out here, not taken from the schema, so that a key the schema forgot is still exercised
+PATHS = [(), ("two_level",), *[("two_level", k) for k in ("n", "m", "dp", "strategy", "kv_replication", "strict",
+                                                           "timeout_s", "dist_backend", "zero_init", "sync_init", "x")],
+         *[(k,) for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                          "gradient_clipping", "steps_per_print", "sequence_parallel_size", "zero_optimization", "fp16",
+                          "bf16", "bfloat16", "tensor_parallel", "checkpoint", "optimizer", "scheduler", "dtype",
+                          "replace_with_kernel_inject", "wall_clock_breakdown", "anything")],
+         *[("zero_optimization", k) for k in ("stage", "zero_hpz_partition_size", "mics_shard_size",
+                                              "zero_quantized_gradients", "offload_param")],
+         ("fp16", "enabled"), ("bf16", "enabled"), ("tensor_parallel", "autotp_size"), ("tensor_parallel", "tp_size"),
+         ("checkpoint", "writer"), ("checkpoint", "use_node_local_storage"), ("optimizer", "type"),
+         ("optimizer", "params"), ("scheduler", "type"), ("scheduler", "params")]
+
+
+AWKWARD = [float("nan"), float("inf"), -float("inf"), 0, -1, 1, 2, 4, 1e-7, 2.0, 2 ** 64, 10 ** 400, True, False, None,
+           "", "auto", "2", "x" * 100, [], {}, [2], {"enabled": True}, {"stage": 3}]
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    special = st.sampled_from(AWKWARD)
+    leaves = (special | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
+              | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=6))
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.text(max_size=6) | st.sampled_from(["stage", "enabled", "n", "m", "type", "params"]), inner, max_size=3),
+        max_leaves=8)
+
+
+def _put(cfg, path: tuple[str, ...], value):
+    """``cfg`` with ``value`` at ``path`` (creating objects on the way; replacing cfg when path is ())."""
+    if not path:
+        return value
+    if not isinstance(cfg, dict):
+        return cfg
+    node = cfg
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+    return cfg
+
+
+def _load_and_check(cfg, world: int = 8, device: str = "cpu") -> None:
+    """load + check; ValueError is fine, anything else fails the test; what passes must be usable."""
+    try:
+        tl, ds = load_deepspeed_config(cfg)
+        check_deepspeed_config(tl, ds, world, device_type=device)
+    except ValueError:
+        return
+    assert 1 <= tl.timeout_s <= 7 * 24 * 3600, tl.timeout_s  # accepted means usable
+    assert isinstance(tl.n, int) and isinstance(tl.m, int) and tl.n * tl.m <= world
+
+
+def test_every_key_with_every_awkward_value():
+    """Exhaustive over PATHS x AWKWARD (one edit each): only ValueError, or a usable config."""
+    for path in PATHS:
+        for value in AWKWARD:
+            _load_and_check(_put(json.loads(json.dumps(BASE)), path, value))
+
+
+def test_property_only_value_errors_escape_the_loader():
+    """hypothesis: random JSON values (nested objects/lists/strings/numbers incl. NaN and Infinity/
+    bools/null) at random positions of a valid config; load + check either pass or raise ValueError,
+    and what passes has a usable timeout and layout."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(edits=st.lists(st.tuples(st.sampled_from(PATHS), _json_values()), min_size=1, max_size=3),
+           world=st.sampled_from([1, 2, 4, 8, 16]), device=st.sampled_from(["cpu", "cuda"]))
+    def run(edits, world, device):
+        cfg = json.loads(json.dumps(BASE))
+        for path, value in edits:
+            cfg = _put(cfg, path, value)
+        _load_and_check(cfg, world, device)
+
+    run()
+
+
+def test_build_mesh_in_a_single_process_refuses_at_once(monkeypatch):
+    """No launcher (no WORLD_SIZE) or a world of 1: nobody to agree with, the error is raised as is
+    before any rendezvous (under a launcher the ranks agree first: tests/test_fault_matrix.py)."""
+    import torch.distributed as dist
+
+    import ds_twolevel
+
+    for world in (None, "1"):
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(ValueError, match=r'^"zero_optimization" must be a JSON object, got \[\]'):
+            ds_twolevel.build_mesh({"zero_optimization": [], "two_level": {"n": 1, "m": 1}})
+        assert not dist.is_initialized()

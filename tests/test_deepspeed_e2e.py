@@ -431,15 +431,19 @@ def test_lost_rank_stops_the_others_within_timeout(fault):
     assert "[ds_twolevel] rank 0: a peer rank died or stopped responding during training" in text, text[-4000:]
     if fault == "stall":
         assert f"Timed out waiting {timeout * 1000}ms" in text  # the configured timeout reached the backend
-    assert ended - fault_at < timeout + 15, ended - fault_at
+    if fault == "die":  # the heartbeat names the dead rank (a sleeping one still beats: it is alive)
+        assert "rank 1 stopped responding (pid" in text and "exited" in text, text[-4000:]
+    assert ended - fault_at < timeout + 30, ended - fault_at
     print(f"\n{fault}: job ended {ended - fault_at:.1f} s after the fault (timeout {timeout} s); launch {seconds:.0f} s")
 
 
 def test_world_size_that_does_not_factor_is_refused(workdir):
-    proc, _ = launch(3, "--scenario", "badworld", "--layout", "2x2", timeout=120)
+    proc, _ = launch(3, "--scenario", "badworld", "--layout", "2x2", timeout=300)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "REFUSED: world size 3 is not a multiple of n*m = 2*2 = 4" in text, text[-3000:]
+    # every rank joins the rendezvous and the ranks agree: the same line on all three
+    assert text.count("REFUSED: validating the DeepSpeed config failed on rank 0, 1, 2: ValueError: world size 3 is "
+                      "not a multiple of n*m = 2*2 = 4") == 3, text[-3000:]
     assert "NOT REFUSED" not in text
 
 

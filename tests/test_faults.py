@@ -110,3 +110,30 @@ def test_segment_group_times_out_instead_of_hanging():
     results = run_distributed(_stuck_peer, 2, timeout=60)
     assert results[0].startswith("timed out after"), results[0]
     assert float(results[0].split()[3].rstrip("s:")) < 8
+
+
+def _job_rank(kind: str) -> None:
+    """For run_jobs: rank 1 stops itself, rank 0 raises, or rank 1 hangs."""
+    import signal
+
+    rank = int(os.environ["RANK"])
+    print(f"rank {rank} of {os.environ['WORLD_SIZE']} on port {os.environ['MASTER_PORT']}", flush=True)
+    if kind == "stop" and rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if kind == "raise" and rank == 0:
+        raise ValueError("bad input on rank 0")
+    if kind == "hang" and rank == 1:
+        time.sleep(120)
+
+
+def test_run_jobs_lets_every_rank_end_on_its_own():
+    """The fault-matrix harness: a failing rank does not end its job; a stopped rank is killed once
+    its peers ended (as launchers do); a rank still running at the deadline is reported as None."""
+    from ds_twolevel.testing import run_jobs
+
+    stop, fail, hang = run_jobs([(_job_rank, 2, ("stop",)), (_job_rank, 2, ("raise",)), (_job_rank, 2, ("hang",))],
+                                timeout=8, preload=("torch",))
+    assert (stop[0].returncode, stop[1].returncode, stop[1].stopped) == (0, -9, True)
+    assert fail[0].returncode == 1 and "ValueError: bad input on rank 0" in fail[0].output
+    assert fail[1].returncode == 0 and fail[1].output.startswith("rank 1 of 2 on port ")
+    assert hang[0].returncode == 0 and hang[1].returncode is None and not hang[1].stopped
