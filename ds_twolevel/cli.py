@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, demo, planner
+from . import bench, convert, demo, planner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark layouts on local gloo ranks; write docs/performance tables")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+    p = sub.add_parser("convert", help="dense fp32 weights (a Hugging Face directory) of a two-level DeepSpeed checkpoint")
+    convert.add_arguments(p)
+    p.set_defaults(func=convert.main)
     return parser
 
 
