@@ -32,8 +32,9 @@ class AgreementError(ValueError):
         self.what, self.failures = what, dict(sorted(failures.items()))
         ranks = ", ".join(str(r) for r in self.failures)
         first = next(iter(self.failures.values()))
-        more = "" if len(self.failures) == 1 else f" (and {len(self.failures) - 1} other rank(s): " + "; ".join(
-            f"rank {r}: {msg}" for r, msg in list(self.failures.items())[1:]) + ")"
+        others = [(r, msg) for r, msg in list(self.failures.items())[1:] if msg != first]  # same message: said once
+        more = "" if not others else f" (and {len(others)} other rank(s): " + "; ".join(
+            f"rank {r}: {msg}" for r, msg in others) + ")"
         super().__init__(f"{what} failed on rank {ranks}: {first}{more}")
 
 

@@ -288,18 +288,9 @@ def _layouts(saved: ShardManifest, current: ShardManifest) -> str:
             f"{current.describe()} with ZeRO {current.info.get('zero_stage')}")
 
 
-def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardManifest]:
-    """("native" | "reshard", saved manifest, current manifest), or ValueError naming both layouts.
-
-    Pure (no collective); the caller runs it inside an agreement step.
-    """
-    from .engine_state import check_supported
-
-    if not is_complete(tag_dir):
-        raise ValueError(f"{tag_dir} has no {MANIFEST_NAME}: it was not written by ds_twolevel (plain "
-                         f"engine.save_checkpoint before ds_twolevel was imported, or an older version), so its "
-                         f"layout cannot be checked; resume from a checkpoint saved by ds_twolevel.save_checkpoint")
-    saved, current = ShardManifest.read(tag_dir), current_manifest(engine)
+def _check_loadable(engine: Any, tag_dir: Path, saved: ShardManifest, current: ShardManifest) -> None:
+    """ValueError when the checkpoint holds another model, lacks a file, or the config asks for a
+    DeepSpeed universal checkpoint."""
     diffs = model_differences(saved, current)
     if diffs:
         raise ValueError(f"{tag_dir} holds another model than this job's ({'; '.join(diffs)}); resume it with the "
@@ -311,9 +302,12 @@ def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardMa
     if engine.load_universal_checkpoint():
         raise ValueError('"checkpoint": {"load_universal": true} is not supported for two-level models; remove it: '
                          "ds_twolevel.load_checkpoint reshards a checkpoint to any dp x n x m itself")
-    stage_same = saved.info.get("zero_stage") == current.info["zero_stage"]
-    if same_shards(saved, current) and stage_same and saved.info.get("dtype") == current.info["dtype"]:
-        return "native", saved, current
+
+
+def _check_reshardable(engine: Any, tag_dir: Path, saved: ShardManifest, current: ShardManifest) -> None:
+    """ValueError naming both layouts when the engine's or the checkpoint's state is not per tensor."""
+    from .engine_state import check_supported
+
     try:
         check_supported(engine, what="resharding a checkpoint")
         if saved.info.get("zero_stage") == 0 and saved.info.get("dtype") != "float32":
@@ -322,6 +316,24 @@ def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardMa
         raise ValueError(f"{tag_dir} was {_layouts(saved, current)} and cannot be resharded ({err}); resume at "
                          f"{saved.describe()} with ZeRO {saved.info.get('zero_stage')}, or start from its dense "
                          f"weights: ds-twolevel convert {tag_dir.parent} OUT") from None
+
+
+def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardManifest]:
+    """("native" | "reshard", saved manifest, current manifest), or ValueError naming both layouts.
+
+    Pure (no collective); the caller runs it inside an agreement step.
+    """
+    if not is_complete(tag_dir):
+        raise ValueError(f"{tag_dir} has no {MANIFEST_NAME}: it was not written by ds_twolevel (plain "
+                         f"engine.save_checkpoint before ds_twolevel was imported, or an older version), so its "
+                         f"layout cannot be checked; resume from a checkpoint saved by ds_twolevel.save_checkpoint")
+    saved, current = ShardManifest.read(tag_dir), current_manifest(engine)
+    _check_loadable(engine, tag_dir, saved, current)
+    same = (same_shards(saved, current) and saved.info.get("zero_stage") == current.info["zero_stage"]
+            and saved.info.get("dtype") == current.info["dtype"])
+    if same:
+        return "native", saved, current
+    _check_reshardable(engine, tag_dir, saved, current)
     return "reshard", saved, current
 
 

@@ -205,14 +205,15 @@ def install() -> None:
     originals = {name: getattr(DeepSpeedEngine, name) for name in WRAPPERS}
     for name, wrapper in WRAPPERS.items():
         setattr(DeepSpeedEngine, name, _wrap(originals[name], wrapper))
-    setattr(DeepSpeedEngine, _MARK, originals)
     original_fp32 = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
     zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint = functools.wraps(original_fp32)(
         functools.partial(_get_fp32_state_dict, original_fp32))
+    setattr(DeepSpeedEngine, _MARK, {**originals, "get_fp32_state_dict_from_zero_checkpoint": original_fp32})
 
 
 def original(name: str) -> Callable:
-    """DeepSpeed's own (unwrapped) ``DeepSpeedEngine`` method ``name``."""
+    """DeepSpeed's own (unwrapped) ``DeepSpeedEngine`` method ``name``, or
+    ``"get_fp32_state_dict_from_zero_checkpoint"`` (``deepspeed.utils.zero_to_fp32``'s function)."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     return DeepSpeedEngine.__dict__.get(_MARK, {}).get(name) or getattr(DeepSpeedEngine, name)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,7 +86,7 @@ def ds_config(stage: int, n: int, m: int, *, zero_init: bool = False, timeout_s:
         "gradient_clipping": CLIP,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": EPS,
                                                    "weight_decay": 0.01, "torch_adam": True}},
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **({"stage3_gather_16bit_weights_on_model_save": True} if stage == 3 else {})},
         "steps_per_print": 10 ** 9,
         "two_level": {"n": n, "m": m, "strategy": "cost_model", "timeout_s": timeout_s, "zero_init": zero_init},
     }
@@ -101,8 +102,10 @@ def _make_model(cfg: dict, mesh, zero_init: bool, seed: int = SEED) -> Qwen3ForC
     return build_model(seed)
 
 
-def _train(engine, mesh, first: int, last: int, dp: int, save: tuple[Path, int] | None = None) -> dict:
-    """Steps ``first..last``; per step the mean loss over the global batch and the pre-clip grad norm."""
+def _train(engine, mesh, first: int, last: int, dp: int, save: tuple[Path, int, Path] | None = None) -> dict:
+    """Steps ``first..last``; per step the mean loss over the global batch and the pre-clip grad norm.
+    ``save = (dir, step, ref)``: checkpoint at ``step``, and the engine's own dense fp32 weights and
+    Adam moments (the reference for the checkpoint's conversion and resharding) into ``ref``."""
     import torch.distributed as dist
 
     import ds_twolevel
@@ -122,7 +125,16 @@ def _train(engine, mesh, first: int, last: int, dp: int, save: tuple[Path, int] 
         norms.append(float(engine.get_global_grad_norm()))
         if save is not None and step == save[1]:
             ds_twolevel.save_checkpoint(engine, save[0], tag=f"step{step}", client_state={"step": step})
+            _save_rank0(_live_state(engine), save[2])
     return {"losses": losses, "grad_norms": norms}
+
+
+def _live_state(engine) -> dict:
+    """The engine's dense fp32 master weights and Adam moments, gathered from the live optimizer
+    (DeepSpeed's tensor-fragment API), not from any file."""
+    from ds_twolevel import checkpointing, engine_state
+
+    return engine_state.dense_state(engine, checkpointing.mesh_of(engine), checkpointing.current_manifest(engine))
 
 
 def _save_rank0(obj: dict, path: Path) -> None:
@@ -145,6 +157,27 @@ def _export_case(engine, out: Path, name: str) -> None:
     _save_rank0({"logits": logits.detach().clone()}, out / f"{name}.probe.pt")
 
 
+def _sixteen_bit_case(engine, out: Path, name: str, state: dict) -> str:
+    """DeepSpeed's own 16-bit paths (what the HF Trainer and accelerate call): ``save_16bit_model``
+    writes ``{name}.16bit/pytorch_model.bin``; the consolidated state dicts must equal ``state``
+    (``dense_state_dict``) bit for bit on rank 0 and be None elsewhere. Returns "equal" or what differs."""
+    import torch.distributed as dist
+
+    assert engine.save_16bit_model(str(out / f"{name}.16bit"), "pytorch_model.bin")
+    getters = [engine._consolidated_16bit_state_dict]
+    if engine.zero_optimization_stage() == 3:
+        getters.append(engine._zero3_consolidated_16bit_state_dict)
+    for get in getters:
+        got = get()
+        if dist.get_rank() != 0:
+            if got is not None:
+                return f"{get.__name__} returned a state dict on rank {dist.get_rank()}"
+            continue
+        if got.keys() != state.keys() or not all(torch.equal(got[k], state[k]) for k in state):
+            return f"{get.__name__} differs from dense_state_dict"
+    return "equal"
+
+
 def _finish_case(engine, out: Path, name: str, metrics: dict, export: bool = False) -> None:
     """Dense weights (rank 0 writes them), rank agreement, optional export; then the metrics."""
     import torch.distributed as dist
@@ -160,6 +193,7 @@ def _finish_case(engine, out: Path, name: str, metrics: dict, export: bool = Fal
     metrics["rank_divergence"] = max(float((v - views[0]).abs().max()) for v in views)
     if export:
         _export_case(engine, out, name)
+        metrics["consolidated"] = _sixteen_bit_case(engine, out, name, state)
     if dist.get_rank() == 0:
         torch.save(state, out / f"{name}.weights.pt")
         (out / f"{name}.json").write_text(json.dumps(metrics))
@@ -186,11 +220,14 @@ def scenario_parity(args) -> None:
         engine, *_ = ds_twolevel.initialize(model=_make_model(cfg, mesh, zero_init), config=cfg, mesh=mesh)
         # the starting point, gathered: the seeded dense model, or zero_init_model's own HF init draw
         _save_rank0(ds_twolevel.dense_state_dict(engine), out / f"{args.tag}_{case}.init.pt")
-        save = (out / f"ckpt_{case}", SAVE_AT) if args.checkpoint else None
+        name = f"{args.tag}_{case}"
+        save = (out / f"ckpt_{name}", SAVE_AT, out / f"{name}.step{SAVE_AT}.pt") if args.checkpoint else None
         metrics = _train(engine, mesh, 1, STEPS, dp, save)
         metrics["seconds"] = time.time() - t0
-        _finish_case(engine, out, f"{args.tag}_{case}", metrics, export=True)
+        _finish_case(engine, out, name, metrics, export=True)
         engine.destroy()
+    if args.relayout:
+        scenario_relayout(args, out)
 
 
 def scenario_resume(args) -> None:
@@ -201,7 +238,7 @@ def scenario_resume(args) -> None:
 
     out, mesh, dp, cases = _scenario_setup(args)
     for case, stage, zero_init in cases:
-        ckpt = out / f"ckpt_{case}"
+        ckpt = out / f"ckpt_w8_{case}"
         if dist.get_rank() == 0:  # what a save killed midway leaves behind: must be ignored
             (ckpt / f"step{SAVE_AT + 2}.partial").mkdir(exist_ok=True)
             (ckpt / f"step{SAVE_AT + 2}.partial" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
@@ -214,6 +251,93 @@ def scenario_resume(args) -> None:
         metrics["resumed_from"] = client["step"]
         _finish_case(engine, out, f"resume_{case}", metrics)
         engine.destroy()
+    _cross_cases(args, out, mesh, "cross")
+
+
+def _resume_case(engine, mesh, ckpt: Path, out: Path, name: str) -> None:
+    """Load ``ckpt`` (any layout), record the loaded state (``{name}.loaded.pt``), train to STEPS."""
+    import ds_twolevel
+
+    _, client = ds_twolevel.load_checkpoint(engine, ckpt)
+    _save_rank0(_live_state(engine), out / f"{name}.loaded.pt")
+    metrics = _train(engine, mesh, client["step"] + 1, STEPS, mesh.get_data_parallel_world_size())
+    metrics["resumed_from"] = client["step"]
+    _finish_case(engine, out, name, metrics)
+
+
+def _cross_cases(args, out: Path, mesh, prefix: str) -> None:
+    """``--cross src:stage,...``: the 4-rank launch's (dp2 x n1 x m2) ZeRO-``src`` checkpoints resumed
+    on ``mesh`` with ZeRO ``stage``: resharded, never loaded into the wrong coordinates."""
+    import ds_twolevel
+
+    for pair in filter(None, args.cross.split(",")):
+        src, stage = pair.split(":")
+        cfg = ds_config(int(stage), mesh.layout.n, mesh.layout.m)
+        engine, *_ = ds_twolevel.initialize(model=build_model(seed=99), config=cfg, mesh=mesh)
+        _resume_case(engine, mesh, out / f"ckpt_w4_{src}", out, f"{prefix}_{src}to{stage}")
+        engine.destroy()
+
+
+def scenario_relayout(args, out: Path) -> None:
+    """The same 4 ranks at another n x m (``--relayout``): the cross-layout resumes of ``--cross``, a
+    GPT-NeoX (fused QKV, partial rotary) saved at n1 x m2 and resumed here, and the refusals."""
+    import ds_twolevel
+
+    n, m = (int(v) for v in args.relayout.split("x"))
+    mesh = ds_twolevel.build_mesh(ds_config(0, n, m))  # a second mesh over the same process group
+    _cross_cases(args, out, mesh, "relayout")
+    _neox_case(out, ds_twolevel.build_mesh(ds_config(0, args.n, args.m)), mesh)
+    _refusals(out, mesh)
+
+
+def _neox_case(out: Path, save_mesh, load_mesh) -> None:
+    """GPT-NeoX, ZeRO-2: 2 steps at ``save_mesh``, saved, loaded at ``load_mesh`` into another draw."""
+    import ds_twolevel
+    from hf_integration.testing import tiny_model
+
+    cfg = ds_config(2, save_mesh.layout.n, save_mesh.layout.m)
+    engine, *_ = ds_twolevel.initialize(model=tiny_model("gpt_neox").train(), config=cfg, mesh=save_mesh)
+    _train(engine, save_mesh, 1, 2, save_mesh.get_data_parallel_world_size(),
+           save=(out / "ckpt_neox", 2, out / "neox.step2.pt"))
+    engine.destroy()
+    cfg = ds_config(2, load_mesh.layout.n, load_mesh.layout.m)
+    engine, *_ = ds_twolevel.initialize(model=tiny_model("gpt_neox", seed=5).train(), config=cfg, mesh=load_mesh)
+    ds_twolevel.load_checkpoint(engine, out / "ckpt_neox")
+    _save_rank0(_live_state(engine), out / "neox.loaded.pt")
+    engine.destroy()
+
+
+def _refusals(out: Path, mesh) -> None:
+    """Checkpoints that must be refused, on every rank with the same one line, before anything is
+    loaded (the engine's weights are unchanged): another model, no layout record, a missing file."""
+    import shutil
+
+    import torch.distributed as dist
+
+    import ds_twolevel
+
+    if dist.get_rank() == 0:
+        for name, source, drop in (("nomanifest", "ckpt_w4_1", "two_level.json"),
+                                   ("incomplete", "ckpt_w4_2", "zero_pp_rank_1_mp_rank_01_optim_states.pt")):
+            shutil.copytree(out / source, out / name)
+            (out / name / f"step{SAVE_AT}" / drop).unlink()
+    dist.barrier()
+    engine, *_ = ds_twolevel.initialize(model=build_model(seed=99), config=ds_config(2, mesh.layout.n, mesh.layout.m),
+                                        mesh=mesh)
+    before, messages = ds_twolevel.dense_state_dict(engine), {}
+    for name in ("ckpt_neox", "nomanifest", "incomplete"):
+        try:
+            ds_twolevel.load_checkpoint(engine, out / name)
+            messages[name] = "NOT REFUSED"
+        except ValueError as err:
+            messages[name] = str(err)
+    after = ds_twolevel.dense_state_dict(engine)
+    messages["unchanged"] = str(all(torch.equal(before[k], after[k]) for k in before))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, messages)
+    if dist.get_rank() == 0:
+        (out / "refusals.json").write_text(json.dumps(gathered))
+    engine.destroy()
 
 
 def scenario_fault(args) -> None:
@@ -261,6 +385,8 @@ def main() -> None:
     parser.add_argument("--cases", default="0,1,2,3")
     parser.add_argument("--tag", default="case")
     parser.add_argument("--checkpoint", action="store_true", help="save at step SAVE_AT")
+    parser.add_argument("--cross", default="", help="src:stage,... 4-rank checkpoints to resume at another layout")
+    parser.add_argument("--relayout", default="", help="n x m of the same ranks for the --cross resumes")
     parser.add_argument("--timeout", type=float, default=10.0)
     parser.add_argument("--fault", choices=["stall", "die"], default="stall")
     args = parser.parse_args()
@@ -270,7 +396,7 @@ def main() -> None:
 
 
 # -- pytest side ----------------------------------------------------------------------------------
-def launch(ranks: int, *script_args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+def launch(ranks: int, *script_args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
     """``deepspeed --num_gpus ranks`` this file on CPU with a free port; (result, seconds)."""
     from ds_twolevel.testing import free_port
 
@@ -362,9 +488,10 @@ def parity_launch(workdir):
 
     def run(ranks: int, n: int, m: int) -> float:
         if ranks not in done:
-            save = ["--checkpoint"] if ranks == 8 else []
+            extra = ["--relayout", RELAYOUT, "--cross", RELAYOUT_CROSS] if ranks == 4 else []
             proc, done[ranks] = launch(ranks, "--scenario", "parity", "--out", str(workdir), "--layout",
-                                       f"{n}x{m}", "--cases", PARITY_CASES[ranks], "--tag", f"w{ranks}", *save)
+                                       f"{n}x{m}", "--cases", PARITY_CASES[ranks], "--tag", f"w{ranks}",
+                                       "--checkpoint", *extra)
             _check_launch(proc)
         return done[ranks]
 
@@ -372,6 +499,41 @@ def parity_launch(workdir):
 
 
 PARITY_CASES = {8: "0,1,2,3,3i", 4: "0,1,2,3"}
+RELAYOUT, RELAYOUT_CROSS = "2x1", "3:3,1:1"
+"""The 4-rank launch (dp2 x n1 x m2) also resumes its own ZeRO-3 and ZeRO-1 checkpoints at dp2 x n2 x m1."""
+CROSS = "0:2,1:3,2:0,3:1"
+"""The 8-rank resume launch (dp2 x n2 x m2) also resumes the 4-rank checkpoints, each at another ZeRO stage."""
+
+
+@pytest.fixture(scope="module")
+def resume_launch(workdir, parity_launch):
+    """The 8-rank resume launch: the 8-rank checkpoints as saved, the 4-rank ones at 8 ranks."""
+    parity_launch(8, 2, 2)
+    parity_launch(4, 1, 2)
+    proc, seconds = launch(8, "--scenario", "resume", "--out", str(workdir), "--layout", "2x2",
+                           "--cases", PARITY_CASES[8], "--cross", CROSS)
+    _check_launch(proc)
+    return seconds
+
+
+def check_16bit(out: Path, name: str) -> None:
+    """``engine.save_16bit_model``'s file, beside the exported config.json, loads with plain
+    ``from_pretrained`` into weights bit-identical to ``dense_state_dict``."""
+    shutil.copy(out / f"{name}.dense" / "config.json", out / f"{name}.16bit" / "config.json")
+    state = Qwen3ForCausalLM.from_pretrained(out / f"{name}.16bit").state_dict()
+    trained = torch.load(out / f"{name}.weights.pt")
+    assert state.keys() == trained.keys(), sorted(set(state) ^ set(trained))
+    assert all(torch.equal(state[k], trained[k]) for k in trained), name
+    assert json.loads((out / f"{name}.json").read_text())["consolidated"] == "equal", name
+
+
+def assert_states_equal(got: dict, ref: dict, what: str) -> None:
+    """{"fp32": dense, "exp_avg": dense, ...} equal bit for bit, every state and tensor."""
+    assert got.keys() == ref.keys(), (what, sorted(got), sorted(ref))
+    for state in ref:
+        assert got[state].keys() == ref[state].keys(), (what, state, sorted(set(got[state]) ^ set(ref[state])))
+        bad = [k for k in ref[state] if not torch.equal(got[state][k], ref[state][k])]
+        assert not bad, f"{what}: {state} differs in {bad[:4]}"
 
 
 @pytest.mark.parametrize("ranks,n,m", [(8, 2, 2), (4, 1, 2)], ids=["dp2xn2xm2", "dp2xn1xm2"])
@@ -393,18 +555,15 @@ def test_zero_stages_match_dense(workdir, parity_launch, ranks, n, m):
             case_ref = ref
         report[case] = compare(workdir, name, case_ref, TOL)
         report[case]["export_logits"] = check_export(workdir, name)
+        check_16bit(workdir, name)
         report[case]["rank_divergence"] = json.loads((workdir / f"{name}.json").read_text())["rank_divergence"]
         assert report[case]["rank_divergence"] == 0.0, (case, report[case])
     print(f"\n{ranks} ranks (dp x n x m = {ranks // (n * m)} x {n} x {m}), launch {seconds:.0f} s:", report)
 
 
-def test_resume_reproduces_uninterrupted_run(workdir, parity_launch):
+def test_resume_reproduces_uninterrupted_run(workdir, resume_launch):
     """Checkpoints saved at step 5 by the 8-rank parity launch, resumed in fresh processes."""
-    parity_launch(8, 2, 2)
-    cases = PARITY_CASES[8]
-    proc, seconds = launch(8, "--scenario", "resume", "--out", str(workdir), "--layout", "2x2",
-                           "--cases", cases)
-    _check_launch(proc)
+    cases, seconds = PARITY_CASES[8], resume_launch
     for case in cases.split(","):
         uninterrupted = json.loads((workdir / f"w8_{case}.json").read_text())
         resumed = json.loads((workdir / f"resume_{case}.json").read_text())
@@ -415,6 +574,95 @@ def test_resume_reproduces_uninterrupted_run(workdir, parity_launch):
         a, b = torch.load(workdir / f"resume_{case}.weights.pt"), torch.load(workdir / f"w8_{case}.weights.pt")
         assert all(torch.equal(a[k], b[k]) for k in b), case
     print(f"\nresume launch {seconds:.0f} s: steps {SAVE_AT + 1}..{STEPS} bit-identical for {cases}")
+
+
+def test_resume_at_another_layout_is_exact(workdir, resume_launch):
+    """A checkpoint saved at dp2 x n1 x m2 resumed at dp2 x n2 x m2 (8 ranks, each at another ZeRO
+    stage) and at dp2 x n2 x m1 (the same 4 ranks): right after the load the dense fp32 weights and
+    Adam moments are bit-identical to those of the saving engine at step 5; steps 6..10 match the
+    dense run. Also GPT-NeoX (fused QKV, partial rotary) n1 x m2 -> n2 x m1."""
+    ref, report = dense_run(2), {}
+    for prefix, pairs in (("cross", CROSS), ("relayout", RELAYOUT_CROSS)):
+        for pair in pairs.split(","):
+            src, stage = pair.split(":")
+            name = f"{prefix}_{src}to{stage}"
+            assert_states_equal(torch.load(workdir / f"{name}.loaded.pt"),
+                                torch.load(workdir / f"w4_{src}.step{SAVE_AT}.pt"), name)
+            assert json.loads((workdir / f"{name}.json").read_text())["resumed_from"] == SAVE_AT
+            report[name] = compare(workdir, name, ref, TOL, first_step=SAVE_AT + 1)
+    assert_states_equal(torch.load(workdir / "neox.loaded.pt"), torch.load(workdir / "neox.step2.pt"), "neox")
+    print(f"\ncross-layout resumes (8-rank launch {resume_launch:.0f} s): {report}")
+
+
+def test_checkpoints_that_cannot_be_resumed_are_refused(workdir, parity_launch):
+    """Another model, no layout record, a missing file: the same one line on every rank, nothing loaded."""
+    parity_launch(4, 1, 2)
+    per_rank = json.loads((workdir / "refusals.json").read_text())
+    assert all(r == per_rank[0] for r in per_rank), per_rank
+    got = per_rank[0]
+    assert got["unchanged"] == "True"
+    assert all("\n" not in v for v in got.values()), got
+    assert got["ckpt_neox"].startswith(f"loading checkpoint {workdir / 'ckpt_neox'} failed on rank 0, 1, 2, 3: "
+                                       f"ValueError: {workdir / 'ckpt_neox' / 'step2'} holds another model than this "
+                                       f"job's ("), got["ckpt_neox"]
+    assert "resume it with the model it was saved from (GPTNeoXForCausalLM)" in got["ckpt_neox"]
+    assert f"{workdir / 'nomanifest' / 'step5'} has no two_level.json: it was not written by ds_twolevel" in \
+        got["nomanifest"], got["nomanifest"]
+    assert got["incomplete"].endswith(f"{workdir / 'incomplete' / 'step5'} is incomplete: 1 file(s) missing "
+                                      f"(zero_pp_rank_1_mp_rank_01_optim_states.pt); resume from another checkpoint")
+
+
+CONVERTED = ["w8_0", "w8_1", "w8_2", "w8_3", "w8_3i", "w4_0", "w4_1", "w4_2", "w4_3"]
+
+
+def test_checkpoints_convert_to_dense(workdir, parity_launch, tmp_path):
+    """Every step-5 checkpoint (ZeRO 0-3, 8 and 4 ranks) read back without any engine: dense fp32
+    master weights and Adam moments bit-identical to the saving engine's own (live) ones."""
+    from ds_twolevel.checkpointing import dense_from_checkpoint
+
+    parity_launch(8, 2, 2)
+    parity_launch(4, 1, 2)
+    for name in CONVERTED:
+        got = dense_from_checkpoint(workdir / f"ckpt_{name}" / f"step{SAVE_AT}", states=("fp32", "exp_avg", "exp_avg_sq"))
+        assert_states_equal(got, torch.load(workdir / f"{name}.step{SAVE_AT}.pt"), name)
+
+
+def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_launch, tmp_path):
+    """``ds-twolevel convert`` (then plain from_pretrained), the ``zero_to_fp32.py`` / ``zero_to_torch.py``
+    beside the checkpoint, ``get_fp32_state_dict_from_zero_checkpoint``: the dense weights. DeepSpeed's
+    own script fails on these files; ``ds_to_universal`` refuses them with the way that works."""
+    import runpy
+
+    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.utils import zero_to_fp32
+    from safetensors.torch import load_file
+
+    from ds_twolevel import cli, deepspeed_compat
+
+    parity_launch(8, 2, 2)
+    ckpt, ref = workdir / "ckpt_w8_2", torch.load(workdir / f"w8_2.step{SAVE_AT}.pt")["fp32"]
+    assert cli.main(["convert", str(ckpt), str(tmp_path / "hf")]) == 0
+    assert_states_equal({"fp32": Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").state_dict()}, {"fp32": ref}, "hf")
+    for script, extra, dtype in (("zero_to_fp32.py", ["--safe_serialization"], torch.float32),
+                                 ("zero_to_torch.py", ["--dtype", "bf16", "--safe_serialization"], torch.bfloat16)):
+        argv = sys.argv
+        sys.argv = [script, str(ckpt), str(tmp_path / script), *extra]
+        try:
+            runpy.run_path(str(ckpt / script), run_name="__main__")
+        finally:
+            sys.argv = argv
+        got = load_file(tmp_path / script / "model.safetensors")
+        assert_states_equal({"w": got}, {"w": {k: v.to(dtype) for k, v in ref.items()}}, script)
+    deepspeed_compat.install()
+    assert_states_equal({"w": zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt))}, {"w": ref}, "fp32 fn")
+    with pytest.raises(ValueError, match=r"Expected 2 of '\*_optim_states.pt' .* but found 8 files"):
+        deepspeed_compat.original("get_fp32_state_dict_from_zero_checkpoint")(str(ckpt))
+    for case in ("w8_2", "w8_3"):  # ZeRO-1/2 and ZeRO-3 take different paths in ds_to_universal
+        args = argparse.Namespace(input_folder=str(workdir / f"ckpt_{case}" / f"step{SAVE_AT}"),
+                                  output_folder=str(tmp_path / f"uc_{case}"), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with pytest.raises(ValueError, match="not supported for .*: ds_twolevel two-level shards .* ds-twolevel convert"):
+            ds_to_universal.main(args)
 
 
 @pytest.mark.parametrize("fault", ["stall", "die"])
