@@ -128,8 +128,8 @@ def current_manifest(engine: Any, **info: Any) -> ShardManifest:
     layout = mesh_of(engine).layout
     stage = zero_stage(engine)
     param = next(engine.module.parameters())
-    info = {"zero_stage": stage, "dtype": str(param.dtype).removeprefix("torch."),
-            "world_size": layout.world_size, **info}
+    info = {"zero_stage": stage, "dtype": str(param.dtype).removeprefix("torch."), "world_size": layout.world_size,
+            "optim_prefix": "bf16_" if engine.bfloat16_enabled() else "", **info}
     if stage == 0 and engine.optimizer is not None:
         info["optimizer_params"] = optimizer_param_order(engine)
     return manifest_for(engine.module, (layout.dp, layout.n, layout.m), info=info)
@@ -279,7 +279,8 @@ def _expected_files(tag_dir: Path, manifest: ShardManifest) -> list[Path]:
     dp, stage = manifest.layout[0], int(manifest.info["zero_stage"])
     files = [model_file(tag_dir, stage, r, d) for r in range(manifest.tp_size) for d in range(dp if stage == 3 else 1)]
     if stage > 0:
-        files += [optim_file(tag_dir, r, d) for r in range(manifest.tp_size) for d in range(dp)]
+        prefix = manifest.info.get("optim_prefix", "")
+        files += [optim_file(tag_dir, r, d, prefix) for r in range(manifest.tp_size) for d in range(dp)]
     return files
 
 

@@ -75,9 +75,10 @@ def model_file(tag_dir: Path, stage: int, tp_rank: int, dp_rank: int = 0) -> Pat
     return tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt"
 
 
-def optim_file(tag_dir: Path, tp_rank: int, dp_rank: int) -> Path:
-    """DeepSpeed's ZeRO optimizer-states file name of (dp_rank, tp_rank)."""
-    return tag_dir / f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+def optim_file(tag_dir: Path, tp_rank: int, dp_rank: int, prefix: str = "") -> Path:
+    """DeepSpeed's ZeRO optimizer-states file name of (dp_rank, tp_rank); ``prefix`` is "bf16_" for
+    a bf16 engine (DeepSpeed 0.19.8 ``_get_zero_ckpt_prefix``)."""
+    return tag_dir / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
 
 
 def _one_step(steps: list[Any], where: str) -> torch.Tensor | None:
@@ -151,13 +152,13 @@ def _split_flat(flat: torch.Tensor, shapes: dict[str, torch.Size], paddings: lis
 
 def read_zero12(tag_dir: Path, manifest: ShardManifest, tp_rank: int) -> RankTensors:
     """ZeRO-1/2: concatenate each group's fp32 (and moment) partitions over dp, then split by parameter."""
-    dp = manifest.layout[0]
+    dp, prefix = manifest.layout[0], manifest.info.get("optim_prefix", "")
     model_state = _load(model_file(tag_dir, 1, tp_rank))
-    per_dp = [_zero12_group_flats(_load(optim_file(tag_dir, tp_rank, d))["optimizer_state_dict"]) for d in range(dp)]
-    osd0 = _load(optim_file(tag_dir, tp_rank, 0))["optimizer_state_dict"]
-    paddings = osd0.get("param_alignment_paddings")
+    osds = [_load(optim_file(tag_dir, tp_rank, d, prefix))["optimizer_state_dict"] for d in range(dp)]
+    per_dp = [_zero12_group_flats(osd) for osd in osds]
+    paddings = osds[0].get("param_alignment_paddings")
     out = RankTensors(buffers=_buffers(model_state))
-    where = str(optim_file(tag_dir, tp_rank, 0))
+    where = str(optim_file(tag_dir, tp_rank, 0, prefix))
     for g, shapes in enumerate(model_state["param_shapes"]):
         pad = paddings[g] if paddings else None
         out.fp32.update(_split_flat(torch.cat([r[0][g] for r in per_dp]), shapes, pad, where))
@@ -195,11 +196,11 @@ def _split_zero3(flats: list[torch.Tensor], shapes: dict[str, torch.Size], where
 
 def read_zero3(tag_dir: Path, manifest: ShardManifest, tp_rank: int) -> RankTensors:
     """ZeRO-3: every parameter is partitioned over dp separately (padding at its end)."""
-    dp = manifest.layout[0]
+    dp, prefix = manifest.layout[0], manifest.info.get("optim_prefix", "")
     model_states = [_load(model_file(tag_dir, 3, tp_rank, d)) for d in range(dp)]
-    per_dp = [_zero3_flats(_load(optim_file(tag_dir, tp_rank, d))["optimizer_state_dict"]) for d in range(dp)]
+    per_dp = [_zero3_flats(_load(optim_file(tag_dir, tp_rank, d, prefix))["optimizer_state_dict"]) for d in range(dp)]
     shapes = {k: v for group in model_states[0]["param_shapes"] for k, v in group.items()}
-    where = str(optim_file(tag_dir, tp_rank, 0))
+    where = str(optim_file(tag_dir, tp_rank, 0, prefix))
     out = RankTensors(fp32=_split_zero3([r[0] for r in per_dp], shapes, where), buffers=_buffers(model_states[0]))
     for key in per_dp[0][1]:
         out.moments[key] = _split_zero3([r[1][key] for r in per_dp], shapes, where)
@@ -227,14 +228,14 @@ READERS = {0: read_stage0, 1: read_zero12, 2: read_zero12, 3: read_zero3}
 
 def common_state(tag_dir: Path, manifest: ShardManifest) -> dict[str, Any]:
     """What is not a tensor of the model: steps, scheduler, optimizer hyper-parameters, client state."""
-    stage = int(manifest.info["zero_stage"])
+    stage, prefix = int(manifest.info["zero_stage"]), manifest.info.get("optim_prefix", "")
     state = _load(model_file(tag_dir, stage, 0))
     if stage == 0:
         groups = (state.get("optimizer") or {}).get("param_groups", [])
     elif stage == 3:
-        groups = _load(optim_file(tag_dir, 0, 0))["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
+        groups = _load(optim_file(tag_dir, 0, 0, prefix))["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
     else:
-        base = _load(optim_file(tag_dir, 0, 0))["optimizer_state_dict"]["base_optimizer_state"]
+        base = _load(optim_file(tag_dir, 0, 0, prefix))["optimizer_state_dict"]["base_optimizer_state"]
         groups = base.get("param_groups", []) if isinstance(base, dict) else []
     return {"global_steps": state["global_steps"], "global_samples": state.get("global_samples"),
             "skipped_steps": state["skipped_steps"], "lr_scheduler": state.get("lr_scheduler"),

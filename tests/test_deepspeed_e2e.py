@@ -78,9 +78,11 @@ def global_batch(step: int, dp: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (MICRO * GAS * dp, SEQ), generator=gen)
 
 
-def ds_config(stage: int, n: int, m: int, *, zero_init: bool = False, timeout_s: float = 120) -> dict:
+def ds_config(stage: int, n: int, m: int, *, zero_init: bool = False, timeout_s: float = 120,
+              bf16: bool = False) -> dict:
     """The DeepSpeed JSON of a case (train_batch_size left to DeepSpeed: MICRO x GAS x dp)."""
     return {
+        **({"bf16": {"enabled": True}} if bf16 else {}),
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": GAS,
         "gradient_clipping": CLIP,
@@ -279,31 +281,38 @@ def _cross_cases(args, out: Path, mesh, prefix: str) -> None:
 
 
 def scenario_relayout(args, out: Path) -> None:
-    """The same 4 ranks at another n x m (``--relayout``): the cross-layout resumes of ``--cross``, a
-    GPT-NeoX (fused QKV, partial rotary) saved at n1 x m2 and resumed here, and the refusals."""
+    """The same 4 ranks at another n x m (``--relayout``): the cross-layout resumes of ``--cross``; a
+    GPT-NeoX (fused QKV, partial rotary, ZeRO-2) and a bf16 Qwen3 (ZeRO-2 -> ZeRO-1) saved at n1 x m2
+    and resumed here; the refusals."""
     import ds_twolevel
 
     n, m = (int(v) for v in args.relayout.split("x"))
     mesh = ds_twolevel.build_mesh(ds_config(0, n, m))  # a second mesh over the same process group
+    from hf_integration.testing import tiny_model
+
     _cross_cases(args, out, mesh, "relayout")
-    _neox_case(out, ds_twolevel.build_mesh(ds_config(0, args.n, args.m)), mesh)
+    saved_at = ds_twolevel.build_mesh(ds_config(0, args.n, args.m))
+    _saved_and_loaded(out, "neox", lambda seed: tiny_model("gpt_neox", seed=seed).train(), (2, 2), saved_at, mesh)
+    _saved_and_loaded(out, "bf16", build_model, (2, 1), saved_at, mesh, bf16=True)
     _refusals(out, mesh)
 
 
-def _neox_case(out: Path, save_mesh, load_mesh) -> None:
-    """GPT-NeoX, ZeRO-2: 2 steps at ``save_mesh``, saved, loaded at ``load_mesh`` into another draw."""
+def _saved_and_loaded(out: Path, name: str, make_model, stages: tuple[int, int], save_mesh, load_mesh,
+                      bf16: bool = False) -> None:
+    """2 steps of ``make_model(seed)`` at ``save_mesh`` (ZeRO ``stages[0]``), saved; loaded at
+    ``load_mesh`` (ZeRO ``stages[1]``) into another draw; the live states into ``{name}.step2.pt`` and
+    ``{name}.loaded.pt``."""
     import ds_twolevel
-    from hf_integration.testing import tiny_model
 
-    cfg = ds_config(2, save_mesh.layout.n, save_mesh.layout.m)
-    engine, *_ = ds_twolevel.initialize(model=tiny_model("gpt_neox").train(), config=cfg, mesh=save_mesh)
+    cfg = ds_config(stages[0], save_mesh.layout.n, save_mesh.layout.m, bf16=bf16)
+    engine, *_ = ds_twolevel.initialize(model=make_model(0), config=cfg, mesh=save_mesh)
     _train(engine, save_mesh, 1, 2, save_mesh.get_data_parallel_world_size(),
-           save=(out / "ckpt_neox", 2, out / "neox.step2.pt"))
+           save=(out / f"ckpt_{name}", 2, out / f"{name}.step2.pt"))
     engine.destroy()
-    cfg = ds_config(2, load_mesh.layout.n, load_mesh.layout.m)
-    engine, *_ = ds_twolevel.initialize(model=tiny_model("gpt_neox", seed=5).train(), config=cfg, mesh=load_mesh)
-    ds_twolevel.load_checkpoint(engine, out / "ckpt_neox")
-    _save_rank0(_live_state(engine), out / "neox.loaded.pt")
+    cfg = ds_config(stages[1], load_mesh.layout.n, load_mesh.layout.m, bf16=bf16)
+    engine, *_ = ds_twolevel.initialize(model=make_model(5), config=cfg, mesh=load_mesh)
+    ds_twolevel.load_checkpoint(engine, out / f"ckpt_{name}")
+    _save_rank0(_live_state(engine), out / f"{name}.loaded.pt")
     engine.destroy()
 
 
@@ -396,7 +405,7 @@ def main() -> None:
 
 
 # -- pytest side ----------------------------------------------------------------------------------
-def launch(ranks: int, *script_args: str, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
+def launch(ranks: int, *script_args: str, timeout: float = 1800) -> tuple[subprocess.CompletedProcess, float]:
     """``deepspeed --num_gpus ranks`` this file on CPU with a free port; (result, seconds)."""
     from ds_twolevel.testing import free_port
 
@@ -580,7 +589,7 @@ def test_resume_at_another_layout_is_exact(workdir, resume_launch):
     """A checkpoint saved at dp2 x n1 x m2 resumed at dp2 x n2 x m2 (8 ranks, each at another ZeRO
     stage) and at dp2 x n2 x m1 (the same 4 ranks): right after the load the dense fp32 weights and
     Adam moments are bit-identical to those of the saving engine at step 5; steps 6..10 match the
-    dense run. Also GPT-NeoX (fused QKV, partial rotary) n1 x m2 -> n2 x m1."""
+    dense run. Also GPT-NeoX (fused QKV, partial rotary) and bf16 (ZeRO-2 -> ZeRO-1), n1 x m2 -> n2 x m1."""
     ref, report = dense_run(2), {}
     for prefix, pairs in (("cross", CROSS), ("relayout", RELAYOUT_CROSS)):
         for pair in pairs.split(","):
@@ -590,7 +599,8 @@ def test_resume_at_another_layout_is_exact(workdir, resume_launch):
                                 torch.load(workdir / f"w4_{src}.step{SAVE_AT}.pt"), name)
             assert json.loads((workdir / f"{name}.json").read_text())["resumed_from"] == SAVE_AT
             report[name] = compare(workdir, name, ref, TOL, first_step=SAVE_AT + 1)
-    assert_states_equal(torch.load(workdir / "neox.loaded.pt"), torch.load(workdir / "neox.step2.pt"), "neox")
+    for name in ("neox", "bf16"):
+        assert_states_equal(torch.load(workdir / f"{name}.loaded.pt"), torch.load(workdir / f"{name}.step2.pt"), name)
     print(f"\ncross-layout resumes (8-rank launch {resume_launch:.0f} s): {report}")
 
 
@@ -612,19 +622,20 @@ def test_checkpoints_that_cannot_be_resumed_are_refused(workdir, parity_launch):
                                       f"(zero_pp_rank_1_mp_rank_01_optim_states.pt); resume from another checkpoint")
 
 
-CONVERTED = ["w8_0", "w8_1", "w8_2", "w8_3", "w8_3i", "w4_0", "w4_1", "w4_2", "w4_3"]
+CONVERTED = ["w8_0", "w8_1", "w8_2", "w8_3", "w8_3i", "w4_0", "w4_1", "w4_2", "w4_3", "neox", "bf16"]
 
 
-def test_checkpoints_convert_to_dense(workdir, parity_launch, tmp_path):
-    """Every step-5 checkpoint (ZeRO 0-3, 8 and 4 ranks) read back without any engine: dense fp32
-    master weights and Adam moments bit-identical to the saving engine's own (live) ones."""
+def test_checkpoints_convert_to_dense(workdir, parity_launch):
+    """Every checkpoint (ZeRO 0-3, 8 and 4 ranks, GPT-NeoX, bf16) read back without any engine: dense
+    fp32 master weights and Adam moments bit-identical to the saving engine's own (live) ones."""
     from ds_twolevel.checkpointing import dense_from_checkpoint
 
     parity_launch(8, 2, 2)
     parity_launch(4, 1, 2)
     for name in CONVERTED:
-        got = dense_from_checkpoint(workdir / f"ckpt_{name}" / f"step{SAVE_AT}", states=("fp32", "exp_avg", "exp_avg_sq"))
-        assert_states_equal(got, torch.load(workdir / f"{name}.step{SAVE_AT}.pt"), name)
+        step = 2 if name in ("neox", "bf16") else SAVE_AT
+        got = dense_from_checkpoint(workdir / f"ckpt_{name}" / f"step{step}", states=("fp32", "exp_avg", "exp_avg_sq"))
+        assert_states_equal(got, torch.load(workdir / f"{name}.step{step}.pt"), name)
 
 
 def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_launch, tmp_path):
@@ -661,7 +672,7 @@ def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_lau
         args = argparse.Namespace(input_folder=str(workdir / f"ckpt_{case}" / f"step{SAVE_AT}"),
                                   output_folder=str(tmp_path / f"uc_{case}"), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        with pytest.raises(ValueError, match="not supported for .*: ds_twolevel two-level shards .* ds-twolevel convert"):
+        with pytest.raises(ValueError, match="not supported for .*: ds_twolevel two-level shards .*`ds-twolevel convert"):
             ds_to_universal.main(args)
 
 
