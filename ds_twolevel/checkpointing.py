@@ -87,7 +87,10 @@ def remove_checkpoint(tag_dir: Path) -> None:
     (tag_dir / MANIFEST_NAME).unlink(missing_ok=True)
     _fsync_dir(tag_dir)
     for i, child in enumerate(sorted(tag_dir.iterdir())):
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
         if i == 0:
             _kill_point("removing")
     tag_dir.rmdir()
@@ -319,6 +322,24 @@ def _check_reshardable(engine: Any, tag_dir: Path, saved: ShardManifest, current
                          f"weights: ds-twolevel convert {tag_dir.parent} OUT") from None
 
 
+def _probe_own_files(engine: Any, tag_dir: Path, saved: ShardManifest) -> None:
+    """Open the files DeepSpeed will read on this rank (memory-mapped: their index, not their data),
+    so that a truncated or corrupt file fails inside the agreement step, on every rank, and not
+    halfway through DeepSpeed's load while the other ranks wait in a collective."""
+    mesh, stage = mesh_of(engine), int(saved.info["zero_stage"])
+    tp_rank, dp_rank = mesh.axes.tp.rank, mesh.axes.dp.rank
+    files = [model_file(tag_dir, stage, tp_rank, dp_rank if stage == 3 else 0)]
+    if stage > 0:
+        files.append(optim_file(tag_dir, tp_rank, dp_rank, saved.info.get("optim_prefix", "")))
+    for file in files:
+        try:
+            torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{file} cannot be read ({type(err).__name__}: {first}); the checkpoint is damaged, "
+                             f"resume from another one") from None
+
+
 def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardManifest]:
     """("native" | "reshard", saved manifest, current manifest), or ValueError naming both layouts.
 
@@ -333,6 +354,7 @@ def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardMa
     same = (same_shards(saved, current) and saved.info.get("zero_stage") == current.info["zero_stage"]
             and saved.info.get("dtype") == current.info["dtype"])
     if same:
+        _probe_own_files(engine, tag_dir, saved)
         return "native", saved, current
     _check_reshardable(engine, tag_dir, saved, current)
     return "reshard", saved, current

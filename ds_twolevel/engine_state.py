@@ -93,13 +93,24 @@ def local_state(engine: Any) -> RankTensors:
             state = engine.optimizer.state.get(p, {})
             values = {k: state[k] for k in keys if k in state}
         else:
-            out.fp32[name] = safe_get_full_fp32_param(p).detach().clone()
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            out.fp32[name] = master.detach().clone() if master is not None else _gathered_copy(p)
             values = {k: safe_get_full_optimizer_state(p, k) for k in keys} if p.requires_grad else {}
         for k, v in values.items():
             out.moments.setdefault(k, {})[name] = v.detach().clone()
     state = _base_state(engine)["state"]
     out.step = state[next(iter(state))]["step"].clone() if state else None
     return out
+
+
+def _gathered_copy(p: nn.Parameter) -> torch.Tensor:
+    """A frozen parameter (no fp32 master): its own values, gathered over dp under ZeRO-3."""
+    if not hasattr(p, "ds_id"):
+        return p.detach().float().clone()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        return p.detach().float().clone()
 
 
 def _link_optimizer_fragments(engine: Any) -> None:

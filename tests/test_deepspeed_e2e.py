@@ -133,10 +133,12 @@ def _train(engine, mesh, first: int, last: int, dp: int, save: tuple[Path, int, 
 
 def _live_state(engine) -> dict:
     """The engine's dense fp32 master weights and Adam moments, gathered from the live optimizer
-    (DeepSpeed's tensor-fragment API), not from any file."""
+    (DeepSpeed's tensor-fragment API), not from any file; and ``dense_state_dict``."""
+    import ds_twolevel
     from ds_twolevel import checkpointing, engine_state
 
-    return engine_state.dense_state(engine, checkpointing.mesh_of(engine), checkpointing.current_manifest(engine))
+    state = engine_state.dense_state(engine, checkpointing.mesh_of(engine), checkpointing.current_manifest(engine))
+    return {**state, "dense_state_dict": ds_twolevel.dense_state_dict(engine)}  # the module's own (16-bit) weights
 
 
 def _save_rank0(obj: dict, path: Path) -> None:
@@ -239,11 +241,13 @@ def scenario_resume(args) -> None:
     import ds_twolevel
 
     out, mesh, dp, cases = _scenario_setup(args)
-    for case, stage, zero_init in cases:
+    for (case, stage, zero_init), window in zip(cases, KILLED_RESAVE):
         ckpt = out / f"ckpt_w8_{case}"
+        killed = None
         if dist.get_rank() == 0:  # what a save killed midway leaves behind: must be ignored
             (ckpt / f"step{SAVE_AT + 2}.partial").mkdir(exist_ok=True)
             (ckpt / f"step{SAVE_AT + 2}.partial" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+            killed = _killed_resave(ckpt, f"step{SAVE_AT}", window)
         dist.barrier()
         cfg = ds_config(stage, args.n, args.m, zero_init=zero_init)
         model = _make_model(cfg, mesh, zero_init, seed=99)  # different init: everything must come from the checkpoint
@@ -251,9 +255,34 @@ def scenario_resume(args) -> None:
         _, client = ds_twolevel.load_checkpoint(engine, ckpt)
         metrics = _train(engine, mesh, client["step"] + 1, STEPS, dp)
         metrics["resumed_from"] = client["step"]
+        metrics["killed"] = killed
         _finish_case(engine, out, f"resume_{case}", metrics)
         engine.destroy()
     _cross_cases(args, out, mesh, "cross")
+
+
+KILLED_RESAVE = ("linked", "latest_old", "removing", "removed", "replaced")
+"""Per resumed case, the window of a re-save of its tag that is SIGKILLed first (see ``checkpointing``)."""
+
+
+def _killed_resave(ckpt: Path, tag: str, window: str) -> list:
+    """A finished run saving its last tag again (``--resume``), SIGKILLed at ``window``: a forked
+    child of rank 0 (file operations only) commits a copy of the tag and kills itself there.
+    Returns [window, the signal the child died of, what ``latest`` then names]."""
+    import shutil
+    import signal
+
+    from ds_twolevel import checkpointing
+
+    shutil.copytree(ckpt / tag, ckpt / f"{tag}.partial")  # what DeepSpeed writes again: the same state
+    pid = os.fork()
+    if pid == 0:
+        os.environ[checkpointing.KILL_ENV] = window
+        checkpointing.commit(ckpt, tag)
+        os._exit(0)  # not reached: the window kills the child
+    _, status = os.waitpid(pid, 0)
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    return [window, int(sig == signal.SIGKILL), checkpointing.read_latest(ckpt)]
 
 
 def _resume_case(engine, mesh, ckpt: Path, out: Path, name: str) -> None:
@@ -294,7 +323,7 @@ def scenario_relayout(args, out: Path) -> None:
     saved_at = ds_twolevel.build_mesh(ds_config(0, args.n, args.m))
     _saved_and_loaded(out, "neox", lambda seed: tiny_model("gpt_neox", seed=seed).train(), (2, 2), saved_at, mesh)
     _saved_and_loaded(out, "bf16", build_model, (2, 1), saved_at, mesh, bf16=True)
-    _refusals(out, mesh)
+    _refusals(out, mesh, saved_at)
 
 
 def _saved_and_loaded(out: Path, name: str, make_model, stages: tuple[int, int], save_mesh, load_mesh,
@@ -316,37 +345,50 @@ def _saved_and_loaded(out: Path, name: str, make_model, stages: tuple[int, int],
     engine.destroy()
 
 
-def _refusals(out: Path, mesh) -> None:
+def _refusals(out: Path, mesh, saved_at) -> None:
     """Checkpoints that must be refused, on every rank with the same one line, before anything is
-    loaded (the engine's weights are unchanged): another model, no layout record, a missing file."""
+    loaded (the engine's weights are unchanged): another model, no layout record, a missing file
+    (at ``mesh``); at the saved layout ``saved_at``, a file only rank 3 reads, truncated."""
     import shutil
 
     import torch.distributed as dist
 
+    if dist.get_rank() == 0:
+        for name, source, damage in (("nomanifest", "ckpt_w4_1", "two_level.json"),
+                                     ("incomplete", "ckpt_w4_2", "zero_pp_rank_1_mp_rank_01_optim_states.pt"),
+                                     ("truncated", "ckpt_w4_1", "zero_pp_rank_1_mp_rank_01_optim_states.pt")):
+            shutil.copytree(out / source, out / name)
+            path = out / name / f"step{SAVE_AT}" / damage
+            if name == "truncated":
+                path.write_bytes(path.read_bytes()[:1000])
+            else:
+                path.unlink()
+    dist.barrier()
+    messages = _refused(out, mesh, 2, ("ckpt_neox", "nomanifest", "incomplete"))
+    messages.update(_refused(out, saved_at, 1, ("truncated",)))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, messages)
+    if dist.get_rank() == 0:
+        (out / "refusals.json").write_text(json.dumps(gathered))
+
+
+def _refused(out: Path, mesh, stage: int, names: tuple[str, ...]) -> dict[str, str]:
+    """Each checkpoint's error on this rank (or NOT REFUSED), and whether the weights stayed as they were."""
     import ds_twolevel
 
-    if dist.get_rank() == 0:
-        for name, source, drop in (("nomanifest", "ckpt_w4_1", "two_level.json"),
-                                   ("incomplete", "ckpt_w4_2", "zero_pp_rank_1_mp_rank_01_optim_states.pt")):
-            shutil.copytree(out / source, out / name)
-            (out / name / f"step{SAVE_AT}" / drop).unlink()
-    dist.barrier()
-    engine, *_ = ds_twolevel.initialize(model=build_model(seed=99), config=ds_config(2, mesh.layout.n, mesh.layout.m),
-                                        mesh=mesh)
+    cfg = ds_config(stage, mesh.layout.n, mesh.layout.m)
+    engine, *_ = ds_twolevel.initialize(model=build_model(seed=99), config=cfg, mesh=mesh)
     before, messages = ds_twolevel.dense_state_dict(engine), {}
-    for name in ("ckpt_neox", "nomanifest", "incomplete"):
+    for name in names:
         try:
             ds_twolevel.load_checkpoint(engine, out / name)
             messages[name] = "NOT REFUSED"
         except ValueError as err:
             messages[name] = str(err)
     after = ds_twolevel.dense_state_dict(engine)
-    messages["unchanged"] = str(all(torch.equal(before[k], after[k]) for k in before))
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, messages)
-    if dist.get_rank() == 0:
-        (out / "refusals.json").write_text(json.dumps(gathered))
+    messages[f"unchanged_{names[0]}"] = str(all(torch.equal(before[k], after[k]) for k in before))
     engine.destroy()
+    return messages
 
 
 def scenario_fault(args) -> None:
@@ -571,18 +613,23 @@ def test_zero_stages_match_dense(workdir, parity_launch, ranks, n, m):
 
 
 def test_resume_reproduces_uninterrupted_run(workdir, resume_launch):
-    """Checkpoints saved at step 5 by the 8-rank parity launch, resumed in fresh processes."""
+    """Checkpoints saved at step 5 by the 8-rank parity launch, resumed in fresh processes; before
+    each resume a re-save of the same tag is SIGKILLed in one of the windows where the old save
+    protocol left no loadable ``latest`` (and a stale ``*.partial`` lies beside it)."""
     cases, seconds = PARITY_CASES[8], resume_launch
     for case in cases.split(","):
         uninterrupted = json.loads((workdir / f"w8_{case}.json").read_text())
         resumed = json.loads((workdir / f"resume_{case}.json").read_text())
         assert resumed["resumed_from"] == SAVE_AT
+        assert resumed["killed"][1] == 1, resumed["killed"]  # the re-save of step5 died of SIGKILL first
         # exact: same ranks, same reductions, same order
         assert resumed["losses"] == uninterrupted["losses"][SAVE_AT:], case
         assert resumed["grad_norms"] == uninterrupted["grad_norms"][SAVE_AT:], case
         a, b = torch.load(workdir / f"resume_{case}.weights.pt"), torch.load(workdir / f"w8_{case}.weights.pt")
         assert all(torch.equal(a[k], b[k]) for k in b), case
-    print(f"\nresume launch {seconds:.0f} s: steps {SAVE_AT + 1}..{STEPS} bit-identical for {cases}")
+    killed = {c: json.loads((workdir / f"resume_{c}.json").read_text())["killed"] for c in cases.split(",")}
+    print(f"\nresume launch {seconds:.0f} s: steps {SAVE_AT + 1}..{STEPS} bit-identical for {cases}; re-saves "
+          f"killed first (window, SIGKILL, latest): {killed}")
 
 
 def test_resume_at_another_layout_is_exact(workdir, resume_launch):
@@ -605,12 +652,13 @@ def test_resume_at_another_layout_is_exact(workdir, resume_launch):
 
 
 def test_checkpoints_that_cannot_be_resumed_are_refused(workdir, parity_launch):
-    """Another model, no layout record, a missing file: the same one line on every rank, nothing loaded."""
+    """Another model, no layout record, a missing file, a truncated file only rank 3 reads (at the saved
+    layout, DeepSpeed's own load): the same one line on every rank, nothing loaded."""
     parity_launch(4, 1, 2)
     per_rank = json.loads((workdir / "refusals.json").read_text())
     assert all(r == per_rank[0] for r in per_rank), per_rank
     got = per_rank[0]
-    assert got["unchanged"] == "True"
+    assert got["unchanged_ckpt_neox"] == got["unchanged_truncated"] == "True"
     assert all("\n" not in v for v in got.values()), got
     assert got["ckpt_neox"].startswith(f"loading checkpoint {workdir / 'ckpt_neox'} failed on rank 0, 1, 2, 3: "
                                        f"ValueError: {workdir / 'ckpt_neox' / 'step2'} holds another model than this "
@@ -620,6 +668,10 @@ def test_checkpoints_that_cannot_be_resumed_are_refused(workdir, parity_launch):
         got["nomanifest"], got["nomanifest"]
     assert got["incomplete"].endswith(f"{workdir / 'incomplete' / 'step5'} is incomplete: 1 file(s) missing "
                                       f"(zero_pp_rank_1_mp_rank_01_optim_states.pt); resume from another checkpoint")
+    damaged = workdir / "truncated" / "step5" / "zero_pp_rank_1_mp_rank_01_optim_states.pt"
+    assert got["truncated"].startswith(f"loading checkpoint {workdir / 'truncated'} failed on rank 3: ValueError: "
+                                       f"{damaged} cannot be read ("), got["truncated"]
+    assert got["truncated"].endswith("the checkpoint is damaged, resume from another one"), got["truncated"]
 
 
 CONVERTED = ["w8_0", "w8_1", "w8_2", "w8_3", "w8_3i", "w4_0", "w4_1", "w4_2", "w4_3", "neox", "bf16"]
@@ -635,7 +687,10 @@ def test_checkpoints_convert_to_dense(workdir, parity_launch):
     for name in CONVERTED:
         step = 2 if name in ("neox", "bf16") else SAVE_AT
         got = dense_from_checkpoint(workdir / f"ckpt_{name}" / f"step{step}", states=("fp32", "exp_avg", "exp_avg_sq"))
-        assert_states_equal(got, torch.load(workdir / f"{name}.step{step}.pt"), name)
+        ref = torch.load(workdir / f"{name}.step{step}.pt")
+        module = ref.pop("dense_state_dict")  # fp32: the masters themselves; bf16: the masters rounded
+        assert_states_equal(got, ref, name)
+        assert_states_equal({"w": {k: v.to(module[k].dtype) for k, v in got["fp32"].items()}}, {"w": module}, name)
 
 
 def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_launch, tmp_path):
@@ -651,7 +706,7 @@ def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_lau
     from ds_twolevel import cli, deepspeed_compat
 
     parity_launch(8, 2, 2)
-    ckpt, ref = workdir / "ckpt_w8_2", torch.load(workdir / f"w8_2.step{SAVE_AT}.pt")["fp32"]
+    ckpt, ref = workdir / "ckpt_w8_2", torch.load(workdir / f"w8_2.step{SAVE_AT}.pt")["dense_state_dict"]
     assert cli.main(["convert", str(ckpt), str(tmp_path / "hf")]) == 0
     assert_states_equal({"fp32": Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").state_dict()}, {"fp32": ref}, "hf")
     for script, extra, dtype in (("zero_to_fp32.py", ["--safe_serialization"], torch.float32),
