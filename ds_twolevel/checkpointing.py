@@ -216,29 +216,30 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     save_dir = Path(save_dir)
     tag = str(tag or f"global_step{engine.global_steps}")
     writer = is_writer(engine)
-    if writer:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        remove_checkpoint(save_dir / f"{tag}.partial")  # left by a save that was killed
-    dist.barrier()
+    with agreement(None, what=f"preparing to save {save_dir / tag}"):  # every rank learns of a failure
+        if writer:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            remove_checkpoint(save_dir / f"{tag}.partial")  # left by a save that was killed
     engine.save_checkpoint(str(save_dir), tag=f"{tag}.partial", client_state=client_state or {},
                            save_latest=False, **kwargs)  # writes the manifest last (deepspeed_compat)
-    if writer:
-        commit(save_dir, tag)
-    dist.barrier()
+    with agreement(None, what=f"committing {save_dir / tag}"):
+        if writer:
+            commit(save_dir, tag)
     return save_dir / tag
 
 
 def after_deepspeed_save(engine: Any, save_dir: Path, tag: str) -> None:
     """What ``engine.save_checkpoint`` does after DeepSpeed's own save (deepspeed_compat): the
-    manifest in the tag directory and the conversion scripts beside it; then a barrier."""
+    manifest in the tag directory and the conversion scripts beside it, in an agreement step (the
+    barrier every rank waits in, which also tells them if the writing rank failed)."""
     from .convert import write_recovery_scripts
 
-    if is_writer(engine):
-        _kill_point("written")
-        write_manifest(engine, save_dir / tag)
-        write_recovery_scripts(save_dir)
-        _kill_point("marked")
-    dist.barrier()
+    with agreement(None, what=f"recording the layout of {save_dir / tag}"):
+        if is_writer(engine):
+            _kill_point("written")
+            write_manifest(engine, save_dir / tag)
+            write_recovery_scripts(save_dir)
+            _kill_point("marked")
 
 
 # -- resume --------------------------------------------------------------------------------------------

@@ -681,13 +681,14 @@ def test_checkpoints_convert_to_dense(workdir, parity_launch):
     """Every checkpoint (ZeRO 0-3, 8 and 4 ranks, GPT-NeoX, bf16) read back without any engine: dense
     fp32 master weights and Adam moments bit-identical to the saving engine's own (live) ones."""
     from ds_twolevel.checkpointing import dense_from_checkpoint
+    from ds_twolevel.convert import resolve_tag_dir
 
     parity_launch(8, 2, 2)
     parity_launch(4, 1, 2)
-    for name in CONVERTED:
-        step = 2 if name in ("neox", "bf16") else SAVE_AT
-        got = dense_from_checkpoint(workdir / f"ckpt_{name}" / f"step{step}", states=("fp32", "exp_avg", "exp_avg_sq"))
-        ref = torch.load(workdir / f"{name}.step{step}.pt")
+    for name in CONVERTED:  # the checkpoint a resume would take (the resume launch may have killed a re-save)
+        tag_dir = resolve_tag_dir(workdir / f"ckpt_{name}")
+        got = dense_from_checkpoint(tag_dir, states=("fp32", "exp_avg", "exp_avg_sq"))
+        ref = torch.load(workdir / f"{name}.step{2 if name in ('neox', 'bf16') else SAVE_AT}.pt")
         module = ref.pop("dense_state_dict")  # fp32: the masters themselves; bf16: the masters rounded
         assert_states_equal(got, ref, name)
         assert_states_equal({"w": {k: v.to(module[k].dtype) for k, v in got["fp32"].items()}}, {"w": module}, name)
@@ -704,6 +705,7 @@ def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_lau
     from safetensors.torch import load_file
 
     from ds_twolevel import cli, deepspeed_compat
+    from ds_twolevel.convert import resolve_tag_dir
 
     parity_launch(8, 2, 2)
     ckpt, ref = workdir / "ckpt_w8_2", torch.load(workdir / f"w8_2.step{SAVE_AT}.pt")["dense_state_dict"]
@@ -724,7 +726,7 @@ def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_lau
     with pytest.raises(ValueError, match=r"Expected 2 of '\*_optim_states.pt' .* but found 8 files"):
         deepspeed_compat.original("get_fp32_state_dict_from_zero_checkpoint")(str(ckpt))
     for case in ("w8_2", "w8_3"):  # ZeRO-1/2 and ZeRO-3 take different paths in ds_to_universal
-        args = argparse.Namespace(input_folder=str(workdir / f"ckpt_{case}" / f"step{SAVE_AT}"),
+        args = argparse.Namespace(input_folder=str(resolve_tag_dir(workdir / f"ckpt_{case}")),
                                   output_folder=str(tmp_path / f"uc_{case}"), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         with pytest.raises(ValueError, match="not supported for .*: ds_twolevel two-level shards .*`ds-twolevel convert"):
