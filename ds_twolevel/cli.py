@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ds_twolevel.demo", "run a transformer block on local gloo ranks and compare it with the dense block"),
     "plan": ("ds_twolevel.planner", "rank every dp x n x m layout of P devices for a model with the cost model"),
     "bench": ("ds_twolevel.bench", "benchmark layouts on local gloo ranks; write the docs/performance tables"),
+    "convert": ("ds_twolevel.convert", "write dense fp32 weights (a Hugging Face directory) from a two-level DeepSpeed checkpoint"),
     "prebuild": ("ds_twolevel.deepspeed_env", "compile DeepSpeed's CPU shm comm op for this environment now"),
 }
 

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import datetime
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +223,9 @@ def patch(model: nn.Module, mesh: TwoLevelMesh, tl: TwoLevelConfig, policy: Poli
 
     A model that already holds two-level layers is returned as is.
     """
+    from .deepspeed_compat import install
+
+    install()  # DeepSpeed's save/load methods, right for two-level engines
     if _is_patched(model):
         return model
     policy = policy or default_policy
@@ -473,65 +475,32 @@ def fail_fast(timeout_s: float, *, what: str = "training") -> Iterator[None]:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
-def _is_writer(engine: Any) -> bool:
-    """One rank renames per file system: global rank 0, or local rank 0 with node-local storage."""
-    node_local = bool((engine.two_level.ds_config.get("checkpoint") or {}).get("use_node_local_storage"))
-    rank = int(os.environ.get("LOCAL_RANK", "0")) if node_local else dist.get_rank()
-    return rank == 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = None,
                     client_state: dict[str, Any] | None = None) -> Path:
-    """``engine.save_checkpoint`` made atomic: write ``<tag>.partial/``, rename it to ``<tag>/``,
-    then replace ``latest``. A job killed at any point leaves the previous checkpoint loadable.
+    """``engine.save_checkpoint`` made atomic in every window, with the layout recorded
+    (``two_level.json``); see :mod:`ds_twolevel.checkpointing`.
 
     Example:
         >>> ds_twolevel.save_checkpoint(engine, "ckpt", client_state={"step": step})
     """
-    save_dir = Path(save_dir)
-    tag = tag or f"global_step{engine.global_steps}"
-    partial, final = save_dir / f"{tag}.partial", save_dir / tag
-    writer = _is_writer(engine)
-    if writer:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
-    dist.barrier()
-    engine.save_checkpoint(str(save_dir), tag=partial.name, client_state=client_state or {}, save_latest=False)
-    dist.barrier()
-    if writer:
-        old = save_dir / f"{tag}.old"
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(partial, final)
-        _write_atomic(save_dir / "latest", tag)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    from .checkpointing import save_checkpoint as save
+
+    return save(engine, save_dir, tag, client_state)
 
 
 def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = None, **kwargs: Any) -> tuple[str, dict]:
-    """``engine.load_checkpoint`` of ``tag`` (default: the one ``latest`` names); clear error if none."""
-    load_dir = Path(load_dir)
-    if tag is None:
-        latest = load_dir / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"no checkpoint in {str(load_dir)!r} (no 'latest' file); save one with "
-                                    "ds_twolevel.save_checkpoint or pass tag=")
-        tag = latest.read_text().strip()
-    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
-    if path is None:
-        raise FileNotFoundError(f"checkpoint {str(load_dir / tag)!r} could not be loaded")
-    return path, client_state or {}
+    """Resume from the newest complete checkpoint (or ``tag``): refused with both layouts named when
+    it holds another model, resharded exactly when dp x n x m (or the ZeRO stage) changed; see
+    :mod:`ds_twolevel.checkpointing`. Returns (path, client_state).
+
+    Example:
+        >>> _, client = ds_twolevel.load_checkpoint(engine, "ckpt")   # any layout of the same model
+    """
+    from .checkpointing import load_checkpoint as load
+    from .deepspeed_compat import install
+
+    install()
+    return load(engine, load_dir, tag, **kwargs)
 
 
 # -- dense export ----------------------------------------------------------------------------------

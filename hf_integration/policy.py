@@ -298,8 +298,11 @@ def find_attention_like(model: nn.Module) -> list[str]:
 
 
 def _finish(model: nn.Module, mesh: TwoLevelMesh, report: PatchReport) -> PatchReport:
+    from ds_twolevel.deepspeed_compat import install_when_imported
+
     from .checkpoint import install_dense_save  # local import: checkpoint imports this module
 
+    install_when_imported()  # DeepSpeed's save/load methods, right for two-level engines
     model._twolevel_mesh = mesh
     model._twolevel_strategy = report.strategy
     install_dense_save(model)
