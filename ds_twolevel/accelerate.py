@@ -59,7 +59,11 @@ def deepspeed_plugin(config: str | os.PathLike | Mapping[str, Any], **plugin_kwa
 
 def kwargs_handlers(config: str | os.PathLike | Mapping[str, Any] | None = None) -> list[Any]:
     """``[InitProcessGroupKwargs(...)]``: the configured timeout, and gloo on CPU (without it every
-    process of a DeepSpeed run on CPU believes it is rank 0 of 1 while the engine sees all ranks)."""
+    process of a DeepSpeed run on CPU believes it is rank 0 of 1 while the engine sees all ranks).
+
+    Example:
+        >>> Accelerator(deepspeed_plugin=deepspeed_plugin(cfg), kwargs_handlers=kwargs_handlers(cfg))
+    """
     from accelerate.utils import InitProcessGroupKwargs
 
     tl = load_deepspeed_config(config)[0] if config is not None else TwoLevelConfig(n=1, m=1)

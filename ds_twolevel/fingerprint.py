@@ -45,7 +45,12 @@ def _as_ints(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_hash(tensor: torch.Tensor) -> torch.Tensor:
-    """0-d int64 tensor (on the tensor's device): position-weighted sum of the tensor's bits."""
+    """0-d int64 tensor (on the tensor's device): position-weighted sum of the tensor's bits.
+
+    Example:
+        >>> bool(tensor_hash(torch.ones(3)) != tensor_hash(torch.ones(3).neg()))
+        True
+    """
     bits = _as_ints(tensor)
     total = torch.zeros((), dtype=torch.int64, device=bits.device)
     for start in range(0, bits.numel(), _CHUNK):
@@ -90,7 +95,12 @@ def _other_slot(others: Mapping[str, Any]) -> list[Any]:
 
 
 def input_descriptor(bound: Mapping[str, Any]) -> torch.Tensor:
-    """(DESCRIPTOR_SIZE,) int64 CPU tensor describing a forward call's arguments (names -> values)."""
+    """(DESCRIPTOR_SIZE,) int64 CPU tensor describing a forward call's arguments (names -> values).
+
+    Example:
+        >>> input_descriptor({"input_ids": ids, "attention_mask": mask, "use_cache": True}).shape
+        torch.Size([80])
+    """
     row: list[Any] = []
     for name in INPUT_SLOTS:
         value = bound.get(name)
@@ -138,6 +148,9 @@ def slice_ids(model: nn.Module, layers: Iterable[nn.Module]) -> dict[int, int]:
 
     Two ranks of a layer with equal ids must hold equal values; with different ids, different
     ones. ``layers`` are the partitioned layers (anything with ``shard_index()``).
+
+    Example:
+        >>> ids = slice_ids(model, [m for m in model.modules() if hasattr(m, "shard_index")])
     """
     out = {id(p): REPLICATED for p in model.parameters()}
     for layer in layers:
@@ -152,7 +165,11 @@ def slice_ids(model: nn.Module, layers: Iterable[nn.Module]) -> dict[int, int]:
 
 
 def shard_fingerprint(model: nn.Module, ids: Mapping[int, int]) -> tuple[list[str], torch.Tensor]:
-    """(parameter names, (P, 3) int64 CPU tensor of [slice id, value hash, constant?]) of this rank."""
+    """(parameter names, (P, 3) int64 CPU tensor of [slice id, value hash, constant?]) of this rank.
+
+    Example:
+        >>> names, table = shard_fingerprint(model, slice_ids(model, layers))   # table: (P, 3)
+    """
     names, rows = [], []
     for name, param in model.named_parameters():
         data = _local_data(param)

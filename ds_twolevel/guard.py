@@ -198,7 +198,12 @@ def configure(model: nn.Module, *, check_inputs: str | None = None, check_shards
 
 
 def check_now(model: nn.Module, *, wrapper: Any = None) -> None:
-    """Run the wrapper and shard checks outside a forward (collective; ``ds_twolevel.initialize``)."""
+    """Run the wrapper and shard checks outside a forward (collective; ``ds_twolevel.initialize``).
+
+    Example:
+        >>> engine, *_ = deepspeed.initialize(model=model, ...)
+        >>> check_now(model, wrapper=engine)      # GuardError on every rank if the engine broke the shards
+    """
     guard = getattr(model, "_twolevel_guard", None)
     if guard is None or not guard.active or not guard.options.check_shards:
         return
@@ -207,7 +212,12 @@ def check_now(model: nn.Module, *, wrapper: Any = None) -> None:
 
 def refuse_rank0_only_save(model: nn.Module) -> None:
     """Make ``model.save_pretrained`` refuse, at once and clearly, a call from the HF Trainer's
-    rank-0-only ``_save`` (a patched model's save gathers shards from every rank: it would hang)."""
+    rank-0-only ``_save`` (a patched model's save gathers shards from every rank: it would hang).
+
+    Example:
+        >>> refuse_rank0_only_save(model)          # patch_model does this
+        >>> Trainer(model=model, args=args).save_model()   # ValueError naming TwoLevelTrainer
+    """
     inner = model.save_pretrained
 
     def save_pretrained(*args: Any, **kwargs: Any) -> Any:

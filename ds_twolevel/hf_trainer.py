@@ -38,7 +38,13 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 
 def configure_cpu_state(config: str | os.PathLike | Mapping[str, Any]) -> None:
-    """accelerate's process state for DeepSpeed on gloo (what ``TrainingArguments`` gets wrong on CPU)."""
+    """accelerate's process state for DeepSpeed on gloo (what ``TrainingArguments`` gets wrong on CPU);
+    then pass ``accelerator_config={"use_configured_state": True}`` (:func:`training_arguments` does both).
+
+    Example:
+        >>> configure_cpu_state("ds_configs/zero2_n2_m2.json")
+        >>> TrainingArguments("out", deepspeed=cfg, accelerator_config={"use_configured_state": True})
+    """
     from accelerate import PartialState
 
     tl, _ = load_deepspeed_config(config)
@@ -55,7 +61,12 @@ def configure_cpu_state(config: str | os.PathLike | Mapping[str, Any]) -> None:
 
 def arguments_from_config(ds: Mapping[str, Any]) -> dict[str, Any]:
     """The ``TrainingArguments`` values a DeepSpeed config fixes (batch, accumulation, clipping, and the
-    optimizer's and WarmupLR's settings): the Trainer refuses a config that contradicts its arguments."""
+    optimizer's and WarmupLR's settings): the Trainer refuses a config that contradicts its arguments.
+
+    Example:
+        >>> arguments_from_config(load_deepspeed_config("ds_configs/zero2_n2_m2.json")[1])["learning_rate"]
+        0.001
+    """
     out: dict[str, Any] = {}
     names = {"train_micro_batch_size_per_gpu": "per_device_train_batch_size",
              "gradient_accumulation_steps": "gradient_accumulation_steps", "gradient_clipping": "max_grad_norm"}

@@ -224,7 +224,8 @@ def _trainer_args(args, out: Path, deepspeed: dict | None, save_steps: int | Non
 
 @scenario
 def trainer(args, record: Run, kind: str) -> dict:
-    """``kind``: "two_level" (TwoLevelTrainer + DeepSpeed, saves at step 2 and at the end), "plain_ds"
+    """``kind``: "two_level" (TwoLevelTrainer + DeepSpeed ZeRO-2, ZeRO-3 at n > 1; saves at steps 2, 4 and at
+    the end), "plain_ds"
     (plain Trainer + DeepSpeed with save_strategy steps: refused), "plain" (Trainer without DeepSpeed: DDP)."""
     import ds_twolevel
     from transformers import Trainer
@@ -233,7 +234,7 @@ def trainer(args, record: Run, kind: str) -> dict:
 
     out = Path(args.out) / f"{record.case}_out"
     mesh = mesh_for(args) if kind == "plain" else None
-    deepspeed = None if kind == "plain" else ds_config(2, args.n, args.m)
+    deepspeed = None if kind == "plain" else ds_config(3 if args.n > 1 else 2, args.n, args.m)  # ZeRO-3 at 1x2x2
     targs = _trainer_args(args, out, deepspeed, save_steps=2 if kind != "plain" else None)
     mesh = mesh or ds_twolevel.build_mesh(deepspeed)
     model = patched(mesh)
@@ -367,6 +368,22 @@ def shards(args, record: Run, kind: str) -> dict:
     return {}
 
 
+@scenario
+def recipe(args, record: Run) -> None:
+    """recipes/train_hf_trainer.py's main() on the shipped config of this layout (4 steps)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_hf_trainer", REPO / "recipes" / "train_hf_trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = REPO / "ds_configs" / f"zero2_n{args.n}_m{args.m}.json"
+    out = Path(args.out) / "recipe_out"
+    module.main(["--deepspeed_config", str(config), "--steps", "4", "--save_steps", "2", "--seq", "32",
+                 "--out", str(out)])
+    record.data["saved"] = sorted(p.name for p in out.iterdir())
+    return None
+
+
 SCENARIOS = [
     # before any engine made DeepSpeed's global TP groups (a later engine without autotp would reuse them)
     ("accelerate_ds_noautotp", accelerate_deepspeed, (2, False)),
@@ -390,6 +407,7 @@ SCENARIOS = [
     ("shards_broadcast", shards, ("broadcast",)),
     ("shards_seeds", shards, ("seeds",)),
     ("shards_load", shards, ("load",)),
+    ("recipe_trainer", recipe, ()),
 ]
 
 

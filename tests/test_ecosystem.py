@@ -196,6 +196,19 @@ def test_trainer_with_deepspeed_matches_dense_and_saves_dense(runs, layout):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_trainer_recipe_runs_on_the_shipped_config(runs, layout):
+    """recipes/train_hf_trainer.py (TwoLevelTrainer on ds_configs/zero2_n{n}_m{m}.json) in the launch."""
+    from transformers import LlamaForCausalLM
+
+    out, *_ = runs(layout)
+    recs = records(out, "recipe_trainer")
+    assert all(rec["error"] is None for rec in recs), recs[0]["error"] and recs[0]["error"]["trace"]
+    assert {"checkpoint-2", "checkpoint-4", "dense"} <= set(recs[0]["saved"])
+    model = LlamaForCausalLM.from_pretrained(out / "recipe_out" / "dense")
+    assert model.config.num_attention_heads == 8 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_plain_trainer_that_saves_is_refused(runs, layout):
     out, *_ = runs(layout)
     check_refused(out, "trainer_ds_plain_save", "the Hugging Face Trainer (Recording) saves on rank 0 only (save_strategy='steps')", "TwoLevelTrainer")
@@ -354,3 +367,36 @@ def test_fingerprints_are_exact_and_fixed_size():
     rows = [fp.input_descriptor({"input_ids": torch.zeros(s, dtype=torch.long), "use_cache": True}) for s in shapes]
     assert {r.shape for r in rows} == {(fp.DESCRIPTOR_SIZE,)} and len({tuple(r.tolist()) for r in rows}) == len(rows)
     assert fp.describe_slot(rows[1][:fp.SLOT_WIDTH].tolist()) == "(3, 12) int64"
+
+
+def test_plain_trainer_save_refuses_at_once_and_two_level_trainer_saves_dense(tmp_path, fresh_accelerate_state):
+    """The HF Trainer writes on rank 0 only; a patched model's save_pretrained would wait for the other
+    ranks forever. One process (n = m = 1, no process group) is enough to see which call is refused."""
+    from transformers import Qwen3ForCausalLM, Trainer, TrainingArguments
+
+    from ds_twolevel import TwoLevelLayout
+    from ds_twolevel.hf_trainer import TwoLevelTrainer
+    from hf_integration import patch_model
+
+    model = R.build_model()
+    patch_model(model, TwoLevelLayout(n=1, m=1).build())
+    args = TrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to=[], save_strategy="no")
+    with pytest.raises(ValueError, match=r"Trainer saves on rank 0 only, but Qwen3ForCausalLM is partitioned.*"
+                                         r"use ds_twolevel.hf_trainer.TwoLevelTrainer"):
+        Trainer(model=model, args=args).save_model(str(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "model.safetensors").exists()
+    TwoLevelTrainer(model=model, args=args).save_model(str(tmp_path / "dense"))
+    loaded = Qwen3ForCausalLM.from_pretrained(tmp_path / "dense").state_dict()
+    dense = R.build_model().state_dict()
+    assert loaded.keys() == dense.keys() and all(torch.equal(loaded[k], dense[k]) for k in dense)
+
+
+def test_an_auto_value_would_be_caught(tmp_path, fresh_accelerate_state):
+    """What the shipped-config test guards against: accelerate treats any "auto" string as a placeholder."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    cfg = R.ds_config(2, 2, 2)
+    cfg["two_level"]["strategy"] = "auto"  # the old spelling of "cost_model"
+    plugin = DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)
+    with pytest.raises(ValueError, match="`two_level.strategy` not found in kwargs"):
+        plugin.deepspeed_config_process(must_match=False)
