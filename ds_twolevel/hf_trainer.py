@@ -95,6 +95,7 @@ def training_arguments(output_dir: str | os.PathLike, *, deepspeed: str | os.Pat
     ds = deepspeed_config(deepspeed)
     kwargs = {**arguments_from_config(ds), **kwargs}
     if _device_type() == "cpu":
+        kwargs.setdefault("dataloader_pin_memory", False)  # nothing to pin to (the Trainer warns on every rank)
         configure_cpu_state(ds)
         kwargs["accelerator_config"] = {**dict(kwargs.get("accelerator_config") or {}), "use_configured_state": True}
     return TrainingArguments(str(output_dir), deepspeed=ds, **kwargs)

@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--seq", type=int, default=64, help="bytes per sequence")
     p.add_argument("--save_steps", type=int, default=50, help="Trainer checkpoint every this many steps")
-    p.add_argument("--out", default="recipes/out_trainer")
+    p.add_argument("--out", default="recipes/out/trainer", help="checkpoint-N/ and dense/")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

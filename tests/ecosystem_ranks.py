@@ -108,11 +108,18 @@ def mesh_for(args):
     return TwoLevelLayout.from_world_size(dist.get_world_size(), n=args.n, m=args.m).build()
 
 
+NO_GUARD = False
+"""--no-guard: switch the guard off, to see what the refused paths would do (the tests must then fail)."""
+
+
 def patched(mesh, seed: int = 0):
+    from ds_twolevel import guard
     from hf_integration import patch_model
 
     model = build_model(seed)
     patch_model(model, mesh)
+    if NO_GUARD:
+        guard.configure(model, check_shards=False, check_inputs="never")
     return model.train()
 
 
@@ -334,7 +341,7 @@ def inputs(args, record: Run, kind: str, call: str, check: str = "first") -> dic
 
     mesh = mesh_for(args)
     model = patched(mesh).eval()
-    guard.configure(model, check_inputs=check)
+    guard.configure(model, check_inputs="never" if NO_GUARD else check)
     ids, mask = _my_rows(mesh, kind)
     with torch.no_grad():
         if call == "forward":
@@ -418,8 +425,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cases", default="all", help="comma-separated case names, or all")
     parser.add_argument("--extra", default="", help="extra cases: accelerate_ds_z0,accelerate_ds_z1")
+    parser.add_argument("--no-guard", action="store_true", help="guard off (shows what it prevents)")
     args = parser.parse_args()
     args.n, args.m = (int(v) for v in args.layout.split("x"))
+    global NO_GUARD
+    NO_GUARD = args.no_guard
     torch.set_num_threads(1)
     import ds_twolevel
 
