@@ -187,11 +187,7 @@ def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size
     validate_deepspeed_dict(ds)  # idempotent; a dict that did not come through load_deepspeed_config
     layout = tl.layout(world_size)
     dp = layout.dp
-    autotp = int((ds.get("tensor_parallel") or {}).get("autotp_size", 0) or 0)
-    if autotp > 1:
-        raise ValueError(
-            f'"tensor_parallel.autotp_size" = {autotp} contradicts "two_level" (n*m = {tl.tp_size} ranks already '
-            f'share each layer); remove "tensor_parallel"')
+    _check_autotp(tl, ds)
     sp = int(ds.get("sequence_parallel_size", 1) or 1)
     if sp > 1:
         raise ValueError(f'"sequence_parallel_size" = {sp} is not supported with "two_level"; remove it')
@@ -205,6 +201,17 @@ def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size
         raise ValueError('"fp16.enabled" is not supported on CPU; use "bf16": {"enabled": true} or fp32 '
                          "(no fp16/bf16 section)")
     return layout
+
+
+def _check_autotp(tl: TwoLevelConfig, ds: Mapping[str, Any]) -> None:
+    """``tensor_parallel.autotp_size`` may only name the two-level group (n*m): DeepSpeed then builds
+    (dp, tp) groups with tp fastest, which are the two-level layout's (accelerate and the HF Trainer
+    need it to feed one batch per layer group); any other value is a second tensor-parallel scheme."""
+    autotp = int((ds.get("tensor_parallel") or {}).get("autotp_size", 0) or 0)
+    if autotp > 1 and autotp != tl.tp_size:
+        raise ValueError(
+            f'"tensor_parallel.autotp_size" = {autotp} contradicts "two_level" (n*m = {tl.n}*{tl.m} = {tl.tp_size} ranks '
+            f'share each layer); set it to {tl.tp_size} or remove "tensor_parallel"')
 
 
 def _check_zero(tl: TwoLevelConfig, ds: Mapping[str, Any], layout: TwoLevelLayout) -> None:

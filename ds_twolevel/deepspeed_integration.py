@@ -373,8 +373,16 @@ def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mappi
     model = patch(model, mesh, tl, policy)
     if "model_parameters" not in deepspeed_kwargs and deepspeed_kwargs.get("optimizer") is None:
         deepspeed_kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
+    from . import guard
+
+    if getattr(model, "_twolevel_guard", None) is None:  # a policy= model: patch_model installs it otherwise
+        guard.install(model, mesh)
+    # "tensor_parallel.autotp_size" = n*m (accepted by check_deepspeed_config) is for accelerate and the
+    # Trainer; with mpu=mesh DeepSpeed needs no groups of its own
+    ds = {k: v for k, v in ds.items() if k != "tensor_parallel"}
     engine, optimizer, loader, scheduler = deepspeed.initialize(model=model, config=ds, args=args, mpu=mesh,
                                                                 **deepspeed_kwargs)
+    guard.check_now(model, wrapper=engine)  # groups and shards, before the first step (collective)
     engine.two_level = TwoLevelRuntime(tl, mesh, ds)
     if zero_stage(ds) == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()):
         _record_stage0_grad_norm(engine)

@@ -306,10 +306,21 @@ def _finish(model: nn.Module, mesh: TwoLevelMesh, report: PatchReport) -> PatchR
     model._twolevel_mesh = mesh
     model._twolevel_strategy = report.strategy
     install_dense_save(model)
+    _install_guard(model, mesh)
     counted = verify(model)
     report.replaced, report.params_local, report.params_dense = (counted.replaced, counted.params_local,
                                                                  counted.params_dense)
     return report
+
+
+def _install_guard(model: nn.Module, mesh: TwoLevelMesh) -> None:
+    """The guard (wrappers, shards and inputs checked on the first forward: ds_twolevel.guard), and the
+    mark that makes DeepSpeed's AutoTP leave the partitioned model alone (accelerate, the Trainer)."""
+    from ds_twolevel import guard
+
+    guard.install(model, mesh)
+    guard.refuse_rank0_only_save(model)
+    model.ds_autotp_parsed = True
 
 
 def partitioned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

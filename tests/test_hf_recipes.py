@@ -47,10 +47,13 @@ def test_accelerate_notebook_runs():
     old = dict(os.environ)
     os.environ.update(_env())  # the kernel (and the processes it forks) inherit this environment
     try:
-        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     finally:
         os.environ.clear()
         os.environ.update(old)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "MULTI_CPU with 4 processes" in text
     assert "greedy generation (16 new tokens, KV cache partitioned per rank): identical" in text
+    assert "Launching training on 4 CPU processes (gloo)." in text and "CUDAs" not in text
+    assert "DistributedType.DEEPSPEED, ZeRO-2, dp=1 x n=2 x m=2" in text
+    assert "training through Accelerator + DeepSpeedPlugin matches the dense run" in text

@@ -1,0 +1,168 @@
+"""accelerate with a two-level model: DeepSpeed's tensor-parallel groups are the ranks of one layer.
+
+accelerate trains a patched model exactly through its DeepSpeed integration when DeepSpeed is told
+``"tensor_parallel": {"autotp_size": n*m}``: DeepSpeed then builds (dp, tp) groups with tp fastest,
+which are exactly the two-level layout's (``rank = (dp*n + i)*m + j``), so ZeRO shards and averages
+only over the dp replicas and the gradient norm counts every shard once; and accelerate's dataloader
+gives one batch per tensor-parallel group. ``hf_integration.patch_model`` sets
+``model.ds_autotp_parsed = True`` so that DeepSpeed's AutoTP leaves the partitioned model alone.
+Plain accelerate (``MULTI_CPU``/``MULTI_GPU``, i.e. DDP over the world) is refused by the guard.
+
+Example:
+    >>> accelerator = ds_twolevel.accelerate.accelerator("ds_configs/zero2_n2_m2.json")
+    >>> mesh = ds_twolevel.accelerate.build_mesh(accelerator)
+    >>> patch_model(model, mesh)
+    >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import os
+import sys
+from typing import Any, Callable, Iterator, Mapping
+
+from .config import SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config
+from .layout import TwoLevelMesh
+
+def deepspeed_config(config: str | os.PathLike | Mapping[str, Any], *, world_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed dict accelerate and the HF Trainer should get: ``"two_level"`` kept (validated),
+    ``"tensor_parallel": {"autotp_size": n*m}`` filled in. With ``world_size`` (default: the
+    launcher's ``WORLD_SIZE``) the layout is checked too.
+
+    Example:
+        >>> TrainingArguments("out", deepspeed=ds_twolevel.accelerate.deepspeed_config(cfg_path))
+    """
+    tl, ds = load_deepspeed_config(config)
+    ds["tensor_parallel"] = {**(ds.get("tensor_parallel") or {}), "autotp_size": tl.tp_size}
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "0") or 0)
+    if world:
+        check_deepspeed_config(tl, ds, world, device_type=_device_type())
+    return {**ds, SECTION: tl.to_dict()}
+
+
+def deepspeed_plugin(config: str | os.PathLike | Mapping[str, Any], **plugin_kwargs: Any) -> Any:
+    """accelerate's ``DeepSpeedPlugin`` for a config with a ``"two_level"`` section (:func:`deepspeed_config`).
+
+    ``zero3_init_flag`` defaults to False: transformers' own ``zero.Init`` partitions over the whole
+    world (ranks of one layer would mix shards); use ``ds_twolevel.zero_init_model`` instead.
+
+    Example:
+        >>> Accelerator(deepspeed_plugin=deepspeed_plugin("ds_configs/zero3_n2_m2.json"), kwargs_handlers=kwargs_handlers(cfg))
+    """
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin_kwargs.setdefault("zero3_init_flag", False)
+    return DeepSpeedPlugin(hf_ds_config=deepspeed_config(config), **plugin_kwargs)
+
+
+def kwargs_handlers(config: str | os.PathLike | Mapping[str, Any] | None = None) -> list[Any]:
+    """``[InitProcessGroupKwargs(...)]``: the configured timeout, and gloo on CPU (without it every
+    process of a DeepSpeed run on CPU believes it is rank 0 of 1 while the engine sees all ranks).
+
+    Example:
+        >>> Accelerator(deepspeed_plugin=deepspeed_plugin(cfg), kwargs_handlers=kwargs_handlers(cfg))
+    """
+    from accelerate.utils import InitProcessGroupKwargs
+
+    tl = load_deepspeed_config(config)[0] if config is not None else TwoLevelConfig(n=1, m=1)
+    backend = tl.dist_backend or ("gloo" if _device_type() == "cpu" else None)
+    return [InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=tl.timeout_s))]
+
+
+def accelerator(config: str | os.PathLike | Mapping[str, Any], **accelerator_kwargs: Any) -> Any:
+    """``Accelerator`` with :func:`deepspeed_plugin` and :func:`kwargs_handlers` of ``config``.
+
+    Example:
+        >>> acc = accelerator("ds_configs/zero2_n2_m2.json")
+        >>> acc.distributed_type
+        <DistributedType.DEEPSPEED: 'DEEPSPEED'>
+    """
+    from accelerate import Accelerator
+
+    handlers = kwargs_handlers(config) + list(accelerator_kwargs.pop("kwargs_handlers", []))
+    return Accelerator(deepspeed_plugin=deepspeed_plugin(config), kwargs_handlers=handlers, **accelerator_kwargs)
+
+
+def build_mesh(source: Any) -> TwoLevelMesh:
+    """The dp x n x m mesh of a running accelerate job (``Accelerator``, ``DeepSpeedPlugin`` or config).
+
+    Distributed must be initialised (by ``Accelerator(...)``); the layout comes from the
+    ``"two_level"`` section.
+
+    Example:
+        >>> mesh = build_mesh(accelerator)      # then hf_integration.patch_model(model, mesh)
+    """
+    import torch.distributed as dist
+
+    plugin = getattr(getattr(source, "state", None), "deepspeed_plugin", None) or source
+    config = getattr(plugin, "deepspeed_config", plugin)
+    if not isinstance(config, Mapping) or SECTION not in config:
+        config = deepspeed_config(config)
+    tl, _ = load_deepspeed_config(config)
+    if not dist.is_initialized():
+        raise ValueError("build_mesh needs torch.distributed initialised: create the Accelerator first")
+    layout = tl.layout(dist.get_world_size())
+    return layout.build(timeout=datetime.timedelta(seconds=tl.timeout_s))
+
+
+def _device_type() -> str:
+    import torch
+
+    return "cpu" if not torch.accelerator.is_available() else torch.accelerator.current_accelerator().type
+
+
+# -- notebooks ---------------------------------------------------------------------------------------
+class _DropLine(io.TextIOBase):
+    """A stdout that drops lines starting with ``prefix`` (and passes everything else through)."""
+
+    def __init__(self, target: Any, prefix: str, replacement: str) -> None:
+        self.target, self.prefix, self.replacement, self.buffer = target, prefix, replacement, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self.target.write((self.replacement if line.startswith(self.prefix) else line) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.target.write(self.buffer)
+            self.buffer = ""
+        self.target.flush()
+
+
+@contextlib.contextmanager
+def _cpu_launch_message(num_processes: int) -> Iterator[None]:
+    """accelerate's notebook_launcher prints "Launching training on N CUDAs." whenever no other device
+    library is present (``get_current_device_type`` falls back to "cuda"); say what really runs."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    original = sys.stdout
+    sys.stdout = _DropLine(original, "Launching training on ", f"Launching training on {num_processes} CPU "
+                                                                 "processes (gloo).")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = original
+
+
+def notebook_launch(function: Callable[..., Any], args: tuple = (), *, num_processes: int, **launcher_kwargs: Any) -> None:
+    """accelerate's ``notebook_launcher`` on a free port (not the fixed 29500), saying "CPU" on CPU.
+
+    Example:
+        >>> notebook_launch(train, args=(cfg_path,), num_processes=4)
+    """
+    from accelerate import notebook_launcher
+
+    from .testing import free_port
+
+    launcher_kwargs.setdefault("use_port", str(free_port()))
+    with _cpu_launch_message(num_processes):
+        notebook_launcher(function, args=args, num_processes=num_processes, **launcher_kwargs)

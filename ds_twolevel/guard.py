@@ -1,0 +1,404 @@
+"""The two-level guard: training through a wrapper that corrupts the shards, or on inputs that differ
+between the ranks of one layer, is refused on every rank before the first optimizer step.
+
+Two-level shards have the same shape on every rank of a layer, so nothing fails on its own when a
+wrapper broadcasts one rank's parameters to the others (DDP at construction, DeepSpeed's
+``_broadcast_model``, accelerate's ``prepare``, the HF Trainer) or averages gradients over ranks
+that hold different shards; and ranks fed different rows compute garbage without an error (or
+crash gloo when the shapes differ). :func:`install` (called by ``hf_integration.patch_model``)
+adds a forward pre-hook to the model. Before anything shape-dependent runs, the ranks of a layer:
+
+1. look at the wrappers on the call stack (``DistributedDataParallel``, ``DeepSpeedEngine``, FSDP,
+   ``DataParallel``, the HF Trainer): their gradient-averaging group must be this rank's
+   data-parallel replicas, and DeepSpeed's model-parallel group the n*m ranks of this layer;
+2. check the shards (:mod:`ds_twolevel.fingerprint`): ranks that own the same dense slice hold
+   equal values (replicated tensors: embeddings, norms, LM head, output biases), and ranks that own
+   different slices do not hold the same non-constant values (what a broadcast leaves behind);
+3. compare the inputs (ids, mask, positions, embeddings, labels, ... : shape, dtype, exact hash).
+
+All three go in fixed-size int64 vectors, all-gathered over the tensor-parallel group, so ranks with
+different batch shapes cannot deadlock or crash the backend. The verdict, the same on every rank,
+then goes through :func:`ds_twolevel.agreement.agree` (the world in training mode, otherwise the
+layer's group), so every rank raises the same :class:`GuardError`.
+
+Cost: checks 1-2 on the first forward and whenever a new wrapper appears (one all-gather of
+3 int64 per parameter tensor plus 80 int64 per rank over the n*m ranks, and one hash pass over this
+rank's parameters); check 3 on the first forward (``check_inputs="first"``), on every forward
+(``"always"``: one all-gather of 80 int64 per rank per forward, generate's decode steps included)
+or never. Plus one 4-byte all-reduce (:func:`~ds_twolevel.agreement.agree`) per check.
+
+Example:
+    >>> install(model, mesh, check_inputs="always")     # patch_model does install(model, mesh)
+    >>> configure(model, check_shards=False)            # opt out of the shard check
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import fingerprint as fp
+from .agreement import AgreementError, _flag_device, agree
+from .layout import TwoLevelMesh
+
+CHECK_INPUTS = ("first", "always", "never")
+INPUTS = "inputs differ between the ranks"
+TABLE = ("Supported ways (README 'Which way should I train'): ds_twolevel.initialize(model=, config=); accelerate "
+         "with DeepSpeedPlugin(hf_ds_config=ds_twolevel.accelerate.deepspeed_config(cfg)) (it sets tensor_parallel."
+         "autotp_size = n*m); the HF Trainer with ds_twolevel.hf_trainer.training_arguments(out, deepspeed=cfg) and "
+         "TwoLevelTrainer; DistributedDataParallel(model, process_group=mesh.get_data_parallel_group()) fed "
+         "ds_twolevel.replica_rows(batch, mesh).")
+
+
+class GuardError(AgreementError):
+    """The guard refused a forward: the same error on every rank (an AgreementError, so a ValueError).
+
+    ``failures`` maps each rank to its message; ranks with the same message are named together.
+    """
+
+    def __init__(self, what: str, failures: dict[int, str]) -> None:
+        ValueError.__init__(self)
+        self.what, self.failures = what, dict(sorted(failures.items()))
+        by_message: dict[str, list[int]] = {}
+        for rank, message in self.failures.items():
+            by_message.setdefault(message, []).append(rank)
+        parts = [f"rank(s) {', '.join(map(str, ranks))}: {message}" for message, ranks in by_message.items()]
+        self.args = (f"{what} refused this forward on " + " || ".join(parts),)
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """What the guard checks.
+
+    Example:
+        >>> GuardOptions(check_inputs="always", check_shards=True)
+    """
+
+    check_inputs: str = "first"
+    """compare the inputs of the ranks of a layer on the "first" forward, "always", or "never"."""
+    check_shards: bool = True
+    """check wrappers and shards on the first forward and whenever a new wrapper appears."""
+
+    def __post_init__(self) -> None:
+        if self.check_inputs not in CHECK_INPUTS:
+            raise ValueError(f"check_inputs must be one of {CHECK_INPUTS}, got {self.check_inputs!r}")
+        if not isinstance(self.check_shards, bool):
+            raise ValueError(f"check_shards must be True or False, got {self.check_shards!r}")
+
+
+class ModelGuard:
+    """The state of one model's guard (``model._twolevel_guard``); see the module docstring."""
+
+    def __init__(self, model: nn.Module, mesh: TwoLevelMesh, options: GuardOptions) -> None:
+        self.mesh, self.options = mesh, options
+        self.model_name = type(model).__name__
+        self.arg_names = fp.forward_parameter_names(model)
+        self.forwards = 0
+        self.checks = 0
+        """collective checks run so far (tests count them)."""
+        self.shards_checked = self.inputs_checked = False
+        self.seen: set[int] = set()
+        """ids of the wrappers already checked."""
+        self.handle = model.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
+
+    @property
+    def active(self) -> bool:
+        return self.mesh.axes.tp.size > 1 or self.mesh.layout.dp > 1
+
+    def pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: the checks due at this call (collective over the layer's ranks)."""
+        self.forwards += 1
+        opts = self.options
+        if not self.active or (opts.check_inputs == "never" and not opts.check_shards):
+            return
+        wrappers = _stack_objects(model) if opts.check_shards else []
+        shards = opts.check_shards and (not self.shards_checked or any(id(w) not in self.seen for w in wrappers))
+        inputs = opts.check_inputs == "always" or (opts.check_inputs == "first" and not self.inputs_checked)
+        if shards or inputs:
+            bound = fp.bind_arguments(self.arg_names, args, kwargs) if inputs else None
+            self.run(model, wrappers=wrappers if shards else None, bound=bound)
+
+    def run(self, model: nn.Module, *, wrappers: list[Any] | None, bound: dict[str, Any] | None) -> None:
+        """One check: a fixed-size all-gather of what each rank checks (and its inputs) over the tp
+        group, then the shard fingerprints if any rank checks them; raise :class:`GuardError` on
+        every rank (world in training mode, else the tp group) when anything is wrong."""
+        self.checks += 1
+        tp = self.mesh.axes.tp
+        layers = _two_level_layers(model)
+        count = sum(1 for _ in model.parameters())
+        plan = torch.tensor([int(wrappers is not None), int(bound is not None), count], dtype=torch.int64)
+        table = _gather(torch.cat([plan, fp.input_descriptor(bound or {})]), tp)
+        problems = [p for w in wrappers or [] for p in wrapper_problems(w, self.mesh)]
+        if bool(table[:, 1].any()):
+            problems += _input_problems(table[:, 3:], _tp_ranks(self.mesh), self.forwards)
+            self.inputs_checked = True
+        if bool(table[:, 0].any()):
+            problems += self._shard_problems(model, layers, table[:, 2])
+            self.seen.update(id(w) for w in wrappers or [])
+            self.shards_checked = True
+        group = None if model.training and torch.is_grad_enabled() else tp
+        message = None
+        if problems:
+            message = "; ".join(problems) + ("" if all(p.startswith(INPUTS) for p in problems) else ". " + TABLE)
+        try:
+            agree(message, group, what=f"the two-level guard ({self.model_name})")
+        except AgreementError as err:
+            raise GuardError(err.what, err.failures) from None
+
+    def _shard_problems(self, model: nn.Module, layers: list[nn.Module], counts: torch.Tensor) -> list[str]:
+        if bool((counts != counts[0]).any()):
+            return [f"the ranks {_tp_ranks(self.mesh)} of one layer hold different numbers of parameter tensors "
+                    f"({counts.tolist()}): every rank must patch the same model"]
+        names, local = fp.shard_fingerprint(model, fp.slice_ids(model, layers))
+        table = _gather(local.flatten(), self.mesh.axes.tp).view(counts.shape[0], -1, 3)
+        return shard_problems(names, table, _tp_ranks(self.mesh))
+
+
+def _two_level_layers(model: nn.Module) -> list[nn.Module]:
+    from .attention import TwoLevelAttention
+    from .mlp import TwoLevelMLP
+
+    return [m for m in model.modules() if isinstance(m, (TwoLevelAttention, TwoLevelMLP))]
+
+
+# -- installing ------------------------------------------------------------------------------------
+def install(model: nn.Module, mesh: TwoLevelMesh, *, check_inputs: str = "first",
+            check_shards: bool = True) -> ModelGuard:
+    """Add the guard's forward pre-hook to ``model`` (replacing an earlier guard); return its state.
+
+    Example:
+        >>> guard = install(model, mesh)          # hf_integration.patch_model does this
+    """
+    options = GuardOptions(check_inputs=check_inputs, check_shards=check_shards)
+    old = getattr(model, "_twolevel_guard", None)
+    if old is not None:
+        old.handle.remove()
+    model._twolevel_guard = ModelGuard(model, mesh, options)
+    return model._twolevel_guard
+
+
+def configure(model: nn.Module, *, check_inputs: str | None = None, check_shards: bool | None = None) -> GuardOptions:
+    """Change what an installed guard checks (e.g. ``check_inputs="always"``); returns the new options.
+
+    Example:
+        >>> configure(model, check_inputs="never", check_shards=False)   # opt out entirely
+    """
+    guard = getattr(model, "_twolevel_guard", None)
+    if guard is None:
+        raise ValueError(f"{type(model).__name__} has no two-level guard; patch it with hf_integration.patch_model "
+                         "or call ds_twolevel.guard.install(model, mesh)")
+    old = guard.options
+    guard.options = GuardOptions(check_inputs=old.check_inputs if check_inputs is None else check_inputs,
+                                 check_shards=old.check_shards if check_shards is None else check_shards)
+    return guard.options
+
+
+def check_now(model: nn.Module, *, wrapper: Any = None) -> None:
+    """Run the wrapper and shard checks outside a forward (collective; ``ds_twolevel.initialize``).
+
+    Example:
+        >>> engine, *_ = deepspeed.initialize(model=model, ...)
+        >>> check_now(model, wrapper=engine)      # GuardError on every rank if the engine broke the shards
+    """
+    guard = getattr(model, "_twolevel_guard", None)
+    if guard is None or not guard.active or not guard.options.check_shards:
+        return
+    guard.run(model, wrappers=[] if wrapper is None else [wrapper], bound=None)
+
+
+def refuse_rank0_only_save(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` refuse, at once and clearly, a call from the HF Trainer's
+    rank-0-only ``_save`` (a patched model's save gathers shards from every rank: it would hang).
+
+    Example:
+        >>> refuse_rank0_only_save(model)          # patch_model does this
+        >>> Trainer(model=model, args=args).save_model()   # ValueError naming TwoLevelTrainer
+    """
+    inner = model.save_pretrained
+
+    def save_pretrained(*args: Any, **kwargs: Any) -> Any:
+        trainer = _calling_trainer()
+        if trainer is not None and not getattr(trainer, "two_level_saves", False):
+            raise ValueError(f"{type(trainer).__name__} saves on rank 0 only, but {type(model).__name__} is "
+                             "partitioned and its save_pretrained gathers shards from every rank (collective): use "
+                             "ds_twolevel.hf_trainer.TwoLevelTrainer, whose save_model writes the dense checkpoint "
+                             "with every rank")
+        return inner(*args, **kwargs)
+
+    model.save_pretrained = save_pretrained
+
+
+def _calling_trainer() -> Any:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in ("_save", "save_model") and _is_trainer(frame.f_locals.get("self")):
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    return None
+
+
+# -- collectives and ranks -------------------------------------------------------------------------
+def _gather(row: torch.Tensor, axis: Any) -> torch.Tensor:
+    """(axis size, len(row)) int64: ``row`` of every rank of the axis (fixed size on every rank)."""
+    if axis.size == 1:
+        return row.view(1, -1)
+    device = _flag_device(axis.group)
+    parts = [torch.empty_like(row, device=device) for _ in range(axis.size)]
+    dist.all_gather(parts, row.to(device), group=axis.group)
+    return torch.stack(parts).cpu()
+
+
+def _group_ranks(axis: Any) -> list[int]:
+    if axis.group is None:
+        return [dist.get_rank() if dist.is_initialized() else 0]
+    return dist.get_process_group_ranks(axis.group)
+
+
+def _tp_ranks(mesh: TwoLevelMesh) -> list[int]:
+    return _group_ranks(mesh.axes.tp)
+
+
+def _dp_groups(mesh: TwoLevelMesh) -> str:
+    """'[0, 2], [1, 3]': every data-parallel group of the layout (the same text on every rank)."""
+    tp, dp = mesh.layout.tp_size, mesh.layout.dp
+    return ", ".join(str([d * tp + t for d in range(dp)]) for t in range(tp))
+
+
+def _ranks(pg: Any) -> list[int]:
+    return dist.get_process_group_ranks(pg) if pg is not None else list(range(dist.get_world_size()))
+
+
+# -- wrappers --------------------------------------------------------------------------------------
+def _stack_objects(model: nn.Module) -> list[Any]:
+    """Modules that called ``model`` (wrappers) and HF Trainers, found on the call stack."""
+    found, frame, depth = [], sys._getframe(1), 0
+    while frame is not None and depth < 200:
+        owner = frame.f_locals.get("self") if frame.f_code.co_name in _CALLERS else None
+        if owner is not None and owner is not model and all(owner is not f for f in found):
+            if isinstance(owner, nn.Module) or _is_trainer(owner):
+                found.append(owner)
+        frame, depth = frame.f_back, depth + 1
+    return found
+
+
+_CALLERS = {"_call_impl", "_wrapped_call_impl", "forward", "training_step", "compute_loss", "prediction_step"}
+
+
+def _is_trainer(obj: Any) -> bool:
+    transformers = sys.modules.get("transformers")
+    trainer_cls = getattr(transformers, "Trainer", None) if transformers is not None else None
+    return trainer_cls is not None and isinstance(obj, trainer_cls)
+
+
+def _origin() -> str:
+    """' (made by accelerate's Accelerator.prepare)' when accelerate set up this process."""
+    state = getattr(sys.modules.get("accelerate.state"), "PartialState", None)
+    return " (made by accelerate's Accelerator.prepare)" if state is not None and state._shared_state else ""
+
+
+def wrapper_problems(wrapper: Any, mesh: TwoLevelMesh) -> list[str]:
+    """Why ``wrapper`` (found around the model) breaks two-level training; [] when it does not."""
+    kind = type(wrapper).__name__
+    dp_ranks = _group_ranks(mesh.axes.dp)
+    if isinstance(wrapper, nn.parallel.DistributedDataParallel):
+        ranks = _ranks(wrapper.process_group)
+        if ranks != dp_ranks:
+            return [f"DistributedDataParallel{_origin()} averages gradients over ranks {ranks}, but the ranks of one "
+                    f"layer hold different shards: it may only span data-parallel replicas ({_dp_groups(mesh)}), "
+                    f"and its construction broadcast rank {ranks[0]}'s parameters to the others"]
+    elif kind == "DeepSpeedEngine":
+        return _deepspeed_problems(wrapper, mesh, dp_ranks)
+    elif "FullyShardedDataParallel" in kind or kind.startswith("FSDP") or isinstance(wrapper, nn.DataParallel):
+        return [f"{kind} is not supported around a two-level model (it shards or replicates parameters over ranks "
+                f"that hold different two-level shards)"]
+    elif _is_trainer(wrapper) and not getattr(wrapper, "two_level_saves", False) and _saves(wrapper):
+        return [f"the Hugging Face Trainer ({kind}) saves on rank 0 only (save_strategy={_strategy(wrapper)!r}), but a "
+                "patched model's save_pretrained gathers shards from every rank (collective): use "
+                "ds_twolevel.hf_trainer.TwoLevelTrainer (saves dense checkpoints on every rank together) or "
+                "save_strategy='no'"]
+    return []
+
+
+def _strategy(trainer: Any) -> str:
+    strategy = getattr(trainer.args, "save_strategy", "no")
+    return str(getattr(strategy, "value", strategy)).lower()
+
+
+def _saves(trainer: Any) -> bool:
+    return _strategy(trainer) != "no"
+
+
+def _deepspeed_problems(engine: Any, mesh: TwoLevelMesh, dp_ranks: list[int]) -> list[str]:
+    """The engine's gradient-averaging, ZeRO and model-parallel groups must be ours."""
+    dp_group = getattr(engine, "seq_data_parallel_group", None) or getattr(engine, "data_parallel_group", None)
+    ranks = _ranks(dp_group)
+    fix = (f'add "tensor_parallel": {{"autotp_size": {mesh.layout.tp_size}}} to the DeepSpeed config (n*m = '
+           f"{mesh.layout.n}*{mesh.layout.m}; ds_twolevel.accelerate.deepspeed_config does it) or use "
+           "ds_twolevel.initialize")
+    if ranks != dp_ranks:
+        return [f"DeepSpeedEngine{_origin()} averages gradients over ranks {ranks} instead of the data-parallel "
+                f"replicas ({_dp_groups(mesh)}), and its _broadcast_model copied rank {ranks[0]}'s shards to the "
+                f"others: {fix}"]
+    mpu = getattr(engine, "mpu", None)
+    tp_ranks = _tp_ranks(mesh)
+    mp = _ranks(mpu.get_model_parallel_group()) if mpu is not None and tp_ranks != [dist.get_rank()] else tp_ranks
+    if mp != tp_ranks:
+        return [f"DeepSpeedEngine's model-parallel group is ranks {mp}, the ranks of this layer are {tp_ranks}: "
+                f"the clipped gradient norm would not be the dense one; {fix}"]
+    zero3 = next((p for p in engine.module.parameters() if hasattr(p, "ds_process_group")), None)
+    if zero3 is not None and _ranks(zero3.ds_process_group) != dp_ranks:
+        return [f"ZeRO-3 partitions parameters over ranks {_ranks(zero3.ds_process_group)}, not over the "
+                f"data-parallel replicas ({_dp_groups(mesh)}): {fix}"]
+    return []
+
+
+# -- verdicts ----------------------------------------------------------------------------------------
+def shard_problems(names: list[str], table: torch.Tensor, ranks: list[int]) -> list[str]:
+    """Violations in ``table`` ((tp, P, 3): slice id, value hash, constant?) of the ranks ``ranks``."""
+    ids, hashes, const = table.unbind(-1)
+    same = ids.unsqueeze(0) == ids.unsqueeze(1)                            # (tp, tp, P)
+    equal = hashes.unsqueeze(0) == hashes.unsqueeze(1)
+    known = (ids >= 0).all(0)                                                # (P,)
+    differ = (same & ~equal).any(0).any(0) & known
+    variable = ~(const.unsqueeze(0).bool() & const.unsqueeze(1).bool())
+    copied = (~same & equal & variable).any(0).any(0) & known
+    checkable = ((~same).any(0).any(0) & known & (const == 0).any(0)).sum().item()
+    out = []
+    if differ.any():
+        bad = [names[p] for p in differ.nonzero().flatten().tolist()]
+        out.append(f"{len(bad)} tensor(s) that the ranks {ranks} of one layer must hold identically differ between "
+                   f"them ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): every rank must start from the same "
+                   "weights (same seed or checkpoint; ds_twolevel.initialize broadcasts them with sync_init)")
+    if copied.sum().item() * 2 >= max(checkable, 1) and copied.any():
+        bad = [names[p] for p in copied.nonzero().flatten().tolist()]
+        out.append(f"{len(bad)} of {checkable} partitioned tensor(s) hold the same values on ranks {ranks} that own "
+                   f"different slices ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): a wrapper broadcast "
+                   "one rank's shards to the others")
+    return out
+
+
+def _input_problems(table: torch.Tensor, ranks: list[int], call: int) -> list[str]:
+    """Which arguments differ between the ranks of a layer ((tp, DESCRIPTOR_SIZE) table)."""
+    out = []
+    for k, name in enumerate(fp.INPUT_SLOTS + ("other arguments",)):
+        block = table[:, k * fp.SLOT_WIDTH:(k + 1) * fp.SLOT_WIDTH]
+        if bool((block == block[0]).all()):
+            continue
+        groups: dict[tuple, list[int]] = {}
+        for rank, row in zip(ranks, block.tolist()):
+            groups.setdefault(tuple(row), []).append(rank)
+        if len({row[:-1] for row in groups}) == 1:  # same shape and dtype: the values differ
+            who = " vs ".join(", ".join(map(str, rs)) for rs in groups.values())
+            out.append(f"{name}: same shape {fp.describe_slot(list(next(iter(groups))))}, different values on rank(s) {who}")
+        else:
+            out.append(f"{name}: " + "; ".join(f"{fp.describe_slot(list(row))} on rank(s) {', '.join(map(str, rs))}"
+                                                for row, rs in groups.items()))
+    if not out:
+        return []
+    return [f"{INPUTS} {ranks} of one layer at forward call {call} ({' | '.join(out)}); "
+            "every rank of a layer must get the same batch (ds_twolevel.replica_rows(batch, mesh), or accelerate / "
+            "the Trainer with tensor_parallel.autotp_size = n*m); check_inputs='never' turns this check off"]
