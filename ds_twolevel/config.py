@@ -71,6 +71,9 @@ class TwoLevelConfig:
     sync_init: bool = True
     """broadcast the dense weights from tensor-parallel rank 0 before partitioning, so every rank of
     a replica starts from the same model even if seeding differed."""
+    probe: bool = True
+    """run the parity probe while patching (every layer vs its dense module on 8 tokens; a mismatch
+    refuses the model on every rank); false skips it for huge models (hf_integration.probe)."""
 
     def __post_init__(self) -> None:
         for name in ("n", "m"):
@@ -85,7 +88,7 @@ class TwoLevelConfig:
             raise ValueError(f'"two_level.strategy" must be one of {[COST_MODEL, *STRATEGIES]}, got {self.strategy!r}')
         if not isinstance(self.timeout_s, (int, float)) or isinstance(self.timeout_s, bool) or self.timeout_s <= 0:
             raise ValueError(f'"two_level.timeout_s" must be a number of seconds > 0, got {self.timeout_s!r}')
-        for name in ("kv_replication", "strict", "zero_init", "sync_init"):
+        for name in ("kv_replication", "strict", "zero_init", "sync_init", "probe"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'"two_level.{name}" must be true or false, got {getattr(self, name)!r}')
 

@@ -24,7 +24,9 @@ from torch import nn
 from ds_twolevel.gather import gather_dense_state
 from ds_twolevel.layout import TwoLevelMesh
 
-from .policy import PatchReport, model_name, partitioned_layers, patch_model
+from .policy import PatchReport, dense_copies, model_name, partitioned_layers, patch_model
+from .fused_sources import FusedReader, fused_tensors
+from .probe import probe_loaded
 from .weights import SafetensorsReader, assign_tensor, load_shards, to_hf_tensors
 
 
@@ -193,9 +195,13 @@ def _materialize_rest(model: nn.Module, reader: RenamedReader) -> None:
 
 def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_class: type | None = None,
                      strict: bool = True, strategy: str = "auto", kv_replication: bool = False,
-                     dtype: torch.dtype | None = None) -> tuple[nn.Module, PatchReport]:
+                     dtype: torch.dtype | None = None, probe: bool = True) -> tuple[nn.Module, PatchReport]:
     """Build ``model_class`` (default: ``config.architectures[0]``) from a ``save_pretrained``
     directory with each rank reading only its slices; return (patched model in eval mode, report).
+
+    ``probe``: the parity probe (:func:`hf_integration.probe.probe_loaded`): the first attention and MLP
+    layer are gathered into dense HF modules and compared with the partitioned ones on 8 tokens;
+    a mismatch raises ``ProbeError`` on every rank (collective).
 
     Example:
         >>> model, report = load_partitioned("ckpt/", TwoLevelLayout(n=2, m=2).build())
@@ -207,9 +213,11 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
         with init_empty_weights():  # parameters on meta, buffers (RoPE tables, position ids) real
             model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
         model.tie_weights()  # meta construction leaves tied weights (GPT-2's lm_head) untied
-        reader = RenamedReader(files, checkpoint_keys(model, files))
+        reader = FusedReader(RenamedReader(files, checkpoint_keys(model, files)), fused_tensors(model, files))
         check_checkpoint(model, reader, directory)
-        report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication)
+        copies = dense_copies(model) if probe else {}  # meta: no memory until the probe fills them
+        report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication,
+                             probe=False)
         for path, layer in partitioned_layers(model):
             owner = _owner_path(path, layer)
             load_shards(layer, layer.tensor_maps, reader, prefix=(owner + ".") if owner else "")
@@ -217,4 +225,7 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     if dtype is not None:
         model.to(dtype)
     model.eval()
+    if copies:
+        owners = [(_owner_path(path, layer), layer) for path, layer in partitioned_layers(model)]
+        probe_loaded(model, copies, owners, name=model_name(model))
     return model, report
