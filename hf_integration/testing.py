@@ -143,6 +143,8 @@ class DenseRun:
     generated: dict[str, torch.Tensor]
     """greedy ids: "single" (one unpadded prompt) and "batched" (the left-padded batch)."""
     new_tokens: int
+    cached: int | None = None
+    """positions layer 0 of the dense model's KV cache holds after a forward of ``ids`` (decoders)."""
 
 
 def dense_run(arch: str, *, seed: int = 0, new_tokens: int = 16, **overrides: Any) -> DenseRun:
@@ -150,15 +152,17 @@ def dense_run(arch: str, *, seed: int = 0, new_tokens: int = 16, **overrides: An
     dense = tiny_model(arch, seed, **overrides)
     ids, mask = sample_batch(seed + 1)
     generated: dict[str, torch.Tensor] = {}
+    cached = None
     with torch.no_grad():
         logits = dense(input_ids=ids, attention_mask=mask).logits[mask.bool()]
         if arch in DECODERS:
             gen = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             generated = {"single": dense.generate(ids[1:, :6], **gen),
                          "batched": dense.generate(ids, attention_mask=mask, **gen)}
+            cached = _cached_keys_shape(dense, ids, mask)[2]
     trained = copy.deepcopy(dense).train()
     _loss(trained, ids, mask).backward()
-    return DenseRun(dense, trained, ids, mask, logits, generated, new_tokens)
+    return DenseRun(dense, trained, ids, mask, logits, generated, new_tokens, cached)
 
 
 def compare_model(arch: str, mesh: TwoLevelMesh, *, strategy: str = "auto", kv_replication: bool = False,
@@ -181,19 +185,29 @@ def compare_model(arch: str, mesh: TwoLevelMesh, *, strategy: str = "auto", kv_r
             got = model.generate(ids, attention_mask=mask, **gen)
             out["gen_batched_equal"] = bool(torch.equal(got, dense.generated["batched"]))
             out["gen_tokens"] = int(got.shape[1] - ids.shape[1])
-            out["cache_shape"], out["local_kv_shape"] = cache_shapes(model, ids, mask)
+            out["cache_shape"], out["local_kv_shape"] = cache_shapes(model, ids, mask, dense.cached)
     model.train()
     _loss(model, ids, mask).backward()
     out["grad_err"] = shard_grad_errors(dense.trained, model)
     return out
 
 
-def cache_shapes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[tuple, tuple]:
-    """(shape of layer 0's cached keys after a forward, this rank's (b, g/n, s, d/m))."""
-    cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache  # (past_key_values before 5.x)
+def cache_shapes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                 cached: int | None = None) -> tuple[tuple, tuple]:
+    """(shape of layer 0's cached keys after a forward, this rank's (b, g/n, s, d/m)).
+
+    ``cached``: positions the dense model's cache keeps (a sliding-window layer keeps window - 1);
+    default: every input position.
+    """
     attn = next(layer for _, layer in partitioned_layers(model) if hasattr(layer, "part"))
-    local = (ids.shape[0], attn.part.local_kv_heads, ids.shape[1], attn.part.local_dim)
-    return tuple(cache.layers[0].keys.shape), local
+    local = (ids.shape[0], attn.part.local_kv_heads, ids.shape[1] if cached is None else cached, attn.part.local_dim)
+    return _cached_keys_shape(model, ids, mask), local
+
+
+def _cached_keys_shape(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
+    """Shape of layer 0's cached keys after one forward with a fresh cache."""
+    cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache  # (past_key_values before 5.x)
+    return tuple(cache.layers[0].keys.shape)
 
 
 def minilm_dir() -> str:

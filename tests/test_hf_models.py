@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def _roundtrip(arch: str, mesh, root: Path) -> dict:
     dist.barrier()
     lazy, report = load_partitioned(src, mesh, model_class=type(dense))
     eager = copy.deepcopy(dense)
-    patch_model(eager, mesh)
+    patch_model(eager, mesh, probe=False)  # compare_model probes every architecture; here only the shards matter
     ids, mask = sample_batch(5)
     keep = mask.bool()
     with torch.no_grad():
@@ -149,27 +150,38 @@ def _refused_load(arch: str, mesh, root: Path) -> str:
 
 def _rank_body(root: str) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
-    out: dict = {}
+    out: dict = {"seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(part: str) -> None:  # seconds per part of the launch, printed with pytest -s
+        nonlocal clock
+        out["seconds"][part] = out["seconds"].get(part, 0.0) + time.perf_counter() - clock
+        clock = time.perf_counter()
+
     meshes = [(name, TwoLevelLayout(**layout).build(), strategy, kv_rep) for name, layout, strategy, kv_rep in LAYOUTS]
     for arch in ARCHITECTURES:  # the dense model and its outputs once, every layout against them
         dense = dense_run(arch)
         for name, mesh, strategy, kv_rep in meshes:
             out[(arch, name)] = compare_model(arch, mesh, strategy=strategy, kv_replication=kv_rep, dense=dense)
+        lap(f"layouts {arch}")
     for arch in ARCHITECTURES:
         out[("roundtrip", arch)] = _roundtrip(arch, meshes[0][1], Path(root))
+        lap(f"roundtrip {arch}")
     for case, arch, layout, strategy, overrides in EXTRA:
         out[(arch, case)] = compare_model(arch, TwoLevelLayout(**layout).build(), strategy=strategy, **overrides)
     out["minilm"] = _minilm(TwoLevelLayout(n=4, m=2).build())
     out["bad_layout"] = _bad_layout()
+    lap("extra, minilm, bad layout")
     for case in WRONG_SPECS:
         out[("refused", case)] = _refused(case, meshes[0][1], Path(root))
+    lap("probe refusals")
     return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     root = tmp_path_factory.mktemp("hf_ckpt")
-    out = run_distributed(_rank_body, WORLD, str(root), timeout=600)
+    out = run_distributed(_rank_body, WORLD, str(root), timeout=1800)
     print(_summary(out))  # shown with pytest -s: the figures quoted in docs/hf_integration.md
     return out
 
@@ -181,6 +193,8 @@ def _summary(results: list[dict]) -> str:
         gen = "-" if arch not in DECODERS else str(all(e["gen_single_equal"] and e["gen_batched_equal"] for e in errs))
         lines.append(f"{arch + ' ' + layout:<28} {max(e['logits_err'] for e in errs):>14.1e} "
                      f"{max(e['grad_err'] for e in errs):>12.1e} {gen:>9}")
+    seconds = {part: max(r["seconds"][part] for r in results) for part in results[0]["seconds"]}
+    lines.append("seconds (slowest rank): " + ", ".join(f"{p} {t:.1f}" for p, t in seconds.items()))
     mini = results[0]["minilm"]
     lines.append(f"MiniLM n=4 x m=2: embeddings rel err {max(r['minilm']['emb_err'] for r in results):.1e}, "
                  f"lazy {max(r['minilm']['emb_lazy_err'] for r in results):.1e}, min cosine {mini['min_cos']:.8f}")
