@@ -196,10 +196,10 @@ def materialize_copy(copy: nn.Module, live: nn.Module, gathered: dict[str, torch
     from .weights import assign_tensor
 
     for _, _, name in list(iter_meta(copy)):
-        value = gathered.get(name)
+        value = gathered.pop(name, None)  # the gathered tensor itself: no second copy
         if value is None:
-            value = live.get_parameter(name).detach()
-        assign_tensor(copy, name, value.clone())
+            value = live.get_parameter(name).detach().clone()
+        assign_tensor(copy, name, value)
     return copy
 
 
@@ -212,17 +212,16 @@ def probe_loaded(model: nn.Module, copies: dict[str, nn.Module], owners: list[tu
     ``owners``: (path of the HF module it replaced, partitioned layer) of every partitioned layer; the
     ones inside a probed module are gathered (collective over each layer's tensor-parallel axis).
     """
+    kinds = {path: type(copy).__name__ for path, copy in copies.items()}
     with agreement(None, what=f"{name}: parity probe (partitioned forward)"):
         records = record_calls(model, list(copies))
         require_calls(records, list(copies), name=name)
         errors = []
-        for path, io in records.items():
-            gathered = gather_inside(path, owners)
-            dense = materialize_copy(copies[path], model.get_submodule(path), gathered)
+        for path, io in records.items():  # one dense layer at a time: freed before the next is gathered
+            dense = materialize_copy(copies.pop(path), model.get_submodule(path), gather_inside(path, owners))
             with evaluating(dense), torch.no_grad():
                 errors.append(rel_err(io.output, _first_tensor(dense(*io.args, **io.kwargs))))
-            del dense, gathered
-    kinds = {path: type(copy).__name__ for path, copy in copies.items()}
+            del dense
     message = refusal(name, records, agreed(errors, next(iter(records.values())).output.device), kinds)
     if message is not None:
         raise ProbeError(message.replace("nothing was partitioned", "the model was not returned"))
