@@ -17,9 +17,10 @@ from .collectives import (all_gather_dim, all_reduce_both, all_to_all_dim0, copy
                           reduce_scatter_dim)
 from .costmodel import (STRATEGIES, AttentionCall, causal_block_owner, causal_block_rows, choose_strategy,
                         split_softmax, values_gathered)
-from .layout import TwoLevelAxes, TwoLevelMesh
+from .layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
 from .masks import additive_mask, dropout_keep_mask, zero_unattended_rows
 from .partition import AttentionPartition, AttentionSpec, shard_dim
+from .qk_norm import QKNorm, rms_norm_partition
 from .rope import apply_rope_segment, segment_cos_sin
 
 
@@ -41,6 +42,9 @@ class TwoLevelAttention(nn.Module):
         qkv_bias: q/k/v projections have biases.
         o_bias: output projection has a bias (added once, after the all-reduce).
         qk_norm_eps: if set, Qwen3-style per-head RMSNorm of q and k (over the full d).
+        qk_norm: the q/k RMSNorm in full (scope, weight formula, rounding); overrides ``qk_norm_eps``.
+        softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma2).
+            Fused SDPA cannot do that: "qk_allgather" then computes its scores explicitly.
         causal: causal (decoder) or bidirectional (encoder) attention.
         strategy: "score_allreduce", "qk_allgather" or "auto" (fewer bytes for the call).
         dropout: attention-probability dropout (training only).
@@ -64,6 +68,8 @@ class TwoLevelAttention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         qk_norm_eps: float | None = None,
+        qk_norm: QKNorm | None = None,
+        softcap: float | None = None,
         causal: bool = True,
         strategy: str = "auto",
         dropout: float = 0.0,
@@ -91,7 +97,8 @@ class TwoLevelAttention(nn.Module):
         self.causal, self.strategy, self.layer_idx = causal, strategy, layer_idx
         self.dropout, self.dropout_seed, self._dropout_step = dropout, dropout_seed, 0
         self.scaling = scaling if scaling is not None else 1.0 / math.sqrt(spec.head_dim)
-        self.qk_norm_eps = qk_norm_eps
+        self.qk_norm, self.softcap = _norm_and_softcap(qk_norm, qk_norm_eps, softcap, spec.name)
+        self.qk_norm_eps = None if self.qk_norm is None else self.qk_norm.eps
         hl, gl = self.part.local_heads, self.part.local_kv_heads
         dl, dvl = self.part.local_dim, self.part.local_v_dim
         kw = {"device": device, "dtype": dtype}
@@ -101,9 +108,10 @@ class TwoLevelAttention(nn.Module):
         self.o_proj = nn.Linear(hl * dvl, hidden_size, bias=False, **kw)
         self.o_bias = nn.Parameter(torch.zeros(hidden_size, **kw)) if o_bias else None
         self.q_norm_weight = self.k_norm_weight = None
-        if qk_norm_eps is not None:
-            self.q_norm_weight = nn.Parameter(torch.ones(dl, **kw))
-            self.k_norm_weight = nn.Parameter(torch.ones(dl, **kw))
+        if self.qk_norm is not None:
+            whole = self.qk_norm.scope == "projection"  # weight slice: (head group, segment) rows, else d/m dims
+            self.q_norm_weight = nn.Parameter(torch.ones(hl * dl if whole else dl, **kw))
+            self.k_norm_weight = nn.Parameter(torch.ones(gl * dl if whole else dl, **kw))
         self._tag_parameters()
         cos_index, partner, sign = self.part.rope_tables(axes.j)
         buffer_device = None if device is None or torch.device(device).type == "meta" else device
@@ -120,6 +128,11 @@ class TwoLevelAttention(nn.Module):
         tag_parallel(self.o_proj.weight, sharded=True, partition_dim=1)
         if self.o_bias is not None:
             tag_parallel(self.o_bias, sharded=False, partition_dim=None)
+        if self.qk_norm is not None and self.qk_norm.scope == "projection":
+            # sliced like q/k rows: q's slice has one owner, k's its replicated copies
+            tag_parallel(self.q_norm_weight, sharded=True, partition_dim=0)
+            tag_parallel(self.k_norm_weight, sharded=self.axes.kv_rep.rank == 0, partition_dim=0)
+            return
         for w in (self.q_norm_weight, self.k_norm_weight):
             if w is not None:
                 # sharded over segments, replicated over head groups: count it on group i == 0 only
@@ -138,6 +151,8 @@ class TwoLevelAttention(nn.Module):
             "q_norm_weight": (torch.tensor(part.qk_dims(j)), 0),
             "k_norm_weight": (torch.tensor(part.qk_dims(j)), 0),
         }
+        if self.qk_norm is not None and self.qk_norm.scope == "projection":  # (h*d,) / (g*d,) weights
+            out["q_norm_weight"], out["k_norm_weight"] = (part.q_rows(i, j), 0), (part.k_rows(i, j), 0)
         return {k: v for k, v in out.items() if _has_parameter(self, k)}
 
     @torch.no_grad()
@@ -160,14 +175,25 @@ class TwoLevelAttention(nn.Module):
         return layer
 
     # -- forward ---------------------------------------------------------------------------------
-    def _segment_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, tag: str) -> torch.Tensor:
-        """Per-head RMSNorm over the full d: the sum of squares is all-reduced over segments."""
-        dtype = x.dtype
-        x32 = x.float()
-        sumsq = all_reduce_both(x32.pow(2).sum(-1, keepdim=True), self.axes.seg, f"{tag}_sumsq")
-        x32 = x32 * torch.rsqrt(sumsq / self.spec.head_dim + self.qk_norm_eps)
-        weight = copy_to_axis(weight, self.axes.heads, f"{tag}_norm_weight")  # grads summed over i
-        return weight * x32.to(dtype)
+    def _qk_norms(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of q and k (:mod:`ds_twolevel.qk_norm`): per head, the sums of squares are
+        all-reduced over segments; over the whole projection, over the tensor-parallel axis."""
+        norm, s, axes = self.qk_norm, self.spec, self.axes
+        if norm.scope == "head":
+            kw = dict(sumsq_axis=axes.seg, features=s.head_dim, copies=1)
+            return (rms_norm_partition(q, self.q_norm_weight, norm, weight_axis=axes.heads, tag="q", **kw),
+                    rms_norm_partition(k, self.k_norm_weight, norm, weight_axis=axes.heads, tag="k", **kw))
+        single = AxisGroup.single("q_norm")  # each q feature lives on one rank: no gradient sum
+        return (rms_norm_partition(q, self.q_norm_weight, norm, sumsq_axis=axes.tp, weight_axis=single,
+                                   features=s.num_heads * s.head_dim, copies=1, tag="q"),
+                rms_norm_partition(k, self.k_norm_weight, norm, sumsq_axis=axes.tp, weight_axis=axes.kv_rep,
+                                   features=s.num_kv_heads * s.head_dim, copies=axes.kv_rep.size, tag="k"))
+
+    def _softcap(self, scores: torch.Tensor) -> torch.Tensor:
+        """Gemma2's score soft-capping (after the scale, before the mask), or the scores as they are."""
+        if self.softcap is None:
+            return scores
+        return torch.tanh(scores / self.softcap) * self.softcap
 
     def resolve_strategy(self, call: AttentionCall, element_size: int, strategy: str | None = None) -> str:
         """The strategy used for this call ("auto" -> fewer bytes per the cost model)."""
@@ -195,9 +221,8 @@ class TwoLevelAttention(nn.Module):
         q = self.q_proj(x).view(b, s, hl, dl).transpose(1, 2)  # (b, hl, s, dl)
         k = self._kv_linear(x, self.k_proj, "k").view(b, s, gl, dl).transpose(1, 2)  # (b, gl, s, dl)
         v = self._kv_linear(x, self.v_proj, "v").view(b, s, gl, dvl).transpose(1, 2)  # (b, gl, s, dvl)
-        if self.q_norm_weight is not None:
-            q = self._segment_rms_norm(q, self.q_norm_weight, "q")
-            k = self._segment_rms_norm(k, self.k_norm_weight, "k")
+        if self.qk_norm is not None:
+            q, k = self._qk_norms(q, k)
         if self.spec.rot_dim:
             if position_embeddings is None:
                 raise ValueError("this layer uses RoPE: pass position_embeddings=(cos, sin)")
@@ -214,10 +239,10 @@ class TwoLevelAttention(nn.Module):
         plain_causal = attention_mask is None and self.causal and (s == skv or s == 1)
         causal_blocks = plain_causal and s == skv and s > 1 and not self._dropping
         call = AttentionCall(b, s, skv, self.hidden_size, hl, gl, self.spec.head_dim, self.axes.m,
-                             self.axes.n, self.q_norm_weight is not None, causal_blocks=causal_blocks,
-                             v_head_dim=self.spec.dv)
+                             self.axes.n, self.qk_norm is not None, causal_blocks=causal_blocks,
+                             v_head_dim=self.spec.dv, qk_norm_scope=self.qk_norm.scope if self.qk_norm else "head")
         chosen = self.resolve_strategy(call, q.element_size(), strategy)
-        fused_causal = causal_blocks and chosen == "qk_allgather"
+        fused_causal = causal_blocks and chosen == "qk_allgather" and self.softcap is None
         block_rows = causal_block_rows(self.axes.m, s) if causal_blocks and chosen == "score_allreduce" else 0
         mask = None if plain_causal and (fused_causal or block_rows or s == 1) else additive_mask(
             attention_mask, batch=b, q_len=s, kv_len=skv, causal=self.causal, dtype=q.dtype, device=q.device)
@@ -291,6 +316,7 @@ class TwoLevelAttention(nn.Module):
         else:
             rows, row0 = sq, 0
             scores = all_reduce_both(scores_partial, seg, "scores")
+        scores = self._softcap(scores)
         if mask is not None:
             scores = scores + mask
         probs = self._dropout(_softmax(scores), sq, row0)
@@ -370,6 +396,7 @@ class TwoLevelAttention(nn.Module):
         tile = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)  # key > query on the diagonal
         probs = []
         for c, scores in zip(owned[seg.rank], mine):
+            scores = self._softcap(scores)
             if scores.requires_grad:
                 scores = scores.masked_fill(F.pad(tile, (c * rows, 0)), low)
             else:  # inference: mask the diagonal tile in place, no full-width temporary
@@ -393,13 +420,23 @@ class TwoLevelAttention(nn.Module):
         """Gather full-d q and k over the segment group, then fused SDPA with this segment's v."""
         q_full = all_gather_dim(q, self.axes.seg, -1, "q")  # (b, hl, sq, d), dims in segment order
         k_full = all_gather_dim(k, self.axes.seg, -1, "k")  # (b, gl, skv, d)
-        if self._dropping:  # explicit path: the shared dropout stream
-            scores = q_full @ self._expand_kv(k_full).transpose(-1, -2) * self.scaling
+        if self._dropping or self.softcap is not None:  # explicit scores: the shared dropout stream, softcap
+            scores = self._softcap(q_full @ self._expand_kv(k_full).transpose(-1, -2) * self.scaling)
             probs = F.softmax(scores if mask is None else scores + mask, dim=-1, dtype=torch.float32)
             return self._dropout(probs.to(q.dtype)) @ self._expand_kv(v)
         # enable_gqa: SDPA maps query head h to KV head h // (hl/gl) itself, without copying K/V
         return F.scaled_dot_product_attention(q_full, k_full, v, attn_mask=mask, is_causal=is_causal,
                                               scale=self.scaling, enable_gqa=k_full.shape[1] != q_full.shape[1])
+
+
+def _norm_and_softcap(qk_norm: QKNorm | None, eps: float | None, softcap: float | None,
+                      name: str) -> tuple[QKNorm | None, float | None]:
+    """The layer's q/k norm (``qk_norm_eps`` alone: Qwen3's per-head RMSNorm) and validated soft-cap."""
+    if qk_norm is None and eps is not None:
+        qk_norm = QKNorm(float(eps))
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be a number > 0 or None, got {softcap!r}")
+    return qk_norm, softcap
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,9 @@ class TwoLevelConfig:
     sync_init: bool = True
     """broadcast the dense weights from tensor-parallel rank 0 before partitioning, so every rank of
     a replica starts from the same model even if seeding differed."""
+    probe: bool = True
+    """run the parity probe while patching (every layer vs its dense module on 8 tokens; a mismatch
+    refuses the model on every rank); false skips it for huge models (hf_integration.probe)."""
 
     def __post_init__(self) -> None:
         for field in fields(self):  # type and range of every field: one line naming key, value, example

@@ -109,6 +109,7 @@ TWO_LEVEL_KEYS: tuple[Key, ...] = (
     _k("two_level.dist_backend", "str", '"gloo"', nullable=True),
     _k("two_level.zero_init", "bool", "false"),
     _k("two_level.sync_init", "bool", "true"),
+    _k("two_level.probe", "bool", "true"),
 )
 """Every field of :class:`ds_twolevel.config.TwoLevelConfig`."""
 

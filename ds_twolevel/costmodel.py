@@ -55,6 +55,9 @@ class AttentionCall:
     computes only the key blocks each query block can see (:func:`causal_block_rows`)."""
     v_head_dim: int | None = None
     """value head dim (None: head_dim)."""
+    qk_norm_scope: str = "head"
+    """q/k norm over each head ("head": sums of squares all-reduced over segments) or over the whole
+    projection ("projection", OLMo2: all-reduced over the tensor-parallel axis)."""
 
     @property
     def v_dim(self) -> int:
@@ -167,12 +170,15 @@ def attention_collectives(
     """
     c = call
     tp = c.m * c.n
+    whole = c.qk_norm and c.qk_norm_scope == "projection"
     fwd: list[Collective] = []
-    if c.qk_norm and c.m > 1:
+    if c.qk_norm and not whole and c.m > 1:
         fwd += [
             Collective("all_reduce", "m", "q_sumsq", c.batch * c.q_len * c.local_heads, c.m),
             Collective("all_reduce", "m", "k_sumsq", c.batch * c.q_len * c.local_kv_heads, c.m),
         ]
+    if whole and tp > 1:  # one sum of squares per token over every rank of the layer
+        fwd += [Collective("all_reduce", "tp", f"{t}_sumsq", c.batch * c.q_len, tp) for t in ("q", "k")]
     fwd += score_strategy_collectives(c, strategy)
     if tp > 1:
         fwd.append(Collective("all_reduce", "tp", "attn_out", c.batch * c.q_len * c.hidden, tp))
@@ -180,12 +186,14 @@ def attention_collectives(
         return fwd
     bwd = [
         Collective(_BACKWARD_OF[f.op], f.axis, f.tag, f.numel, f.ranks, True)
-        for f in fwd if f.axis == "m"
+        for f in fwd if f.axis == "m" or f.tag.endswith("_sumsq")
     ]
-    if c.qk_norm and c.n > 1:
-        dl = c.head_dim // c.m
+    dl = c.head_dim // c.m
+    if c.qk_norm and not whole and c.n > 1:
         bwd += [Collective("all_reduce", "n", "q_norm_weight", dl, c.n, True),
                 Collective("all_reduce", "n", "k_norm_weight", dl, c.n, True)]
+    if whole and c.kv_rep > 1:  # k's weight slice lives on every copy of its KV head
+        bwd.append(Collective("all_reduce", "kv_rep", "k_norm_weight", c.local_kv_heads * dl, c.kv_rep, True))
     if c.kv_rep > 1:  # replicated KV heads: weight (and bias) gradients summed over the copies
         kv_out = c.local_kv_heads * (c.head_dim // c.m)
         for t in ("k", "v"):
@@ -251,7 +259,9 @@ class ModelConfig:
     gated: bool = True
     """gated MLP (gate, up, down: Llama) or plain (up, down: GPT)."""
     qk_norm: bool = False
-    """per-head RMSNorm of q and k (Qwen3/OLMo2)."""
+    """RMSNorm of q and k (Qwen3, Gemma3: per head; OLMo2: over the whole projection)."""
+    qk_norm_scope: str = "head"
+    """"head" or "projection" (see :class:`AttentionCall`)."""
     rope_style: str = "half"
     vocab: int = 0
     """vocabulary size (memory of the replicated embedding + LM head; 0: left out)."""
@@ -280,7 +290,8 @@ class ModelConfig:
             intermediate=get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
             layers=get("num_hidden_layers", "n_layer", default=1),
             gated=model_type not in ("gpt2", "gpt_neox", "bert", "opt", "gptj"),
-            qk_norm=model_type.startswith(("qwen3", "olmo2", "olmo3")),
+            qk_norm=model_type.startswith(("qwen3", "olmo2", "olmo3", "gemma3")),
+            qk_norm_scope="projection" if model_type.startswith(("olmo2", "olmo3")) else "head",
             rope_style="none" if model_type in ("gpt2", "bert", "opt") else "half",
             vocab=get("vocab_size", default=0),
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
@@ -332,7 +343,7 @@ def attention_call(model: ModelConfig, n: int, m: int, batch: int, q_len: int, k
     """
     return AttentionCall(batch, q_len, kv_len, model.hidden, model.heads // n, max(model.kv_heads // n, 1),
                          model.head_dim, m, n, model.qk_norm, kv_rep=max(n // model.kv_heads, 1),
-                         causal_blocks=causal and q_len == kv_len > 1)
+                         causal_blocks=causal and q_len == kv_len > 1, qk_norm_scope=model.qk_norm_scope)
 
 
 def block_collectives(call: AttentionCall, strategy: str, *, backward: bool = False) -> list[Collective]:
@@ -438,7 +449,8 @@ def param_bytes(model: ModelConfig, n: int, m: int, eb: int) -> float:
     gl = max(model.kv_heads // n, 1)
     attn = H * (h // n) * (d // m) * 2 + H * gl * (d // m) * 2  # W_q, W_o + W_k, W_v
     mlp = (3 if model.gated else 2) * H * model.intermediate // (n * m)
-    norms = 2 * H + (2 * d // m if model.qk_norm else 0)
+    qk_norm = (h // n + gl) * (d // m) if model.qk_norm_scope == "projection" else 2 * d // m
+    norms = 2 * H + (qk_norm if model.qk_norm else 0)
     embed = model.vocab * H * (1 if model.tied_embeddings else 2)
     return (model.layers * (attn + mlp + norms) + embed + H) * eb
 

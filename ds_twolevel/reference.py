@@ -14,24 +14,28 @@ from torch import nn
 
 from .masks import additive_mask, dropout_keep_mask, zero_unattended_rows
 from .partition import AttentionSpec
+from .qk_norm import QKNorm
 from .rope import apply_rope_dense
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 class RMSNorm(nn.Module):
-    """Llama/Qwen RMSNorm (computed in fp32)."""
+    """Llama/Qwen RMSNorm (computed in fp32); ``offset=1`` gives Gemma's ``(1+w)*x``, and
+    ``weight_in_float`` multiplies before the cast back (OLMo2, Gemma)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, *, offset: float = 0.0, weight_in_float: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.offset, self.weight_in_float = eps, offset, weight_in_float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        if self.weight_in_float:
+            return (x32 * (self.offset + self.weight.float())).to(dtype)
+        return (self.offset + self.weight) * x32.to(dtype)
 
 
 class DenseAttention(nn.Module):
@@ -45,6 +49,8 @@ class DenseAttention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         qk_norm_eps: float | None = None,
+        qk_norm: QKNorm | None = None,
+        softcap: float | None = None,
         causal: bool = True,
         dropout: float = 0.0,
         dropout_seed: int = 0,
@@ -58,16 +64,22 @@ class DenseAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, g * d, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, g * dv, bias=qkv_bias)
         self.o_proj = nn.Linear(h * dv, hidden_size, bias=o_bias)
-        self.q_norm = RMSNorm(d, qk_norm_eps) if qk_norm_eps is not None else None
-        self.k_norm = RMSNorm(d, qk_norm_eps) if qk_norm_eps is not None else None
-        self.qkv_bias, self.o_bias, self.qk_norm_eps = qkv_bias, o_bias, qk_norm_eps
+        if qk_norm is None and qk_norm_eps is not None:
+            qk_norm = QKNorm(float(qk_norm_eps))
+        self.q_norm = self.k_norm = None
+        if qk_norm is not None:  # per head: over d; whole projection: over h*d (q) and g*d (k)
+            whole = qk_norm.scope == "projection"
+            kw = dict(offset=qk_norm.offset, weight_in_float=qk_norm.weight_in_float)
+            self.q_norm = RMSNorm(h * d if whole else d, qk_norm.eps, **kw)
+            self.k_norm = RMSNorm(g * d if whole else d, qk_norm.eps, **kw)
+        self.qkv_bias, self.o_bias, self.qk_norm, self.softcap = qkv_bias, o_bias, qk_norm, softcap
         self.causal, self.dropout, self.dropout_seed, self._dropout_step = causal, dropout, dropout_seed, 0
         self.scaling = scaling if scaling is not None else 1.0 / math.sqrt(d)
         self.layer_idx = layer_idx
 
     def twolevel_kwargs(self) -> dict[str, Any]:
         """Constructor options a partitioned copy needs."""
-        return dict(qkv_bias=self.qkv_bias, o_bias=self.o_bias, qk_norm_eps=self.qk_norm_eps,
+        return dict(qkv_bias=self.qkv_bias, o_bias=self.o_bias, qk_norm=self.qk_norm, softcap=self.softcap,
                     causal=self.causal, dropout=self.dropout, dropout_seed=self.dropout_seed,
                     scaling=self.scaling, layer_idx=self.layer_idx)
 
@@ -94,10 +106,14 @@ class DenseAttention(nn.Module):
     def forward(self, hidden_states, *, position_embeddings=None, attention_mask=None, kv_cache=None, strategy=None):
         b, s, _ = hidden_states.shape
         h, g, d, dv = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, self.spec.dv
-        q = self.q_proj(hidden_states).view(b, s, h, d).transpose(1, 2)  # (b, h, s, d)
-        k = self.k_proj(hidden_states).view(b, s, g, d).transpose(1, 2)  # (b, g, s, d)
+        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)  # (b, s, h*d), (b, s, g*d)
+        whole = self.qk_norm is not None and self.qk_norm.scope == "projection"
+        if whole:  # OLMo2: one norm over every head's features
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, h, d).transpose(1, 2)  # (b, h, s, d)
+        k = k.view(b, s, g, d).transpose(1, 2)  # (b, g, s, d)
         v = self.v_proj(hidden_states).view(b, s, g, dv).transpose(1, 2)  # (b, g, s, dv)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not whole:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.spec.rot_dim:
             cos, sin = position_embeddings
@@ -106,6 +122,8 @@ class DenseAttention(nn.Module):
             k, v = kv_cache.update(k, v, self.layer_idx)
         k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)  # (b, h, skv, *)
         scores = q @ k.transpose(-1, -2) * self.scaling  # (b, h, s, skv)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         mask = additive_mask(attention_mask, batch=b, q_len=s, kv_len=k.shape[-2], causal=self.causal,
                              dtype=q.dtype, device=q.device)
         if mask is not None:

@@ -27,7 +27,9 @@ from ds_twolevel.agreement import agreement
 from ds_twolevel.gather import gather_dense_state
 from ds_twolevel.layout import TwoLevelMesh
 
-from .policy import PatchReport, model_name, partitioned_layers, patch_model
+from .policy import PatchReport, dense_copies, model_name, partitioned_layers, patch_model
+from .fused_sources import FusedReader, fused_tensors
+from .probe import probe_loaded
 from .weights import ROW_BLOCK_BYTES, SafetensorsReader, assign_tensor, load_shards, to_hf_tensors
 
 
@@ -279,7 +281,7 @@ def _open_checkpoint(directory: Path, model_class: type | None,
         with init_empty_weights():  # parameters on meta, buffers (RoPE tables, position ids) real
             model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
         model.tie_weights()  # meta construction leaves tied weights (GPT-2's lm_head) untied
-        reader = RenamedReader(files, checkpoint_keys(model, files))
+        reader = FusedReader(RenamedReader(files, checkpoint_keys(model, files)), fused_tensors(model, files))
         check_checkpoint(model, reader, directory)
         _report_unused(model, reader, directory)
     except BaseException:
@@ -290,7 +292,7 @@ def _open_checkpoint(directory: Path, model_class: type | None,
 
 def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_class: type | None = None,
                      strict: bool = True, strategy: str = "auto", kv_replication: bool = False,
-                     dtype: torch.dtype | None = None) -> tuple[nn.Module, PatchReport]:
+                     dtype: torch.dtype | None = None, probe: bool = True) -> tuple[nn.Module, PatchReport]:
     """Build ``model_class`` (default: ``config.architectures[0]``) from a ``save_pretrained``
     directory with each rank reading only its slices; return (patched model in eval mode, report).
 
@@ -299,6 +301,10 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     REPORT for checkpoint tensors the model does not use. A rank that fails (a file only it reads is
     truncated, ...) makes every rank raise the same ``AgreementError`` naming that rank and file.
 
+    ``probe``: the parity probe (:func:`hf_integration.probe.probe_loaded`): the first attention and MLP
+    layer are gathered into dense HF modules and compared with the partitioned ones on 8 tokens;
+    a mismatch raises ``ProbeError`` on every rank (collective).
+
     Example:
         >>> model, report = load_partitioned("ckpt/", TwoLevelLayout(n=2, m=2).build())
     """
@@ -306,7 +312,9 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     with _agreed("loading a checkpoint (load_partitioned)"):  # each rank's error names its own files
         model, files, reader = _open_checkpoint(directory, model_class, dtype)
     try:
-        report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication)
+        copies = dense_copies(model) if probe else {}  # meta: no memory until the probe fills them
+        report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication,
+                             probe=False)
         with _agreed("reading checkpoint slices (load_partitioned)"):
             for path, layer in partitioned_layers(model):
                 owner = _owner_path(path, layer)
@@ -318,4 +326,7 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     if dtype is not None:
         model.to(dtype)
     model.eval()
+    if copies:
+        owners = [(_owner_path(path, layer), layer) for path, layer in partitioned_layers(model)]
+        probe_loaded(model, copies, owners, name=model_name(model))
     return model, report

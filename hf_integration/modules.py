@@ -19,7 +19,7 @@ from ds_twolevel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
 from ds_twolevel.mlp import TwoLevelMLP
 from ds_twolevel.partition import AttentionSpec
 
-from .weights import TensorMap
+from .weights import TensorMap, dense_numel
 
 CACHE_ARGS = ("cache", "past_key_values", "layer_past")
 
@@ -38,6 +38,8 @@ class HFTwoLevelAttention(TwoLevelAttention):
         tensor_maps: where each core tensor lives in the HF checkpoint (relative to ``owner_class``).
         owner_class: name of the HF class this layer replaced (reports).
         target: path of this layer inside the replaced HF module ("" = it is the module).
+        sliding_window: this layer's sliding window (None: full attention). The window arrives
+            through HF's mask; a call without a mask whose keys the window would cut is refused.
 
     Example:
         >>> out, _ = layer(hidden_states, position_embeddings=(cos, sin), attention_mask=mask)
@@ -46,10 +48,10 @@ class HFTwoLevelAttention(TwoLevelAttention):
     def __init__(self, hidden_size: int, spec: AttentionSpec, axes: TwoLevelAxes | TwoLevelMesh, *,
                  signature: tuple[str, ...],
                  post_dropout: nn.Module | None, tensor_maps: dict[str, TensorMap], owner_class: str,
-                 target: str = "", **kwargs: Any) -> None:
+                 target: str = "", sliding_window: int | None = None, **kwargs: Any) -> None:
         super().__init__(hidden_size, spec, axes, **kwargs)
         self.signature, self.post_dropout, self.tensor_maps = signature, post_dropout, tensor_maps
-        self.owner_class, self.target = owner_class, target
+        self.owner_class, self.target, self.sliding_window = owner_class, target, sliding_window
 
     def replicated_tensors(self) -> dict[str, str]:
         """Core name -> attribute of tensors every rank holds whole."""
@@ -57,17 +59,7 @@ class HFTwoLevelAttention(TwoLevelAttention):
 
     def dense_numel(self) -> int:
         """Parameters of the dense layer this partition came from."""
-        return sum(t.numel() for t in self._dense_shapes())
-
-    def _dense_shapes(self) -> list[torch.Size]:
-        """Shapes of the dense core tensors (fused HF tensors counted by their q/k/v parts)."""
-        s, hid = self.spec, self.hidden_size
-        shapes = {"q_proj.weight": (s.num_heads * s.head_dim, hid), "k_proj.weight": (s.num_kv_heads * s.head_dim, hid),
-                  "v_proj.weight": (s.num_kv_heads * s.dv, hid), "o_proj.weight": (hid, s.num_heads * s.dv),
-                  "q_proj.bias": (s.num_heads * s.head_dim,), "k_proj.bias": (s.num_kv_heads * s.head_dim,),
-                  "v_proj.bias": (s.num_kv_heads * s.dv,), "o_bias": (hid,), "q_norm_weight": (s.head_dim,),
-                  "k_norm_weight": (s.head_dim,)}
-        return [torch.Size(shapes[name]) for name in self.tensor_maps]
+        return dense_numel(self.tensor_maps)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         """HF calling convention in, ``(attn_output (b, s, H), None)`` out (no attention weights)."""
@@ -82,11 +74,22 @@ class HFTwoLevelAttention(TwoLevelAttention):
             raise ValueError(f"{self.owner_class}: attention_mask of type {type(mask).__name__} is not supported; "
                              f"use attn_implementation='sdpa' or 'eager'")
         rope = bound.get("position_embeddings") if self.spec.rot_dim else None
+        if mask is None and self.sliding_window is not None:
+            self._check_window(bound.get("hidden_states", hidden_states).shape[1], cache)
         out = TwoLevelAttention.forward(self, hidden_states, position_embeddings=rope, attention_mask=mask,
                                         kv_cache=None if cache is None else _self_attention_cache(cache))
         if self.post_dropout is not None:
             out = self.post_dropout(out)
         return out, None
+
+    def _check_window(self, q_len: int, cache: Any) -> None:
+        """Without a mask this layer attends causally to every key: refuse if the window cuts some."""
+        past = 0 if cache is None else int(_self_attention_cache(cache).get_seq_length(self.layer_idx))
+        if past + q_len > self.sliding_window:
+            raise ValueError(
+                f"{self.owner_class}: sliding window {self.sliding_window} < {past + q_len} keys but no attention "
+                f"mask was passed (the window would be ignored); use attn_implementation='sdpa' or 'eager', whose "
+                f"masks carry the window")
 
 
 class HFTwoLevelMLP(TwoLevelMLP):
@@ -110,8 +113,7 @@ class HFTwoLevelMLP(TwoLevelMLP):
 
     def dense_numel(self) -> int:
         """Parameters of the dense MLP this partition came from."""
-        hid, inter = self.hidden_size, self.intermediate_size
-        return (2 + self.gated) * hid * inter + (self.bias and (1 + self.gated) * inter + hid)
+        return dense_numel(self.tensor_maps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, s, H) replicated -> (b, s, H) replicated, then the HF module's output dropout."""

@@ -6,6 +6,7 @@ handed to DeepSpeed as well as applied by :func:`patch_model`.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,9 +16,15 @@ from torch import nn
 from ds_twolevel.layout import TwoLevelMesh
 from ds_twolevel.partition import AttentionSpec, check_partition, feasible_layouts
 
+from ds_twolevel.agreement import agreement
+from ds_twolevel.qk_norm import QKNorm
+
 from .modules import HFTwoLevelAttention, HFTwoLevelMLP
-from .specs import ArchSpec, get_path, set_path, spec_for, supported_architectures
-from .weights import StateDictReader, attention_tensor_maps, load_shards, mlp_tensor_maps
+from .moe import HFTwoLevelExperts, experts_plan
+from .probe import check_parity, record_calls, require_calls
+from .specs import ArchSpec, AttentionLayout, MoELayout, get_path, set_path, spec_for, supported_architectures
+from .weights import (StateDictReader, TensorMap, attention_tensor_maps, check_tensor_shapes, load_shards,
+                      mlp_tensor_maps, unplaced_parameters)
 
 ReplaceFn = Callable[..., nn.Module]
 STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
@@ -38,7 +45,8 @@ class PatchReport:
     replaced: dict[str, int] = field(default_factory=dict)
     """HF class name -> modules partitioned."""
     left_dense: list[str] = field(default_factory=list)
-    """paths of attention modules left dense (strict=False only)."""
+    """paths of the outermost attention modules left dense (strict=False only): the same list
+    ``verify(model)`` gives."""
     params_local: int = 0
     params_dense: int = 0
     strategy: str = "auto"
@@ -129,63 +137,125 @@ def _attention_dropout(config: Any) -> float:
     return float(next((getattr(config, a) for a in DROPOUT_ATTRS if getattr(config, a, None) is not None), 0.0))
 
 
-def check_biases(model: nn.Module, arch: ArchSpec, attn_paths: list[str], mlp_paths: list[str]) -> None:
-    """The spec's bias flags agree with every module (checked before anything is replaced)."""
-    config, lay = model.config, arch.attention
+def check_layers(model: nn.Module, arch: ArchSpec, attn_paths: list[str], mlp_paths: list[str]) -> None:
+    """Every layer agrees with the spec (tensor shapes, unplaced parameters, biases, the attributes it
+    reads), checked on all of them before anything is replaced: ValueError naming the module path."""
+    spec = attention_spec(model, arch)
     for path in attn_paths:
-        owner = model.get_submodule(path)
-        _check_bias(owner, lay.fused or lay.q, arch.flag(config, arch.qkv_bias), "qkv")
-        _check_bias(owner, lay.o, arch.flag(config, arch.o_bias), "output")
+        attention_plan(model.get_submodule(path), model.config, arch, spec, where=path)
     for path in mlp_paths:
-        _check_bias(model.get_submodule(path), arch.mlp.up, arch.flag(config, arch.mlp_bias), "MLP")
+        mlp_plan(model.get_submodule(path), model.config, arch, where=path)
 
 
-def _check_bias(owner: nn.Module, path: str, expected: bool, what: str) -> None:
+def _check_bias(owner: nn.Module, path: str, expected: bool, what: str, where: str) -> None:
     has = get_path(owner, path).bias is not None
     if has != expected:
-        raise ValueError(f"{type(owner).__name__}.{path}: spec says {what} bias={expected}, the module has "
+        raise ValueError(f"{where} ({type(owner).__name__}.{path}): spec says {what} bias={expected}, the module has "
                          f"bias={has}; fix the ArchSpec")
 
 
-def build_attention(owner: nn.Module, config: Any, arch: ArchSpec, spec: AttentionSpec, mesh: TwoLevelMesh, *,
-                    strategy: str, kv_replication: bool) -> HFTwoLevelAttention:
-    """This rank's partition of one HF attention module (its weights sliced unless on meta)."""
+def _check_placed(owner: nn.Module, maps: dict[str, TensorMap], target: str, identity: tuple[str, ...],
+                  where: str) -> None:
+    """Shapes of every tensor the spec implies, and no parameter left out of the spec."""
+    check_tensor_shapes(maps, StateDictReader(dict(owner.state_dict(keep_vars=True))), where=where)
+    left = unplaced_parameters(owner, maps, target, identity)
+    if left:
+        raise ValueError(f"{where} ({type(owner).__name__}): parameters {', '.join(left)} are not described by the "
+                         f"ArchSpec, so a partitioned layer would drop them; add them to the spec (e.g. "
+                         f"AttentionLayout.q_norm/k_norm) or fix its paths")
+
+
+def read_attribute(owner: nn.Module, config: Any, path: str, *, field_name: str, where: str) -> Any:
+    """``owner.<path>`` or, for "config.<name>", the config attribute; ValueError naming the spec
+    field when it does not exist (a spec never falls back to a guessed default)."""
+    obj, rest = (config, path[len("config."):]) if path.startswith("config.") else (owner, path)
+    try:
+        return get_path(obj, rest)
+    except AttributeError:
+        raise ValueError(f"{where} ({type(owner).__name__}): the spec's {field_name} = {path!r} names an attribute "
+                         f"this module does not have; fix the ArchSpec") from None
+
+
+def _qk_norm(owner: nn.Module, lay: AttentionLayout, where: str) -> QKNorm | None:
+    """The core QKNorm of a layer: eps read from both norm modules (they must agree)."""
+    if lay.q_norm is None:
+        return None
+    style = lay.norm_style
+    eps = {read_attribute(owner, None, f"{path}.{style.eps}", field_name="AttentionLayout.norm_style.eps",
+                          where=where) for path in (lay.q_norm, lay.k_norm)}
+    if len(eps) != 1:
+        raise ValueError(f"{where}: q_norm and k_norm have different eps {sorted(eps)}; one is supported")
+    return QKNorm(float(eps.pop()), scope=style.scope, offset=1.0 if style.formula == "1+w" else 0.0,
+                  weight_in_float=style.weight_in_float)
+
+
+def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: AttentionSpec, *,
+                   where: str) -> dict[str, Any]:
+    """Validated constructor options of one HF attention module's partitioned layer (no module touched)."""
     lay = arch.attention
     qkv_bias, o_bias = arch.flag(config, arch.qkv_bias), arch.flag(config, arch.o_bias)
-    _check_bias(owner, lay.fused or lay.q, qkv_bias, "qkv")
-    _check_bias(owner, lay.o, o_bias, "output")
     maps = attention_tensor_maps(lay, spec, config.hidden_size, qkv_bias=qkv_bias, o_bias=o_bias,
                                  qk_norm=lay.q_norm is not None)
-    weight = get_path(owner, lay.fused or lay.q).weight
-    eps = None if lay.q_norm is None else float(getattr(get_path(owner, lay.q_norm), "variance_epsilon", 1e-6))
-    layer = HFTwoLevelAttention(
-        config.hidden_size, spec, mesh, signature=lay.signature,
-        post_dropout=get_path(owner, lay.post_dropout) if lay.post_dropout else None, tensor_maps=maps,
-        owner_class=type(owner).__name__, target=lay.target, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm_eps=eps,
-        causal=arch.causal, strategy=strategy, dropout=_attention_dropout(config),
-        scaling=float(get_path(owner, lay.scaling)), kv_replication=kv_replication,
-        layer_idx=int(get_path(owner, lay.layer_idx) or 0), device=weight.device, dtype=weight.dtype,
+    _check_placed(owner, maps, lay.target, lay.identity, where)
+    _check_bias(owner, lay.fused or lay.q, qkv_bias, "qkv", where)
+    _check_bias(owner, lay.o, o_bias, "output", where)
+
+    def read(path: str | None, name: str) -> Any:
+        return None if path is None else read_attribute(owner, config, path, field_name=f"AttentionLayout.{name}",
+                                                        where=where)
+
+    softcap, window = read(lay.softcap, "softcap"), read(lay.sliding_window, "sliding_window")
+    return dict(
+        signature=lay.signature, post_dropout=read(lay.post_dropout, "post_dropout"), tensor_maps=maps,
+        owner_class=type(owner).__name__, target=lay.target, qkv_bias=qkv_bias, o_bias=o_bias,
+        qk_norm=_qk_norm(owner, lay, where), softcap=None if softcap is None else float(softcap),
+        sliding_window=None if window is None else int(window), causal=arch.causal,
+        dropout=_attention_dropout(config), scaling=float(read(lay.scaling, "scaling")),
+        layer_idx=int(read(lay.layer_idx, "layer_idx") or 0),
     )
+
+
+def build_attention(owner: nn.Module, config: Any, arch: ArchSpec, spec: AttentionSpec, mesh: TwoLevelMesh, *,
+                    strategy: str, kv_replication: bool, where: str | None = None) -> HFTwoLevelAttention:
+    """This rank's partition of one HF attention module (its weights sliced unless on meta)."""
+    plan = attention_plan(owner, config, arch, spec, where=where or type(owner).__name__)
+    weight = get_path(owner, arch.attention.fused or arch.attention.q).weight
+    layer = HFTwoLevelAttention(config.hidden_size, spec, mesh, strategy=strategy, kv_replication=kv_replication,
+                                device=weight.device, dtype=weight.dtype, **plan)
     if not weight.is_meta:
         layer.to(weight.device)  # RoPE index buffers too
-        load_shards(layer, maps, StateDictReader(dict(owner.state_dict(keep_vars=True))))
+        load_shards(layer, plan["tensor_maps"], StateDictReader(dict(owner.state_dict(keep_vars=True))))
     return layer.train(owner.training)  # eval models stay in eval (no attention dropout)
 
 
-def build_mlp(owner: nn.Module, config: Any, arch: ArchSpec, mesh: TwoLevelMesh) -> HFTwoLevelMLP:
-    """This rank's partition of one HF MLP (its weights sliced unless on meta)."""
+def mlp_plan(owner: nn.Module, config: Any, arch: ArchSpec, *, where: str) -> dict[str, Any]:
+    """Validated constructor options of one HF MLP's (or MoE block's) partitioned layer."""
     lay = arch.mlp
+    if isinstance(lay, MoELayout):
+        return experts_plan(owner, config, lay, where=where)
     bias = arch.flag(config, arch.mlp_bias)
-    _check_bias(owner, lay.up, bias, "MLP")
     inter = intermediate_size(config)
     maps = mlp_tensor_maps(lay, config.hidden_size, inter, bias=bias)
-    weight = get_path(owner, lay.up).weight
-    layer = HFTwoLevelMLP(
-        config.hidden_size, inter, mesh.axes.tp, gated=lay.gate is not None, bias=bias,
-        act_fn=get_path(owner, lay.act), dropout=get_path(owner, lay.dropout) if lay.dropout else None,
-        tensor_maps=maps, owner_class=type(owner).__name__, target=lay.target, device=weight.device,
-        dtype=weight.dtype,
-    )
+    _check_placed(owner, maps, lay.target, lay.identity, where)
+    _check_bias(owner, lay.up or lay.gate_up, bias, "MLP", where)
+
+    def read(path: str | None, name: str) -> Any:
+        return None if path is None else read_attribute(owner, config, path, field_name=f"MLPLayout.{name}",
+                                                        where=where)
+
+    return dict(intermediate_size=inter, gated=lay.gate is not None or lay.gate_up is not None, bias=bias,
+                act_fn=read(lay.act, "act"), dropout=read(lay.dropout, "dropout"), tensor_maps=maps,
+                owner_class=type(owner).__name__, target=lay.target)
+
+
+def build_mlp(owner: nn.Module, config: Any, arch: ArchSpec, mesh: TwoLevelMesh, *,
+              where: str | None = None) -> nn.Module:
+    """This rank's partition of one HF MLP or MoE block (its weights sliced unless on meta)."""
+    plan = mlp_plan(owner, config, arch, where=where or type(owner).__name__)
+    maps = plan["tensor_maps"]
+    weight = get_path(owner, next(iter(maps.values())).key)
+    cls = HFTwoLevelExperts if isinstance(arch.mlp, MoELayout) else HFTwoLevelMLP
+    layer = cls(config.hidden_size, tp=mesh.axes.tp, device=weight.device, dtype=weight.dtype, **plan)
     if not weight.is_meta:
         load_shards(layer, maps, StateDictReader(dict(owner.state_dict(keep_vars=True))))
     return layer.train(owner.training)
@@ -217,12 +287,14 @@ def injection_policy(model: nn.Module, mesh: TwoLevelMesh, *, strategy: str = "a
 
     def replace_attention(child: nn.Module, _policy: Any = None, layer_id: int = 0, *, prefix: str = "",
                           state_dict: Any = None) -> nn.Module:
-        layer = build_attention(child, config, arch, spec, mesh, strategy=strategy, kv_replication=kv_replication)
+        layer = build_attention(child, config, arch, spec, mesh, strategy=strategy, kv_replication=kv_replication,
+                                where=prefix or None)
         return _install(child, arch.attention.target, arch.attention.identity, layer)
 
     def replace_mlp(child: nn.Module, _policy: Any = None, layer_id: int = 0, *, prefix: str = "",
                     state_dict: Any = None) -> nn.Module:
-        return _install(child, arch.mlp.target, arch.mlp.identity, build_mlp(child, config, arch, mesh))
+        layer = build_mlp(child, config, arch, mesh, where=prefix or None)
+        return _install(child, arch.mlp.target, arch.mlp.identity, layer)
 
     policy: dict[type[nn.Module], ReplaceFn] = {}
     if arch.attention.owner in classes:
@@ -239,22 +311,44 @@ def _refuse_or_warn(strict: bool, message: str) -> None:
     warnings.warn(message + "; left dense (strict=False)", stacklevel=3)
 
 
-def _apply(model: nn.Module, paths: list[str], fn: ReplaceFn) -> None:
-    """Replace the module at every path with ``fn(module, ...)`` (DeepSpeed's call convention)."""
+def _apply(model: nn.Module, paths: list[str], fn: ReplaceFn, layout: Any, undo: list[Callable[[], None]]) -> None:
+    """Replace the module at every path with ``fn(module, ...)`` (DeepSpeed's call convention);
+    ``undo`` gets, per path, the function that puts the dense modules back."""
     for layer_id, path in enumerate(paths):
         child = model.get_submodule(path)
+        inner = {p: get_path(child, p) for p in (layout.target, *layout.identity) if p}
         new = fn(child, None, layer_id, prefix=path, state_dict=None)
         if new is not child:
             set_path(model, path, new)
+            undo.append(lambda path=path, child=child: set_path(model, path, child))
+        else:  # the layer went inside the owner (target / identity): restore those submodules
+            undo.append(lambda child=child, inner=inner: [set_path(child, p, m) for p, m in inner.items()])
+
+
+def _revert(undo: list[Callable[[], None]]) -> None:
+    """Put back every dense module replaced so far (the model is as it was before patching)."""
+    for restore in reversed(undo):
+        restore()
+    undo.clear()
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, strategy: str = "auto",
-                kv_replication: bool = False) -> PatchReport:
+                kv_replication: bool = False, probe: bool = True) -> PatchReport:
     """Partition ``model``'s attention and MLP layers over ``mesh`` in place; return a report.
 
-    Validates everything (architecture, layout, biases, config settings) before any module is
-    touched or any collective issued; patching sends no data (with n > KV heads it creates the
-    KV-replication sub-group on every rank). The model stays the same PreTrainedModel object: forward,
+    Validates everything (architecture, layout, config settings, and every layer's tensors against
+    the spec: shapes, biases, parameters the spec leaves out) before any module is touched or any
+    collective issued. Then, with ``probe`` (the default), the parity probe
+    (:mod:`hf_integration.probe`): the dense model runs once on 8 seeded random tokens, every layer is
+    replaced and run on the inputs its dense module saw, and a mismatch beyond the dtype's tolerance
+    puts the dense modules back and raises :class:`~hf_integration.probe.ProbeError` on every rank
+    (collective: every rank must call patch_model). ``probe=False`` skips it (huge models; meta models
+    are never probed here, ``load_partitioned`` probes them after loading). With n > KV heads it creates
+    the KV-replication sub-group on every rank. The model stays the same PreTrainedModel object: forward,
     ``generate()`` and ``save_pretrained`` (which then gathers and writes a dense checkpoint) work.
 
     Example:
@@ -272,7 +366,6 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
         arch = spec_for(model.config, model_name=model_name(model))
     except ValueError as err:
         _refuse_or_warn(strict, str(err))
-        report.left_dense = find_attention_like(model)
         return _finish(model, mesh, report)
     check_model_layout(model, arch, layout.n, layout.m, kv_replication=kv_replication)
     attn_paths, mlp_paths, refused = find_owners(model, arch)
@@ -282,19 +375,55 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
                                 f"{', '.join(supported_architectures())}")
     if not attn_paths:
         _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
-    check_biases(model, arch, attn_paths, mlp_paths)
+    check_layers(model, arch, attn_paths, mlp_paths)
+    _replace_and_probe(model, mesh, arch, attn_paths, mlp_paths, strategy=strategy, kv_replication=kv_replication,
+                       probe=probe and not _on_meta(model))
+    return _finish(model, mesh, report)
+
+
+def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, attn_paths: list[str],
+                       mlp_paths: list[str], *, strategy: str, kv_replication: bool, probe: bool) -> None:
+    """Replace every layer; with ``probe``, compare each with its dense module (dense modules back on refusal)."""
+    name = model_name(model)
+    records: dict[str, Any] = {}
+    if probe:
+        with agreement(None, what=f"{name}: parity probe (dense forward)"):
+            records = record_calls(model, mlp_paths + attn_paths)
+            require_calls(records, mlp_paths + attn_paths, name=name)
     policy = injection_policy(model, mesh, strategy=strategy, kv_replication=kv_replication)
     by_name = {cls.__name__: fn for cls, fn in policy.items()}
-    # MLP owners first: BERT's MLP owner (BertLayer) contains the attention owner
-    _apply(model, mlp_paths, by_name.get(arch.mlp.owner))
-    _apply(model, attn_paths, by_name.get(arch.attention.owner))
-    report.left_dense = refused
-    return _finish(model, mesh, report)
+    undo: list[Callable[[], None]] = []
+    try:
+        # MLP owners first: BERT's MLP owner (BertLayer) contains the attention owner
+        _apply(model, mlp_paths, by_name.get(arch.mlp.owner), arch.mlp, undo)
+        _apply(model, attn_paths, by_name.get(arch.attention.owner), arch.attention, undo)
+        if probe:
+            kinds = {p: arch.attention.owner for p in attn_paths} | {p: arch.mlp.owner for p in mlp_paths}
+            check_parity(model, records, name=name, kinds=kinds)
+    except BaseException:
+        _revert(undo)
+        raise
 
 
 def find_attention_like(model: nn.Module) -> list[str]:
     """Paths of modules whose class name says attention (for reports on unsupported models)."""
     return [p for p, mod in model.named_modules() if "Attention" in type(mod).__name__]
+
+
+def dense_leftovers(model: nn.Module) -> list[str]:
+    """Outermost attention modules (class name says attention) that are not partitioned and hold no
+    partitioned layer: what :func:`patch_model` left dense (strict=False). The one definition that
+    both the patch report and :func:`verify` use."""
+    out: list[str] = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, PARTITIONED) or "Attention" not in type(mod).__name__:
+            continue
+        if any(path == p or path.startswith(p + ".") for p in out):
+            continue  # inside a module already listed
+        if any(isinstance(c, PARTITIONED) for c in mod.modules()):
+            continue  # e.g. BertAttention, whose .self is the partitioned layer
+        out.append(path)
+    return out
 
 
 def _finish(model: nn.Module, mesh: TwoLevelMesh, report: PatchReport) -> PatchReport:
@@ -310,6 +439,7 @@ def _finish(model: nn.Module, mesh: TwoLevelMesh, report: PatchReport) -> PatchR
     counted = verify(model)
     report.replaced, report.params_local, report.params_dense = (counted.replaced, counted.params_local,
                                                                  counted.params_dense)
+    report.left_dense = counted.left_dense  # one definition: the report and verify(model) agree
     return report
 
 
@@ -323,9 +453,13 @@ def _install_guard(model: nn.Module, mesh: TwoLevelMesh) -> None:
     model.ds_autotp_parsed = True
 
 
+PARTITIONED = (HFTwoLevelAttention, HFTwoLevelMLP, HFTwoLevelExperts)
+"""The layer classes patch_model installs."""
+
+
 def partitioned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, layer) of every partitioned layer, in module order."""
-    return [(p, mod) for p, mod in model.named_modules() if isinstance(mod, (HFTwoLevelAttention, HFTwoLevelMLP))]
+    return [(p, mod) for p, mod in model.named_modules() if isinstance(mod, PARTITIONED)]
 
 
 def verify(model: nn.Module) -> PatchReport:
@@ -345,17 +479,21 @@ def verify(model: nn.Module) -> PatchReport:
         report.replaced[layer.owner_class] = report.replaced.get(layer.owner_class, 0) + 1
         dense += layer.dense_numel() - sum(p.numel() for p in layer.parameters())
     report.params_local, report.params_dense = local, dense
-    arch_owner = {s.attention.owner for s in _all_specs()}
-    report.left_dense = [p for p, mod in model.named_modules() if type(mod).__name__ in arch_owner
-                         and not isinstance(mod, HFTwoLevelAttention)
-                         and not any(isinstance(c, HFTwoLevelAttention) for c in mod.children())]
+    report.left_dense = dense_leftovers(model)
     return report
 
 
-def _all_specs() -> list[ArchSpec]:
+def dense_copies(model: nn.Module) -> dict[str, nn.Module]:
+    """Deep copies of the first attention and the first MLP module of ``model`` (on the meta device:
+    free), for ``load_partitioned``'s probe; {} for an architecture without a spec."""
     from .specs import SPECS
 
-    return list(SPECS.values())
+    arch = SPECS.get(getattr(model.config, "model_type", None))
+    if arch is None:
+        return {}
+    attn, mlp, _ = find_owners(model, arch)
+    return {paths[0]: copy.deepcopy(model.get_submodule(paths[0])) for paths in (attn, mlp) if paths}
 
 
-__all__ = ["PatchReport", "check_model_layout", "injection_policy", "patch_model", "partitioned_layers", "verify"]
+__all__ = ["PatchReport", "check_layers", "check_model_layout", "dense_leftovers", "injection_policy", "patch_model",
+           "partitioned_layers", "verify"]

@@ -7,13 +7,22 @@ code driven by these specs, so adding an architecture means adding a spec.
 
 Packed QKV layouts (``fused_layout``), as rows of the fused weight (h heads, d dims, H = h*d)::
 
-    "concat"   (GPT-2 c_attn):  [ q: h*d | k: g*d | v: g*dv ]          feature = block + head*d + t
+    "concat"   (GPT-2 c_attn, Phi3 qkv_proj): [ q: h*d | k: g*d | v: g*dv ]   feature = block + head*d + t
     "per_head" (GPT-NeoX):      [ q0 k0 v0 | q1 k1 v1 | ... ]  (d each) feature = head*3d + block + t
+
+Packed MLP input (``MLPLayout.gate_up``, Phi3 ``gate_up_proj``; MoE experts ``gate_up_proj``)::
+
+    [ gate: I | up: I ]   rows of the (2I, H) weight; rank r holds rows [f | I + f], f its I/p features
+
+Nothing in a spec is trusted blindly: every tensor a spec implies is checked against the module's
+real tensor (shape, and that no parameter is left unplaced) before anything is replaced, and the
+patched layer is compared with the dense module on a small input (the parity probe,
+``hf_integration.probe``), so a spec that describes the model wrongly is refused, not computed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -21,6 +30,42 @@ from ds_twolevel.partition import AttentionSpec
 
 FusedLayout = Literal["concat", "per_head"]
 BoolOrAttr = bool | str
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """A test of a config value for ``ArchSpec.unsupported`` (constants are compared with ==).
+
+    Example:
+        >>> ArchSpec(..., unsupported=(("use_qk_norm", TRUTHY), ("is_decoder", True)))
+    """
+
+    test: Callable[[Any], bool]
+    text: str
+    """what it matches, for the error message ("any non-null value")."""
+
+    def __call__(self, value: Any) -> bool:
+        return bool(self.test(value))
+
+
+NOT_NONE = Predicate(lambda v: v is not None, "any non-null value")
+TRUTHY = Predicate(bool, "any true / non-zero value")
+
+
+@dataclass(frozen=True)
+class QKNormStyle:
+    """What an attention layer's q/k norm computes (``AttentionLayout.q_norm`` / ``k_norm``)."""
+
+    formula: Literal["w", "1+w"] = "w"
+    """``w*x`` (Llama-style RMSNorm: Qwen3, OLMo2) or ``(1+w)*x`` (Gemma)."""
+    eps: str = "variance_epsilon"
+    """attribute of the norm module holding its epsilon (Gemma: "eps")."""
+    scope: Literal["head", "projection"] = "head"
+    """"head": over each head's d dims (Qwen3, Gemma3); "projection": over the whole h*d / g*d
+    projection (OLMo2: sum of squares all-reduced over every rank of the layer)."""
+    weight_in_float: bool = False
+    """the weight multiplies the fp32 normalised value before the cast back (OLMo2, Gemma);
+    False: after it (Llama, Qwen3). Same in fp32, a different rounding in bf16/fp16."""
 
 
 @dataclass(frozen=True)
@@ -49,11 +94,21 @@ class AttentionLayout:
     conv1d: bool = False
     """weights stored (in, out) as GPT-2's Conv1D, i.e. transposed w.r.t. nn.Linear."""
     q_norm: str | None = None
-    """per-head RMSNorm of q over d (Qwen3); its eps is read from the module."""
+    """RMSNorm of q (Qwen3, Gemma3, OLMo2); what it computes is ``norm_style``."""
     k_norm: str | None = None
-    """per-head RMSNorm of k over d (Qwen3)."""
+    """RMSNorm of k."""
+    norm_style: QKNormStyle = field(default_factory=QKNormStyle)
+    """formula, eps attribute and scope of q_norm / k_norm."""
     scaling: str = "scaling"
-    """attribute holding the score scale (already includes e.g. GPT-2's inverse-layer-idx factor)."""
+    """attribute holding the score scale (already includes e.g. GPT-2's inverse-layer-idx factor,
+    Gemma2/3's ``query_pre_attn_scalar ** -0.5``, Granite's ``attention_multiplier``)."""
+    softcap: str | None = None
+    """attribute holding the score soft-cap (Gemma2 ``attn_logit_softcapping``: scores become
+    ``cap * tanh(scores / cap)`` before the mask); None: this module applies none."""
+    sliding_window: str | None = None
+    """attribute with this layer's sliding window (Gemma2/3, Qwen2: per layer, None on full-attention
+    layers), or "config.<name>" (Mistral, Phi3, Mixtral: one for the model). The window itself
+    arrives through HF's mask; the layer refuses a call without a mask that the window would cut."""
     layer_idx: str = "layer_idx"
     """attribute holding the layer index used with the KV cache."""
     signature: tuple[str, ...] = ()
@@ -71,14 +126,16 @@ class MLPLayout:
 
     owner: str
     """HF class whose instances are patched (the injection-policy key)."""
-    up: str
-    """column-parallel input projection."""
+    up: str | None
+    """column-parallel input projection (None when ``gate_up`` holds it)."""
     down: str
     """row-parallel output projection (its bias is replicated, added after the all-reduce)."""
     act: str
     """the activation module/callable, reused as is (exactness: HF's own GELU/SiLU variant)."""
     gate: str | None = None
     """gate projection of a gated MLP (``act(gate(x)) * up(x)``)."""
+    gate_up: str | None = None
+    """fused [gate | up] projection (Phi3 ``gate_up_proj``, (2I, H)): set instead of gate and up."""
     target: str = ""
     """submodule replaced by the partitioned MLP ("" = the owner itself)."""
     dropout: str | None = None
@@ -87,6 +144,32 @@ class MLPLayout:
     """weights stored (in, out) (GPT-2 Conv1D)."""
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (BERT's BertOutput.dense runs inside the partitioned MLP)."""
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """A sparse mixture-of-experts block in the fused-experts layout of transformers 5.x (Mixtral).
+
+    Every expert's MLP is column/row-split over the n*m ranks of the layer (each rank holds I/p
+    features of every expert); the router is replicated and runs on every rank. Paths are
+    relative to ``owner``; the experts module's own layout flags (``is_transposed``,
+    ``is_concatenated``, ``has_bias``) are checked against this spec.
+    """
+
+    owner: str
+    """HF class whose instances are patched (MixtralSparseMoeBlock)."""
+    target: str = "experts"
+    """the experts module, replaced by the partitioned one."""
+    gate_up: str = "experts.gate_up_proj"
+    """(E, 2I, H) fused [gate | up] weights of every expert."""
+    down: str = "experts.down_proj"
+    """(E, H, I) down weights."""
+    num_experts_attr: str = "num_local_experts"
+    """config attribute with E."""
+    act: str = "experts.act_fn"
+    """the experts' activation (reused as is)."""
+    identity: tuple[str, ...] = ()
+    """modules made nn.Identity (none for Mixtral)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +183,7 @@ class ArchSpec:
     model_type: str
     """``config.model_type``."""
     attention: AttentionLayout
-    mlp: MLPLayout
+    mlp: MLPLayout | MoELayout
     rope_style: Literal["none", "half", "interleaved"] = "half"
     """RoPE pairing; partial rotary comes from ``rope_parameters["partial_rotary_factor"]``."""
     num_kv_heads_attr: str | None = "num_key_value_heads"
@@ -114,7 +197,8 @@ class ArchSpec:
     causal: bool = True
     """decoder (causal) or encoder (bidirectional) attention."""
     unsupported: tuple[tuple[str, Any], ...] = ()
-    """(config attribute, value) pairs this integration refuses (e.g. BERT as a decoder)."""
+    """(config attribute, value or :class:`Predicate`) pairs this integration refuses (e.g. BERT as a
+    decoder, ``("use_qk_norm", TRUTHY)``)."""
     notes: str = ""
 
     # -- derived from a config -----------------------------------------------------------------
@@ -143,29 +227,98 @@ class ArchSpec:
 
     def problems(self, config: Any) -> list[str]:
         """Config settings this integration cannot reproduce exactly."""
-        return [f"{attr}={getattr(config, attr)!r}" for attr, bad in self.unsupported
-                if getattr(config, attr, None) == bad]
+        out = []
+        for attr, bad in self.unsupported:
+            value = getattr(config, attr, None)
+            if bad(value) if isinstance(bad, Predicate) else value == bad:
+                out.append(f"{attr}={value!r}" + (f" ({bad.text})" if isinstance(bad, Predicate) else ""))
+        return out
+
+
+LLAMA_SIGNATURE = ("position_embeddings", "attention_mask", "cache")
+"""positional parameters of most decoder attention modules after ``hidden_states`` (transformers 5.24)."""
+BIDIRECTIONAL = (("use_bidirectional_attention", TRUTHY),)
+"""Gemma's encoder mode: attention without the causal mask this integration assumes when HF passes none."""
 
 
 def _llama_like(model_type: str, prefix: str, *, qkv_bias: BoolOrAttr = "attention_bias",
                 o_bias: BoolOrAttr = "attention_bias", mlp_bias: BoolOrAttr = "mlp_bias",
-                qk_norm: bool = False, notes: str = "") -> ArchSpec:
+                qk_norm: bool = False, norm_style: QKNormStyle = QKNormStyle(), notes: str = "",
+                **spec_fields: Any) -> ArchSpec:
+    """A Llama-shaped architecture: q/k/v/o_proj in ``{prefix}Attention``, gate/up/down in ``{prefix}MLP``.
+
+    ``spec_fields``: ArchSpec fields (rope_style, unsupported, ...) and AttentionLayout fields
+    (softcap, sliding_window, ...), told apart by name.
+    """
+    layout_keys = {"softcap", "sliding_window", "o", "signature"}
+    layout_kw = {k: spec_fields.pop(k) for k in list(spec_fields) if k in layout_keys}
     attention = AttentionLayout(
-        owner=f"{prefix}Attention", signature=("position_embeddings", "attention_mask", "cache"),
-        q_norm="q_norm" if qk_norm else None, k_norm="k_norm" if qk_norm else None,
+        owner=f"{prefix}Attention", signature=layout_kw.pop("signature", LLAMA_SIGNATURE),
+        q_norm="q_norm" if qk_norm else None, k_norm="k_norm" if qk_norm else None, norm_style=norm_style,
+        **layout_kw,
     )
     mlp = MLPLayout(owner=f"{prefix}MLP", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn")
-    return ArchSpec(model_type, attention, mlp, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias, notes=notes)
+    return ArchSpec(model_type, attention, spec_fields.pop("mlp", mlp), qkv_bias=qkv_bias, o_bias=o_bias,
+                    mlp_bias=mlp_bias, notes=notes, **spec_fields)
 
+
+GEMMA_NORM = QKNormStyle(formula="1+w", eps="eps", weight_in_float=True)
+OLMO2_NORM = QKNormStyle(scope="projection", weight_in_float=True)
+NO_BIAS = dict(qkv_bias=False, o_bias=False, mlp_bias=False)
 
 SPECS: dict[str, ArchSpec] = {
     "llama": _llama_like("llama", "Llama", notes="GQA, RoPE (half), optional biases"),
-    "mistral": _llama_like("mistral", "Mistral", qkv_bias=False, o_bias=False, mlp_bias=False,
+    "mistral": _llama_like("mistral", "Mistral", **NO_BIAS, sliding_window="config.sliding_window",
                            notes="GQA, RoPE, sliding window through HF's mask"),
     "qwen2": _llama_like("qwen2", "Qwen2", qkv_bias=True, o_bias=False, mlp_bias=False,
-                         notes="q/k/v biases"),
-    "qwen3": _llama_like("qwen3", "Qwen3", mlp_bias=False, qk_norm=True,
+                         sliding_window="sliding_window", notes="q/k/v biases"),
+    "qwen3": _llama_like("qwen3", "Qwen3", mlp_bias=False, qk_norm=True, sliding_window="sliding_window",
                          notes="per-head q_norm/k_norm (sum of squares all-reduced over segments)"),
+    "gemma": _llama_like("gemma", "Gemma", mlp_bias=False, unsupported=BIDIRECTIONAL,
+                         notes="GQA/MQA, RoPE; (1+w) RMSNorms and the scaled embedding stay replicated"),
+    "gemma2": _llama_like("gemma2", "Gemma2", mlp_bias=False, softcap="attn_logit_softcapping",
+                          sliding_window="sliding_window", unsupported=BIDIRECTIONAL,
+                          notes="score soft-capping (score path), query_pre_attn_scalar scaling, sliding and "
+                                "full layers alternating through HF's masks"),
+    "gemma3_text": _llama_like("gemma3_text", "Gemma3", mlp_bias=False, qk_norm=True, norm_style=GEMMA_NORM,
+                               sliding_window="sliding_window", unsupported=BIDIRECTIONAL,
+                               notes="per-head (1+w) q/k norms (eps attribute .eps); per-layer-type RoPE; "
+                                     "transformers 5.24 applies no score softcap in Gemma3"),
+    "olmo2": _llama_like("olmo2", "Olmo2", mlp_bias=False, qk_norm=True, norm_style=OLMO2_NORM,
+                         notes="q/k norms over the whole projection: sum of squares all-reduced over n*m ranks"),
+    "mixtral": _llama_like("mixtral", "Mixtral", **NO_BIAS, sliding_window="config.sliding_window",
+                           mlp=MoELayout(owner="MixtralSparseMoeBlock"),
+                           unsupported=(("router_jitter_noise", TRUTHY),),
+                           notes="MoE: every expert column/row-split over n*m ranks, router replicated"),
+    "granite": _llama_like("granite", "Granite",
+                           notes="attention_multiplier as the score scale; residual/embedding/logit multipliers "
+                                 "stay outside the partitioned layers"),
+    "cohere": _llama_like("cohere", "Cohere", mlp_bias=False, rope_style="interleaved",
+                          unsupported=(("use_qk_norm", TRUTHY),),
+                          notes="interleaved RoPE; parallel attention + MLP residual (outside the layers)"),
+    "phi3": ArchSpec(
+        "phi3",
+        AttentionLayout(owner="Phi3Attention", q=None, k=None, v=None, fused="qkv_proj", fused_layout="concat",
+                        signature=LLAMA_SIGNATURE, sliding_window="config.sliding_window"),
+        MLPLayout(owner="Phi3MLP", up=None, gate_up="gate_up_proj", down="down_proj", act="activation_fn"),
+        notes="fused qkv_proj [q | k | v] (GQA) and gate_up_proj [gate | up]; partial rotary",
+    ),
+    "phi": ArchSpec(
+        "phi",
+        AttentionLayout(owner="PhiAttention", o="dense", signature=LLAMA_SIGNATURE),
+        MLPLayout(owner="PhiMLP", up="fc1", down="fc2", act="activation_fn"),
+        qkv_bias=True, o_bias=True, mlp_bias=True, unsupported=(("qk_layernorm", TRUTHY),),
+        notes="partial rotary (partial_rotary_factor), biases everywhere, plain GELU MLP",
+    ),
+    "stablelm": ArchSpec(
+        "stablelm",
+        AttentionLayout(owner="StableLmAttention",
+                        signature=("attention_mask", "position_ids", "cache", "output_attentions", "use_cache",
+                                   "position_embeddings")),
+        MLPLayout(owner="StableLmMLP", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn"),
+        qkv_bias="use_qkv_bias", unsupported=(("qk_layernorm", TRUTHY),),
+        notes="partial rotary (0.25 by default), optional q/k/v biases",
+    ),
     "gpt2": ArchSpec(
         "gpt2",
         AttentionLayout(owner="GPT2Attention", q=None, k=None, v=None, fused="c_attn", fused_layout="concat",
@@ -231,5 +384,5 @@ def set_path(module: torch.nn.Module, path: str, value: torch.nn.Module) -> None
     setattr(get_path(module, parent), name, value)
 
 
-__all__ = ["ArchSpec", "AttentionLayout", "MLPLayout", "SPECS", "get_path", "set_path", "spec_for",
-           "supported_architectures"]
+__all__ = ["NOT_NONE", "TRUTHY", "ArchSpec", "AttentionLayout", "MLPLayout", "MoELayout", "Predicate", "QKNormStyle",
+           "SPECS", "get_path", "set_path", "spec_for", "supported_architectures"]

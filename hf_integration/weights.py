@@ -20,7 +20,7 @@ from torch import nn
 from ds_twolevel.partition import AttentionSpec
 
 from .safetensors_files import SAFE_DTYPES, Entry, read_header, weight_files  # noqa: F401 (re-export)
-from .specs import AttentionLayout, MLPLayout
+from .specs import AttentionLayout, MLPLayout, MoELayout
 
 ROW_BLOCK_BYTES = 4 << 20  # column slices read rows in blocks of this size: bounded scratch memory
 
@@ -39,6 +39,8 @@ class TensorMap:
     """HF stores the 2-D weight as (in, out) (GPT-2 Conv1D)."""
     feature_map: torch.Tensor | None = None
     """HF index (along hf_dim) of each core feature, for fused projections."""
+    field: str = ""
+    """the spec field this tensor comes from (named when the module's tensor does not match)."""
 
     @property
     def hf_dim(self) -> int | None:
@@ -78,34 +80,92 @@ def attention_tensor_maps(layout: AttentionLayout, spec: AttentionSpec, hidden: 
     for kind, path in (("q", layout.q), ("k", layout.k), ("v", layout.v)):
         if layout.fused:
             total, fmap, path = sum(widths.values()), fused_feature_map(layout.fused_layout, kind, spec), layout.fused
+            where = f"AttentionLayout.fused ({layout.fused_layout!r})"
         else:
-            total, fmap = widths[kind], None
-        maps[f"{kind}_proj.weight"] = TensorMap(f"{path}.weight", _weight_shape(total, hidden, c), 0, c, fmap)
+            total, fmap, where = widths[kind], None, f"AttentionLayout.{kind}"
+        maps[f"{kind}_proj.weight"] = TensorMap(f"{path}.weight", _weight_shape(total, hidden, c), 0, c, fmap, where)
         if qkv_bias:
-            maps[f"{kind}_proj.bias"] = TensorMap(f"{path}.bias", (total,), 0, False, fmap)
-    maps["o_proj.weight"] = TensorMap(f"{layout.o}.weight", _weight_shape(hidden, h * dv, c), 1, c)
+            maps[f"{kind}_proj.bias"] = TensorMap(f"{path}.bias", (total,), 0, False, fmap, f"{where}, qkv_bias")
+    maps["o_proj.weight"] = TensorMap(f"{layout.o}.weight", _weight_shape(hidden, h * dv, c), 1, c,
+                                      field="AttentionLayout.o")
     if o_bias:
-        maps["o_bias"] = TensorMap(f"{layout.o}.bias", (hidden,), None)
+        maps["o_bias"] = TensorMap(f"{layout.o}.bias", (hidden,), None, field="AttentionLayout.o, o_bias")
     if qk_norm:
-        maps["q_norm_weight"] = TensorMap(f"{layout.q_norm}.weight", (d,), 0)
-        maps["k_norm_weight"] = TensorMap(f"{layout.k_norm}.weight", (d,), 0)
+        whole = layout.norm_style.scope == "projection"  # one weight per feature of the projection
+        scope = f"norm_style.scope={layout.norm_style.scope!r}"
+        maps["q_norm_weight"] = TensorMap(f"{layout.q_norm}.weight", (h * d if whole else d,), 0,
+                                          field=f"AttentionLayout.q_norm, {scope}")
+        maps["k_norm_weight"] = TensorMap(f"{layout.k_norm}.weight", (g * d if whole else d,), 0,
+                                          field=f"AttentionLayout.k_norm, {scope}")
     return maps
 
 
 def mlp_tensor_maps(layout: MLPLayout, hidden: int, intermediate: int, *, bias: bool) -> dict[str, TensorMap]:
-    """Core name -> TensorMap for one MLP."""
+    """Core name -> TensorMap for one MLP (a fused ``gate_up`` gives gate and up as its two halves)."""
     c = layout.conv1d
     maps: dict[str, TensorMap] = {}
+    if layout.gate_up is not None:
+        shape, key = _weight_shape(2 * intermediate, hidden, c), f"{layout.gate_up}.weight"
+        for half, core in enumerate(("gate_proj", "up_proj")):  # rows [gate: I | up: I]
+            fmap = torch.arange(intermediate) + half * intermediate
+            maps[f"{core}.weight"] = TensorMap(key, shape, 0, c, fmap, "MLPLayout.gate_up")
+            if bias:
+                maps[f"{core}.bias"] = TensorMap(f"{layout.gate_up}.bias", (2 * intermediate,), 0, False, fmap,
+                                                 "MLPLayout.gate_up, mlp_bias")
     for core, path in (("gate_proj", layout.gate), ("up_proj", layout.up)):
         if path is None:
             continue
-        maps[f"{core}.weight"] = TensorMap(f"{path}.weight", _weight_shape(intermediate, hidden, c), 0, c)
+        field = f"MLPLayout.{core[:-5]}"
+        maps[f"{core}.weight"] = TensorMap(f"{path}.weight", _weight_shape(intermediate, hidden, c), 0, c,
+                                           field=field)
         if bias:
-            maps[f"{core}.bias"] = TensorMap(f"{path}.bias", (intermediate,), 0)
-    maps["down_proj.weight"] = TensorMap(f"{layout.down}.weight", _weight_shape(hidden, intermediate, c), 1, c)
+            maps[f"{core}.bias"] = TensorMap(f"{path}.bias", (intermediate,), 0, field=f"{field}, mlp_bias")
+    maps["down_proj.weight"] = TensorMap(f"{layout.down}.weight", _weight_shape(hidden, intermediate, c), 1, c,
+                                         field="MLPLayout.down")
     if bias:
-        maps["down_proj.bias"] = TensorMap(f"{layout.down}.bias", (hidden,), None)
+        maps["down_proj.bias"] = TensorMap(f"{layout.down}.bias", (hidden,), None, field="MLPLayout.down, mlp_bias")
     return maps
+
+
+def moe_tensor_maps(layout: MoELayout, hidden: int, intermediate: int, experts: int) -> dict[str, TensorMap]:
+    """Core name -> TensorMap for a fused-experts block: (E, 2I, H) gate_up, (E, H, I) down, sliced
+    along the intermediate dim of every expert (the core names are the HF attribute names)."""
+    return {
+        "gate_up_proj": TensorMap(layout.gate_up, (experts, 2 * intermediate, hidden), 1, field="MoELayout.gate_up"),
+        "down_proj": TensorMap(layout.down, (experts, hidden, intermediate), 2, field="MoELayout.down"),
+    }
+
+
+def dense_numel(maps: dict[str, TensorMap]) -> int:
+    """Elements of the dense HF tensors behind ``maps`` (a fused tensor counted once)."""
+    shapes = {t.key: t.hf_shape for t in maps.values()}
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def check_tensor_shapes(maps: dict[str, TensorMap], reader: "TensorReader", *, where: str) -> None:
+    """ValueError naming the module path, the spec field and both shapes where a tensor the spec
+    implies is absent or shaped differently (``where``: the module path, for the message)."""
+    for tmap in maps.values():
+        actual = reader.shape(tmap.key)
+        if actual is None:
+            raise ValueError(f"{where}.{tmap.key}: the spec ({tmap.field}) names a tensor this module does not "
+                             f"have; fix the ArchSpec")
+        if tuple(actual) != tuple(tmap.hf_shape):
+            raise ValueError(f"{where}.{tmap.key}: the spec ({tmap.field}) implies shape {tuple(tmap.hf_shape)}, the "
+                             f"module's tensor has shape {tuple(actual)}; fix the ArchSpec (nothing was partitioned)")
+
+
+def unplaced_parameters(owner: nn.Module, maps: dict[str, TensorMap], target: str,
+                        identity: tuple[str, ...]) -> list[str]:
+    """Parameters of the modules a partitioned layer replaces that no TensorMap places: a layer
+    built from the spec would drop them (e.g. a q_norm the spec does not mention)."""
+    placed = {t.key for t in maps.values()}
+    replaced = (target, *identity) if target else ("",)
+
+    def inside(name: str) -> bool:
+        return any(not p or name == p or name.startswith(p + ".") for p in replaced)
+
+    return [name for name, _ in owner.named_parameters() if inside(name) and name not in placed]
 
 
 # -- readers -------------------------------------------------------------------------------------

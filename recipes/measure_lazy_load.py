@@ -59,7 +59,7 @@ def rank_lazy(directory: str, n: int, m: int) -> dict:
     """Load only this rank's slices."""
     mesh = warm_up(directory, n, m)
     before = peak_rss_mib()
-    model, report = load_partitioned(directory, mesh)
+    model, report = load_partitioned(directory, mesh, probe=False)  # the probe's cost: recipes/measure_probe.py
     local = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"before": before, "peak": peak_rss_mib(), "local_mib": local / 2**20, "report": str(report)}
 
@@ -69,7 +69,7 @@ def rank_full(directory: str, n: int, m: int) -> dict:
     mesh = warm_up(directory, n, m)
     before = peak_rss_mib()
     model = transformers.AutoModelForCausalLM.from_pretrained(directory)
-    patch_model(model, mesh)
+    patch_model(model, mesh, probe=False)
     local = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"before": before, "peak": peak_rss_mib(), "local_mib": local / 2**20, "report": ""}
 

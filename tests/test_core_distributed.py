@@ -21,6 +21,7 @@ from ds_twolevel.collectives import CommCounter
 from ds_twolevel.gather import gather_dense_state
 from ds_twolevel.layout import TwoLevelLayout
 from ds_twolevel.partition import AttentionSpec
+from ds_twolevel.qk_norm import QKNorm
 from ds_twolevel.reference import DenseAttention, DenseBlock
 from ds_twolevel.rope import rope_cos_sin
 from ds_twolevel.testing import rel_err, run_distributed
@@ -52,10 +53,22 @@ class Attn:
     v_head_dim: int | None = None
     seq: int = PREFILL_SEQ
     """prefill query rows."""
+    norm_scope: str = "head"
+    """q/k norm over each head or over the whole projection (OLMo2)."""
+    norm_offset: float = 0.0
+    """1.0: Gemma's (1+w) q/k norm weight."""
+    softcap: float | None = None
+    """Gemma2's score soft-cap."""
 
     def spec(self) -> AttentionSpec:
         return AttentionSpec(self.heads, self.kv_heads, self.head_dim, v_head_dim=self.v_head_dim,
                              rope_style=self.rope, rotary_dim=self.rotary_dim, name=self.name)
+
+    def dense(self, **kwargs) -> DenseAttention:
+        """The dense reference layer of this configuration."""
+        norm = QKNorm(1e-6, scope=self.norm_scope, offset=self.norm_offset, weight_in_float=self.norm_offset > 0)
+        return DenseAttention(HIDDEN, self.spec(), qkv_bias=self.bias, qk_norm=norm if self.qk_norm else None,
+                              softcap=self.softcap, **kwargs)
 
 
 ATTNS = [
@@ -74,6 +87,11 @@ ATTNS = [
     Attn("bidirectional_padded_long", 8, 4, rope="none", causal=False, padding=True, seq=32),
     Attn("gqa_dropout_long", 8, 4, dropout=0.25, seq=32),
     Attn("mha_vdim_long", 8, 8, rotary_dim=8, v_head_dim=8, seq=32),
+    # Gemma2/OLMo2/Gemma3 features at once: soft-capped scores (the qk_allgather path computes them
+    # explicitly), a (1+w) q/k norm over the whole projection (sum of squares all-reduced over tp);
+    # 8 rows: the causal block path at m = 2, 4
+    Attn("gqa_softcap_projection_norm", 8, 2, qk_norm=True, norm_scope="projection", norm_offset=1.0, softcap=2.0,
+         seq=8),
 ]
 LONG_SEQ = 32
 """At 32 query rows and d = 16, every (m > 1, n) of the matrix sends fewer bytes gathering V
@@ -141,9 +159,7 @@ def _comm_counts(counter: CommCounter) -> dict[str, int]:
 def _prefill_case(mesh, attn: Attn, strategy: str) -> dict:
     spec = attn.spec()
     torch.manual_seed(1234)
-    dense = DenseAttention(HIDDEN, spec, qkv_bias=attn.bias, o_bias=attn.bias,
-                           qk_norm_eps=1e-6 if attn.qk_norm else None, causal=attn.causal, dropout=attn.dropout,
-                           dropout_seed=7)
+    dense = attn.dense(o_bias=attn.bias, causal=attn.causal, dropout=attn.dropout, dropout_seed=7)
     with torch.no_grad():  # non-trivial norm weights so their gradients are checked for real
         for p in dense.parameters():
             if p.dim() == 1:
@@ -179,7 +195,7 @@ def _prefill_case(mesh, attn: Attn, strategy: str) -> dict:
 def _decode_case(mesh, attn: Attn, strategy: str) -> dict:
     spec = attn.spec()
     torch.manual_seed(1234)
-    dense = DenseAttention(HIDDEN, spec, qkv_bias=attn.bias, qk_norm_eps=1e-6 if attn.qk_norm else None)
+    dense = attn.dense()
     layer = TwoLevelAttention.from_dense(dense, mesh, strategy=strategy,
                                          kv_replication=mesh.axes.n > spec.num_kv_heads)
     cache_ref, cache_par = KVCache(), KVCache()
@@ -267,9 +283,11 @@ def expected_comm(case) -> dict[str, int]:
         if k:
             d[key] = d.get(key, 0) + k
 
+    head_norm = attn.qk_norm and attn.norm_scope == "head"
+    whole_norm = attn.qk_norm and attn.norm_scope == "projection"
     if m > 1:
-        add(fwd, "all_reduce/m/fwd", 2 * attn.qk_norm)
-        add(bwd, "all_reduce/m/bwd", 2 * attn.qk_norm)
+        add(fwd, "all_reduce/m/fwd", 2 * head_norm)
+        add(bwd, "all_reduce/m/bwd", 2 * head_norm)
         if strategy == "score_allreduce" and phase == "prefill" and attn.seq % m == 0:
             # split softmax (or causal blocks): reduce-scatter the partial scores by query rows (or
             # by owned blocks), all-gather the probabilities - or, for long rows, all-gather V and
@@ -283,11 +301,12 @@ def expected_comm(case) -> dict[str, int]:
         else:
             add(fwd, "all_gather/m/fwd", 2), add(bwd, "reduce_scatter/m/bwd", 2)
     if n > 1:
-        add(bwd, "all_reduce/n/bwd", 2 * attn.qk_norm)
-    if n > attn.kv_heads:  # replicated KV heads sum their k/v weight (and bias) gradients
-        add(bwd, "all_reduce/kv_rep/bwd", 2 + 2 * attn.bias)
+        add(bwd, "all_reduce/n/bwd", 2 * head_norm)
+    if n > attn.kv_heads:  # replicated KV heads sum their k/v weight (and bias, k norm weight) gradients
+        add(bwd, "all_reduce/kv_rep/bwd", 2 + 2 * attn.bias + whole_norm)
     if m * n > 1:
         add(fwd, "all_reduce/tp/fwd"), add(bwd, "all_reduce/tp/bwd")
+        add(fwd, "all_reduce/tp/fwd", 2 * whole_norm), add(bwd, "all_reduce/tp/bwd", 2 * whole_norm)  # sumsq
     return fwd if phase == "decode" else {**fwd, **bwd}
 
 

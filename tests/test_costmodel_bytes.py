@@ -17,6 +17,7 @@ from ds_twolevel.collectives import CommCounter
 from ds_twolevel.costmodel import (STRATEGIES, attention_call, attention_collectives, block_collectives,
                                    mlp_collectives, ModelConfig, resolve)
 from ds_twolevel.layout import TwoLevelLayout
+from ds_twolevel.qk_norm import QKNorm
 from ds_twolevel.reference import DenseBlock
 from ds_twolevel.rope import rope_cos_sin
 from ds_twolevel.testing import run_distributed
@@ -39,10 +40,11 @@ def _lengths(phase: str) -> tuple[int, int]:
             "prefill32": (32, 32)}[phase]
 
 
-def model_config(kv_heads: int, qk_norm: bool) -> ModelConfig:
-    """The small block every case uses (h=8, d=16 with RoPE, H=64, I=128)."""
+def model_config(kv_heads: int, qk_norm: bool | str) -> ModelConfig:
+    """The small block every case uses (h=8, d=16 with RoPE, H=64, I=128); ``qk_norm="projection"``:
+    OLMo2's q/k norm over the whole projection."""
     return ModelConfig("bytes-test", hidden=64, heads=8, kv_heads=kv_heads, head_dim=16, intermediate=128,
-                       layers=1, qk_norm=qk_norm)
+                       layers=1, qk_norm=bool(qk_norm), qk_norm_scope="projection" if qk_norm == "projection" else "head")
 
 
 def cases() -> list[tuple[str, int, int, int, bool, str, str, str]]:
@@ -56,6 +58,9 @@ def cases() -> list[tuple[str, int, int, int, bool, str, str, str]]:
                 continue
             cid = f"m{m}n{n}-{KV_HEADS[g]}-{module}-{strategy}-{'qknorm' if qk_norm else 'plain'}-{phase}"
             out.append((cid, m, n, g, qk_norm, strategy, phase, module))
+        if phase in ("prefill", "decode", "prefill8"):  # the whole-projection norm: its sums over tp
+            out.append((f"m{m}n{n}-{KV_HEADS[g]}-attn-auto-projnorm-{phase}", m, n, g, "projection", "auto", phase,
+                        "attn"))
     return out
 
 
@@ -115,8 +120,8 @@ def matrix_rank() -> dict[str, tuple[list[tuple], list[tuple]]]:
         mesh = meshes[(m, n)]
         model = model_config(g, qk_norm)
         torch.manual_seed(1)
-        dense = DenseBlock(model.hidden, model.spec(), model.intermediate,
-                           qk_norm_eps=1e-6 if qk_norm else None)
+        norm = QKNorm(1e-6, scope=model.qk_norm_scope) if qk_norm else None
+        dense = DenseBlock(model.hidden, model.spec(), model.intermediate, qk_norm=norm)
         block = TwoLevelBlock.from_dense(dense, mesh, kv_replication=n > g)
         gen = torch.Generator().manual_seed(2 + mesh.axes.dp.rank)
         counted = _run_case(block, model, strategy if strategy != "-" else "auto", phase, module, gen)

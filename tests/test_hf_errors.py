@@ -5,7 +5,10 @@ different error, so a ValueError proves validation ran first.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -13,8 +16,10 @@ import torch
 import transformers
 
 from ds_twolevel import AxisGroup, TwoLevelAxes, TwoLevelLayout, TwoLevelMesh
-from hf_integration import load_partitioned, patch_model
-from hf_integration.testing import tiny_model
+from hf_integration import SPECS, load_partitioned, patch_model, supported_architectures, verify
+from hf_integration.probe import ProbeError
+from hf_integration.specs import NOT_NONE, MLPLayout, QKNormStyle
+from hf_integration.testing import rel_err, tiny_model
 
 
 def groupless_mesh(n: int, m: int) -> TwoLevelMesh:
@@ -35,7 +40,8 @@ def test_unsupported_architecture_strict():
     with pytest.raises(ValueError) as err:
         patch_model(model, groupless_mesh(2, 2))
     msg = str(err.value)
-    assert "gptj" in msg and "llama, mistral, qwen2, qwen3" in msg and "strict=False" in msg
+    assert "gptj" in msg and "strict=False" in msg
+    assert "supported architectures: " + ", ".join(supported_architectures()) in msg
     assert type(model.transformer.h[0].attn).__name__ == "GPTJAttention"
 
 
@@ -114,3 +120,113 @@ def test_patching_twice_is_refused():
     patch_model(model, TwoLevelLayout(n=1, m=1).build())
     with pytest.raises(ValueError, match="already partitioned"):
         patch_model(model, TwoLevelLayout(n=1, m=1).build())
+
+
+# -- specs that describe a model wrongly: refused, never computed --------------------------------------
+def _with_spec(monkeypatch, arch: str, change) -> None:
+    """Register a changed spec for ``arch`` (as user code would, through SPECS) for one test."""
+    monkeypatch.setitem(SPECS, arch, change(SPECS[arch]))
+
+
+def _layers(model) -> list[str]:
+    return [type(m).__name__ for m in model.modules()]
+
+
+WRONG_SPECS = {  # the issue's table: (arch, spec change, what the message must name)
+    "phi3_gate_up_as_up": ("phi3", lambda s: dataclasses.replace(s, mlp=MLPLayout(
+        owner="Phi3MLP", up="gate_up_proj", down="down_proj", act="activation_fn")),
+        ["model.layers.0.mlp.gate_up_proj.weight", "MLPLayout.up", "(128, 64)", "(256, 64)"]),
+    "gemma2_softcap_unset": ("gemma2", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, softcap=None)), ["ProbeError", "model.layers.0.self_attn (Gemma2Attention)", "relative error"]),
+    "gemma3_norm_as_w": ("gemma3_text", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, norm_style=dataclasses.replace(s.attention.norm_style, formula="w"))),
+        ["ProbeError", "model.layers.0.self_attn (Gemma3Attention)", "relative error"]),
+    "olmo2_norm_per_head": ("olmo2", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, norm_style=QKNormStyle(weight_in_float=True))),
+        ["model.layers.0.self_attn.q_norm.weight", "AttentionLayout.q_norm, norm_style.scope='head'", "(16,)",
+         "(64,)"]),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_SPECS))
+def test_wrong_spec_is_refused_naming_the_layer(monkeypatch, case):
+    arch, change, named = WRONG_SPECS[case]
+    _with_spec(monkeypatch, arch, change)
+    model = tiny_model(arch)
+    ids = torch.randint(1, 96, (1, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    classes = _layers(model)
+    with pytest.raises(ValueError) as err:
+        patch_model(model, TwoLevelLayout(n=1, m=1).build())
+    msg = f"{type(err.value).__name__}: {err.value}"
+    assert all(part in msg for part in named), msg
+    assert _layers(model) == classes and not verify(model).replaced  # nothing was left partitioned
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("case", ["phi3_gate_up_as_up", "olmo2_norm_per_head"])
+def test_shape_checks_run_before_any_collective(monkeypatch, case):
+    arch, change, named = WRONG_SPECS[case]
+    _with_spec(monkeypatch, arch, change)
+    with pytest.raises(ValueError, match=re.escape(named[0])):  # a collective would raise something else
+        patch_model(tiny_model(arch), groupless_mesh(2, 2))
+
+
+def test_probe_catches_what_no_shape_check_sees(monkeypatch):
+    """A RoPE pairing is invisible to shapes: without the probe the wrong spec computes wrong logits."""
+    _with_spec(monkeypatch, "llama", lambda s: dataclasses.replace(s, rope_style="interleaved"))
+    dense = tiny_model("llama")
+    ids = torch.randint(1, 96, (1, 9))
+    with pytest.raises(ProbeError, match=r"model\.layers\.0\.self_attn \(LlamaAttention\): relative error"):
+        patch_model(copy.deepcopy(dense), TwoLevelLayout(n=1, m=1).build())
+    unprobed = copy.deepcopy(dense)
+    patch_model(unprobed, TwoLevelLayout(n=1, m=1).build(), probe=False)  # the opt-out: computed, and wrong
+    with torch.no_grad():
+        assert rel_err(unprobed(ids).logits, dense(ids).logits) > 1e-2
+
+
+def test_spec_leaving_out_a_parameter_is_refused(monkeypatch):
+    _with_spec(monkeypatch, "gemma3_text", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, q_norm=None, k_norm=None)))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn \(Gemma3Attention\): parameters q_norm\.weight, "
+                                         r"k_norm\.weight are not described by the ArchSpec"):
+        patch_model(tiny_model("gemma3_text"), groupless_mesh(2, 2))
+
+
+def test_spec_naming_a_missing_attribute_is_refused(monkeypatch):
+    _with_spec(monkeypatch, "gemma3_text", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, norm_style=dataclasses.replace(s.attention.norm_style, eps="variance_epsilon"))))
+    with pytest.raises(ValueError, match=r"norm_style\.eps = 'q_norm\.variance_epsilon' names an attribute"):
+        patch_model(tiny_model("gemma3_text"), groupless_mesh(2, 2))
+
+
+def test_unsupported_predicates():
+    with pytest.raises(ValueError, match=re.escape("use_qk_norm=True (any true / non-zero value)")):
+        patch_model(tiny_model("cohere", use_qk_norm=True), groupless_mesh(2, 2))
+    spec = dataclasses.replace(SPECS["llama"], unsupported=(("rope_scaling_extra", NOT_NONE), ("tie_word_embeddings", True)))
+    config = tiny_model("llama").config
+    assert spec.problems(config) == []
+    config.rope_scaling_extra, config.tie_word_embeddings = 0.0, True
+    assert spec.problems(config) == ["rope_scaling_extra=0.0 (any non-null value)", "tie_word_embeddings=True"]
+
+
+def test_report_and_verify_agree_on_what_stayed_dense():
+    model = tiny_gptj()
+    with pytest.warns(UserWarning, match="left dense"):
+        report = patch_model(model, TwoLevelLayout(n=1, m=1).build(), strict=False)
+    assert report.left_dense == verify(model).left_dense == ["transformer.h.0.attn"]
+    assert "left dense: 1" in str(report)
+    bert = tiny_model("bert")  # nested attention modules (BertAttention > BertSelfAttention) count once
+    assert verify(bert).left_dense == ["bert.encoder.layer.0.attention", "bert.encoder.layer.1.attention"]
+    assert patch_model(bert, TwoLevelLayout(n=1, m=1).build()).left_dense == verify(bert).left_dense == []
+
+
+def test_sliding_window_without_a_mask_is_refused():
+    model = tiny_model("phi3")  # sliding_window=10
+    patch_model(model, TwoLevelLayout(n=1, m=1).build())
+    x = torch.randn(1, 12, 64)
+    rope = model.model.rotary_emb(x, torch.arange(12).unsqueeze(0))
+    with pytest.raises(ValueError, match=r"sliding window 10 < 12 keys but no attention mask"):
+        model.model.layers[0].self_attn(x, position_embeddings=rope, attention_mask=None)

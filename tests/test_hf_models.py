@@ -1,9 +1,12 @@
 """Hugging Face models patched on m x n ranks vs the unpatched model: one 8-rank gloo launch runs
-every case (architectures x layouts, checkpoints, real MiniLM weights); the tests assert per case."""
+every case (architectures x layouts, checkpoints, real MiniLM weights, the parity probe refusing
+wrong specs on every rank); the tests assert per case."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,10 @@ import torch.distributed as dist
 
 from ds_twolevel import TwoLevelLayout
 from ds_twolevel.testing import run_distributed
-from hf_integration import load_partitioned, patch_model, verify
-from hf_integration.testing import (ARCHITECTURES, DECODERS, SENTENCES, compare_model, mean_pool, minilm_dir,
-                                    rel_err, sample_batch, tiny_model)
+from hf_integration import SPECS, load_partitioned, patch_model, verify
+from hf_integration.specs import QKNormStyle
+from hf_integration.testing import (ARCHITECTURES, DECODERS, SENTENCES, compare_model, dense_run, mean_pool,
+                                    minilm_dir, rel_err, sample_batch, tiny_model)
 
 WORLD = 8
 TOL = 1e-5
@@ -24,6 +28,8 @@ LAYOUTS = [
     ("n2_m4", dict(n=2, m=4, dp=1), "score_allreduce", False),
     ("n4_m2_kvrep", dict(n=4, m=2, dp=1), "qk_allgather", True),
 ]
+SHARDED = ("llama", "gpt2", "bert", "mixtral")
+"""architectures whose round trip starts from a sharded checkpoint (model.safetensors.index.json)."""
 EXTRA = [  # (case, arch, layout, strategy, overrides)
     ("llama_eager_n2_m4", "llama", dict(n=2, m=4, dp=1), "auto", dict(attn_implementation="eager")),
     ("llama_n1_m8", "llama", dict(n=1, m=8, dp=1), "auto", {}),
@@ -35,11 +41,11 @@ def _roundtrip(arch: str, mesh, root: Path) -> dict:
     dense = tiny_model(arch, seed=3)
     src, dst = root / f"{arch}_dense", root / f"{arch}_roundtrip"
     if dist.get_rank() == 0:  # sharded index for half of the architectures
-        dense.save_pretrained(src, max_shard_size="40KB" if arch in ("llama", "gpt2", "bert") else "1GB")
+        dense.save_pretrained(src, max_shard_size="40KB" if arch in SHARDED else "1GB")
     dist.barrier()
     lazy, report = load_partitioned(src, mesh, model_class=type(dense))
     eager = copy.deepcopy(dense)
-    patch_model(eager, mesh)
+    patch_model(eager, mesh, probe=False)  # compare_model probes every architecture; here only the shards matter
     ids, mask = sample_batch(5)
     keep = mask.bool()
     with torch.no_grad():
@@ -94,27 +100,88 @@ def _bad_layout() -> str:
     return "no error"
 
 
+WRONG_SPECS = {  # the parity probe's cases: specs no shape check can fault
+    "gemma2_no_softcap": ("gemma2", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, softcap=None))),
+    "gemma3_norm_w": ("gemma3_text", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, norm_style=dataclasses.replace(s.attention.norm_style, formula="w")))),
+    "llama_rope_interleaved": ("llama", lambda s: dataclasses.replace(s, rope_style="interleaved")),
+}
+
+
+def _refused(case: str, mesh, root: Path) -> dict:
+    """A wrong spec registered for one call: patch_model (and, for the RoPE case, load_partitioned)
+    must refuse on every rank with the same ProbeError and leave the model as it was."""
+    arch, wrong = WRONG_SPECS[case]
+    good = SPECS[arch]
+    model = tiny_model(arch)
+    ids, mask = sample_batch(2)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    out: dict = {}
+    SPECS[arch] = wrong(good)
+    try:
+        try:
+            patch_model(model, mesh)
+            out["patch"] = "not refused"
+        except ValueError as err:
+            out["patch"] = f"{type(err).__name__}: {err}"
+        if case == "llama_rope_interleaved":
+            out["load"] = _refused_load(arch, mesh, root)
+    finally:
+        SPECS[arch] = good
+    with torch.no_grad():
+        out["untouched"] = not verify(model).replaced and torch.equal(
+            model(input_ids=ids, attention_mask=mask).logits, before)
+    return out
+
+
+def _refused_load(arch: str, mesh, root: Path) -> str:
+    src = root / f"{arch}_probe_src"
+    if dist.get_rank() == 0:
+        tiny_model(arch).save_pretrained(src)
+    dist.barrier()
+    try:
+        load_partitioned(src, mesh)
+    except ValueError as err:
+        return f"{type(err).__name__}: {err}"
+    return "not refused"
+
+
 def _rank_body(root: str) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
-    out: dict = {}
-    for name, layout, strategy, kv_rep in LAYOUTS:
-        mesh = TwoLevelLayout(**layout).build()
-        for arch in ARCHITECTURES:
-            out[(arch, name)] = compare_model(arch, mesh, strategy=strategy, kv_replication=kv_rep)
-        if name == "dp2_n2_m2":
-            for arch in ARCHITECTURES:
-                out[("roundtrip", arch)] = _roundtrip(arch, mesh, Path(root))
+    out: dict = {"seconds": {}}
+    clock = time.perf_counter()
+
+    def lap(part: str) -> None:  # seconds per part of the launch, printed with pytest -s
+        nonlocal clock
+        out["seconds"][part] = out["seconds"].get(part, 0.0) + time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    meshes = [(name, TwoLevelLayout(**layout).build(), strategy, kv_rep) for name, layout, strategy, kv_rep in LAYOUTS]
+    for arch in ARCHITECTURES:  # the dense model and its outputs once, every layout against them
+        dense = dense_run(arch)
+        for name, mesh, strategy, kv_rep in meshes:
+            out[(arch, name)] = compare_model(arch, mesh, strategy=strategy, kv_replication=kv_rep, dense=dense)
+        lap(f"layouts {arch}")
+    for arch in ARCHITECTURES:
+        out[("roundtrip", arch)] = _roundtrip(arch, meshes[0][1], Path(root))
+        lap(f"roundtrip {arch}")
     for case, arch, layout, strategy, overrides in EXTRA:
         out[(arch, case)] = compare_model(arch, TwoLevelLayout(**layout).build(), strategy=strategy, **overrides)
     out["minilm"] = _minilm(TwoLevelLayout(n=4, m=2).build())
     out["bad_layout"] = _bad_layout()
+    lap("extra, minilm, bad layout")
+    for case in WRONG_SPECS:
+        out[("refused", case)] = _refused(case, meshes[0][1], Path(root))
+    lap("probe refusals")
     return out
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     root = tmp_path_factory.mktemp("hf_ckpt")
-    out = run_distributed(_rank_body, WORLD, str(root), timeout=600)
+    out = run_distributed(_rank_body, WORLD, str(root), timeout=1800)
     print(_summary(out))  # shown with pytest -s: the figures quoted in docs/hf_integration.md
     return out
 
@@ -126,6 +193,8 @@ def _summary(results: list[dict]) -> str:
         gen = "-" if arch not in DECODERS else str(all(e["gen_single_equal"] and e["gen_batched_equal"] for e in errs))
         lines.append(f"{arch + ' ' + layout:<28} {max(e['logits_err'] for e in errs):>14.1e} "
                      f"{max(e['grad_err'] for e in errs):>12.1e} {gen:>9}")
+    seconds = {part: max(r["seconds"][part] for r in results) for part in results[0]["seconds"]}
+    lines.append("seconds (slowest rank): " + ", ".join(f"{p} {t:.1f}" for p, t in seconds.items()))
     mini = results[0]["minilm"]
     lines.append(f"MiniLM n=4 x m=2: embeddings rel err {max(r['minilm']['emb_err'] for r in results):.1e}, "
                  f"lazy {max(r['minilm']['emb_lazy_err'] for r in results):.1e}, min cosine {mini['min_cos']:.8f}")
@@ -182,7 +251,7 @@ def test_lazy_load_and_dense_roundtrip(results, arch):
 
 def test_sharded_checkpoints_were_exercised(results):
     flags = {a: results[0][("roundtrip", a)]["sharded_src"] for a in ARCHITECTURES}
-    assert flags["llama"] and flags["gpt2"] and flags["bert"] and not flags["qwen2"]
+    assert all(flags[a] for a in SHARDED) and not flags["qwen2"]
 
 
 def test_minilm_sentence_embeddings(results):
@@ -199,6 +268,20 @@ def test_bad_layout_refused_on_every_rank(results):
     assert len(messages) == 1
     msg = messages.pop()
     assert "num_heads (4) is not divisible by n=8" in msg and "n=2 x m=4" in msg and "untouched=True" in msg
+
+
+@pytest.mark.parametrize("case", list(WRONG_SPECS))
+def test_probe_refuses_wrong_spec_on_every_rank(results, case):
+    outcomes = [r[("refused", case)] for r in results]
+    messages = {o["patch"] for o in outcomes}
+    assert len(messages) == 1, messages  # the same refusal on every rank (errors max-reduced first)
+    msg = messages.pop()
+    assert msg.startswith("ProbeError: ") and "parity probe refuses" in msg and "nothing was partitioned" in msg
+    assert "model.layers.0.self_attn" in msg and "relative error" in msg, msg
+    assert all(o["untouched"] for o in outcomes)  # the dense modules were put back: same logits as before
+    if case == "llama_rope_interleaved":  # load_partitioned gathers the first layers and refuses too
+        loads = {o["load"] for o in outcomes}
+        assert len(loads) == 1 and "ProbeError" in loads.pop()
 
 
 def test_verify_reports_counts():
