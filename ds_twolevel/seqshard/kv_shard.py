@@ -14,10 +14,13 @@ Rank j of the segment group stores full-d keys and values of the positions p wit
    columns of segment j plus lse_r (4 bytes, bit-packed into the payload's dtype), and rank j forms
    o = sum_r softmax_r(lse_r) o_r for its dv/m columns - the row-parallel o_proj's input.
 
-Per layer and step each rank sends (m-1)/m * b*t*(h/n*d + g/n*(d+dv)) + (m-1)/m * m*b*h/n*t*(dv/m + 4/eb)
-elements: independent of the context length. The two-collective alternative of DESIGN.md (all-reduce
-of (mu, l), then a reduce-scatter of the rescaled o_j) sends the same bytes in two latencies, and the
-all-gather of (o_j, mu_j, l_j) sends m times more of o: the all-to-all is the cheapest.
+Per layer and step each rank sends (m-1)/m * b*t*(h/n*d + g/n*(d+dv)) + (m-1)/m * b*h/n*t*(dv + m*c)
+elements (c = 4 / element size, the log-sum-exp's share of each chunk): independent of the context
+length. DESIGN.md's alternatives send (m-1) * b*h/n*t*(dv + 2) (all-gather of (o_j, mu_j, l_j): every
+rank receives all dv columns of everyone) or (m-1)/m * b*h/n*t*(dv + 4) in three collectives (max
+all-reduce of mu, sum all-reduce of l, reduce-scatter of the rescaled o_j); the one all-to-all is
+within (m*c - 4) elements per row of the latter (a few percent at dv = 128) at a third of its
+latencies, which dominate a decode step.
 
 No backward: decode is inference (``applies`` refuses calls that autograd would differentiate).
 A prefill into an empty kv_shard cache runs seq_rows and keeps its owned positions of the gathered

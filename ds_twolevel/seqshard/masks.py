@@ -22,8 +22,13 @@ def _heads(mask: torch.Tensor, q_heads: Sequence[int], local_heads: int) -> torc
 
 
 def _additive(keep_or_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean keep-mask -> 0 / finfo.min in ``dtype`` (one output tensor, no inverted temporary);
+    an additive float mask as given."""
     if keep_or_mask.dtype == torch.bool:
-        return torch.zeros((), dtype=dtype, device=keep_or_mask.device).masked_fill(~keep_or_mask, torch.finfo(dtype).min)
+        device = keep_or_mask.device
+        zero, low = torch.zeros((), dtype=dtype, device=device), torch.full((), torch.finfo(dtype).min, dtype=dtype,
+                                                                             device=device)
+        return torch.where(keep_or_mask, zero, low)
     return keep_or_mask.to(dtype)
 
 
