@@ -133,8 +133,11 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """Attention of q (b, hl, t, d) over this rank's keys (b, gl, P, d) and values (b, gl, P, dv) only:
     (normalised output (b, hl, t, dv), log-sum-exp (b, hl, t) fp32). P may be 0 (output 0, lse -inf).
 
-    Scores are summed in fp32 (CPU flash kernel; elsewhere an explicit fp32 path: scores are
-    (b, hl, t, P), small at decode).
+    On CPU the flash kernel sums scores in fp32 and returns the log-sum-exp. Elsewhere an explicit path
+    (scores (b, hl, t, P), small at decode): the matmul runs in the cache's dtype - no fp32 copy of the
+    keys, which would triple a decode step's memory traffic - and the softmax in fp32; with 16-bit
+    caches the scores are rounded once, as in an eager attention. (With an accelerator at hand, the
+    flash / memory-efficient kernels' log-sum-exp outputs are the faster and more exact choice.)
     """
     b, hl, t, _ = q.shape
     dv = v.shape[-1]
@@ -144,8 +147,8 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         mask = None if mask is None else mask.to(q.dtype).expand(b, -1, t, -1).contiguous()
         return _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
     gl = k.shape[1]
-    q_grouped = (q.float() * scale).reshape(b, gl, (hl // gl) * t, -1)  # (b, gl, hl/gl*t, d): GQA, no K copy
-    scores = (q_grouped @ k.float().transpose(-1, -2)).view(b, hl, t, -1)  # (b, hl, t, P)
+    q_grouped = (q * scale).reshape(b, gl, (hl // gl) * t, -1)  # (b, gl, hl/gl*t, d): GQA, no K copy
+    scores = (q_grouped @ k.transpose(-1, -2)).view(b, hl, t, -1).float()  # (b, hl, t, P)
     if mask is not None:
         scores = scores + mask.float()
     lse = torch.logsumexp(scores, -1)  # (b, hl, t)
