@@ -8,7 +8,8 @@
   strategies) against the dense fused layer; ideal = dense / (m n). One thread, fp32, fastest of
   ``--repeats`` interleaved rounds (the machine is shared: the fastest is the least disturbed). Every
   segment rank's shard is timed (the zigzag blocks of rank 0 and rank m-1 differ) and the slowest is
-  reported. The layer is the bench's (H = 1024, 8 heads x 128, MHA).
+  reported. The layer is the bench's (H = 1024, 8 heads x 128, MHA). Times are the thread's CPU time
+  (one thread: what the step computed, robust to other jobs on a shared machine), wall time beside.
 * memory: peak resident memory per rank (Linux VmHWM, reset through /proc/self/clear_refs) of a
   tiny Llama's forward at s = 8192 on 4 gloo ranks (2 x 2), with and without a padding mask, against
   the unpatched model in one process; second call of each (the first one warms allocator caches).
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -45,17 +47,23 @@ def simulated_axes(n: int, m: int, j: int) -> TwoLevelAxes:
     return TwoLevelAxes(seg=AxisGroup("m", m, j), heads=AxisGroup("n", n, 0), tp=AxisGroup("tp", n * m, j))
 
 
-def round_ms(steps: list[Callable[[], Any]], repeats: int) -> list[list[float]]:
-    """Milliseconds of every step in each of ``repeats`` interleaved rounds (after one warm-up each)."""
+def round_ms(steps: list[Callable[[], Any]], repeats: int) -> tuple[list[list[float]], list[list[float]]]:
+    """(CPU ms, wall ms) of every step in each of ``repeats`` interleaved rounds (after one warm-up each).
+
+    One thread: the thread's CPU time is what the step computed, whatever else the shared machine runs
+    (memory-bandwidth contention still shows); wall time is reported beside it.
+    """
     for step in steps:
         step()
-    times: list[list[float]] = [[] for _ in steps]
+    cpu: list[list[float]] = [[] for _ in steps]
+    wall: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for k, step in enumerate(steps):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             step()
-            times[k].append(1e3 * (time.perf_counter() - start))
-    return times
+            cpu[k].append(1e3 * (time.thread_time() - start_cpu))
+            wall[k].append(1e3 * (time.perf_counter() - start))
+    return cpu, wall
 
 
 def existing(layer) -> Callable[..., Any]:
@@ -92,19 +100,20 @@ def prefill_rows(seq: int, repeats: int) -> list[dict]:
     return _ratios(named, times, "prefill", seq)
 
 
-def _ratios(named, times: list[list[float]], phase: str, seq: int) -> list[dict]:
-    """Per step: fastest ms, its ratio to ideal (fastest dense / (m n)), and the median over rounds of
-    the per-round ratio (each round's dense run shares that round's load)."""
-    dense = times[0]
+def _ratios(named, times: tuple[list[list[float]], list[list[float]]], phase: str, seq: int) -> list[dict]:
+    """Per step: fastest CPU ms and its ratio to ideal (fastest dense / (m n)), the median over rounds of
+    the per-round CPU ratio, and the same ratio of the fastest wall times."""
+    cpu, wall = times
     rows = []
-    for (what, n, m, _), t in zip(named, times):
-        per_round = sorted(x / (d / (n * m)) for x, d in zip(t, dense))
-        rows.append({"phase": phase, "seq": seq, "what": what, "n": n, "m": m, "ms": min(t),
-                     "ratio_to_ideal": min(t) / (min(dense) / (n * m)), "median_round_ratio": per_round[len(t) // 2]})
+    for (what, n, m, _), t, w in zip(named, cpu, wall):
+        per_round = sorted(x / (d / (n * m)) for x, d in zip(t, cpu[0]))
+        rows.append({"phase": phase, "seq": seq, "what": what, "n": n, "m": m, "cpu_ms": min(t),
+                     "ratio_to_ideal": min(t) / (min(cpu[0]) / (n * m)), "median_round_ratio": per_round[len(t) // 2],
+                     "wall_ms": min(w), "wall_ratio": min(w) / (min(wall[0]) / (n * m))})
     for n, m in LAYOUTS:  # the slowest segment rank is the shard's time
         ranks = [r for r in rows if (r["n"], r["m"]) == (n, m) and r["what"].startswith(("seq_rows", "kv_shard"))]
         if ranks:
-            worst = max(ranks, key=lambda r: r["ms"])
+            worst = max(ranks, key=lambda r: r["cpu_ms"])
             rows.append({**worst, "what": worst["what"].split()[0] + " (slowest rank)"})
     return rows
 
@@ -254,7 +263,7 @@ def bf16_rank(seq: int, n: int, m: int) -> dict:
     patch_model(ours, mesh)
     use_seqshard(ours)
     ids, mask = sample_batch(3, batch=2, seq=seq, pad=5)
-    out = {}
+    out = {"layer": bf16_layer(mesh, seq)}
     with torch.no_grad():
         for label, msk in (("no mask", None), ("padding mask", mask)):
             keep = (torch.ones_like(mask) if msk is None else msk).bool()
@@ -264,6 +273,47 @@ def bf16_rank(seq: int, n: int, m: int) -> dict:
     return out
 
 
+def bf16_layer(mesh, seq: int) -> dict:
+    """One HF LlamaAttention (H = 256, 8 heads x 32, 2 KV heads): its bf16 output and ours (seq_rows,
+    bf16) against its fp32 output, same weights and input (plain causal)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    from ds_twolevel.testing import rel_err
+
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf = LlamaAttention(cfg, 0).eval()
+    spec = AttentionSpec(8, 2, 32, rope_style="half")
+    ours = SeqShardAttention(256, spec, mesh, dtype=torch.bfloat16).eval()
+    ours.load_dense_state({f"{p}.weight": getattr(hf, p).weight.detach() for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
+    x = torch.randn(2, seq, 256, generator=torch.Generator().manual_seed(1))
+    rope = LlamaRotaryEmbedding(cfg)(x, torch.arange(seq)[None])
+    with torch.no_grad():
+        want = hf(x, rope, None)[0]
+        hf16 = copy.deepcopy(hf).to(torch.bfloat16)(x.bfloat16(), tuple(t.bfloat16() for t in rope), None)[0]
+        got = ours(x.bfloat16(), position_embeddings=rope)
+        with _fp32_output_reduce():
+            got_fp32_reduce = ours(x.bfloat16(), position_embeddings=rope)
+    return {"hf_bf16": rel_err(hf16, want), "seq_rows_bf16": rel_err(got, want),
+            "seq_rows_bf16, fp32 output all-reduce": rel_err(got_fp32_reduce, want)}
+
+
+@contextlib.contextmanager
+def _fp32_output_reduce():
+    """Diagnostic: the layer's output all-reduce (m n partial o_proj outputs) summed in fp32 - with 4
+    ranks gloo's bf16 ring adds partial sums in bf16, the largest extra error of any two-level layer."""
+    from ds_twolevel.seqshard import comm
+
+    saved = comm.reduce_from_axis
+    comm.reduce_from_axis = lambda x, axis, tag: saved(x.float(), axis, tag).to(x.dtype)
+    try:
+        yield
+    finally:
+        comm.reduce_from_axis = saved
+
+
 def bf16_rows(seq: int) -> list[dict]:
     from ds_twolevel.testing import run_distributed
 
@@ -271,9 +321,12 @@ def bf16_rows(seq: int) -> list[dict]:
     for n, m in LAYOUTS:
         ranks = run_distributed(bf16_rank, 4, seq, n, m, timeout=900)
         for label in ranks[0]:
-            hf, ours = (max(r[label][k] for r in ranks) for k in ("hf_bf16", "seq_rows_bf16"))
-            rows.append({"layout": f"{n}x{m}", "mask": label, "hf_bf16_err": hf, "seq_rows_bf16_err": ours,
-                         "ratio": ours / hf})
+            hf = max(r[label]["hf_bf16"] for r in ranks)
+            for key in [k for k in ranks[0][label] if k.startswith("seq_rows")]:
+                ours = max(r[label][key] for r in ranks)
+                rows.append({"layout": f"{n}x{m}", "what": "LlamaAttention output" if label == "layer" else
+                             "tiny Llama logits", "mask": "no mask" if label == "layer" else label, "variant": key,
+                             "hf_bf16_err": hf, "ours_err": ours, "ratio": ours / hf})
     return rows
 
 

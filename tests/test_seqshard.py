@@ -265,7 +265,7 @@ def test_seq_rows_shard_creates_no_score_sized_tensor(padding):
     """One rank's shard (m = 4, simulated segment axis) at s = 1024: the largest tensor any op creates is
     the gathered full-width K (b g s d) - or, with a padding mask, this rank's rows of the additive mask
     (b x 256 x 1024) - never the rank's scores (b h 256 x 1024)."""
-    s, m, spec = 1024, 4, AttentionSpec(4, 4, 32, rope_style="half")
+    s, m, spec = 1024, 4, AttentionSpec(4, 2, 32, rope_style="half")
     axes = TwoLevelAxes(seg=AxisGroup("m", m, 1), heads=AxisGroup("n", 1, 0), tp=AxisGroup("tp", m, 1))
     layer = SeqShardAttention(64, spec, axes).eval()
     x = torch.randn(1, s, 64)
