@@ -115,6 +115,8 @@ def _ratios(named, times: tuple[list[list[float]], list[list[float]]], phase: st
         if ranks:
             worst = max(ranks, key=lambda r: r["cpu_ms"])
             rows.append({**worst, "what": worst["what"].split()[0] + " (slowest rank)"})
+            rows.append({"phase": phase, "seq": seq, "what": worst["what"].split()[0] + " (mean of ranks)", "n": n,
+                         "m": m, "ratio_to_ideal": sum(r["ratio_to_ideal"] for r in ranks) / len(ranks)})
     return rows
 
 
