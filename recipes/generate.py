@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")  # hf_integration.testing.DECODERS
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2",
+         "mixtral", "granite", "cohere", "phi", "stablelm")  # hf_integration.testing.DECODERS (a test keeps them equal)
 
 
 def fail(message: str) -> None:

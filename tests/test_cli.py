@@ -194,3 +194,17 @@ def test_top_level_help_says_n_x_m_and_version_matches_pyproject(capsys):
     code, out, _ = _cli(capsys, "--version")
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert code == 0 and out.strip() == f"ds-twolevel {__version__}" == f"ds-twolevel {pyproject['project']['version']}"
+
+
+def test_import_sets_the_per_environment_extensions_dir_unless_the_user_set_one(tmp_path):
+    """DeepSpeed's CPU comm op is built per environment: ``import ds_twolevel`` sets TORCH_EXTENSIONS_DIR."""
+    from ds_twolevel.deepspeed_env import extensions_dir
+
+    code = "import os, ds_twolevel; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    unset = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert unset.stdout.strip() == str(extensions_dir())
+    assert "var/ds_twolevel/torch_extensions" in unset.stdout or "env-" in unset.stdout  # not torch's shared ~/.cache root
+    mine = subprocess.run([sys.executable, "-c", code], env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+                          capture_output=True, text=True, check=True)
+    assert mine.stdout.strip() == str(tmp_path)

@@ -187,6 +187,19 @@ def test_probe_catches_what_no_shape_check_sees(monkeypatch):
         assert rel_err(unprobed(ids).logits, dense(ids).logits) > 1e-2
 
 
+def test_initialize_policy_probes_unless_the_config_says_probe_false(monkeypatch):
+    """``ds_twolevel.initialize``'s policy runs the probe (``"two_level": {"probe": ...}`` in the config)."""
+    from ds_twolevel.config import TwoLevelConfig
+    from ds_twolevel.deepspeed_integration import default_policy
+
+    _with_spec(monkeypatch, "llama", lambda s: dataclasses.replace(s, rope_style="interleaved"))
+    mesh, dense = TwoLevelLayout(n=1, m=1).build(), tiny_model("llama")
+    with pytest.raises(ProbeError, match=r"model\.layers\.0\.self_attn \(LlamaAttention\): relative error"):
+        default_policy(copy.deepcopy(dense), mesh, TwoLevelConfig.from_dict({"n": 1, "m": 1}))
+    off = TwoLevelConfig.from_dict({"n": 1, "m": 1, "probe": False})
+    assert verify(default_policy(copy.deepcopy(dense), mesh, off)).replaced  # patched, unprobed
+
+
 def test_spec_leaving_out_a_parameter_is_refused(monkeypatch):
     _with_spec(monkeypatch, "gemma3_text", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
         s.attention, q_norm=None, k_norm=None)))

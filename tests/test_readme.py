@@ -251,8 +251,10 @@ def test_readme_command(runner: Runner, index: int):
     assert code == 0, f"README line {cmd.line} exited {code}:\n{cmd.text}\n...{output[-6000:]}"
     noise = [n for n in NOISE if n in output]
     assert not noise, f"README line {cmd.line} printed {noise}:\n{output[-6000:]}"
-    if "recipes/train.py" in cmd.text:
-        assert "done: 2 steps" in output, output[-3000:]
+    if "recipes/train.py" in cmd.text:  # --steps counts from step 1, resumed runs included; default 2 (above)
+        steps = re.search(r"--steps (\d+)", cmd.text)
+        assert f"done: {steps.group(1) if steps else 2} steps" in output, output[-3000:]
+        assert ("--resume" not in cmd.text) or "resumed from step " in output, output[-3000:]
     if "recipes/generate.py" in cmd.text and "--model" not in cmd.text:
         assert "identical to the unpatched model: True" in output, output[-3000:]
     if "recipes/train.py" in cmd.text and "--export" in cmd.text:
