@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import NoReturn
 
@@ -27,10 +28,29 @@ DESCRIPTION = ("Attention partitioned over n head groups x m head-dim segments: 
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``prog: error: ...; see prog --help``), exit 2."""
+    """argparse, but a usage error is one line (``prog: error: ...; see prog --help``), exit 2.
+
+    Under a launcher (``RANK`` set) only rank 0 prints it: every rank would say the same."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        line = f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+        self.exit(2, line if os.environ.get("RANK", "0") == "0" else None)
+
+
+def int_in(text: str, low: int, high: int | None, what: str) -> int:
+    """argparse type helper: ``text`` as an int in [low, high), else argparse's usage error naming ``what``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value >= high):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a bad value becomes argparse's one-line usage error)."""
+    return int_in(text, 1, None, "an int >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .block import TwoLevelBlock
+from .cli import int_in, positive_int
 from .collectives import CommCounter
 from .layout import TwoLevelLayout
 from .partition import AttentionSpec, check_partition
@@ -124,24 +125,9 @@ _FLAG_HELP = {
 }
 
 
-def _int_in(text: str, low: int, high: int | None, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < low or (high is not None and value >= high):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (a bad value becomes argparse's one-line usage error)."""
-    return _int_in(text, 1, None, "an int >= 1")
-
-
 def seed_int(text: str) -> int:
     """argparse type: a seed torch.manual_seed takes (0 <= seed < 2**63)."""
-    return _int_in(text, 0, 2**63, "an int in [0, 2**63)")
+    return int_in(text, 0, 2**63, "an int in [0, 2**63)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

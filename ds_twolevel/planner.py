@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+from .cli import positive_int
 from .costmodel import ModelConfig, Phase, Prediction, predict
 from .hardware import H100_SXM, HardwareProfile, get_profile
 from .layout import factorizations
@@ -218,25 +219,15 @@ HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
 STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .hardware import PROFILES
 
     parser.add_argument("--model", required=True,
                         help=f"a preset ({', '.join(PRESETS)}) or the path of a Hugging Face config.json (or its directory)")
-    parser.add_argument("--devices", type=_positive_int, required=True, metavar="P", help="number of devices P")
-    parser.add_argument("--seq", type=_positive_int, default=4096, metavar="N",
+    parser.add_argument("--devices", type=positive_int, required=True, metavar="P", help="number of devices P")
+    parser.add_argument("--seq", type=positive_int, default=4096, metavar="N",
                         help="prompt length (prefill) or KV-cache length (decode) (default: %(default)s)")
-    parser.add_argument("--batch", type=_positive_int, default=8, metavar="N",
+    parser.add_argument("--batch", type=positive_int, default=8, metavar="N",
                         help="global batch, split over dp (default: %(default)s)")
     parser.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="(default: %(default)s)")
     parser.add_argument("--hardware", choices=sorted(PROFILES), default="h100",

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from ds_twolevel.cli import OneLineParser, positive_int
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2",
          "mixtral", "granite", "cohere", "phi", "stablelm")  # hf_integration.testing.DECODERS (a test keeps them equal)
 
@@ -26,20 +28,14 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return int(text)
-
-
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="recipes/generate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a local save_pretrained directory (default: a small seeded --arch model)")
     parser.add_argument("--arch", default="llama", choices=ARCHS)
     # not --n/--m: torchrun would take them as abbreviations of its own options
-    parser.add_argument("--groups", type=_positive_int, default=2, help="n: head groups")
-    parser.add_argument("--segments", type=_positive_int, default=2, help="m: head-dim segments")
-    parser.add_argument("--new-tokens", type=_positive_int, default=16)
+    parser.add_argument("--groups", type=positive_int, default=2, help="n: head groups")
+    parser.add_argument("--segments", type=positive_int, default=2, help="m: head-dim segments")
+    parser.add_argument("--new-tokens", type=positive_int, default=16)
     parser.add_argument("--strategy", default="auto", choices=("auto", "score_allreduce", "qk_allgather"))
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args()

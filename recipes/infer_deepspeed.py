@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from ds_twolevel.cli import OneLineParser, positive_int
+
 
 def fail(message: str) -> None:
     """One line from local rank 0 (every rank of a node would say the same), exit status 2."""
@@ -40,11 +42,11 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="recipes/infer_deepspeed.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a local dense Hugging Face checkpoint (train.py --export)")
     p.add_argument("--deepspeed_config", required=True, help="inference JSON with a \"two_level\" section")
     p.add_argument("--prompt", default="We hold these truths")
-    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=positive_int, default=32)
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--out", default=None, help="write the generated ids as JSON here (rank 0)")
     args = p.parse_args(argv)

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from ds_twolevel.cli import OneLineParser, positive_int
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM  # before deepspeed.zero.Init (CPU_NOTES)
 
@@ -53,22 +55,16 @@ def global_batch(tokens: torch.Tensor, step: int, rows: int, seq: int, seed: int
     return torch.stack([tokens[s:s + seq] for s in starts.tolist()])  # (rows, seq)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return int(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="recipes/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a \"two_level\" section")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     steps = os.environ.get("DS_TWOLEVEL_STEPS", "200")
-    p.add_argument("--steps", type=_positive_int, default=steps,
+    p.add_argument("--steps", type=positive_int, default=steps,
                    help="optimizer steps (default: %(default)s; DS_TWOLEVEL_STEPS sets the default)")
-    p.add_argument("--seq", type=_positive_int, default=64, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--seq", type=positive_int, default=64, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_every", type=_positive_int, default=10, help="print the loss every this many steps")
+    p.add_argument("--log_every", type=positive_int, default=10, help="print the loss every this many steps")
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every this many steps (0: only at the end)")
     p.add_argument("--out", default="recipes/out", help="checkpoints, metrics.json, loss.png, dense/")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt/latest if it exists")

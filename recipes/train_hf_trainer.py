@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ds_twolevel.cli import OneLineParser
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +43,7 @@ class ByteWindows(torch.utils.data.Dataset):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="recipes/train_hf_trainer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a \"two_level\" section")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")

@@ -208,3 +208,16 @@ def test_import_sets_the_per_environment_extensions_dir_unless_the_user_set_one(
     mine = subprocess.run([sys.executable, "-c", code], env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
                           capture_output=True, text=True, check=True)
     assert mine.stdout.strip() == str(tmp_path)
+
+
+@pytest.mark.parametrize("recipe, flag", [("train.py", "--steps=0"), ("generate.py", "--groups=x"),
+                                          ("infer_deepspeed.py", "--max_new_tokens=-1"),
+                                          ("train_hf_trainer.py", "--bogus")])
+def test_recipe_usage_errors_are_one_line_and_said_by_rank_0_only(recipe, flag):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for rank, lines in (("0", 1), ("1", 0)):  # under a launcher every rank parses the same flags
+        proc = subprocess.run([sys.executable, str(root / "recipes" / recipe), flag], env={**env, "RANK": rank},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == lines, (rank, proc.stderr)
+        assert not lines or proc.stderr.startswith(f"recipes/{recipe}: error: "), proc.stderr
