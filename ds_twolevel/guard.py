@@ -159,10 +159,9 @@ class ModelGuard:
 
 
 def _two_level_layers(model: nn.Module) -> list[nn.Module]:
-    from .attention import TwoLevelAttention
-    from .mlp import TwoLevelMLP
+    from .shard_manifest import partitioned_modules
 
-    return [m for m in model.modules() if isinstance(m, (TwoLevelAttention, TwoLevelMLP))]
+    return [m for _, m in partitioned_modules(model)]
 
 
 # -- installing ------------------------------------------------------------------------------------

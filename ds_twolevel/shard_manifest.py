@@ -115,12 +115,15 @@ def runs_of(index: torch.Tensor) -> Runs:
     return tuple(runs)
 
 
-def partitioned_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, layer) of every two-level layer (attention or MLP), outermost first."""
-    from .attention import TwoLevelAttention
-    from .mlp import TwoLevelMLP
+def is_partitioned(module: nn.Module) -> bool:
+    """A two-level layer: it says where its shards sit (``shard_index``). Attention, MLP, and layers
+    defined outside the core that keep the same protocol (``hf_integration.moe.HFTwoLevelExperts``)."""
+    return callable(getattr(module, "shard_index", None))
 
-    return [(p, mod) for p, mod in model.named_modules() if isinstance(mod, (TwoLevelAttention, TwoLevelMLP))]
+
+def partitioned_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every two-level layer (attention, MLP, MoE experts), outermost first."""
+    return [(p, mod) for p, mod in model.named_modules() if is_partitioned(mod)]
 
 
 def _tp_size(layer: nn.Module) -> int:
@@ -287,4 +290,4 @@ def same_shards(saved: ShardManifest, current: ShardManifest) -> bool:
 
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "ShardEntry", "ShardManifest", "assemble", "extract", "local_shape",
-           "manifest_for", "model_differences", "partitioned_modules", "runs_of", "same_shards"]
+           "is_partitioned", "manifest_for", "model_differences", "partitioned_modules", "runs_of", "same_shards"]

@@ -43,7 +43,8 @@ def patched_ranks(model, n: int, m: int, **kw) -> list:
     out = []
     for r in range(n * m):
         copy_ = copy.deepcopy(model)
-        patch_model(copy_, fake_mesh(n, m, r, model.config.num_key_value_heads if kw else None), **kw)
+        mesh = fake_mesh(n, m, r, model.config.num_key_value_heads if kw else None)
+        patch_model(copy_, mesh, probe=False, **kw)  # the probe is collective; these ranks have no group
         out.append(copy_)
     return out
 
