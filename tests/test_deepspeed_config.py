@@ -362,3 +362,12 @@ def test_build_mesh_in_a_single_process_refuses_at_once(monkeypatch):
         with pytest.raises(ValueError, match=r'^"zero_optimization" must be a JSON object, got \[\]'):
             ds_twolevel.build_mesh({"zero_optimization": [], "two_level": {"n": 1, "m": 1}})
         assert not dist.is_initialized()
+
+
+def test_steps_per_print_takes_accelerates_infinity_and_nothing_else_infinite(tmp_path):
+    """accelerate's DeepSpeedPlugin writes ``steps_per_print = float("inf")`` (never print)."""
+    tl, ds = _from_json_text(tmp_path, '{"two_level": {"n": 2, "m": 2}, "steps_per_print": Infinity}')
+    assert ds["steps_per_print"] == float("inf")
+    with pytest.raises(ValueError, match=r'"steps_per_print" must be an integer >= 1 \(or null or Infinity\), '
+                                         r'got -Infinity'):
+        _from_json_text(tmp_path, '{"two_level": {"n": 2, "m": 2}, "steps_per_print": -Infinity}')
