@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -244,8 +245,11 @@ def _check_files(work: Path, phase: str, kind: str) -> None:
     assert (ckpt / "latest").read_text().strip() == "first"
     files = sorted(p.name for p in (ckpt / "first").iterdir())
     assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= set(files), files
-    for name in files:
-        torch.load(ckpt / "first" / name, weights_only=False)  # every file complete
+    for name in files:  # every file complete: DeepSpeed's .pt files and the layout record (two_level.json)
+        if name.endswith(".pt"):
+            torch.load(ckpt / "first" / name, weights_only=False)
+        elif name.endswith(".json"):
+            json.loads((ckpt / "first" / name).read_text())
     assert not (ckpt / "second").exists()
     assert not (work / "export").exists()
 
@@ -360,9 +364,8 @@ def _orphan_case(name: str, proc: subprocess.Popen) -> tuple[str, list[int], flo
         line = proc.stdout.readline()
         if not line:
             break
-        lines.append(line)
-        if line.startswith("RANK "):
-            pids.append(int(line.split()[3]))
+        lines.append(line)  # the two ranks share the pipe: their lines may interleave mid-line
+        pids = [int(pid) for pid in re.findall(r"RANK \d+ PID (\d+)", "".join(lines))]
     assert len(pids) == 2, (name, "".join(lines)[-3000:])
     proc.send_signal(signal.SIGKILL)  # the launcher alone
     killed = time.time()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..attention import TwoLevelAttention
 from ..layout import AxisGroup
+from ..masks import zero_unattended_rows
 from ..rope import apply_rope_segment, segment_cos_sin
 from . import comm, kv_shard, seq_rows
 from .base import AttendContext, SeqCall
@@ -127,6 +128,7 @@ def seq_forward(layer: TwoLevelAttention, hidden_states: torch.Tensor, *, prefil
         out, k_full, v_full = seq_rows.attend_full(ctx, q, k, v, attention_mask)
         if store is not None:
             kv_shard.write_prefill(store, k_full, v_full, s)
+    out = zero_unattended_rows(out, attention_mask, causal=layer.causal, heads=layer.part.q_heads(layer.axes.i))
     out = out.transpose(1, 2).reshape(b, s, -1)  # (b, s, hl*dv/m)
     y = comm.reduce_from_axis(layer.o_proj(out), layer.axes.tp, "attn_out")  # (b, s, H)
     return y if layer.o_bias is None else y + layer.o_bias
