@@ -89,8 +89,11 @@ def zero_unattended_rows(out: torch.Tensor, attention_mask: torch.Tensor | None,
         return out.masked_fill(empty.to(out.device), 0)
     batch, kv_len = attention_mask.shape
     q_len = out.shape[-2]
-    keep = attention_mask.to(device=out.device, dtype=torch.bool).view(batch, 1, 1, kv_len)
-    if causal:  # queries are the last q_len of the kv_len positions (KV cache)
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=out.device).view(1, 1, q_len, 1)
-        keep = keep & (torch.arange(kv_len, device=out.device).view(1, 1, 1, kv_len) <= q_pos)
-    return out.masked_fill(~keep.any(dim=-1, keepdim=True), 0)  # (b, 1, s_q, 1) rows that see no key
+    keep = attention_mask.to(device=out.device, dtype=torch.bool)  # (b, kv_len)
+    if not causal:
+        return out.masked_fill(~keep.any(dim=-1).view(batch, 1, 1, 1), 0)
+    # causal: queries are the last q_len of the kv_len positions (KV cache); a query sees no key iff it
+    # comes before the first kept key. O(b * (s_q + s_kv)) memory, never a (s_q, s_kv) tensor.
+    first = torch.where(keep.any(dim=-1), keep.to(torch.uint8).argmax(dim=-1), kv_len)  # (b,) first kept key
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=out.device)
+    return out.masked_fill((q_pos.view(1, q_len) < first.view(batch, 1)).view(batch, 1, q_len, 1), 0)
