@@ -57,6 +57,8 @@ class Key:
     """the placeholder "auto" (filled by accelerate / the HF Trainer) is accepted."""
     nullable: bool = False
     """JSON null is accepted (means: absent)."""
+    infinite: bool = False
+    """+Infinity is accepted (accelerate's DeepSpeedPlugin writes ``steps_per_print`` = inf: never print)."""
 
 
 def _k(path: str, kind: str, example: str, **kw: Any) -> Key:
@@ -68,7 +70,7 @@ DEEPSPEED_KEYS: tuple[Key, ...] = (
     _k("train_micro_batch_size_per_gpu", "int", "2", low=1, auto=True, nullable=True),
     _k("gradient_accumulation_steps", "int", "1", low=1, auto=True, nullable=True),
     _k("gradient_clipping", "number", "1.0", low=0, auto=True),
-    _k("steps_per_print", "int", "100", low=1, nullable=True),
+    _k("steps_per_print", "int", "100", low=1, nullable=True, infinite=True),
     _k("wall_clock_breakdown", "bool", "false"),
     _k("sequence_parallel_size", "int", "1", low=1),
     _k("zero_optimization", "object", '{"stage": 2}'),
@@ -160,7 +162,8 @@ def _expected(key: Key) -> str:
         text += f" in [{key.low:g}, {key.high:g}]"
     elif key.low is not None:
         text += f" >= {key.low:g}"
-    alternatives = (['"auto"'] if key.auto else []) + (["null"] if key.nullable else [])
+    alternatives = (['"auto"'] if key.auto else []) + (["null"] if key.nullable else []) + \
+        (["Infinity"] if key.infinite else [])
     return text + (f" (or {' or '.join(alternatives)})" if alternatives else "")
 
 
@@ -173,7 +176,7 @@ def check_key(key: Key | str, value: Any) -> None:
         ValueError: "two_level.timeout_s" must be a finite number in [1, 604800], got Infinity; e.g. "timeout_s": 600
     """
     key = _BY_PATH[key] if isinstance(key, str) else key
-    if (key.auto and value == AUTO) or (key.nullable and value is None):
+    if (key.auto and value == AUTO) or (key.nullable and value is None) or (key.infinite and value == math.inf):
         return
     ok = _kind_ok(key, value)
     if ok and key.choices:
