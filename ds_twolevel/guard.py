@@ -16,6 +16,10 @@ adds a forward pre-hook to the model. Before anything shape-dependent runs, the 
    different slices do not hold the same non-constant values (what a broadcast leaves behind);
 3. compare the inputs (ids, mask, positions, embeddings, labels, ... : shape, dtype, exact hash).
 
+A Hugging Face Trainer of a patched model whose ``args.world_size`` is not torch.distributed's (plain
+``TrainingArguments(deepspeed=...)`` on CPU: accelerate's state without a backend) is refused earlier,
+at the end of ``Trainer.__init__`` (:func:`check_trainer`, added by :func:`watch_trainers`).
+
 All three go in fixed-size int64 vectors, all-gathered over the tensor-parallel group, so ranks with
 different batch shapes cannot deadlock or crash the backend. The verdict, the same on every rank,
 then goes through :func:`ds_twolevel.agreement.agree` (the world in training mode, otherwise the
