@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Any, Callable, Iterator, Mapping
 
+from . import watchdog
 from .config import SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config
 from .layout import TwoLevelMesh
 
@@ -89,7 +90,9 @@ def build_mesh(source: Any) -> TwoLevelMesh:
     """The dp x n x m mesh of a running accelerate job (``Accelerator``, ``DeepSpeedPlugin`` or config).
 
     Distributed must be initialised (by ``Accelerator(...)``); the layout comes from the
-    ``"two_level"`` section.
+    ``"two_level"`` section. Starts this rank's watchdog (:mod:`ds_twolevel.watchdog`: the rank stops
+    when its launcher exits; a heartbeat names a peer that stopped answering), as
+    ``ds_twolevel.build_mesh`` does.
 
     Example:
         >>> mesh = build_mesh(accelerator)      # then hf_integration.patch_model(model, mesh)
@@ -104,7 +107,9 @@ def build_mesh(source: Any) -> TwoLevelMesh:
     if not dist.is_initialized():
         raise ValueError("build_mesh needs torch.distributed initialised: create the Accelerator first")
     layout = tl.layout(dist.get_world_size())
-    return layout.build(timeout=datetime.timedelta(seconds=tl.timeout_s))
+    mesh = layout.build(timeout=datetime.timedelta(seconds=tl.timeout_s))
+    watchdog.start(rank=dist.get_rank(), world_size=dist.get_world_size())  # as ds_twolevel.build_mesh does
+    return mesh
 
 
 def _device_type() -> str:

@@ -133,7 +133,7 @@ def current_manifest(engine: Any, **info: Any) -> ShardManifest:
     param = next(engine.module.parameters())
     info = {"zero_stage": stage, "dtype": str(param.dtype).removeprefix("torch."), "world_size": layout.world_size,
             "optim_prefix": "bf16_" if engine.bfloat16_enabled() else "", **info}
-    if stage == 0 and engine.optimizer is not None:
+    if stage == 0 and isinstance(engine.optimizer, torch.optim.Optimizer):  # not DeepSpeed's fp16/bf16 wrapper
         info["optimizer_params"] = optimizer_param_order(engine)
     return manifest_for(engine.module, (layout.dp, layout.n, layout.m), info=info)
 

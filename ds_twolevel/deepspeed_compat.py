@@ -220,10 +220,13 @@ def original(name: str) -> Callable:
 
 
 class _InstallOnImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`install` right after ``deepspeed.runtime.engine`` is imported (then removes itself)."""
+    """Runs ``then(module)`` right after ``module_name`` is imported (then removes itself)."""
+
+    def __init__(self, module_name: str = ENGINE_MODULE, then: Callable[[Any], None] | None = None) -> None:
+        self.module_name, self.then = module_name, then or (lambda module: install())
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != ENGINE_MODULE:
+        if fullname != self.module_name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
@@ -233,15 +236,20 @@ class _InstallOnImport(importlib.abc.MetaPathFinder):
 
         def exec_and_install(module: Any) -> None:
             exec_module(module)
-            install()
+            self.then(module)
 
         spec.loader.exec_module = exec_and_install  # type: ignore[method-assign]
         return spec
 
 
+def when_imported(module_name: str, then: Callable[[Any], None]) -> None:
+    """``then(module)`` now if ``module_name`` is imported, else right after it is (once per module name)."""
+    if module_name in sys.modules:
+        then(sys.modules[module_name])
+    elif not any(isinstance(f, _InstallOnImport) and f.module_name == module_name for f in sys.meta_path):
+        sys.meta_path.insert(0, _InstallOnImport(module_name, then))
+
+
 def install_when_imported() -> None:
     """:func:`install` now if DeepSpeed's engine is imported, else as soon as it is (patched models call this)."""
-    if ENGINE_MODULE in sys.modules:
-        install()
-    elif not any(isinstance(f, _InstallOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _InstallOnImport())
+    when_imported(ENGINE_MODULE, lambda module: install())

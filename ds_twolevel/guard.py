@@ -16,6 +16,10 @@ adds a forward pre-hook to the model. Before anything shape-dependent runs, the 
    different slices do not hold the same non-constant values (what a broadcast leaves behind);
 3. compare the inputs (ids, mask, positions, embeddings, labels, ... : shape, dtype, exact hash).
 
+A Hugging Face Trainer of a patched model whose ``args.world_size`` is not torch.distributed's (plain
+``TrainingArguments(deepspeed=...)`` on CPU: accelerate's state without a backend) is refused earlier,
+at the end of ``Trainer.__init__`` (:func:`check_trainer`, added by :func:`watch_trainers`).
+
 All three go in fixed-size int64 vectors, all-gathered over the tensor-parallel group, so ranks with
 different batch shapes cannot deadlock or crash the backend. The verdict, the same on every rank,
 then goes through :func:`ds_twolevel.agreement.agree` (the world in training mode, otherwise the
@@ -60,14 +64,14 @@ class GuardError(AgreementError):
     ``failures`` maps each rank to its message; ranks with the same message are named together.
     """
 
-    def __init__(self, what: str, failures: dict[int, str]) -> None:
+    def __init__(self, what: str, failures: dict[int, str], *, refused: str = "this forward") -> None:
         ValueError.__init__(self)
         self.what, self.failures = what, dict(sorted(failures.items()))
         by_message: dict[str, list[int]] = {}
         for rank, message in self.failures.items():
             by_message.setdefault(message, []).append(rank)
         parts = [f"rank(s) {', '.join(map(str, ranks))}: {message}" for message, ranks in by_message.items()]
-        self.args = (f"{what} refused this forward on " + " || ".join(parts),)
+        self.args = (f"{what} refused {refused} on " + " || ".join(parts),)
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ def install(model: nn.Module, mesh: TwoLevelMesh, *, check_inputs: str = "first"
     if old is not None:
         old.handle.remove()
     model._twolevel_guard = ModelGuard(model, mesh, options)
+    watch_trainers()
     return model._twolevel_guard
 
 
@@ -314,12 +319,80 @@ def wrapper_problems(wrapper: Any, mesh: TwoLevelMesh) -> list[str]:
     elif "FullyShardedDataParallel" in kind or kind.startswith("FSDP") or isinstance(wrapper, nn.DataParallel):
         return [f"{kind} is not supported around a two-level model (it shards or replicates parameters over ranks "
                 f"that hold different two-level shards)"]
-    elif _is_trainer(wrapper) and not getattr(wrapper, "two_level_saves", False) and _saves(wrapper):
-        return [f"the Hugging Face Trainer ({kind}) saves on rank 0 only (save_strategy={_strategy(wrapper)!r}), but a "
-                "patched model's save_pretrained gathers shards from every rank (collective): use "
-                "ds_twolevel.hf_trainer.TwoLevelTrainer (saves dense checkpoints on every rank together) or "
-                "save_strategy='no'"]
+    elif _is_trainer(wrapper):
+        return _trainer_problems(wrapper)
     return []
+
+
+def _trainer_problems(trainer: Any) -> list[str]:
+    """A Trainer that counts another number of processes than the job has, or saves on rank 0 only."""
+    wrong_world = _trainer_world_problem(trainer)
+    if wrong_world is not None:
+        return [wrong_world]
+    if not getattr(trainer, "two_level_saves", False) and _saves(trainer):
+        return [f"the Hugging Face Trainer ({type(trainer).__name__}) saves on rank 0 only (save_strategy="
+                f"{_strategy(trainer)!r}), but a patched model's save_pretrained gathers shards from every rank "
+                "(collective): use ds_twolevel.hf_trainer.TwoLevelTrainer (saves dense checkpoints on every rank "
+                "together) or save_strategy='no'"]
+    return []
+
+
+def _trainer_world_problem(trainer: Any) -> str | None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    seen = int(getattr(trainer.args, "world_size", world))
+    if seen == world:
+        return None
+    return (f"the Hugging Face Trainer ({type(trainer).__name__}) counts {seen} process(es) (TrainingArguments."
+            f"world_size = accelerate's PartialState().num_processes = {seen}) but torch.distributed has {world} "
+            "ranks: TrainingArguments(deepspeed=...) created accelerate's state without a backend (on CPU every "
+            "process believes it is rank 0 of 1); build the arguments with "
+            "ds_twolevel.hf_trainer.training_arguments(output_dir, deepspeed=cfg, ...)")
+
+
+# -- the Trainer, when it is made -------------------------------------------------------------------
+def watch_trainers() -> None:
+    """Check every ``transformers.Trainer`` at the end of its ``__init__`` (installed once, when
+    ``transformers.trainer`` is imported; :func:`check_trainer`)."""
+    from .deepspeed_compat import when_imported
+
+    when_imported("transformers.trainer", _wrap_trainer_init)
+
+
+def _wrap_trainer_init(module: Any) -> None:
+    import functools
+
+    trainer_cls = getattr(module, "Trainer", None)
+    if trainer_cls is None or "_twolevel_checked_init" in trainer_cls.__dict__:
+        return
+    original = trainer_cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        check_trainer(self)
+
+    trainer_cls.__init__ = __init__
+    trainer_cls._twolevel_checked_init = True
+
+
+def check_trainer(trainer: Any) -> None:
+    """Refuse, on every rank (one 4-byte all-reduce over the world), a Trainer of a two-level model
+    whose process count is not torch.distributed's: before it builds a dataloader (accelerate's
+    would divide by ``num_processes // autotp_size`` = 0) or wraps the model. A no-op for other
+    models and without a process group; ``transformers.Trainer.__init__`` calls it (:func:`watch_trainers`).
+
+    Example:
+        >>> check_trainer(trainer)        # GuardError: ... use ds_twolevel.hf_trainer.training_arguments
+    """
+    model = getattr(trainer, "model", None)
+    guard = getattr(model, "_twolevel_guard", None) if isinstance(model, nn.Module) else None
+    if guard is None or not guard.active or not guard.options.check_shards or not dist.is_initialized():
+        return
+    problem = _trainer_world_problem(trainer)
+    try:
+        agree(None if problem is None else f"{problem}. {TABLE}", None, what=f"the two-level guard ({guard.model_name})")
+    except AgreementError as err:
+        raise GuardError(err.what, err.failures, refused=f"this {type(trainer).__name__}") from None
 
 
 def _strategy(trainer: Any) -> str:

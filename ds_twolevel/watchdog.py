@@ -1,7 +1,8 @@
 """Orphaned ranks stop, and a peer that stopped answering is named.
 
 One daemon thread per rank, started by :func:`ds_twolevel.deepspeed_integration.init_distributed`
-(so by ``build_mesh``, ``initialize`` and ``init_inference``), does two things every
+(so by ``build_mesh``, ``initialize`` and ``init_inference``) and by
+:func:`ds_twolevel.accelerate.build_mesh`, does two things every
 :data:`INTERVAL_S` seconds:
 
 - **orphan watchdog.** Killing the ``deepspeed`` launcher alone used to leave every rank training

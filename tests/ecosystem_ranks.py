@@ -155,6 +155,24 @@ def _accelerate_loop(accelerator, model, mesh, record: Run, cfg_steps: int) -> N
     record.data["global_steps"] = int(getattr(engine, "global_steps", -1))
 
 
+def _recording_watchdog_start(record: Run, build: Callable) -> Any:
+    """``build()``, recording the (rank, world_size) it passed to ``watchdog.start`` (main already
+    started this process's watchdog, so the call is a no-op: what is checked is that it is made)."""
+    from ds_twolevel import watchdog
+
+    start, record.data["watchdog_start"] = watchdog.start, None
+
+    def recording(rank: int, world_size: int | None = None, **kwargs: Any) -> Any:
+        record.data["watchdog_start"] = [rank, world_size]
+        return start(rank, world_size, **kwargs)
+
+    watchdog.start = recording
+    try:
+        return build()
+    finally:
+        watchdog.start = start
+
+
 @scenario
 def accelerate_deepspeed(args, record: Run, stage: int, autotp: bool = True) -> dict:
     """Accelerator + DeepSpeedPlugin (ds_twolevel.accelerate helpers), ZeRO ``stage``."""
@@ -171,7 +189,7 @@ def accelerate_deepspeed(args, record: Run, stage: int, autotp: bool = True) -> 
         accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False),
                                   kwargs_handlers=two_level_accelerate.kwargs_handlers(cfg))
     record.data["accelerator"] = [str(accelerator.distributed_type), accelerator.num_processes]
-    mesh = two_level_accelerate.build_mesh(accelerator)
+    mesh = _recording_watchdog_start(record, lambda: two_level_accelerate.build_mesh(accelerator))
     model = patched(mesh)
     _accelerate_loop(accelerator, model, mesh, record, GAS)
     return ds_twolevel.dense_state_dict(accelerator._models[0])
@@ -210,7 +228,9 @@ def _recording(trainer_cls: type, record: Run) -> type:
     return Recording
 
 
-def _trainer_args(args, out: Path, deepspeed: dict | None, save_steps: int | None):
+def _trainer_args(args, out: Path, deepspeed: dict | None, save_steps: int | None, helper: bool = True):
+    """``helper=False``: ``TrainingArguments(out, deepspeed=path)`` as a user without
+    ``ds_twolevel.hf_trainer.training_arguments`` writes it."""
     from transformers import TrainingArguments
 
     from ds_twolevel.hf_trainer import training_arguments
@@ -226,14 +246,17 @@ def _trainer_args(args, out: Path, deepspeed: dict | None, save_steps: int | Non
 
     path = out.parent / f"{out.name}.rank{dist.get_rank()}.ds_config.json"
     path.write_text(json.dumps(deepspeed))
+    if not helper:
+        return TrainingArguments(str(out), deepspeed=str(path), **common)
     return training_arguments(out, deepspeed=str(path), **common)  # a JSON file, as users pass it
 
 
 @scenario
 def trainer(args, record: Run, kind: str) -> dict:
     """``kind``: "two_level" (TwoLevelTrainer + DeepSpeed ZeRO-2, ZeRO-3 at n > 1; saves at steps 2, 4 and at
-    the end), "plain_ds"
-    (plain Trainer + DeepSpeed with save_strategy steps: refused), "plain" (Trainer without DeepSpeed: DDP)."""
+    the end), "plain_ds" (plain Trainer + DeepSpeed with save_strategy steps: refused), "plain_ds_nosave"
+    (plain Trainer + DeepSpeed, save_strategy "no": exact), "plain_ds_noargs" (plain Trainer and plain
+    ``TrainingArguments(out, deepspeed=cfg)``, no helper: refused on CPU), "plain" (Trainer without DeepSpeed: DDP)."""
     import ds_twolevel
     from transformers import Trainer
 
@@ -242,7 +265,8 @@ def trainer(args, record: Run, kind: str) -> dict:
     out = Path(args.out) / f"{record.case}_out"
     mesh = mesh_for(args) if kind == "plain" else None
     deepspeed = None if kind == "plain" else ds_config(3 if args.n > 1 else 2, args.n, args.m)  # ZeRO-3 at 1x2x2
-    targs = _trainer_args(args, out, deepspeed, save_steps=2 if kind != "plain" else None)
+    saves = kind in ("two_level", "plain_ds")
+    targs = _trainer_args(args, out, deepspeed, save_steps=2 if saves else None, helper=kind != "plain_ds_noargs")
     mesh = mesh or ds_twolevel.build_mesh(deepspeed)
     model = patched(mesh)
     cls = _recording(TwoLevelTrainer if kind == "two_level" else Trainer, record)
@@ -252,8 +276,9 @@ def trainer(args, record: Run, kind: str) -> dict:
     logs = [h for h in run.state.log_history if "loss" in h]
     record.data["losses"] = [h["loss"] for h in logs]
     record.data["grad_norms"] = [h["grad_norm"] for h in logs]
-    run.save_model(str(out / "final"))
-    record.data["saved"] = sorted(p.name for p in out.iterdir())
+    if kind == "two_level":
+        run.save_model(str(out / "final"))
+        record.data["saved"] = sorted(p.name for p in out.iterdir())
     return ds_twolevel.dense_state_dict(run.model_wrapped)
 
 
@@ -399,6 +424,8 @@ SCENARIOS = [
     ("accelerate_ddp", accelerate_ddp, ()),
     ("trainer_ds", trainer, ("two_level",)),
     ("trainer_ds_plain_save", trainer, ("plain_ds",)),
+    ("trainer_ds_plain_nosave", trainer, ("plain_ds_nosave",)),
+    ("trainer_ds_plain_noargs", trainer, ("plain_ds_noargs",)),
     ("trainer_plain", trainer, ("plain",)),
     ("ddp_dp", ddp, ("dp",)),
     ("ddp_world", ddp, ("world",)),

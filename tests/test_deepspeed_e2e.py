@@ -79,9 +79,10 @@ def global_batch(step: int, dp: int) -> torch.Tensor:
 
 
 def ds_config(stage: int, n: int, m: int, *, zero_init: bool = False, timeout_s: float = 120,
-              bf16: bool = False) -> dict:
-    """The DeepSpeed JSON of a case (train_batch_size left to DeepSpeed: MICRO x GAS x dp)."""
+              bf16: bool = False, extra: dict | None = None) -> dict:
+    """The DeepSpeed JSON of a case (train_batch_size left to DeepSpeed: MICRO x GAS x dp), plus ``extra``."""
     return {
+        **(extra or {}),
         **({"bf16": {"enabled": True}} if bf16 else {}),
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": GAS,
@@ -286,13 +287,19 @@ def _killed_resave(ckpt: Path, tag: str, window: str) -> list:
 
 
 def _resume_case(engine, mesh, ckpt: Path, out: Path, name: str) -> None:
-    """Load ``ckpt`` (any layout), record the loaded state (``{name}.loaded.pt``), train to STEPS."""
+    """Load ``ckpt`` (any layout), record the loaded state (``{name}.loaded.pt``), train to STEPS.
+    The cases of :data:`ENGINE_LOAD` call DeepSpeed's own ``engine.load_checkpoint`` (what the HF
+    Trainer and accelerate call; deepspeed_compat routes it through the layout check)."""
     import ds_twolevel
 
-    _, client = ds_twolevel.load_checkpoint(engine, ckpt)
+    if name in ENGINE_LOAD:
+        _, client = engine.load_checkpoint(str(ckpt))
+    else:
+        _, client = ds_twolevel.load_checkpoint(engine, ckpt)
     _save_rank0(_live_state(engine), out / f"{name}.loaded.pt")
     metrics = _train(engine, mesh, client["step"] + 1, STEPS, mesh.get_data_parallel_world_size())
     metrics["resumed_from"] = client["step"]
+    metrics["loaded_by"] = "engine.load_checkpoint" if name in ENGINE_LOAD else "ds_twolevel.load_checkpoint"
     _finish_case(engine, out, name, metrics)
 
 
@@ -366,27 +373,37 @@ def _refusals(out: Path, mesh, saved_at) -> None:
     dist.barrier()
     messages = _refused(out, mesh, 2, ("ckpt_neox", "nomanifest", "incomplete"))
     messages.update(_refused(out, saved_at, 1, ("truncated",)))
+    # a layout change this engine cannot reshard (ZeRO-0 bf16 keeps its fp32 state in DeepSpeed's wrapper),
+    # and a config asking DeepSpeed for a universal checkpoint: the ZeRO-1 checkpoint of dp2 x n1 x m2
+    t0 = time.time()
+    messages.update(_refused(out, mesh, 0, ("ckpt_w4_1",), bf16=True, label="zero0_bf16"))
+    messages.update(_refused(out, mesh, 1, ("ckpt_w4_1",), extra={"checkpoint": {"load_universal": True}},
+                             label="load_universal"))
+    if dist.get_rank() == 0:  # what these two engines add to the launch (reported by the test)
+        (out / "refusals_added_seconds.txt").write_text(f"{time.time() - t0:.1f}")
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, messages)
     if dist.get_rank() == 0:
         (out / "refusals.json").write_text(json.dumps(gathered))
 
 
-def _refused(out: Path, mesh, stage: int, names: tuple[str, ...]) -> dict[str, str]:
-    """Each checkpoint's error on this rank (or NOT REFUSED), and whether the weights stayed as they were."""
+def _refused(out: Path, mesh, stage: int, names: tuple[str, ...], *, bf16: bool = False, extra: dict | None = None,
+             label: str = "") -> dict[str, str]:
+    """Each checkpoint's error on this rank (or NOT REFUSED), and whether the weights stayed as they were;
+    keys ``{label}{name}`` (``label``: the engine's settings, when several engines load one checkpoint)."""
     import ds_twolevel
 
-    cfg = ds_config(stage, mesh.layout.n, mesh.layout.m)
+    cfg = ds_config(stage, mesh.layout.n, mesh.layout.m, bf16=bf16, extra=extra)
     engine, *_ = ds_twolevel.initialize(model=build_model(seed=99), config=cfg, mesh=mesh)
     before, messages = ds_twolevel.dense_state_dict(engine), {}
     for name in names:
         try:
             ds_twolevel.load_checkpoint(engine, out / name)
-            messages[name] = "NOT REFUSED"
+            messages[label + name] = "NOT REFUSED"
         except ValueError as err:
-            messages[name] = str(err)
+            messages[label + name] = str(err)
     after = ds_twolevel.dense_state_dict(engine)
-    messages[f"unchanged_{names[0]}"] = str(all(torch.equal(before[k], after[k]) for k in before))
+    messages[f"unchanged_{label}{names[0]}"] = str(all(torch.equal(before[k], after[k]) for k in before))
     engine.destroy()
     return messages
 
@@ -552,6 +569,10 @@ def parity_launch(workdir):
 PARITY_CASES = {8: "0,1,2,3,3i", 4: "0,1,2,3"}
 RELAYOUT, RELAYOUT_CROSS = "2x1", "3:3,1:1"
 """The 4-rank launch (dp2 x n1 x m2) also resumes its own ZeRO-3 and ZeRO-1 checkpoints at dp2 x n2 x m1."""
+ENGINE_LOAD = ("relayout_1to1",)
+"""Cross-layout resumes that call DeepSpeed's own ``engine.load_checkpoint(dir)``: dp2 x n1 x m2 -> dp2 x n2 x m1
+at ZeRO-1 have the same file names (mp_rank_00/01, 2 dp ranks), so DeepSpeed's load alone would find every file
+and put the m-segments where the n-groups go."""
 CROSS = "0:2,1:3,2:0,3:1"
 """The 8-rank resume launch (dp2 x n2 x m2) also resumes the 4-rank checkpoints, each at another ZeRO stage."""
 
@@ -644,7 +665,10 @@ def test_resume_at_another_layout_is_exact(workdir, resume_launch):
             name = f"{prefix}_{src}to{stage}"
             assert_states_equal(torch.load(workdir / f"{name}.loaded.pt"),
                                 torch.load(workdir / f"w4_{src}.step{SAVE_AT}.pt"), name)
-            assert json.loads((workdir / f"{name}.json").read_text())["resumed_from"] == SAVE_AT
+            metrics = json.loads((workdir / f"{name}.json").read_text())
+            assert metrics["resumed_from"] == SAVE_AT
+            assert metrics["loaded_by"] == ("engine.load_checkpoint" if name in ENGINE_LOAD else
+                                            "ds_twolevel.load_checkpoint"), (name, metrics["loaded_by"])
             report[name] = compare(workdir, name, ref, TOL, first_step=SAVE_AT + 1)
     for name in ("neox", "bf16"):
         assert_states_equal(torch.load(workdir / f"{name}.loaded.pt"), torch.load(workdir / f"{name}.step2.pt"), name)
@@ -668,6 +692,19 @@ def test_checkpoints_that_cannot_be_resumed_are_refused(workdir, parity_launch):
         got["nomanifest"], got["nomanifest"]
     assert got["incomplete"].endswith(f"{workdir / 'incomplete' / 'step5'} is incomplete: 1 file(s) missing "
                                       f"(zero_pp_rank_1_mp_rank_01_optim_states.pt); resume from another checkpoint")
+    source = workdir / "ckpt_w4_1"
+    assert got["unchanged_zero0_bf16ckpt_w4_1"] == got["unchanged_load_universalckpt_w4_1"] == "True"
+    print(f"\nreshard / load_universal refusals: {(workdir / 'refusals_added_seconds.txt').read_text()} s of the launch")
+    assert got["zero0_bf16ckpt_w4_1"] == (
+        f"loading checkpoint {source} failed on rank 0, 1, 2, 3: ValueError: {source / 'step5'} was saved at "
+        "dp=2 x n=1 x m=2 with ZeRO 1, this job runs dp=2 x n=2 x m=1 with ZeRO 0 and cannot be resharded "
+        "(resharding a checkpoint needs ZeRO stage 1-3 with fp16/bf16 (stage 0 wraps the optimizer in DeepSpeed's "
+        "fp16/bf16 optimizer, whose state is not per tensor); use ZeRO stage 1 or fp32); resume at dp=2 x n=1 x m=2 "
+        f"with ZeRO 1, or start from its dense weights: ds-twolevel convert {source} OUT"), got["zero0_bf16ckpt_w4_1"]
+    assert got["load_universalckpt_w4_1"] == (
+        f"loading checkpoint {source} failed on rank 0, 1, 2, 3: ValueError: \"checkpoint\": {{\"load_universal\": "
+        "true} is not supported for two-level models; remove it: ds_twolevel.load_checkpoint reshards a checkpoint "
+        "to any dp x n x m itself"), got["load_universalckpt_w4_1"]
     damaged = workdir / "truncated" / "step5" / "zero_pp_rank_1_mp_rank_01_optim_states.pt"
     assert got["truncated"].startswith(f"loading checkpoint {workdir / 'truncated'} failed on rank 3: ValueError: "
                                        f"{damaged} cannot be read ("), got["truncated"]

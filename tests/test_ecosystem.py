@@ -155,6 +155,8 @@ def test_accelerate_deepspeed_plugin_matches_dense(runs, layout, stage):
     out, dp, n, m = runs(layout)
     recs = records(out, f"accelerate_ds_z{stage}")
     assert recs[0]["accelerator"] == ["DistributedType.DEEPSPEED", WORLD]
+    # ds_twolevel.accelerate.build_mesh starts the orphan watchdog, as ds_twolevel.build_mesh does
+    assert [rec["watchdog_start"] for rec in recs] == [[r, WORLD] for r in range(WORLD)]
     errs = check_exact(out, f"accelerate_ds_z{stage}", n * m, R.GAS)
     if stage == 3:  # ZeRO-3 partitions over the data-parallel replicas of each rank only
         assert [rec["zero3_group"] for rec in recs] == [list(range(r % (n * m), WORLD, n * m)) for r in range(WORLD)]
@@ -212,6 +214,31 @@ def test_trainer_recipe_runs_on_the_shipped_config(runs, layout):
 def test_plain_trainer_that_saves_is_refused(runs, layout):
     out, *_ = runs(layout)
     check_refused(out, "trainer_ds_plain_save", "the Hugging Face Trainer (Recording) saves on rank 0 only (save_strategy='steps')", "TwoLevelTrainer")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_plain_trainer_with_deepspeed_that_does_not_save_matches_dense(runs, layout):
+    """README's "HF Trainer (plain class) + DeepSpeed" row: ``Trainer`` (not TwoLevelTrainer) with
+    ``training_arguments(out, deepspeed=cfg)`` and save_strategy="no" trains exactly."""
+    out, dp, n, m = runs(layout)
+    recs = records(out, "trainer_ds_plain_nosave")
+    assert recs[0]["trainer"] == ["DistributedType.DEEPSPEED", WORLD]
+    errs = check_exact(out, "trainer_ds_plain_nosave", n * m, R.GAS, weight_decay=0.0, losses_per_micro=False)
+    print(f"\nplain Trainer + DeepSpeed, save_strategy='no', at {layout}: {errs}")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_plain_training_arguments_with_deepspeed_on_cpu_are_refused(runs, layout):
+    """``TrainingArguments(out, deepspeed=cfg)`` without ``training_arguments``: on CPU accelerate's state has
+    no backend and every process counts 1 of 1 (accelerate's dataloader would then divide by
+    ``1 // autotp_size = 0``); refused on every rank when the Trainer is made, before any step."""
+    out, *_ = runs(layout)
+    message = check_refused(out, "trainer_ds_plain_noargs", "the Hugging Face Trainer (Recording) counts 1 process(es) "
+                            "(TrainingArguments.world_size = accelerate's PartialState().num_processes = 1) but "
+                            f"torch.distributed has {WORLD} ranks", "ds_twolevel.hf_trainer.training_arguments("
+                            "output_dir, deepspeed=cfg, ...)")
+    assert "trainer" not in records(out, "trainer_ds_plain_noargs")[0], "refused after the Trainer was made"
+    print(f"\n{layout}: {message[:400]}")
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
