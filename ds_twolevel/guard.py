@@ -262,6 +262,35 @@ def _group_ranks(axis: Any) -> list[int]:
     return dist.get_process_group_ranks(axis.group)
 
 
+def check_same_dense_weights(modules: list[nn.Module], mesh: TwoLevelMesh, *, name: str) -> None:
+    """Before patching: the ranks of one layer hold the same dense weights in ``modules``, or every
+    one of them raises the same :class:`GuardError`. Each rank slices its shards out of its own dense
+    copy, so different copies (different seeds, no broadcast) would make a model no rank ever had.
+    Cost: one pass over the modules' parameters (hashes) and an all-gather of 16 bytes per rank."""
+    tp = mesh.axes.tp
+    params = [p for mod in modules for p in mod.parameters()]
+    if tp.size == 1 or not params or not dist.is_initialized():
+        return
+    digest = torch.zeros(2, dtype=torch.int64, device=params[0].device)
+    for index, param in enumerate(params):
+        value = fp.tensor_hash(param.detach()).to(digest.device)
+        digest[0] += value * (index + 1)
+        digest[1] ^= value
+    table = _gather(digest, tp)  # (tp, 2), the same on every rank
+    if bool((table == table[0]).all()):
+        return
+    ranks = _tp_ranks(mesh)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for rank, row in zip(ranks, table.tolist()):
+        groups.setdefault(tuple(row), []).append(rank)
+    message = (f"the dense weights differ between the ranks {ranks} of one layer before patching ("
+               f"{len(groups)} different copies: {'; '.join(str(g) for g in groups.values())}); each rank would "
+               "slice its shards out of another model. Every rank must start from the same weights (same seed "
+               "or checkpoint; ds_twolevel.initialize broadcasts them with sync_init, "
+               "hf_integration.load_partitioned reads them from one checkpoint)")
+    raise GuardError(f"the two-level guard ({name})", {rank: message for rank in ranks}, refused="patching")
+
+
 def _tp_ranks(mesh: TwoLevelMesh) -> list[int]:
     return _group_ranks(mesh.axes.tp)
 

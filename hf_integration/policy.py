@@ -387,6 +387,9 @@ def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, att
     name = model_name(model)
     records: dict[str, Any] = {}
     if probe:
+        from ds_twolevel.guard import check_same_dense_weights
+
+        check_same_dense_weights([model], mesh, name=name)  # else the probe would blame the spec
         with agreement(None, what=f"{name}: parity probe (dense forward)"):
             records = record_calls(model, mlp_paths + attn_paths)
             require_calls(records, mlp_paths + attn_paths, name=name)

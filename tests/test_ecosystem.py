@@ -304,7 +304,8 @@ def test_overwritten_or_unequal_shards_are_refused_and_a_load_is_not(runs, layou
     out, dp, n, m = runs(layout)
     check_refused(out, "shards_broadcast", "14 of 14 partitioned tensor(s) hold the same values on ranks",
                   "own different slices", "a wrapper broadcast one rank's shards", tp=n * m)
-    check_refused(out, "shards_seeds", "must hold identically differ", "model.embed_tokens.weight", tp=n * m)
+    check_refused(out, "shards_seeds", "refused patching", "the dense weights differ between the ranks",
+                  f"{n * m} different copies", tp=n * m)  # patch_model's probe step, before any forward
     assert all(rec["error"] is None for rec in records(out, "shards_load"))
 
 
