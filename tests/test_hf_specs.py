@@ -94,3 +94,25 @@ def test_dense_save_replaces_an_existing_checkpoint_atomically(tmp_path):
     assert not (target / "stale.txt").exists()
     back = GPT2LMHeadModel.from_pretrained(target)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in dense.state_dict().items())
+
+
+def test_mistral_sliding_window_goes_through_hfs_mask():
+    """Mistral's own ``sliding_window`` (the launch's tiny Mistral has none): a window shorter than the
+    prompt, logits and greedy tokens (HF's sliding cache) equal to the unpatched model's; one process,
+    n = m = 1, which runs the partitioned code path."""
+    from ds_twolevel.testing import rel_err
+
+    dense = tiny_model("mistral", sliding_window=4)
+    patched = copy.deepcopy(dense)
+    patch_model(patched, TwoLevelLayout(n=1, m=1).build())
+    ids, mask = sample_batch(3, seq=12)
+    with torch.no_grad():
+        assert rel_err(patched(input_ids=ids, attention_mask=mask).logits,
+                       dense(input_ids=ids, attention_mask=mask).logits) < 1e-5
+        full = dense.__class__(dense.config.__class__(**{**dense.config.to_dict(), "sliding_window": None}))
+        full.load_state_dict(dense.state_dict())
+        assert rel_err(full.eval()(input_ids=ids, attention_mask=mask).logits,
+                       dense(input_ids=ids, attention_mask=mask).logits) > 1e-3  # the window matters here
+        kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(patched.generate(ids, attention_mask=mask, **kwargs),
+                           dense.generate(ids, attention_mask=mask, **kwargs))
