@@ -38,6 +38,8 @@ from typing import Iterator, TextIO
 
 NOTICE_AFTER_S = 5.0
 """a load that has not finished after this many seconds says what it waits for."""
+SPEAKER_WAIT_S = 1800.0
+"""how long ranks other than local rank 0 wait for it to build a missing op before building it themselves."""
 HEARTBEAT_S = 60.0
 """then it says how long it has waited this often."""
 STALE_HINT_S = 900.0
@@ -116,6 +118,16 @@ class _Waiting:
             _say(f"still compiling {SHM_OP} ({waited:.0f} s so far){hint}")
 
 
+def _wait_for(library: Path, timeout_s: float = SPEAKER_WAIT_S) -> None:
+    """Until ``library`` exists (local rank 0 is building it), at most ``timeout_s``; then the
+    caller loads it (or builds it itself, if local rank 0 never did: DeepSpeed's lock serialises).
+    Without this, whichever rank came first built the op, and local rank 0, finding it there or
+    waiting on the lock, said nothing while the job sat silent for minutes."""
+    deadline = time.monotonic() + timeout_s
+    while not library.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
 def load_shm_comm_op() -> ModuleType | None:
     """DeepSpeed's CPU shared-memory comm op, loaded or compiled with a visible message.
 
@@ -136,6 +148,8 @@ def load_shm_comm_op() -> ModuleType | None:
         return builder.load(verbose=False)
     build_dir = Path(use_environment_extensions_dir()) / builder.NAME
     library = build_dir / f"{builder.NAME}.so"
+    if not _speaker():  # local rank 0 builds a missing op and says so; the others wait for it
+        _wait_for(library)
     before, t0 = _stamp(library), time.monotonic()
     with _Waiting(build_dir, at_once=before is None) if _speaker() else contextlib.nullcontext():
         module = builder.load(verbose=False)

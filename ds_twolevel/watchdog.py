@@ -30,6 +30,7 @@ Example:
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -153,6 +154,7 @@ class Watchdog(threading.Thread):
         self.host_pid, self.host_rank = self._store_host()
         self.host_lost: str | None = None
         """why the store host's process is gone ("exited", "stopped ..."), once seen."""
+        self.stopping = threading.Event()
         if store is not None:
             self._store_op(lambda s: s.set(f"{WHO}{rank}", f"{socket.gethostname()} {os.getpid()}"))
 
@@ -201,7 +203,18 @@ class Watchdog(threading.Thread):
                       f"({ENV_SWITCH}=0 keeps ranks running)", file=sys.stderr, flush=True)
                 os._exit(EXIT_ORPHANED)
             self._store_op(lambda s: s.add(f"{KEY}{self.rank}", 1))
-            time.sleep(self.interval)
+            if self.stopping.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        """End the thread and drop its store client while no store operation is in flight: a daemon
+        thread still inside a TCPStore call when the interpreter exits aborts the process
+        ("terminate called without an active exception", exit -6) after a job that succeeded."""
+        self.stopping.set()
+        with self.lock:
+            self.store = None
+        if self is not threading.current_thread():
+            self.join(timeout=self.interval + 5)
 
     def counters(self) -> dict[int, int] | None:
         """Every rank's heartbeat count (0 for one that never beat), or None without a store."""
@@ -242,6 +255,7 @@ def start(rank: int, world_size: int | None = None, *, interval: float = INTERVA
     store = _rendezvous_store(timeout_s=max(3 * interval, 5.0)) if world_size > 1 else None
     _WATCHDOG = Watchdog(rank, world_size, launcher_chain(), store, interval)
     _WATCHDOG.start()
+    atexit.register(_WATCHDOG.stop)  # atexit runs while daemon threads still run: stop it cleanly first
     return _WATCHDOG
 
 

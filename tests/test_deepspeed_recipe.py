@@ -91,7 +91,9 @@ def trained(launches) -> Path:
 def test_first_launch_says_what_it_builds_and_the_second_builds_nothing(launches):
     build_dir = launches["ext"] / SHM_OP
     first, second = launches["first"], launches["second"]
-    assert first.count(f"[ds_twolevel] compiling DeepSpeed's CPU shared-memory comm op ({SHM_OP}) in {build_dir}") == 1
+    said = "\n".join(line for line in first.splitlines() if "[ds_twolevel]" in line or "shm" in line.lower())
+    assert first.count(f"[ds_twolevel] compiling DeepSpeed's CPU shared-memory comm op ({SHM_OP}) in {build_dir}") == 1, \
+        (said, sorted(p.name for p in build_dir.iterdir()))
     assert first.count(f"[ds_twolevel] built {SHM_OP} in ") == 1  # local rank 0 speaks for the node
     assert f"({build_dir / f'{SHM_OP}.so'})" in first
     assert "[ds_twolevel]" not in second, second[-3000:]

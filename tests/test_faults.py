@@ -137,3 +137,23 @@ def test_run_jobs_lets_every_rank_end_on_its_own():
     assert fail[0].returncode == 1 and "ValueError: bad input on rank 0" in fail[0].output
     assert fail[1].returncode == 0 and fail[1].output.startswith("rank 1 of 2 on port ")
     assert hang[0].returncode == 0 and hang[1].returncode is None and not hang[1].stopped
+
+
+def test_watchdog_stops_cleanly_at_exit():
+    """The heartbeat thread ends, and drops its store client, when asked (``start`` registers this
+    with atexit): a daemon thread left inside a TCPStore call at interpreter exit aborted a finished
+    job ("terminate called without an active exception", exit -6)."""
+    import threading
+
+    from ds_twolevel import watchdog
+
+    dog = watchdog.Watchdog(0, 1, [], None, interval=0.05)
+    dog.store = object()  # stands for the store client (never called: the host check says it is gone)
+    dog._host_alive = lambda: True
+    calls = []
+    dog._store_op = lambda op: calls.append(op)  # the beat still runs, without a store
+    dog.start()
+    while not calls:
+        threading.Event().wait(0.01)
+    dog.stop()
+    assert not dog.is_alive() and dog.store is None and dog.stopping.is_set()
