@@ -1,3 +1,3 @@
-from .cli import main
+from ds_twolevel.tools.cli import main
 
 raise SystemExit(main())

@@ -23,9 +23,9 @@ import os
 import sys
 from typing import Any, Callable, Iterator, Mapping
 
-from . import watchdog
-from .config import SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config
-from .layout import TwoLevelMesh
+from ds_twolevel.parallel import watchdog
+from ds_twolevel.deepspeed.config import SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config
+from ds_twolevel.parallel.layout import TwoLevelMesh
 
 def deepspeed_config(config: str | os.PathLike | Mapping[str, Any], *, world_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed dict accelerate and the HF Trainer should get: ``"two_level"`` kept (validated),
@@ -90,7 +90,7 @@ def build_mesh(source: Any) -> TwoLevelMesh:
     """The dp x n x m mesh of a running accelerate job (``Accelerator``, ``DeepSpeedPlugin`` or config).
 
     Distributed must be initialised (by ``Accelerator(...)``); the layout comes from the
-    ``"two_level"`` section. Starts this rank's watchdog (:mod:`ds_twolevel.watchdog`: the rank stops
+    ``"two_level"`` section. Starts this rank's watchdog (:mod:`ds_twolevel.parallel.watchdog`: the rank stops
     when its launcher exits; a heartbeat names a peer that stopped answering), as
     ``ds_twolevel.build_mesh`` does.
 
@@ -166,7 +166,7 @@ def notebook_launch(function: Callable[..., Any], args: tuple = (), *, num_proce
     """
     from accelerate import notebook_launcher
 
-    from .testing import free_port
+    from ds_twolevel.testing.ranks import free_port
 
     launcher_kwargs.setdefault("use_port", str(free_port()))
     with _cpu_launch_message(num_processes):

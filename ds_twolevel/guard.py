@@ -11,7 +11,7 @@ adds a forward pre-hook to the model. Before anything shape-dependent runs, the 
 1. look at the wrappers on the call stack (``DistributedDataParallel``, ``DeepSpeedEngine``, FSDP,
    ``DataParallel``, the HF Trainer): their gradient-averaging group must be this rank's
    data-parallel replicas, and DeepSpeed's model-parallel group the n*m ranks of this layer;
-2. check the shards (:mod:`ds_twolevel.fingerprint`): ranks that own the same dense slice hold
+2. check the shards (:mod:`ds_twolevel.sharding.fingerprint`): ranks that own the same dense slice hold
    equal values (replicated tensors: embeddings, norms, LM head, output biases), and ranks that own
    different slices do not hold the same non-constant values (what a broadcast leaves behind);
 3. compare the inputs (ids, mask, positions, embeddings, labels, ... : shape, dtype, exact hash).
@@ -22,14 +22,14 @@ at the end of ``Trainer.__init__`` (:func:`check_trainer`, added by :func:`watch
 
 All three go in fixed-size int64 vectors, all-gathered over the tensor-parallel group, so ranks with
 different batch shapes cannot deadlock or crash the backend. The verdict, the same on every rank,
-then goes through :func:`ds_twolevel.agreement.agree` (the world in training mode, otherwise the
+then goes through :func:`ds_twolevel.parallel.agreement.agree` (the world in training mode, otherwise the
 layer's group), so every rank raises the same :class:`GuardError`.
 
 Cost: checks 1-2 on the first forward and whenever a new wrapper appears (one all-gather of
 3 int64 per parameter tensor plus 80 int64 per rank over the n*m ranks, and one hash pass over this
 rank's parameters); check 3 on the first forward (``check_inputs="first"``), on every forward
 (``"always"``: one all-gather of 80 int64 per rank per forward, generate's decode steps included)
-or never. Plus one 4-byte all-reduce (:func:`~ds_twolevel.agreement.agree`) per check.
+or never. Plus one 4-byte all-reduce (:func:`~ds_twolevel.parallel.agreement.agree`) per check.
 
 Example:
     >>> install(model, mesh, check_inputs="always")     # patch_model does install(model, mesh)
@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import fingerprint as fp
-from .agreement import AgreementError, _flag_device, agree
-from .layout import TwoLevelMesh
+from ds_twolevel.sharding import fingerprint as fp
+from ds_twolevel.parallel.agreement import AgreementError, _flag_device, agree
+from ds_twolevel.parallel.layout import TwoLevelMesh
 
 CHECK_INPUTS = ("first", "always", "never")
 INPUTS = "inputs differ between the ranks"
@@ -163,7 +163,7 @@ class ModelGuard:
 
 
 def _two_level_layers(model: nn.Module) -> list[nn.Module]:
-    from .shard_manifest import partitioned_modules
+    from ds_twolevel.sharding.shard_manifest import partitioned_modules
 
     return [m for _, m in partitioned_modules(model)]
 
@@ -382,7 +382,7 @@ def _trainer_world_problem(trainer: Any) -> str | None:
 def watch_trainers() -> None:
     """Check every ``transformers.Trainer`` at the end of its ``__init__`` (installed once, when
     ``transformers.trainer`` is imported; :func:`check_trainer`)."""
-    from .deepspeed_compat import when_imported
+    from ds_twolevel.deepspeed.compat import when_imported
 
     when_imported("transformers.trainer", _wrap_trainer_init)
 

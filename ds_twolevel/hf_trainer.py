@@ -30,9 +30,9 @@ from typing import Any, Mapping
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from .accelerate import _device_type, deepspeed_config
-from .agreement import agreement
-from .config import load_deepspeed_config
+from ds_twolevel.accelerate import _device_type, deepspeed_config
+from ds_twolevel.parallel.agreement import agreement
+from ds_twolevel.deepspeed.config import load_deepspeed_config
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -115,7 +115,7 @@ class TwoLevelTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Collective: every rank gathers, rank 0 writes ``output_dir`` (config, dense weights, args)."""
-        from .deepspeed_integration import dense_state_dict
+        from ds_twolevel.deepspeed.runtime import dense_state_dict
 
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)

@@ -29,9 +29,9 @@ Example:
     >>> print(patch_model(model, mesh))
     >>> model.generate(ids, max_new_tokens=16)
 """
-from .checkpoint import dense_state_dict, load_partitioned, save_dense_pretrained
-from .policy import PatchReport, injection_policy, patch_model, verify
-from .specs import SPECS, ArchSpec, AttentionLayout, MLPLayout, supported_architectures
+from hf_integration.checkpoint import dense_state_dict, load_partitioned, save_dense_pretrained
+from hf_integration.policy import PatchReport, injection_policy, patch_model, verify
+from hf_integration.specs import SPECS, ArchSpec, AttentionLayout, MLPLayout, supported_architectures
 
 __all__ = [
     "ArchSpec", "AttentionLayout", "MLPLayout", "PatchReport", "SPECS", "dense_state_dict", "injection_policy",

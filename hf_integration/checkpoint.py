@@ -23,14 +23,14 @@ import transformers
 from accelerate import init_empty_weights
 from torch import nn
 
-from ds_twolevel.agreement import agreement
-from ds_twolevel.gather import gather_dense_state
-from ds_twolevel.layout import TwoLevelMesh
+from ds_twolevel.parallel.agreement import agreement
+from ds_twolevel.sharding.gather import gather_dense_state
+from ds_twolevel.parallel.layout import TwoLevelMesh
 
-from .policy import PatchReport, dense_copies, model_name, partitioned_layers, patch_model
-from .fused_sources import FusedReader, fused_tensors
-from .probe import probe_loaded
-from .weights import ROW_BLOCK_BYTES, SafetensorsReader, assign_tensor, load_shards, to_hf_tensors
+from hf_integration.policy import PatchReport, dense_copies, model_name, partitioned_layers, patch_model
+from hf_integration.fused_sources import FusedReader, fused_tensors
+from hf_integration.probe import probe_loaded
+from hf_integration.weights import ROW_BLOCK_BYTES, SafetensorsReader, assign_tensor, load_shards, to_hf_tensors
 
 
 # -- dense export ---------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def _world_rank() -> int:
 @contextlib.contextmanager
 def _agreed(what: str) -> Iterator[None]:
     """A per-rank step whose failure on any rank raises the same AgreementError on every rank
-    (``ds_twolevel.agreement``: one 4-byte all-reduce); without a process group, the error as is."""
+    (``ds_twolevel.parallel.agreement``: one 4-byte all-reduce); without a process group, the error as is."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield
         return

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_twolevel.attention import TwoLevelAttention
-from ds_twolevel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
-from ds_twolevel.mlp import TwoLevelMLP
-from ds_twolevel.partition import AttentionSpec
+from ds_twolevel.layers.attention import TwoLevelAttention
+from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
+from ds_twolevel.layers.mlp import TwoLevelMLP
+from ds_twolevel.sharding.partition import AttentionSpec
 
-from .weights import TensorMap, dense_numel
+from hf_integration.weights import TensorMap, dense_numel
 
 CACHE_ARGS = ("cache", "past_key_values", "layer_past")
 

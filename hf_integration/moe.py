@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ds_twolevel.attention import tag_parallel
-from ds_twolevel.collectives import copy_to_axis, reduce_from_axis
-from ds_twolevel.layout import AxisGroup
-from ds_twolevel.partition import even_chunk
+from ds_twolevel.layers.attention import tag_parallel
+from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
+from ds_twolevel.parallel.layout import AxisGroup
+from ds_twolevel.sharding.partition import even_chunk
 
-from .specs import MoELayout, get_path
-from .weights import StateDictReader, TensorMap, check_tensor_shapes, dense_numel, moe_tensor_maps, unplaced_parameters
+from hf_integration.specs import MoELayout, get_path
+from hf_integration.weights import StateDictReader, TensorMap, check_tensor_shapes, dense_numel, moe_tensor_maps, unplaced_parameters
 
 EXPECTED_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
                   "has_post_expert_norm": False}

@@ -13,17 +13,17 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ds_twolevel.layout import TwoLevelMesh
-from ds_twolevel.partition import AttentionSpec, check_partition, feasible_layouts
+from ds_twolevel.parallel.layout import TwoLevelMesh
+from ds_twolevel.sharding.partition import AttentionSpec, check_partition, feasible_layouts
 
-from ds_twolevel.agreement import agreement
-from ds_twolevel.qk_norm import QKNorm
+from ds_twolevel.parallel.agreement import agreement
+from ds_twolevel.layers.qk_norm import QKNorm
 
-from .modules import HFTwoLevelAttention, HFTwoLevelMLP
-from .moe import HFTwoLevelExperts, experts_plan
-from .probe import check_parity, record_calls, require_calls
-from .specs import ArchSpec, AttentionLayout, MoELayout, get_path, set_path, spec_for, supported_architectures
-from .weights import (StateDictReader, TensorMap, attention_tensor_maps, check_tensor_shapes, load_shards,
+from hf_integration.modules import HFTwoLevelAttention, HFTwoLevelMLP
+from hf_integration.moe import HFTwoLevelExperts, experts_plan
+from hf_integration.probe import check_parity, record_calls, require_calls
+from hf_integration.specs import ArchSpec, AttentionLayout, MoELayout, get_path, set_path, spec_for, supported_architectures
+from hf_integration.weights import (StateDictReader, TensorMap, attention_tensor_maps, check_tensor_shapes, load_shards,
                       mlp_tensor_maps, unplaced_parameters)
 
 ReplaceFn = Callable[..., nn.Module]
@@ -430,9 +430,9 @@ def dense_leftovers(model: nn.Module) -> list[str]:
 
 
 def _finish(model: nn.Module, mesh: TwoLevelMesh, report: PatchReport) -> PatchReport:
-    from ds_twolevel.deepspeed_compat import install_when_imported
+    from ds_twolevel.deepspeed.compat import install_when_imported
 
-    from .checkpoint import install_dense_save  # local import: checkpoint imports this module
+    from hf_integration.checkpoint import install_dense_save  # local import: checkpoint imports this module
 
     install_when_imported()  # DeepSpeed's save/load methods, right for two-level engines
     model._twolevel_mesh = mesh
@@ -489,7 +489,7 @@ def verify(model: nn.Module) -> PatchReport:
 def dense_copies(model: nn.Module) -> dict[str, nn.Module]:
     """Deep copies of the first attention and the first MLP module of ``model`` (on the meta device:
     free), for ``load_partitioned``'s probe; {} for an architecture without a spec."""
-    from .specs import SPECS
+    from hf_integration.specs import SPECS
 
     arch = SPECS.get(getattr(model.config, "model_type", None))
     if arch is None:

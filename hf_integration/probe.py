@@ -14,7 +14,7 @@ RoPE tables, masks, scaling, soft-cap, norms):
    every rank takes the same decision; an error above the dtype's tolerance refuses the model on
    every rank with the layer name and the error (:class:`ProbeError`), after putting the dense
    modules back. An exception on any rank during 1 or 2 reaches every rank as an
-   :class:`~ds_twolevel.agreement.AgreementError`.
+   :class:`~ds_twolevel.parallel.agreement.AgreementError`.
 
 ``load_partitioned`` never holds a dense layer: it probes the first layer of each kind by gathering
 its slices into a dense copy of the HF module (:func:`probe_loaded`).
@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ds_twolevel.agreement import agreement
-from ds_twolevel.testing import rel_err
+from ds_twolevel.parallel.agreement import agreement
+from ds_twolevel.testing.ranks import rel_err
 
 PROBE_TOKENS = 8
 PROBE_SEED = 1234
@@ -193,7 +193,7 @@ def iter_meta(module: nn.Module) -> Iterator[tuple[nn.Module, str, str]]:
 def materialize_copy(copy: nn.Module, live: nn.Module, gathered: dict[str, torch.Tensor]) -> nn.Module:
     """Fill the meta parameters of ``copy`` (a meta-device copy of the HF module at the same path
     as ``live``): gathered dense tensors first, the live module's (replicated) ones otherwise."""
-    from .weights import assign_tensor
+    from hf_integration.weights import assign_tensor
 
     for _, _, name in list(iter_meta(copy)):
         value = gathered.pop(name, None)  # the gathered tensor itself: no second copy
@@ -230,9 +230,9 @@ def probe_loaded(model: nn.Module, copies: dict[str, nn.Module], owners: list[tu
 def gather_inside(path: str, owners: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     """Dense HF tensors (names relative to ``path``) of every partitioned layer inside the module at
     ``path`` (collective over each layer's tensor-parallel axis, one layer at a time)."""
-    from ds_twolevel.gather import gather_dense_state
+    from ds_twolevel.sharding.gather import gather_dense_state
 
-    from .weights import to_hf_tensors
+    from hf_integration.weights import to_hf_tensors
 
     out: dict[str, torch.Tensor] = {}
     for owner, layer in owners:

@@ -28,7 +28,7 @@ from ds_twolevel.seqshard.base import CACHE_LAYOUTS
 from ds_twolevel.seqshard.cache import DEFAULT_CHUNK, GrowingKV, PositionShardedKV
 from ds_twolevel.seqshard.layer import seq_forward
 
-from .modules import CACHE_ARGS, HFTwoLevelAttention, _self_attention_cache
+from hf_integration.modules import CACHE_ARGS, HFTwoLevelAttention, _self_attention_cache
 
 
 class PreallocatedLayer(CacheLayerMixin):

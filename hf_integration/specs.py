@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from ds_twolevel.partition import AttentionSpec
+from ds_twolevel.sharding.partition import AttentionSpec
 
 FusedLayout = Literal["concat", "per_head"]
 BoolOrAttr = bool | str

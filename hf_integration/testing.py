@@ -14,11 +14,11 @@ import torch
 import transformers
 from torch import nn
 
-from ds_twolevel.layout import TwoLevelMesh
-from ds_twolevel.testing import rel_err  # noqa: F401 (re-exported: notebook and tests import it from here)
+from ds_twolevel.parallel.layout import TwoLevelMesh
+from ds_twolevel.testing.ranks import rel_err  # noqa: F401 (re-exported: notebook and tests import it from here)
 
-from .policy import partitioned_layers, patch_model
-from .weights import StateDictReader
+from hf_integration.policy import partitioned_layers, patch_model
+from hf_integration.weights import StateDictReader
 
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2", "gemma3_text",
             "olmo2", "mixtral", "granite", "cohere", "phi", "stablelm")

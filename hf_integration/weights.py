@@ -17,10 +17,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ds_twolevel.partition import AttentionSpec
+from ds_twolevel.sharding.partition import AttentionSpec
 
-from .safetensors_files import SAFE_DTYPES, Entry, read_header, weight_files  # noqa: F401 (re-export)
-from .specs import AttentionLayout, MLPLayout, MoELayout
+from hf_integration.safetensors_files import SAFE_DTYPES, Entry, read_header, weight_files  # noqa: F401 (re-export)
+from hf_integration.specs import AttentionLayout, MLPLayout, MoELayout
 
 ROW_BLOCK_BYTES = 4 << 20  # column slices read rows in blocks of this size: bounded scratch memory
 

@@ -1,7 +1,7 @@
 """Per-shard attention compute for the paper's shapes on one accelerator, against the dense layer.
 
 One rank's shard of an n x m layer (H = 4096, 32 heads x 128, bf16) is timed with its collectives
-replaced by local ops of the same shapes (``ds_twolevel.bench.local_collectives``), so the number
+replaced by local ops of the same shapes (``ds_twolevel.tools.bench.local_collectives``), so the number
 is exactly one rank's compute; the ideal is dense time / (m n). Prefill (batch x seq tokens) and
 decode (one token per sequence against a cache of seq). Then our layer at m = n = 1 against Hugging Face's
 LlamaAttention (sdpa) on the same weights and input: time and largest difference.
@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ds_twolevel.bench import BenchConfig, ShardCase, sdpa_overhead, time_shards  # noqa: E402
-from ds_twolevel.partition import AttentionSpec  # noqa: E402
+from ds_twolevel.tools.bench import BenchConfig, ShardCase, sdpa_overhead, time_shards  # noqa: E402
+from ds_twolevel.sharding.partition import AttentionSpec  # noqa: E402
 
 PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_allgather"),
                  (4, 4, "score_allreduce"), (4, 4, "qk_allgather"), (2, 8, "score_allreduce"),

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from ds_twolevel.cli import OneLineParser, positive_int
+from ds_twolevel.tools.cli import OneLineParser, positive_int
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2",
          "mixtral", "granite", "cohere", "phi", "stablelm")  # hf_integration.testing.DECODERS (a test keeps them equal)
@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
 
 def check_world(config, world: int, n: int, m: int) -> None:
     """Refuse a world size that n x m does not divide, naming the layouts this model can take."""
-    from ds_twolevel.partition import feasible_layouts
+    from ds_twolevel.sharding.partition import feasible_layouts
     from hf_integration.policy import intermediate_size
     from hf_integration.specs import spec_for
 

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from ds_twolevel.cli import OneLineParser, positive_int
+from ds_twolevel.tools.cli import OneLineParser, positive_int
 
 
 def fail(message: str) -> None:

@@ -4,7 +4,7 @@
     python recipes/measure_seqshard.py --only prefill  # prefill | decode | memory | bf16; --json out.json
 
 * prefill / decode: one rank's shard (collectives replaced by local ops of the same shapes: the layer's
-  own simulated axes for seq_rows / kv_shard, ``ds_twolevel.bench.local_collectives`` for the existing
+  own simulated axes for seq_rows / kv_shard, ``ds_twolevel.tools.bench.local_collectives`` for the existing
   strategies) against the dense fused layer; ideal = dense / (m n). One thread, fp32, fastest of
   ``--repeats`` interleaved rounds (the machine is shared: the fastest is the least disturbed). Every
   segment rank's shard is timed (the zigzag blocks of rank 0 and rank m-1 differ) and the slowest is
@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ds_twolevel.bench import local_collectives, shard_layer  # noqa: E402
-from ds_twolevel.cache import KVCache  # noqa: E402
-from ds_twolevel.layout import AxisGroup, TwoLevelAxes  # noqa: E402
-from ds_twolevel.partition import AttentionSpec  # noqa: E402
-from ds_twolevel.rope import rope_cos_sin  # noqa: E402
+from ds_twolevel.tools.bench import local_collectives, shard_layer  # noqa: E402
+from ds_twolevel.layers.cache import KVCache  # noqa: E402
+from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes  # noqa: E402
+from ds_twolevel.sharding.partition import AttentionSpec  # noqa: E402
+from ds_twolevel.layers.rope import rope_cos_sin  # noqa: E402
 from ds_twolevel.seqshard import SeqShardAttention, SeqShardCache  # noqa: E402
 
 HIDDEN, SPEC = 1024, AttentionSpec(8, 8, 128, rope_style="half")

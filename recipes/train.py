@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from ds_twolevel.cli import OneLineParser, positive_int
+from ds_twolevel.tools.cli import OneLineParser, positive_int
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM  # before deepspeed.zero.Init (CPU_NOTES)
 
 import ds_twolevel
-from ds_twolevel.config import load_deepspeed_config
-from ds_twolevel.partition import AttentionSpec, check_partition, feasible_layouts
+from ds_twolevel.deepspeed.config import load_deepspeed_config
+from ds_twolevel.sharding.partition import AttentionSpec, check_partition, feasible_layouts
 
 DATA = Path(__file__).resolve().parent / "data"
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 16

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ds_twolevel.cli import OneLineParser
+from ds_twolevel.tools.cli import OneLineParser
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

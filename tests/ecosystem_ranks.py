@@ -158,7 +158,7 @@ def _accelerate_loop(accelerator, model, mesh, record: Run, cfg_steps: int) -> N
 def _recording_watchdog_start(record: Run, build: Callable) -> Any:
     """``build()``, recording the (rank, world_size) it passed to ``watchdog.start`` (main already
     started this process's watchdog, so the call is a no-op: what is checked is that it is made)."""
-    from ds_twolevel import watchdog
+    from ds_twolevel.parallel import watchdog
 
     start, record.data["watchdog_start"] = watchdog.start, None
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_twolevel.bench import (BenchConfig, ShardCase, _gpu_section, _modelled_bytes, layout_rank, local_collectives, shard_layer,
+from ds_twolevel.tools.bench import (BenchConfig, ShardCase, _gpu_section, _modelled_bytes, layout_rank, local_collectives, shard_layer,
                                time_shards, write_report)
-from ds_twolevel.partition import AttentionSpec
-from ds_twolevel.rope import rope_cos_sin
+from ds_twolevel.sharding.partition import AttentionSpec
+from ds_twolevel.layers.rope import rope_cos_sin
 from ds_twolevel.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_shard_layer_local_collectives_keep_shapes():
             assert shard_layer(32, spec, n, m, strategy)(x, position_embeddings=rope).shape == (1, 8, 32)
     from ds_twolevel import attention
 
-    assert attention.all_reduce_both.__module__ == "ds_twolevel.collectives"  # restored
+    assert attention.all_reduce_both.__module__ == "ds_twolevel.parallel.collectives"  # restored
 
 
 def test_time_shards_rows():

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from ds_twolevel import checkpointing
-from ds_twolevel.layout import AxisGroup, TwoLevelAxes, TwoLevelLayout, TwoLevelMesh
-from ds_twolevel.shard_manifest import ShardManifest, assemble, extract, manifest_for, model_differences, same_shards
+from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelLayout, TwoLevelMesh
+from ds_twolevel.sharding.shard_manifest import ShardManifest, assemble, extract, manifest_for, model_differences, same_shards
 from hf_integration import patch_model
 from hf_integration.testing import DECODERS, tiny_model
 

@@ -54,7 +54,7 @@ def test_demo_refuses_bad_layout_with_the_fix():
 
 # -- bad input: one line on stderr, exit status 2, no traceback, nothing spawned ------------------------
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """ds_twolevel.cli.main in this process (what the console script runs); (status, stdout, stderr)."""
+    """ds_twolevel.tools.cli.main in this process (what the console script runs); (status, stdout, stderr)."""
     from ds_twolevel import cli
 
     try:
@@ -137,8 +137,8 @@ def test_missing_arguments_and_subcommand_are_one_line(capsys):
 
 def test_plan_without_a_feasible_layout_names_the_nearest_device_counts(capsys):
     from ds_twolevel.costmodel import Phase
-    from ds_twolevel.hardware import H100_SXM
-    from ds_twolevel.planner import PRESETS, plan
+    from ds_twolevel.costmodel.hardware import H100_SXM
+    from ds_twolevel.costmodel.planner import PRESETS, plan
 
     code, out, err = _cli(capsys, "plan", "--model", "llama-3-8b", "--devices", "3")
     _assert_one_line(code, out, err, "no dp x n x m layout of 3 devices can run llama-3-8b",
@@ -198,7 +198,7 @@ def test_top_level_help_says_n_x_m_and_version_matches_pyproject(capsys):
 
 def test_import_sets_the_per_environment_extensions_dir_unless_the_user_set_one(tmp_path):
     """DeepSpeed's CPU comm op is built per environment: ``import ds_twolevel`` sets TORCH_EXTENSIONS_DIR."""
-    from ds_twolevel.deepspeed_env import extensions_dir
+    from ds_twolevel.deepspeed.env import extensions_dir
 
     code = "import os, ds_twolevel; print(os.environ['TORCH_EXTENSIONS_DIR'])"
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}

@@ -14,16 +14,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ds_twolevel.attention import TwoLevelAttention
-from ds_twolevel.block import TwoLevelBlock
-from ds_twolevel.cache import KVCache
-from ds_twolevel.collectives import CommCounter
-from ds_twolevel.gather import gather_dense_state
-from ds_twolevel.layout import TwoLevelLayout
-from ds_twolevel.partition import AttentionSpec
-from ds_twolevel.qk_norm import QKNorm
-from ds_twolevel.reference import DenseAttention, DenseBlock
-from ds_twolevel.rope import rope_cos_sin
+from ds_twolevel.layers.attention import TwoLevelAttention
+from ds_twolevel.layers.block import TwoLevelBlock
+from ds_twolevel.layers.cache import KVCache
+from ds_twolevel.parallel.collectives import CommCounter
+from ds_twolevel.sharding.gather import gather_dense_state
+from ds_twolevel.parallel.layout import TwoLevelLayout
+from ds_twolevel.sharding.partition import AttentionSpec
+from ds_twolevel.layers.qk_norm import QKNorm
+from ds_twolevel.testing.reference import DenseAttention, DenseBlock
+from ds_twolevel.layers.rope import rope_cos_sin
 from ds_twolevel.testing import rel_err, run_distributed
 
 WORLD = 8

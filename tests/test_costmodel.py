@@ -5,8 +5,8 @@ import pytest
 
 from ds_twolevel.costmodel import (STRATEGIES, ModelConfig, Phase, attention_call, attention_collectives,
                                    attention_ops, kv_cache_bytes, mlp_ops, param_bytes, predict)
-from ds_twolevel.hardware import CPU_GLOO, H100_SXM, PROFILES, get_profile
-from ds_twolevel.planner import PRESETS
+from ds_twolevel.costmodel.hardware import CPU_GLOO, H100_SXM, PROFILES, get_profile
+from ds_twolevel.costmodel.planner import PRESETS
 
 LLAMA = PRESETS["llama-3-8b"]
 PAPER = PRESETS["paper"]

@@ -11,15 +11,15 @@ import itertools
 import pytest
 import torch
 
-from ds_twolevel.block import TwoLevelBlock
-from ds_twolevel.cache import KVCache
-from ds_twolevel.collectives import CommCounter
+from ds_twolevel.layers.block import TwoLevelBlock
+from ds_twolevel.layers.cache import KVCache
+from ds_twolevel.parallel.collectives import CommCounter
 from ds_twolevel.costmodel import (STRATEGIES, attention_call, attention_collectives, block_collectives,
                                    mlp_collectives, ModelConfig, resolve)
-from ds_twolevel.layout import TwoLevelLayout
-from ds_twolevel.qk_norm import QKNorm
-from ds_twolevel.reference import DenseBlock
-from ds_twolevel.rope import rope_cos_sin
+from ds_twolevel.parallel.layout import TwoLevelLayout
+from ds_twolevel.layers.qk_norm import QKNorm
+from ds_twolevel.testing.reference import DenseBlock
+from ds_twolevel.layers.rope import rope_cos_sin
 from ds_twolevel.testing import run_distributed
 
 WORLD = 8

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_twolevel.config import (TwoLevelConfig, check_deepspeed_config, load_deepspeed_config,
+from ds_twolevel.deepspeed.config import (TwoLevelConfig, check_deepspeed_config, load_deepspeed_config,
                                 save_deepspeed_config)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
@@ -129,7 +129,7 @@ def test_consistent_batch_and_dp_pass():
 def test_config_given_twice_or_not_at_all_is_refused():
     import argparse
 
-    from ds_twolevel.deepspeed_integration import _resolve_config
+    from ds_twolevel.deepspeed.runtime import _resolve_config
 
     args = argparse.Namespace(deepspeed_config="a.json", local_rank=0)
     with pytest.raises(ValueError, match="given twice"):
@@ -158,7 +158,7 @@ def test_replica_rows_need_a_batch_that_splits_over_dp():
 
 
 def test_peer_failures_are_recognised_and_other_errors_are_not():
-    from ds_twolevel.deepspeed_integration import _is_peer_failure
+    from ds_twolevel.deepspeed.runtime import _is_peer_failure
 
     assert _is_peer_failure(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 8000ms"))
     assert _is_peer_failure(RuntimeError("Connection closed by peer [127.0.0.1]:29500"))
@@ -170,7 +170,7 @@ def test_a_model_without_a_policy_is_refused_with_the_fix():
     from torch import nn
 
     from ds_twolevel import TwoLevelLayout
-    from ds_twolevel.deepspeed_integration import default_policy
+    from ds_twolevel.deepspeed.runtime import default_policy
 
     tl, _ = load_deepspeed_config(BASE)
     with pytest.raises(ValueError, match=r"no two-level injection policy for Linear.*pass policy="):

@@ -717,8 +717,8 @@ CONVERTED = ["w8_0", "w8_1", "w8_2", "w8_3", "w8_3i", "w4_0", "w4_1", "w4_2", "w
 def test_checkpoints_convert_to_dense(workdir, parity_launch):
     """Every checkpoint (ZeRO 0-3, 8 and 4 ranks, GPT-NeoX, bf16) read back without any engine: dense
     fp32 master weights and Adam moments bit-identical to the saving engine's own (live) ones."""
-    from ds_twolevel.checkpointing import dense_from_checkpoint
-    from ds_twolevel.convert import resolve_tag_dir
+    from ds_twolevel.deepspeed.checkpoint import dense_from_checkpoint
+    from ds_twolevel.deepspeed.convert import resolve_tag_dir
 
     parity_launch(8, 2, 2)
     parity_launch(4, 1, 2)
@@ -742,7 +742,7 @@ def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_lau
     from safetensors.torch import load_file
 
     from ds_twolevel import cli, deepspeed_compat
-    from ds_twolevel.convert import resolve_tag_dir
+    from ds_twolevel.deepspeed.convert import resolve_tag_dir
 
     parity_launch(8, 2, 2)
     ckpt, ref = workdir / "ckpt_w8_2", torch.load(workdir / f"w8_2.step{SAVE_AT}.pt")["dense_state_dict"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_twolevel.deepspeed_env import SHM_OP, extensions_dir
+from ds_twolevel.deepspeed.env import SHM_OP, extensions_dir
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -200,7 +200,7 @@ def test_shipped_warmup_starts_above_zero_and_rises_to_the_optimizer_lr(path):
     """DeepSpeed's own WarmupLR with each shipped config's parameters: step 1 no longer runs at lr 0."""
     from deepspeed.runtime.lr_schedules import WarmupLR
 
-    from ds_twolevel.deepspeed_env import drop_startup_lr_warning
+    from ds_twolevel.deepspeed.env import drop_startup_lr_warning
 
     drop_startup_lr_warning()  # its constructor's record (tested below), not this test's subject
     config = json.loads(path.read_text())
@@ -222,7 +222,7 @@ def test_warmup_start_up_warning_is_dropped_and_nothing_else():
     from deepspeed.runtime.lr_schedules import WarmupLR
     from deepspeed.utils import logger
 
-    from ds_twolevel.deepspeed_env import _LR_FILTER, drop_startup_lr_warning
+    from ds_twolevel.deepspeed.env import _LR_FILTER, drop_startup_lr_warning
 
     records = []
     handler = logging.Handler()

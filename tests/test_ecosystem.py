@@ -341,7 +341,7 @@ def test_shipped_config_loads_through_accelerate_and_the_trainer(path, tmp_path,
     from accelerate.utils import DeepSpeedPlugin
     from transformers import TrainingArguments
 
-    from ds_twolevel.config import load_deepspeed_config
+    from ds_twolevel.deepspeed.config import load_deepspeed_config
 
     tl, ds = load_deepspeed_config(path)
     plugin = DeepSpeedPlugin(hf_ds_config=str(path), zero3_init_flag=False)
@@ -360,7 +360,7 @@ def test_shipped_config_loads_through_accelerate_and_the_trainer(path, tmp_path,
 
 def test_autotp_size_must_be_the_layer_group():
     from ds_twolevel.accelerate import deepspeed_config
-    from ds_twolevel.config import check_deepspeed_config, load_deepspeed_config
+    from ds_twolevel.deepspeed.config import check_deepspeed_config, load_deepspeed_config
 
     cfg = R.ds_config(2, 2, 2, autotp=False)
     filled = deepspeed_config(cfg, world_size=8)
@@ -384,7 +384,7 @@ def test_guard_options_are_validated():
 
 
 def test_fingerprints_are_exact_and_fixed_size():
-    from ds_twolevel import fingerprint as fp
+    from ds_twolevel.sharding import fingerprint as fp
 
     x = torch.randn(5, 7)
     assert fp.tensor_hash(x) == fp.tensor_hash(x.clone()) and fp.tensor_hash(x) != fp.tensor_hash(x.t().contiguous())

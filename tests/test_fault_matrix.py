@@ -145,7 +145,7 @@ def rank_cell(phase: str, kind: str, work: str) -> None:
 def rank_bad_inputs(work: str) -> None:
     """The bad-input column: three agreed refusals (config, load, save) and a bad token id."""
     import ds_twolevel
-    from ds_twolevel.agreement import AgreementError
+    from ds_twolevel.parallel.agreement import AgreementError
     from hf_integration import load_partitioned
 
     work, rank = Path(work), _rank()

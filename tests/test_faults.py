@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ds_twolevel.attention import TwoLevelAttention
-from ds_twolevel.collectives import CommCounter, all_reduce_both
-from ds_twolevel.layout import TwoLevelLayout
-from ds_twolevel.mlp import TwoLevelMLP
-from ds_twolevel.partition import AttentionSpec
+from ds_twolevel.layers.attention import TwoLevelAttention
+from ds_twolevel.parallel.collectives import CommCounter, all_reduce_both
+from ds_twolevel.parallel.layout import TwoLevelLayout
+from ds_twolevel.layers.mlp import TwoLevelMLP
+from ds_twolevel.sharding.partition import AttentionSpec
 from ds_twolevel.testing import RankFailure, run_distributed
 
 
@@ -40,7 +40,7 @@ def _bad_configs_on_rank() -> list[str]:
 
 def _agreement_on_rank() -> str:
     """Only rank 2 fails a step; every rank must raise the same AgreementError naming it."""
-    from ds_twolevel.agreement import AgreementError, agreement
+    from ds_twolevel.parallel.agreement import AgreementError, agreement
 
     with agreement(what="a step that passes"):
         pass
@@ -145,7 +145,7 @@ def test_watchdog_stops_cleanly_at_exit():
     job ("terminate called without an active exception", exit -6)."""
     import threading
 
-    from ds_twolevel import watchdog
+    from ds_twolevel.parallel import watchdog
 
     dog = watchdog.Watchdog(0, 1, [], None, interval=0.05)
     dog.store = object()  # stands for the store client (never called: the host check says it is gone)

@@ -189,8 +189,8 @@ def test_probe_catches_what_no_shape_check_sees(monkeypatch):
 
 def test_initialize_policy_probes_unless_the_config_says_probe_false(monkeypatch):
     """``ds_twolevel.initialize``'s policy runs the probe (``"two_level": {"probe": ...}`` in the config)."""
-    from ds_twolevel.config import TwoLevelConfig
-    from ds_twolevel.deepspeed_integration import default_policy
+    from ds_twolevel.deepspeed.config import TwoLevelConfig
+    from ds_twolevel.deepspeed.runtime import default_policy
 
     _with_spec(monkeypatch, "llama", lambda s: dataclasses.replace(s, rope_style="interleaved"))
     mesh, dense = TwoLevelLayout(n=1, m=1).build(), tiny_model("llama")

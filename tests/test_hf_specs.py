@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from ds_twolevel import TwoLevelLayout
-from ds_twolevel.partition import AttentionSpec
+from ds_twolevel.sharding.partition import AttentionSpec
 from hf_integration import SPECS, injection_policy, patch_model, supported_architectures
 from hf_integration.policy import find_owners
 from hf_integration.testing import ARCHITECTURES, sample_batch, tiny_model

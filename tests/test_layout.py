@@ -1,7 +1,7 @@
 """Layout validation (pure) and the single-process build."""
 import pytest
 
-from ds_twolevel.layout import TwoLevelLayout, factorizations
+from ds_twolevel.parallel.layout import TwoLevelLayout, factorizations
 
 
 def test_coordinates_put_segments_on_neighbouring_ranks():
@@ -45,7 +45,7 @@ def test_sub_group_options_carry_the_timeout_in_the_backend_class():
 
     import torch.distributed as dist
 
-    from ds_twolevel.layout import _group_options
+    from ds_twolevel.parallel.layout import _group_options
 
     timeout = datetime.timedelta(seconds=7)
     assert _group_options("gloo", timeout)._timeout == timeout

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ds_twolevel import TwoLevelLayout
-from ds_twolevel.masks import zero_unattended_rows
+from ds_twolevel.layers.masks import zero_unattended_rows
 from ds_twolevel.testing import rel_err
 from hf_integration import patch_model
 from hf_integration.testing import VOCAB, tiny_model

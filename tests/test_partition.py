@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ds_twolevel.partition import (
+from ds_twolevel.sharding.partition import (
     AttentionPartition, AttentionSpec, check_partition, dim_atoms, feasible_layouts, shard_dim, unshard_dim,
 )
 
@@ -74,7 +74,7 @@ def test_rope_tables_reproduce_rotation(case):
     if spec.rope_style == "none" or not _fits(spec, n, m, rep):
         return
     part = AttentionPartition(spec, n, m, kv_replication=rep)
-    from ds_twolevel.rope import apply_rope_dense, apply_rope_segment, rope_cos_sin, segment_cos_sin
+    from ds_twolevel.layers.rope import apply_rope_dense, apply_rope_segment, rope_cos_sin, segment_cos_sin
     x = torch.randn(1, 2, 3, spec.head_dim, dtype=torch.float64)
     cos, sin = rope_cos_sin(torch.arange(3).unsqueeze(0), spec, dtype=torch.float64)
     full = apply_rope_dense(x, cos, sin, spec)

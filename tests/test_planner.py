@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from ds_twolevel.cli import main as cli_main
+from ds_twolevel.tools.cli import main as cli_main
 from ds_twolevel.costmodel import Phase
-from ds_twolevel.hardware import H100_SXM
-from ds_twolevel.layout import factorizations
-from ds_twolevel.planner import (PAPER_CLAIMS, PRESETS, format_paper, load_model, paper_experiment, plan)
+from ds_twolevel.costmodel.hardware import H100_SXM
+from ds_twolevel.parallel.layout import factorizations
+from ds_twolevel.costmodel.planner import (PAPER_CLAIMS, PRESETS, format_paper, load_model, paper_experiment, plan)
 
 LLAMA = PRESETS["llama-3-8b"]
 

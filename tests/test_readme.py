@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_twolevel.deepspeed_env import extensions_dir
+from ds_twolevel.deepspeed.env import extensions_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -3,7 +3,7 @@
 Pure tests first (row / position math, the cache buffers, the fused kernels, the cost functions,
 refusals, an allocation account), then ONE 8-rank gloo launch that runs every distributed case:
 layouts n x m in {1x2, 2x2, 1x4, 2x4} (dp = 8 / (n m), each replica on its own batch) x attention
-configurations; every case compares with :class:`ds_twolevel.reference.DenseAttention` (or the
+configurations; every case compares with :class:`ds_twolevel.testing.reference.DenseAttention` (or the
 unpatched Hugging Face model) on the same weights and inputs and records the collectives it counted
 next to the ones :mod:`ds_twolevel.seqshard` models. The tests below only compare.
 """
@@ -19,14 +19,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ds_twolevel.attention import TwoLevelAttention
-from ds_twolevel.cache import KVCache
-from ds_twolevel.collectives import CommCounter, all_gather_dim
+from ds_twolevel.layers.attention import TwoLevelAttention
+from ds_twolevel.layers.cache import KVCache
+from ds_twolevel.parallel.collectives import CommCounter, all_gather_dim
 from ds_twolevel.costmodel import ModelConfig
-from ds_twolevel.layout import AxisGroup, TwoLevelAxes, TwoLevelLayout
-from ds_twolevel.partition import AttentionSpec
-from ds_twolevel.reference import DenseAttention
-from ds_twolevel.rope import rope_cos_sin
+from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelLayout
+from ds_twolevel.sharding.partition import AttentionSpec
+from ds_twolevel.testing.reference import DenseAttention
+from ds_twolevel.layers.rope import rope_cos_sin
 from ds_twolevel.seqshard import GrowingKV, PositionShardedKV, SeqCall, SeqShardAttention, SeqShardCache
 from ds_twolevel.seqshard import fused, kv_shard, seq_rows
 from ds_twolevel.seqshard.costs import layer_collectives

@@ -14,10 +14,10 @@ Each strategy module exposes the registry's four entry points: ``applies(call)``
 ``collectives(call)``, ``ops(model, call, eb)`` and ``attend(ctx, q, k, v, mask)`` (plus
 ``activation_bytes(model, call, eb)``); :mod:`.costs` assembles a whole layer's collectives from them.
 """
-from . import kv_shard, seq_rows
-from .base import CACHE_LAYOUTS, AttendContext, SeqCall
-from .cache import GrowingKV, PositionShardedKV, SeqShardCache
-from .layer import SeqShardAttention, seq_forward
+from ds_twolevel.seqshard import kv_shard, seq_rows
+from ds_twolevel.seqshard.base import CACHE_LAYOUTS, AttendContext, SeqCall
+from ds_twolevel.seqshard.cache import GrowingKV, PositionShardedKV, SeqShardCache
+from ds_twolevel.seqshard.layer import SeqShardAttention, seq_forward
 
 STRATEGIES = {seq_rows.NAME: seq_rows, kv_shard.NAME: kv_shard}
 """name -> strategy module (the future registry lines)."""

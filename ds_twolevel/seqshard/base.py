@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..costmodel import AttentionCall
-from ..layout import AxisGroup
+from ds_twolevel.costmodel import AttentionCall
+from ds_twolevel.parallel.layout import AxisGroup
 
 CACHE_LAYOUTS = ("segments", "kv_shard")
 """"segments": each rank caches (b, g/n, s, d/m) of every position (the dim split, today's layout);

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import CACHE_LAYOUTS
-from .rows import first_owned, owned_count
+from ds_twolevel.seqshard.base import CACHE_LAYOUTS
+from ds_twolevel.seqshard.rows import first_owned, owned_count
 
 DEFAULT_CHUNK = 256
 
@@ -166,7 +166,7 @@ class PositionShardedKV(GrowingKV):
 class SeqShardCache:
     """Framework-free preallocated cache for every layer of a model on one rank.
 
-    ``layout="segments"``: the ``update(k, v, layer_idx)`` contract of :class:`~ds_twolevel.cache.KVCache`
+    ``layout="segments"``: the ``update(k, v, layer_idx)`` contract of :class:`~ds_twolevel.layers.cache.KVCache`
     (drop-in for every existing strategy); ``layout="kv_shard"``: the layers call
     :meth:`position_store` and attend with kv_shard.
 

@@ -1,7 +1,7 @@
 """The collectives the sequence-sharded strategies issue, with simulated axes.
 
-Each wrapper calls the paired autograd collective of :mod:`ds_twolevel.collectives` (so every call
-is counted by :class:`~ds_twolevel.collectives.CommCounter`). An axis that has a size but no
+Each wrapper calls the paired autograd collective of :mod:`ds_twolevel.parallel.collectives` (so every call
+is counted by :class:`~ds_twolevel.parallel.collectives.CommCounter`). An axis that has a size but no
 process group - one rank's shard timed in a single process - runs the local op of the same
 output shape instead (issue 13's "simulated axes"; the results are then placeholders, only their
 shapes and costs are real). When the collectives module simulates axes itself, these wrappers
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import collectives as coll
-from ..layout import AxisGroup
+from ds_twolevel.parallel import collectives as coll
+from ds_twolevel.parallel.layout import AxisGroup
 
 
 def simulated(axis: AxisGroup) -> bool:

@@ -7,8 +7,8 @@ q/k all-gathers removed, so the non-strategy parts have one source; with the reg
 """
 from __future__ import annotations
 
-from ..costmodel import AttentionCall, Collective, attention_collectives
-from . import STRATEGIES
+from ds_twolevel.costmodel import AttentionCall, Collective, attention_collectives
+from ds_twolevel.seqshard import STRATEGIES
 
 _BACKWARD_OF = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
                 "all_to_all": "all_to_all"}

@@ -37,14 +37,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..costmodel import AttentionCall, Collective, ModelConfig, Op
-from ..layout import AxisGroup
-from . import comm
-from .base import AttendContext
-from .cache import PositionShardedKV
-from .fused import partial_attention
-from .masks import check_kv_len, position_mask
-from .rows import owned_count
+from ds_twolevel.costmodel import AttentionCall, Collective, ModelConfig, Op
+from ds_twolevel.parallel.layout import AxisGroup
+from ds_twolevel.seqshard import comm
+from ds_twolevel.seqshard.base import AttendContext
+from ds_twolevel.seqshard.cache import PositionShardedKV
+from ds_twolevel.seqshard.fused import partial_attention
+from ds_twolevel.seqshard.masks import check_kv_len, position_mask
+from ds_twolevel.seqshard.rows import owned_count
 
 NAME = "kv_shard"
 
@@ -238,4 +238,4 @@ def _layer_kv(cache: Any, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return cache.stores[idx].keys, cache.stores[idx].values
     if hasattr(cache, "layers"):  # Hugging Face Cache
         return cache.layers[idx].keys, cache.layers[idx].values
-    return cache.keys[idx], cache.values[idx]  # ds_twolevel.cache.KVCache
+    return cache.keys[idx], cache.values[idx]  # ds_twolevel.layers.cache.KVCache

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..attention import TwoLevelAttention
-from ..layout import AxisGroup
-from ..masks import zero_unattended_rows
-from ..rope import apply_rope_segment, segment_cos_sin
-from . import comm, kv_shard, seq_rows
-from .base import AttendContext, SeqCall
+from ds_twolevel.layers.attention import TwoLevelAttention
+from ds_twolevel.parallel.layout import AxisGroup
+from ds_twolevel.layers.masks import zero_unattended_rows
+from ds_twolevel.layers.rope import apply_rope_segment, segment_cos_sin
+from ds_twolevel.seqshard import comm, kv_shard, seq_rows
+from ds_twolevel.seqshard.base import AttendContext, SeqCall
 
 PREFILL_CHOICES = (None, "seq_rows")
 
@@ -135,7 +135,7 @@ def seq_forward(layer: TwoLevelAttention, hidden_states: torch.Tensor, *, prefil
 
 
 class SeqShardAttention(TwoLevelAttention):
-    """A :class:`~ds_twolevel.attention.TwoLevelAttention` whose prefill runs seq_rows (``prefill``) and
+    """A :class:`~ds_twolevel.layers.attention.TwoLevelAttention` whose prefill runs seq_rows (``prefill``) and
     whose decode runs kv_shard whenever the KV cache has the kv_shard layout.
 
     Example:

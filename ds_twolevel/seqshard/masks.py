@@ -3,7 +3,7 @@ computes - never the whole (s_q, s_kv) mask of the layer.
 
 The raw ``attention_mask`` is what the layer receives: None, 2-D padding (b, s_kv) with 1 = attend,
 or 4-D (b, 1|h|h/n, s_q, s_kv), boolean (True = attend) or additive float (used as given, causality
-included). Masked entries get ``finfo.min`` (as :func:`ds_twolevel.masks.additive_mask` and Hugging
+included). Masked entries get ``finfo.min`` (as :func:`ds_twolevel.layers.masks.additive_mask` and Hugging
 Face do), so a query row that sees nothing gets uniform weights instead of NaN, like the dense layer.
 """
 from __future__ import annotations

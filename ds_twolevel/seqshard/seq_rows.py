@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..costmodel import AttentionCall, Collective, ModelConfig, Op
-from ..layout import AxisGroup
-from . import comm
-from .base import AttendContext, plain_causal
-from .fused import causal_blocks_attention, equal_head_dims, masked_attention
-from .masks import row_mask
-from .rows import RowPlan, plan_rows
+from ds_twolevel.costmodel import AttentionCall, Collective, ModelConfig, Op
+from ds_twolevel.parallel.layout import AxisGroup
+from ds_twolevel.seqshard import comm
+from ds_twolevel.seqshard.base import AttendContext, plain_causal
+from ds_twolevel.seqshard.fused import causal_blocks_attention, equal_head_dims, masked_attention
+from ds_twolevel.seqshard.masks import row_mask
+from ds_twolevel.seqshard.rows import RowPlan, plan_rows
 
 NAME = "seq_rows"
 

@@ -1,0 +1,309 @@
+"""Performance model: FLOPs, bytes, memory and time of a whole model on a layout (roofline)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ds_twolevel.costmodel.traffic import (AttentionCall, Collective, attention_collectives, choose_strategy,
+                                           mlp_collectives, STRATEGIES)
+
+# ==================================================================================================
+# Performance model: FLOPs, bytes, memory and time of a whole model on a layout
+# ==================================================================================================
+# Assumptions (also in docs/performance.md):
+#   * per-op roofline: an op takes max(flops / peak_flops, bytes / mem_bandwidth); ops run one
+#     after another; communication is not overlapped with compute;
+#   * a collective takes latency + ring_bytes / bus bandwidth (nccl-tests' busbw definition);
+#     a group of consecutive ranks (m fastest) inside one node uses the intra-node bandwidth;
+#   * attention computes the full s_q x s_kv score rectangle (causal block skipping is not
+#     modelled in the FLOPs and times: the fused causal kernel and the blocked causal score path,
+#     :func:`causal_block_rows`, skip about half of it at prefill - conservative for both; the
+#     collectives above do count the blocked path's smaller score tensors exactly); "qk_allgather" is fused (scores never reach memory), "score_allreduce"
+#     writes and reads the scores (materialised: 4 passes over b*h/n*s_q*s_kv elements);
+#   * weights are read once per forward, activations of each op read and written once;
+#   * norms, RoPE, residual adds, embeddings and the LM head are left out of the time (they are
+#     replicated and the same for every layout); embeddings count in memory when vocab is known.
+PHASES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of a decoder-only transformer, as the cost model needs them.
+
+    Example:
+        >>> ModelConfig("tiny", hidden=256, heads=8, kv_heads=2, head_dim=32, intermediate=512, layers=2)
+    """
+
+    name: str
+    hidden: int
+    """H."""
+    heads: int
+    """h: query heads."""
+    kv_heads: int
+    """g: key/value heads."""
+    head_dim: int
+    """d."""
+    intermediate: int
+    """MLP intermediate size I."""
+    layers: int
+    gated: bool = True
+    """gated MLP (gate, up, down: Llama) or plain (up, down: GPT)."""
+    qk_norm: bool = False
+    """RMSNorm of q and k (Qwen3, Gemma3: per head; OLMo2: over the whole projection)."""
+    qk_norm_scope: str = "head"
+    """"head" or "projection" (see :class:`AttentionCall`)."""
+    rope_style: str = "half"
+    vocab: int = 0
+    """vocabulary size (memory of the replicated embedding + LM head; 0: left out)."""
+    tied_embeddings: bool = False
+
+    def spec(self, name: str | None = None):
+        """The layer's :class:`~ds_twolevel.sharding.partition.AttentionSpec`."""
+        from ds_twolevel.sharding.partition import AttentionSpec
+
+        return AttentionSpec(self.heads, self.kv_heads, self.head_dim, rope_style=self.rope_style,
+                             name=name or self.name)
+
+    @classmethod
+    def from_hf_config(cls, config: dict, name: str = "model") -> "ModelConfig":
+        """Read a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen/GPT-2 key names)."""
+        get = lambda *keys, default=None: next((config[k] for k in keys if config.get(k) is not None), default)
+        hidden = get("hidden_size", "n_embd", "d_model")
+        heads = get("num_attention_heads", "n_head")
+        if hidden is None or heads is None:
+            raise ValueError(f"{name}: config has no hidden_size/num_attention_heads; keys: {sorted(config)[:20]}")
+        model_type = str(config.get("model_type", ""))
+        return cls(
+            name=name, hidden=hidden, heads=heads,
+            kv_heads=get("num_key_value_heads", "n_head_kv", default=heads),
+            head_dim=get("head_dim", default=hidden // heads),
+            intermediate=get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+            layers=get("num_hidden_layers", "n_layer", default=1),
+            gated=model_type not in ("gpt2", "gpt_neox", "bert", "opt", "gptj"),
+            qk_norm=model_type.startswith(("qwen3", "olmo2", "olmo3", "gemma3")),
+            qk_norm_scope="projection" if model_type.startswith(("olmo2", "olmo3")) else "head",
+            rope_style="none" if model_type in ("gpt2", "bert", "opt") else "half",
+            vocab=get("vocab_size", default=0),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One inference step: ``prefill`` of batch x seq tokens, or ``decode`` of one new token per
+    sequence against a KV cache of ``seq`` positions.
+
+    Example:
+        >>> Phase("decode", batch=8, seq=4096).kv_len
+        4097
+    """
+
+    kind: str
+    batch: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.kind!r}")
+        if self.batch < 1 or self.seq < 1:
+            raise ValueError(f"batch ({self.batch}) and seq ({self.seq}) must be >= 1")
+
+    @property
+    def q_len(self) -> int:
+        """New tokens per sequence."""
+        return self.seq if self.kind == "prefill" else 1
+
+    @property
+    def kv_len(self) -> int:
+        """Keys attended to (cached + new)."""
+        return self.seq if self.kind == "prefill" else self.seq + 1
+
+    @property
+    def tokens(self) -> int:
+        """Tokens produced (decode) or processed (prefill) by the step."""
+        return self.batch * self.q_len
+
+
+def attention_call(model: ModelConfig, n: int, m: int, batch: int, q_len: int, kv_len: int, *,
+                   causal: bool = True) -> AttentionCall:
+    """The :class:`AttentionCall` of one rank of an (n, m) layout (KV replicated when n > g).
+
+    ``causal``: a decoder's plain causal mask (no padding); a prefill (q_len == kv_len > 1) then
+    takes the blocked causal score path.
+    """
+    return AttentionCall(batch, q_len, kv_len, model.hidden, model.heads // n, max(model.kv_heads // n, 1),
+                         model.head_dim, m, n, model.qk_norm, kv_rep=max(n // model.kv_heads, 1),
+                         causal_blocks=causal and q_len == kv_len > 1, qk_norm_scope=model.qk_norm_scope)
+
+
+def block_collectives(call: AttentionCall, strategy: str, *, backward: bool = False) -> list[Collective]:
+    """Collectives of one TwoLevelBlock call (attention then MLP; the block input needs a grad)."""
+    out = attention_collectives(call, strategy, backward=backward, input_grad=True)
+    return out + mlp_collectives(batch=call.batch, seq=call.q_len, hidden=call.hidden,
+                                 tp=call.m * call.n, backward=backward, input_grad=True)
+
+
+def resolve(call: AttentionCall, strategy: str, element_size: int) -> str:
+    """A fixed strategy, or the one "auto" picks (as TwoLevelAttention does)."""
+    if strategy == "auto":
+        return choose_strategy(call, element_size)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES} or 'auto', got {strategy!r}")
+    return strategy
+
+
+@dataclass(frozen=True)
+class Op:
+    """One compute op of a layer on one rank: FLOPs and bytes moved to/from device memory."""
+
+    name: str
+    flops: float
+    bytes: float
+
+    def time(self, hw) -> float:
+        """Roofline time on ``hw``."""
+        return max(self.flops / hw.peak_flops, self.bytes / hw.mem_bandwidth)
+
+
+def attention_ops(model: ModelConfig, call: AttentionCall, strategy: str, eb: int) -> list[Op]:
+    """Compute ops of one attention layer on one rank (``eb`` bytes per element)."""
+    c, H, d = call, model.hidden, model.head_dim
+    t, dl = c.batch * c.q_len, d // c.m
+    hl, gl = c.local_heads, c.local_kv_heads
+    qkv_out = (hl + 2 * gl) * dl
+    scores = c.batch * hl * c.q_len * c.kv_len
+    kv_bytes = c.batch * gl * c.kv_len * 2 * dl * eb  # K and V read from the cache / activations
+    ops = [Op("qkv_proj", 2 * t * H * qkv_out, (H * qkv_out + t * H + t * qkv_out) * eb)]
+    if strategy == "score_allreduce":
+        ops += [Op("scores", 2 * scores * dl, (t * hl * dl + scores) * eb + kv_bytes / 2),
+                Op("softmax", 5 * scores, 2 * scores * eb),
+                Op("pv", 2 * scores * dl, (scores + t * hl * dl) * eb + kv_bytes / 2)]
+    else:  # fused attention over gathered full-d q, k and this segment's v
+        gathered = (t * hl * d + c.batch * gl * c.kv_len * d + c.batch * gl * c.kv_len * dl + t * hl * dl) * eb
+        ops.append(Op("fused_attention", 2 * scores * d + 2 * scores * dl + 5 * scores, gathered))
+    ops.append(Op("o_proj", 2 * t * hl * dl * H, (hl * dl * H + t * hl * dl + t * H) * eb))
+    return ops
+
+
+def mlp_ops(model: ModelConfig, tokens: int, tp: int, eb: int) -> list[Op]:
+    """Compute ops of one MLP on one rank."""
+    H, il = model.hidden, model.intermediate // tp
+    n_in = 2 if model.gated else 1
+    return [Op("mlp_in", 2 * tokens * H * il * n_in, (n_in * H * il + tokens * H + n_in * tokens * il) * eb),
+            Op("mlp_out", 2 * tokens * il * H, (il * H + tokens * il + tokens * H) * eb)]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted cost of one step on one rank of a dp x n x m layout (one data-parallel replica)."""
+
+    n: int
+    m: int
+    dp: int
+    strategy: str
+    """strategy used by the attention layers (after "auto")."""
+    batch_per_replica: int
+    flops: float
+    """per rank, whole model, one step."""
+    collectives: tuple[Collective, ...]
+    """per layer (every layer issues the same)."""
+    comm_bytes: int
+    """bytes this rank sends per step (all layers)."""
+    param_bytes: float
+    kv_cache_bytes: float
+    """this rank's KV cache after the step."""
+    activation_bytes: float
+    """largest live activation set of one layer (inference, no stored activations)."""
+    compute_time: float
+    comm_time: float
+    tokens: int
+    """tokens produced/processed by the whole layout in the step (all replicas)."""
+
+    @property
+    def time(self) -> float:
+        """Step time (compute + communication, not overlapped)."""
+        return self.compute_time + self.comm_time
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.time
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.param_bytes + self.kv_cache_bytes + self.activation_bytes
+
+
+def param_bytes(model: ModelConfig, n: int, m: int, eb: int) -> float:
+    """Per-rank parameter bytes: sharded attention/MLP, replicated norms and embeddings."""
+    h, d, H = model.heads, model.head_dim, model.hidden
+    gl = max(model.kv_heads // n, 1)
+    attn = H * (h // n) * (d // m) * 2 + H * gl * (d // m) * 2  # W_q, W_o + W_k, W_v
+    mlp = (3 if model.gated else 2) * H * model.intermediate // (n * m)
+    qk_norm = (h // n + gl) * (d // m) if model.qk_norm_scope == "projection" else 2 * d // m
+    norms = 2 * H + (qk_norm if model.qk_norm else 0)
+    embed = model.vocab * H * (1 if model.tied_embeddings else 2)
+    return (model.layers * (attn + mlp + norms) + embed + H) * eb
+
+
+def kv_cache_bytes(model: ModelConfig, n: int, batch: int, kv_len: int, m: int, eb: int) -> float:
+    """Per-rank KV-cache bytes: (b, g/n, s, d/m) keys and values per layer (KV replicated: g/n -> 1)."""
+    return model.layers * batch * max(model.kv_heads // n, 1) * kv_len * 2 * (model.head_dim // m) * eb
+
+
+def activation_bytes(model: ModelConfig, call: AttentionCall, strategy: str, eb: int) -> float:
+    """Largest set of live activations of one layer on one rank (inference)."""
+    c, t = call, call.batch * call.q_len
+    dl = model.head_dim // c.m
+    base = 2 * t * model.hidden  # input and output of the layer
+    qkv = t * (c.local_heads + 2 * c.local_kv_heads) * dl
+    if strategy == "score_allreduce":
+        attn = qkv + 2 * c.batch * c.local_heads * c.q_len * c.kv_len  # scores + probs
+    else:
+        attn = qkv + (t * c.local_heads + c.batch * c.local_kv_heads * c.kv_len) * model.head_dim
+    mlp = (3 if model.gated else 2) * t * model.intermediate // (c.m * c.n)
+    return (base + max(attn, mlp)) * eb
+
+
+def comm_time(collectives: list[Collective], hw, eb: int, m: int, n: int) -> float:
+    """Seconds for the collectives of one layer: latency + ring bytes / bus bandwidth of the group.
+
+    Ranks are laid out m fastest, then n, then dp: a group's span (consecutive ranks it covers)
+    decides whether it stays inside one node.
+    """
+    stride = {"m": 1, "tp": 1, "n": m, "kv_rep": m, "dp": m * n}
+    total = 0.0
+    for col in collectives:
+        span = col.ranks * stride.get(col.axis, m * n)
+        total += hw.collective_latency + col.bytes_sent(eb) / hw.busbw(span)
+    return total
+
+
+def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1, strategy: str = "auto",
+            element_size: int | None = None) -> Prediction:
+    """Predicted cost of one inference step of ``model`` on a dp x n x m layout.
+
+    The global batch ``phase.batch`` is split over the dp replicas (it must divide).
+
+    Example:
+        >>> p = predict(model, n=4, m=2, phase=Phase("decode", 8, 4096), hw=H100_SXM)
+        >>> p.time, p.comm_bytes, p.kv_cache_bytes
+    """
+    if phase.batch % dp:
+        raise ValueError(f"batch ({phase.batch}) is not divisible by dp={dp}; use a batch that is a multiple of {dp}")
+    eb = element_size or hw.dtype_bytes
+    b = phase.batch // dp
+    call = attention_call(model, n, m, b, phase.q_len, phase.kv_len)
+    chosen = resolve(call, strategy, eb)
+    cols = block_collectives(call, chosen)
+    ops = attention_ops(model, call, chosen, eb) + mlp_ops(model, b * phase.q_len, n * m, eb)
+    L = model.layers
+    return Prediction(
+        n=n, m=m, dp=dp, strategy=chosen, batch_per_replica=b,
+        flops=L * sum(o.flops for o in ops), collectives=tuple(cols),
+        comm_bytes=L * sum(c.bytes_sent(eb) for c in cols),
+        param_bytes=param_bytes(model, n, m, eb),
+        kv_cache_bytes=kv_cache_bytes(model, n, b, phase.kv_len, m, eb),
+        activation_bytes=activation_bytes(model, call, chosen, eb),
+        compute_time=L * sum(o.time(hw) for o in ops),
+        comm_time=L * comm_time(cols, hw, eb, m, n),
+        tokens=phase.tokens,
+    )

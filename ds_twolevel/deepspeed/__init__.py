@@ -1,0 +1,1 @@
+"""DeepSpeed integration: runtime, ZeRO, checkpoints, faults, config, compat."""

@@ -1,0 +1,434 @@
+"""Checkpoints of two-level DeepSpeed engines: layout record, atomic save, checked and resharded resume.
+
+Every checkpoint directory gets a ``two_level.json`` (:class:`~ds_twolevel.sharding.shard_manifest.ShardManifest`):
+the layout dp x n x m, the ZeRO stage, the dense model's shapes and each local tensor's shard
+coordinates. It is written last, so a tag directory with it is complete.
+
+Save (:func:`save_checkpoint`): DeepSpeed writes into ``<tag>.partial/``; one rank per file system
+then commits with renames so that ``latest`` names a complete checkpoint at every instant, also
+when the tag already exists (the old directory is kept as a hard-linked ``<tag>.old/`` and ``latest``
+points there while ``<tag>/`` is replaced). A kill in any window leaves a loadable ``latest``; the
+next save removes what the killed one left.
+
+Resume (:func:`load_checkpoint`): on every rank, before any state is loaded, the saved manifest is
+compared with the running model (one agreement step): another model is refused; the same layout
+and ZeRO stage load through DeepSpeed's own ``load_checkpoint``; any other dp x n x m (or ZeRO
+stage) is resharded exactly: every rank reads the checkpoint's tensors, assembles the dense fp32
+weights and optimizer moments, and writes its own shards of them into the engine.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ds_twolevel.parallel.agreement import agreement
+from ds_twolevel.sharding.shard_manifest import MANIFEST_NAME, ShardManifest, assemble, extract, manifest_for, model_differences, same_shards
+from ds_twolevel.deepspeed.zero_files import RankTensors, model_file, optim_file, read_checkpoint
+
+KILL_ENV = "DS_TWOLEVEL_TEST_KILL_AT"
+"""Tests only: the save window (one of :data:`SAVE_WINDOWS`) at which the committing rank SIGKILLs itself."""
+SAVE_WINDOWS = ("written", "marked", "renamed", "linking", "linked", "latest_old", "removing", "removed",
+                "replaced", "committed")
+"""Instants of a save, in order: DeepSpeed's files written; the manifest written; ``<tag>.partial``
+renamed to a new tag; (tag exists:) the old copy half linked, linked, ``latest`` naming it, the old
+tag half removed, removed, the new one renamed into place; ``latest`` naming the new tag."""
+LATEST = "latest"
+
+
+def _kill_point(window: str) -> None:
+    if os.environ.get(KILL_ENV) == window:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- small file-system steps ---------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``text`` through a temp file + fsync + ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    if mode is not None:
+        os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_latest(save_dir: Path) -> str | None:
+    path = save_dir / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """A checkpoint directory is complete when its manifest (written last) is there."""
+    return (tag_dir / MANIFEST_NAME).is_file()
+
+
+def remove_checkpoint(tag_dir: Path) -> None:
+    """Delete a checkpoint directory, its manifest first (a half-deleted one is never 'complete')."""
+    if not tag_dir.exists():
+        return
+    (tag_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    _fsync_dir(tag_dir)
+    for i, child in enumerate(sorted(tag_dir.iterdir())):
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+        if i == 0:
+            _kill_point("removing")
+    tag_dir.rmdir()
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """``dst``: a copy of checkpoint ``src`` made of hard links (a plain copy where links fail), its
+    manifest last, so that a half-made copy is never 'complete'."""
+    dst.mkdir()
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    for i, file in enumerate(files + [src / MANIFEST_NAME]):
+        target = dst / file.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, target)
+        except OSError:  # no hard links on this file system
+            shutil.copy2(file, target)
+        if i == 0:
+            _kill_point("linking")
+    _fsync_dir(dst)
+
+
+# -- the manifest ------------------------------------------------------------------------------------
+def mesh_of(engine: Any) -> Any:
+    """The two-level mesh of an engine (ours, or one whose module was patched by ``patch_model``)."""
+    runtime = getattr(engine, "two_level", None)
+    mesh = runtime.mesh if runtime is not None else getattr(engine.module, "_twolevel_mesh", None)
+    if mesh is None:
+        raise ValueError(f"{type(engine.module).__name__} is not a two-level model (no mesh): partition it with "
+                         f"ds_twolevel.initialize or hf_integration.patch_model")
+    return mesh
+
+
+def current_manifest(engine: Any, **info: Any) -> ShardManifest:
+    """The manifest of the running engine (pure on every rank)."""
+    from ds_twolevel.deepspeed.engine_state import optimizer_param_order, zero_stage
+
+    layout = mesh_of(engine).layout
+    stage = zero_stage(engine)
+    param = next(engine.module.parameters())
+    info = {"zero_stage": stage, "dtype": str(param.dtype).removeprefix("torch."), "world_size": layout.world_size,
+            "optim_prefix": "bf16_" if engine.bfloat16_enabled() else "", **info}
+    if stage == 0 and isinstance(engine.optimizer, torch.optim.Optimizer):  # not DeepSpeed's fp16/bf16 wrapper
+        info["optimizer_params"] = optimizer_param_order(engine)
+    return manifest_for(engine.module, (layout.dp, layout.n, layout.m), info=info)
+
+
+def _model_info(module: Any) -> dict[str, Any]:
+    config = getattr(module, "config", None)
+    out: dict[str, Any] = {"class": type(module).__name__}
+    if config is not None and hasattr(config, "to_dict"):
+        out["config"] = config.to_dict()
+    return out
+
+
+def write_manifest(engine: Any, tag_dir: Path) -> None:
+    """Write ``two_level.json`` into ``tag_dir`` (call on the committing rank, after every rank saved)."""
+    import deepspeed
+
+    from ds_twolevel import __version__
+
+    manifest = current_manifest(engine, global_steps=int(engine.global_steps), saved_at_ns=time.time_ns(),
+                                ds_version=deepspeed.__version__, ds_twolevel_version=__version__,
+                                model=_model_info(engine.module))
+    write_atomic(tag_dir / MANIFEST_NAME, manifest.to_json())
+
+
+# -- save ------------------------------------------------------------------------------------------
+def is_writer(engine: Any) -> bool:
+    """One rank commits per file system: global rank 0, or local rank 0 with node-local storage."""
+    node_local = bool(engine.use_node_local_storage())
+    rank = int(os.environ.get("LOCAL_RANK", "0")) if node_local else dist.get_rank()
+    return rank == 0
+
+
+def clean_stale(save_dir: Path) -> None:
+    """Remove what killed saves left: ``*.partial`` directories, ``*.old`` copies ``latest`` does not
+    name, and temp files of ``latest``."""
+    latest = read_latest(save_dir)
+    for child in save_dir.iterdir():
+        if child.name.startswith(".") and ".tmp" in child.name and child.is_file():  # write_atomic's temp files
+            child.unlink(missing_ok=True)
+        elif child.is_dir() and (child.name.endswith(".partial") or (child.name.endswith(".old") and child.name != latest)):
+            remove_checkpoint(child)
+
+
+def commit(save_dir: Path, tag: str) -> None:
+    """Move the complete ``<tag>.partial`` to ``<tag>`` and point ``latest`` at it, keeping a
+    complete checkpoint named by ``latest`` at every instant (see :data:`SAVE_WINDOWS`)."""
+    partial, final, old = save_dir / f"{tag}.partial", save_dir / tag, save_dir / f"{tag}.old"
+    if final.exists():
+        if is_complete(final) and not (old.exists() and read_latest(save_dir) == old.name):
+            # (else: a killed save left ``old`` as the copy ``latest`` names, or ``final`` is a half-deleted one)
+            remove_checkpoint(old)
+            link_tree(final, old)
+            _kill_point("linked")
+            write_atomic(save_dir / LATEST, old.name)
+            _kill_point("latest_old")
+        remove_checkpoint(final)
+        _kill_point("removed")
+        os.replace(partial, final)
+        _fsync_dir(save_dir)
+        _kill_point("replaced")
+    else:
+        os.replace(partial, final)
+        _fsync_dir(save_dir)
+        _kill_point("renamed")
+    write_atomic(save_dir / LATEST, tag)
+    _kill_point("committed")
+    clean_stale(save_dir)
+
+
+def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = None,
+                    client_state: dict[str, Any] | None = None, **kwargs: Any) -> Path:
+    """``engine.save_checkpoint`` made atomic in every window; see the module docstring.
+
+    Example:
+        >>> ds_twolevel.save_checkpoint(engine, "ckpt", client_state={"step": step})
+    """
+    from ds_twolevel.deepspeed.compat import install
+
+    install()
+    save_dir = Path(save_dir)
+    tag = str(tag or f"global_step{engine.global_steps}")
+    writer = is_writer(engine)
+    with agreement(None, what=f"preparing to save {save_dir / tag}"):  # every rank learns of a failure
+        if writer:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            remove_checkpoint(save_dir / f"{tag}.partial")  # left by a save that was killed
+    engine.save_checkpoint(str(save_dir), tag=f"{tag}.partial", client_state=client_state or {},
+                           save_latest=False, **kwargs)  # writes the manifest last (deepspeed_compat)
+    with agreement(None, what=f"committing {save_dir / tag}"):
+        if writer:
+            commit(save_dir, tag)
+    return save_dir / tag
+
+
+def after_deepspeed_save(engine: Any, save_dir: Path, tag: str) -> None:
+    """What ``engine.save_checkpoint`` does after DeepSpeed's own save (deepspeed_compat): the
+    manifest in the tag directory and the conversion scripts beside it, in an agreement step (the
+    barrier every rank waits in, which also tells them if the writing rank failed)."""
+    from ds_twolevel.deepspeed.convert import write_recovery_scripts
+
+    with agreement(None, what=f"recording the layout of {save_dir / tag}"):
+        if is_writer(engine):
+            _kill_point("written")
+            write_manifest(engine, save_dir / tag)
+            write_recovery_scripts(save_dir)
+            _kill_point("marked")
+
+
+# -- resume --------------------------------------------------------------------------------------------
+def _saved_at(tag_dir: Path) -> int:
+    return int(ShardManifest.read(tag_dir).info.get("saved_at_ns", 0))
+
+
+def find_checkpoint(load_dir: Path, tag: str | None = None) -> str:
+    """The tag to resume: ``tag``, else the newest complete checkpoint, which is the one ``latest``
+    names unless a save was killed after committing its directory (then that one).
+
+    ValueError (one line, with what is there) when there is none.
+    """
+    if tag is not None:
+        if not (load_dir / tag).is_dir():
+            raise ValueError(f"checkpoint {str(load_dir / tag)!r} does not exist; tags in {str(load_dir)!r}: "
+                             f"{_tags(load_dir) or 'none'}")
+        return tag
+    latest = read_latest(load_dir) if load_dir.is_dir() else None
+    complete = [d for d in load_dir.iterdir() if d.is_dir() and not d.name.endswith(".partial") and is_complete(d)] \
+        if load_dir.is_dir() else []
+    if complete:
+        newest = max(complete, key=lambda d: (_saved_at(d), not d.name.endswith(".old")))
+        if latest is not None and is_complete(load_dir / latest) and _saved_at(load_dir / latest) >= _saved_at(newest):
+            return latest
+        return newest.name
+    if latest is not None and (load_dir / latest).is_dir():
+        return latest  # no manifest anywhere: not written by ds_twolevel (refused with the reason later)
+    where = f"'latest' names {latest!r}, which is missing" if latest else "no 'latest' file"
+    raise ValueError(f"no checkpoint to resume in {str(load_dir)!r} ({where}; tags: {_tags(load_dir) or 'none'}); "
+                     f"save one with ds_twolevel.save_checkpoint, or pass tag=")
+
+
+def _tags(load_dir: Path) -> str:
+    if not load_dir.is_dir():
+        return ""
+    return ", ".join(sorted(d.name for d in load_dir.iterdir() if d.is_dir()))
+
+
+def _expected_files(tag_dir: Path, manifest: ShardManifest) -> list[Path]:
+    dp, stage = manifest.layout[0], int(manifest.info["zero_stage"])
+    files = [model_file(tag_dir, stage, r, d) for r in range(manifest.tp_size) for d in range(dp if stage == 3 else 1)]
+    if stage > 0:
+        prefix = manifest.info.get("optim_prefix", "")
+        files += [optim_file(tag_dir, r, d, prefix) for r in range(manifest.tp_size) for d in range(dp)]
+    return files
+
+
+def _layouts(saved: ShardManifest, current: ShardManifest) -> str:
+    return (f"saved at {saved.describe()} with ZeRO {saved.info.get('zero_stage')}, this job runs "
+            f"{current.describe()} with ZeRO {current.info.get('zero_stage')}")
+
+
+def _check_loadable(engine: Any, tag_dir: Path, saved: ShardManifest, current: ShardManifest) -> None:
+    """ValueError when the checkpoint holds another model, lacks a file, or the config asks for a
+    DeepSpeed universal checkpoint."""
+    diffs = model_differences(saved, current)
+    if diffs:
+        raise ValueError(f"{tag_dir} holds another model than this job's ({'; '.join(diffs)}); resume it with the "
+                         f"model it was saved from ({saved.info.get('model', {}).get('class', '?')})")
+    missing = [p.name for p in _expected_files(tag_dir, saved) if not p.is_file()]
+    if missing:
+        raise ValueError(f"{tag_dir} is incomplete: {len(missing)} file(s) missing ({', '.join(missing[:3])}); "
+                         f"resume from another checkpoint")
+    if engine.load_universal_checkpoint():
+        raise ValueError('"checkpoint": {"load_universal": true} is not supported for two-level models; remove it: '
+                         "ds_twolevel.load_checkpoint reshards a checkpoint to any dp x n x m itself")
+
+
+def _check_reshardable(engine: Any, tag_dir: Path, saved: ShardManifest, current: ShardManifest) -> None:
+    """ValueError naming both layouts when the engine's or the checkpoint's state is not per tensor."""
+    from ds_twolevel.deepspeed.engine_state import check_supported
+
+    try:
+        check_supported(engine, what="resharding a checkpoint")
+        if saved.info.get("zero_stage") == 0 and saved.info.get("dtype") != "float32":
+            raise ValueError("a ZeRO-0 fp16/bf16 checkpoint keeps its fp32 state in DeepSpeed's wrapper format")
+    except ValueError as err:
+        raise ValueError(f"{tag_dir} was {_layouts(saved, current)} and cannot be resharded ({err}); resume at "
+                         f"{saved.describe()} with ZeRO {saved.info.get('zero_stage')}, or start from its dense "
+                         f"weights: ds-twolevel convert {tag_dir.parent} OUT") from None
+
+
+def _probe_own_files(engine: Any, tag_dir: Path, saved: ShardManifest) -> None:
+    """Open the files DeepSpeed will read on this rank (memory-mapped: their index, not their data),
+    so that a truncated or corrupt file fails inside the agreement step, on every rank, and not
+    halfway through DeepSpeed's load while the other ranks wait in a collective."""
+    mesh, stage = mesh_of(engine), int(saved.info["zero_stage"])
+    tp_rank, dp_rank = mesh.axes.tp.rank, mesh.axes.dp.rank
+    files = [model_file(tag_dir, stage, tp_rank, dp_rank if stage == 3 else 0)]
+    if stage > 0:
+        files.append(optim_file(tag_dir, tp_rank, dp_rank, saved.info.get("optim_prefix", "")))
+    for file in files:
+        try:
+            torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{file} cannot be read ({type(err).__name__}: {first}); the checkpoint is damaged, "
+                             f"resume from another one") from None
+
+
+def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardManifest]:
+    """("native" | "reshard", saved manifest, current manifest), or ValueError naming both layouts.
+
+    Pure (no collective); the caller runs it inside an agreement step.
+    """
+    if not is_complete(tag_dir):
+        raise ValueError(f"{tag_dir} has no {MANIFEST_NAME}: it was not written by ds_twolevel (plain "
+                         f"engine.save_checkpoint before ds_twolevel was imported, or an older version), so its "
+                         f"layout cannot be checked; resume from a checkpoint saved by ds_twolevel.save_checkpoint")
+    saved, current = ShardManifest.read(tag_dir), current_manifest(engine)
+    _check_loadable(engine, tag_dir, saved, current)
+    same = (same_shards(saved, current) and saved.info.get("zero_stage") == current.info["zero_stage"]
+            and saved.info.get("dtype") == current.info["dtype"])
+    if same:
+        _probe_own_files(engine, tag_dir, saved)
+        return "native", saved, current
+    _check_reshardable(engine, tag_dir, saved, current)
+    return "reshard", saved, current
+
+
+def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = None, *,
+                    native_load: Any = None, load_optimizer_states: bool = True,
+                    load_lr_scheduler_states: bool = True, load_module_only: bool = False,
+                    **kwargs: Any) -> tuple[str, dict]:
+    """Resume ``engine`` from ``load_dir`` (see the module docstring); returns (path, client_state).
+
+    ``native_load`` is DeepSpeed's own ``load_checkpoint`` (the unwrapped method).
+    """
+    load_dir = Path(load_dir)
+    with agreement(None, what=f"loading checkpoint {load_dir}"):
+        tag = find_checkpoint(load_dir, tag)
+        plan, saved, current = plan_resume(engine, load_dir / tag)
+    if load_module_only:
+        load_optimizer_states = load_lr_scheduler_states = False
+    if plan == "native":
+        if native_load is None:
+            from ds_twolevel.deepspeed.compat import original
+
+            native_load = original("load_checkpoint")
+        path, client = native_load(engine, str(load_dir), tag=tag, load_optimizer_states=load_optimizer_states,
+                                   load_lr_scheduler_states=load_lr_scheduler_states,
+                                   load_module_only=load_module_only, **kwargs)
+        if path is None:
+            raise ValueError(f"DeepSpeed could not load {load_dir / tag} (see its log above); resume from another tag")
+        return path, client or {}
+    if dist.get_rank() == 0:
+        print(f"[ds_twolevel] resharding {load_dir / tag}: {_layouts(saved, current)}", file=sys.stderr, flush=True)
+    return reshard_load(engine, load_dir / tag, saved, current, load_optimizer_states=load_optimizer_states,
+                        load_lr_scheduler_states=load_lr_scheduler_states)
+
+
+def reshard_load(engine: Any, tag_dir: Path, saved: ShardManifest, current: ShardManifest, *,
+                 load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True) -> tuple[str, dict]:
+    """Load a checkpoint saved at another layout (or ZeRO stage): dense fp32 weights and moments
+    assembled from its files, this rank's shards cut out for the current layout."""
+    from ds_twolevel.deepspeed.engine_state import load_local_state
+
+    with agreement(None, what=f"reading {tag_dir}"):
+        ckpt = read_checkpoint(tag_dir, saved)
+    params = {n for n, _ in engine.module.named_parameters(remove_duplicate=False)}
+    tp_rank = mesh_of(engine).axes.tp.rank
+    fp32 = assemble(saved, [{**r.fp32, **r.buffers} for r in ckpt.ranks])
+    local_all = extract(current, fp32, tp_rank)
+    local = RankTensors(fp32={k: v for k, v in local_all.items() if k in params},
+                        buffers={k: v for k, v in local_all.items() if k not in params}, step=ckpt.ranks[0].step)
+    for key in ckpt.ranks[0].moments if load_optimizer_states else ():
+        dense = assemble(saved, [r.moments[key] for r in ckpt.ranks])
+        local.moments[key] = extract(current, dense, tp_rank)
+    load_local_state(engine, local, ckpt.common, load_optimizer_states=load_optimizer_states,
+                     load_lr_scheduler_states=load_lr_scheduler_states)
+    return str(tag_dir), dict(ckpt.common["client_state"])
+
+
+def dense_from_checkpoint(tag_dir: str | os.PathLike, *, states: tuple[str, ...] = ("fp32",)
+                          ) -> dict[str, dict[str, torch.Tensor]]:
+    """The dense tensors of a checkpoint, per state: ``"fp32"`` (master weights and buffers), and any
+    optimizer state key (``"exp_avg"``, ``"exp_avg_sq"``). Pure (no process group).
+
+    Example:
+        >>> dense_from_checkpoint("ckpt/global_step10")["fp32"]["model.embed_tokens.weight"]
+    """
+    tag_dir = Path(tag_dir)
+    manifest = ShardManifest.read(tag_dir)
+    ckpt = read_checkpoint(tag_dir, manifest)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for state in states:
+        if state == "fp32":
+            out[state] = assemble(manifest, [{**r.fp32, **r.buffers} for r in ckpt.ranks])
+        else:
+            out[state] = assemble(manifest, [r.moments.get(state, {}) for r in ckpt.ranks])
+    return out

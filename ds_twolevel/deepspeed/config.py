@@ -1,0 +1,262 @@
+"""The ``"two_level"`` section of a DeepSpeed JSON config: one dataclass, loaded and saved here only.
+
+A DeepSpeed config for this package is an ordinary DeepSpeed JSON with one extra section::
+
+    {
+      "train_micro_batch_size_per_gpu": 2,
+      "gradient_accumulation_steps": 1,
+      "gradient_clipping": 1.0,
+      "zero_optimization": {"stage": 2},
+      "two_level": {"n": 2, "m": 2, "strategy": "cost_model", "timeout_s": 600}
+    }
+
+``"strategy": "cost_model"`` is the JSON spelling of the Python API's ``strategy="auto"`` (choose per
+call with the cost model). A JSON value ``"auto"`` is still read, but accelerate's DeepSpeedPlugin
+and the Hugging Face Trainer treat every ``"auto"`` string in a DeepSpeed config as a placeholder
+to fill from their own arguments, and refuse a key they cannot fill; shipped configs and
+:func:`save_deepspeed_config` therefore write ``"cost_model"``.
+
+:func:`load_deepspeed_config` splits it into a validated :class:`TwoLevelConfig` and the plain
+DeepSpeed dict (without ``"two_level"``) that ``deepspeed.initialize`` receives.
+:func:`check_deepspeed_config` refuses, before any collective, the settings this package cannot
+honour, each time with the numbers and the fix.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ds_twolevel.deepspeed.config_schema import AUTO, check_key, check_object_keys, show, validate_deepspeed_dict
+from ds_twolevel.parallel.layout import TwoLevelLayout
+
+SECTION = "two_level"
+REQUIRED = ("n", "m")
+COST_MODEL = "cost_model"
+"""JSON spelling of ``strategy="auto"`` (accelerate fills every "auto" string of a DeepSpeed config)."""
+
+
+@dataclass(frozen=True)
+class TwoLevelConfig:
+    """How the attention (and MLP) of every layer is partitioned, and how the job fails.
+
+    Example:
+        >>> cfg = TwoLevelConfig.from_dict({"n": 2, "m": 2})
+        >>> cfg.layout(world_size=8).dp
+        2
+    """
+
+    n: int
+    """head groups: each rank holds h/n query heads (and g/n KV heads). Required."""
+    m: int
+    """head-dim segments: each rank holds d/m dims of each of its heads. Required."""
+    dp: int | None = None
+    """expected data-parallel replicas; optional check, dp is always world_size / (n*m)."""
+    strategy: str = "auto"
+    """scores across segments: "score_allreduce", "qk_allgather" or "auto" (cost model per call;
+    spelled "cost_model" in JSON, see the module docstring)."""
+    kv_replication: bool = False
+    """allow n > num_key_value_heads by replicating KV heads across head groups (costs memory)."""
+    strict: bool = True
+    """refuse a model with attention/MLP modules the injection policy does not know."""
+    timeout_s: float = 600.0
+    """seconds a collective may wait for a peer before this rank fails with a clear message."""
+    dist_backend: str | None = None
+    """torch.distributed backend; None: "gloo" on CPU, the accelerator's own (nccl, ...) otherwise."""
+    zero_init: bool = False
+    """ZeRO stage 3 only: build the model under ``deepspeed.zero.Init`` (see ``ds_twolevel.zero_init``)."""
+    sync_init: bool = True
+    """broadcast the dense weights from tensor-parallel rank 0 before partitioning, so every rank of
+    a replica starts from the same model even if seeding differed."""
+    probe: bool = True
+    """run the parity probe while patching (every layer vs its dense module on 8 tokens; a mismatch
+    refuses the model on every rank); false skips it for huge models (hf_integration.probe)."""
+
+    def __post_init__(self) -> None:
+        for field in fields(self):  # type and range of every field: one line naming key, value, example
+            check_key(f"{SECTION}.{field.name}", getattr(self, field.name))
+        if self.strategy == COST_MODEL:
+            object.__setattr__(self, "strategy", "auto")
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks sharing one layer: n*m."""
+        return self.n * self.m
+
+    def layout(self, world_size: int) -> TwoLevelLayout:
+        """The dp x n x m layout for ``world_size`` ranks (ValueError naming the layouts that fit)."""
+        layout = TwoLevelLayout.from_world_size(world_size, n=self.n, m=self.m)
+        if self.dp is not None and self.dp != layout.dp:
+            raise ValueError(
+                f'"two_level" says dp={self.dp} but {world_size} ranks / (n*m = {self.tp_size}) give '
+                f"dp={layout.dp}; launch {self.dp * self.tp_size} ranks or remove \"dp\"")
+        return layout
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> "TwoLevelConfig":
+        """Validate a ``"two_level"`` section; unknown or missing keys are errors."""
+        check_object_keys(section, '"two_level"')
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f'unknown key(s) {unknown} in "two_level"; known keys: {sorted(known)}')
+        missing = [k for k in REQUIRED if k not in section]
+        if missing:
+            raise ValueError(f'"two_level" needs {missing}, e.g. "two_level": {{"n": 2, "m": 2}} '
+                             f"(n head groups x m head-dim segments per layer)")
+        return cls(**dict(section))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON section (``strategy="auto"`` written as ``"cost_model"``)."""
+        out = asdict(self)
+        if out["strategy"] == "auto":
+            out["strategy"] = COST_MODEL
+        return out
+
+
+class ConfigNotFoundError(FileNotFoundError, ValueError):
+    """The DeepSpeed config path names no file (both a FileNotFoundError and a ValueError: every
+    config problem is a ValueError)."""
+
+
+def read_json(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config given as a path or a dict, as a fresh dict (ValueError naming the file
+    when it is not a JSON object)."""
+    if isinstance(config, Mapping):
+        check_object_keys(config, "the DeepSpeed config")
+        return copy.deepcopy(dict(config))
+    if not isinstance(config, (str, os.PathLike)):
+        raise ValueError(f"a DeepSpeed config is a path or a dict, got {show(config)}")
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigNotFoundError(f"DeepSpeed config {str(path)!r} does not exist (or is not a file); pass the path "
+                                  "of a JSON file or a dict")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"DeepSpeed config {str(path)!r} is not valid JSON: {err}") from None
+    check_object_keys(data, f"DeepSpeed config {str(path)!r}")
+    return data
+
+
+def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[TwoLevelConfig, dict[str, Any]]:
+    """Split a DeepSpeed config into (``TwoLevelConfig``, the DeepSpeed dict without ``"two_level"``).
+
+    Example:
+        >>> tl, ds = load_deepspeed_config("ds_configs/zero2_n2_m2.json")
+    """
+    ds = read_json(config)
+    if SECTION not in ds:
+        raise ValueError(
+            'the DeepSpeed config has no "two_level" section; add e.g. "two_level": {"n": 2, "m": 2} '
+            "(n head groups x m head-dim segments; dp = world size / (n*m))")
+    section = ds.pop(SECTION)
+    validate_deepspeed_dict(ds)
+    return TwoLevelConfig.from_dict(section), ds
+
+
+def save_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write the DeepSpeed dict with ``tl`` as its ``"two_level"`` section (atomically)."""
+    out = {**copy.deepcopy(dict(ds)), SECTION: tl.to_dict()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _zero(ds: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(ds.get("zero_optimization") or {})
+
+
+def zero_stage(ds: Mapping[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed dict (0 when absent)."""
+    return int(_zero(ds).get("stage", 0))
+
+
+def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size: int, *,
+                           device_type: str = "cpu") -> TwoLevelLayout:
+    """Refuse what this package cannot honour, before any collective; return the layout.
+
+    Checks: world size factors into dp*n*m; no second tensor/sequence-parallel scheme; ZeRO
+    features whose groups span the world instead of the mpu's data-parallel group; batch sizes
+    counted in data-parallel replicas; dtype supported on the device; ``zero_init`` only with
+    stage 3.
+    """
+    validate_deepspeed_dict(ds)  # idempotent; a dict that did not come through load_deepspeed_config
+    layout = tl.layout(world_size)
+    dp = layout.dp
+    _check_autotp(tl, ds)
+    sp = int(ds.get("sequence_parallel_size", 1) or 1)
+    if sp > 1:
+        raise ValueError(f'"sequence_parallel_size" = {sp} is not supported with "two_level"; remove it')
+    if (ds.get("checkpoint") or {}).get("writer"):
+        raise ValueError('"checkpoint.writer" (fast/decoupled checkpoint engine) asks the mpu for pipeline ranks and '
+                         'data-parallel peer lists the two-level mesh does not provide; remove "checkpoint.writer" '
+                         "(ds_twolevel.save_checkpoint is atomic with the default engine)")
+    _check_zero(tl, ds, layout)
+    _check_batch(ds, dp, world_size)
+    if (ds.get("fp16") or {}).get("enabled") is True and device_type == "cpu":
+        raise ValueError('"fp16.enabled" is not supported on CPU; use "bf16": {"enabled": true} or fp32 '
+                         "(no fp16/bf16 section)")
+    return layout
+
+
+def _check_autotp(tl: TwoLevelConfig, ds: Mapping[str, Any]) -> None:
+    """``tensor_parallel.autotp_size`` may only name the two-level group (n*m): DeepSpeed then builds
+    (dp, tp) groups with tp fastest, which are the two-level layout's (accelerate and the HF Trainer
+    need it to feed one batch per layer group); any other value is a second tensor-parallel scheme."""
+    autotp = int((ds.get("tensor_parallel") or {}).get("autotp_size", 0) or 0)
+    if autotp > 1 and autotp != tl.tp_size:
+        raise ValueError(
+            f'"tensor_parallel.autotp_size" = {autotp} contradicts "two_level" (n*m = {tl.n}*{tl.m} = {tl.tp_size} ranks '
+            f'share each layer); set it to {tl.tp_size} or remove "tensor_parallel"')
+
+
+def _check_zero(tl: TwoLevelConfig, ds: Mapping[str, Any], layout: TwoLevelLayout) -> None:
+    zero = _zero(ds)
+    stage = int(zero.get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f'"zero_optimization.stage" must be 0, 1, 2 or 3, got {stage}')
+    if tl.zero_init and stage != 3:
+        raise ValueError(f'"two_level.zero_init" needs ZeRO stage 3 (the config has stage {stage}); '
+                         'set "zero_optimization.stage": 3 or "zero_init": false')
+    # hpZ and MiCS build their shard groups from consecutive global ranks, i.e. from ranks of one
+    # layer holding *different* shards; ZeRO may only shard over the data-parallel axis.
+    hpz = int(zero.get("zero_hpz_partition_size", 1) or 1)
+    if hpz > 1:
+        raise ValueError(
+            f'"zero_optimization.zero_hpz_partition_size" = {hpz} groups consecutive ranks, which hold different '
+            f"two-level shards (n*m = {layout.tp_size} consecutive ranks share a layer); remove it or set it to 1")
+    if zero.get("zero_quantized_gradients"):
+        raise ValueError(
+            '"zero_optimization.zero_quantized_gradients" reduces gradients by all-to-all over the ranks of each '
+            "node, which hold different two-level shards, instead of over the data-parallel axis; remove it")
+    mics = int(zero.get("mics_shard_size", -1) or -1)
+    if mics > 0:
+        raise ValueError(
+            f'"zero_optimization.mics_shard_size" = {mics} shards over consecutive ranks, which hold different '
+            f"two-level shards; remove it (ZeRO stage 3 already shards over the dp = {layout.dp} replicas)")
+
+
+def _check_batch(ds: Mapping[str, Any], dp: int, world_size: int) -> None:
+    """DeepSpeed counts batches per data-parallel replica (dp), not per rank: say so with numbers."""
+    tbs, mbs, gas = (None if ds.get(k) == AUTO else ds.get(k)  # "auto": accelerate fills it in
+                     for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"))
+    if tbs is None or (mbs is None and gas is None):
+        return
+    if mbs is not None and gas is not None and tbs != mbs * gas * dp:
+        hint = ""
+        if tbs == mbs * gas * world_size:
+            hint = f" (it was computed with the world size {world_size}; batches count replicas, not ranks)"
+        raise ValueError(
+            f'"train_batch_size" = {tbs} != micro batch {mbs} x gradient_accumulation_steps {gas} x dp {dp}{hint}; '
+            f"set it to {mbs * gas * dp} or drop it")
+    per_replica = mbs if mbs is not None else gas
+    if tbs % (per_replica * dp):
+        raise ValueError(f'"train_batch_size" = {tbs} is not a multiple of {per_replica} x dp {dp}; '
+                         f"e.g. {per_replica * dp}")

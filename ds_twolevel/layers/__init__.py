@@ -1,0 +1,1 @@
+"""The partitioned layers: attention, MLP, block, RoPE, masks, KV caches."""

@@ -1,0 +1,1 @@
+"""Process layout, collectives, agreement and liveness."""

@@ -1,0 +1,1 @@
+"""Partition math: which slice of every dense tensor each rank holds."""

@@ -1,0 +1,1 @@
+"""The command line: cli, demo, bench."""
