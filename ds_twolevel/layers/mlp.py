@@ -10,7 +10,7 @@ from ds_twolevel.layers.attention import tag_parallel
 from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
 from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.sharding.partition import even_chunk, shard_dim
-from ds_twolevel.testing.reference import ACTIVATIONS
+from ds_twolevel.layers.activations import ACTIVATIONS
 
 
 class TwoLevelMLP(nn.Module):

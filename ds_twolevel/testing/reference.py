@@ -17,7 +17,7 @@ from ds_twolevel.sharding.partition import AttentionSpec
 from ds_twolevel.layers.qk_norm import QKNorm
 from ds_twolevel.layers.rope import apply_rope_dense
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+from ds_twolevel.layers.activations import ACTIVATIONS  # noqa: E402 (re-exported)
 
 
 class RMSNorm(nn.Module):
