@@ -18,6 +18,7 @@ from ds_twolevel.sharding.partition import AttentionSpec, check_partition, feasi
 
 from ds_twolevel.parallel.agreement import agreement
 from ds_twolevel.layers.qk_norm import QKNorm
+from ds_twolevel.strategies import registry
 
 from hf_integration.modules import HFTwoLevelAttention, HFTwoLevelMLP
 from hf_integration.moe import HFTwoLevelExperts, experts_plan
@@ -27,7 +28,6 @@ from hf_integration.weights import (StateDictReader, TensorMap, attention_tensor
                       mlp_tensor_maps, unplaced_parameters)
 
 ReplaceFn = Callable[..., nn.Module]
-STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
 DROPOUT_ATTRS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
 
@@ -355,8 +355,7 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
         >>> mesh = TwoLevelLayout(n=2, m=2).build()
         >>> report = patch_model(model, mesh)   # model is now partitioned on this rank
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    registry.check_layer_strategy(strategy)
     layout = mesh.layout
     if partitioned_layers(model):
         raise ValueError(f"{model_name(model)} is already partitioned (verify(model) says what); patch a fresh "

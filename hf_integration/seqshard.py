@@ -2,15 +2,15 @@
 in both KV layouts, and the patched attention layer that routes to seq_rows / kv_shard.
 
 * :class:`TwoLevelCache` - a ``transformers.Cache`` whose layers (:class:`PreallocatedLayer`) keep
-  :class:`~ds_twolevel.seqshard.cache.GrowingKV` buffers: an append costs O(new tokens) instead of
+  :class:`~ds_twolevel.layers.seq_cache.GrowingKV` buffers: an append costs O(new tokens) instead of
   DynamicCache's ``torch.cat`` of the whole cache. ``layout="segments"`` is a drop-in for every
   existing strategy (this rank's (b, g/n, s, d/m) slice); ``layout="kv_shard"`` holds this segment
   rank's positions at full d and makes the layers decode with kv_shard. ``get_seq_length`` /
   ``get_mask_sizes`` report the global length in both, so HF's masks and positions are unchanged.
   Pass it to ``generate(..., cache=TwoLevelCache.for_model(model, layout=...))``.
-* :class:`HFSeqShardAttention` / :func:`use_seqshard` - until the strategy registry lands, the
-  patched model's attention layers are switched to :func:`~ds_twolevel.seqshard.layer.seq_forward`
-  (the integration replaces this with registry entries; the cache stays).
+* :class:`HFSeqShardAttention` / :func:`use_seqshard` - the patched model's attention layers take the
+  strategy ``"seq_rows"`` (registry entries :mod:`ds_twolevel.strategies.seq_rows` and
+  :mod:`~ds_twolevel.strategies.kv_shard`; a kv_shard cache makes them decode with kv_shard).
 
 Example:
     >>> patch_model(model, mesh); use_seqshard(model)
@@ -24,11 +24,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ds_twolevel.seqshard.base import CACHE_LAYOUTS
-from ds_twolevel.seqshard.cache import DEFAULT_CHUNK, GrowingKV, PositionShardedKV
-from ds_twolevel.seqshard.layer import seq_forward
+from ds_twolevel.layers.seq_cache import DEFAULT_CHUNK, GrowingKV, PositionShardedKV
+from ds_twolevel.strategies.base import CACHE_LAYOUTS
 
-from hf_integration.modules import CACHE_ARGS, HFTwoLevelAttention, _self_attention_cache
+from hf_integration.modules import HFTwoLevelAttention
 
 
 class PreallocatedLayer(CacheLayerMixin):
@@ -170,29 +169,9 @@ class TwoLevelCache(Cache):
 
 
 class HFSeqShardAttention(HFTwoLevelAttention):
-    """An :class:`~hf_integration.modules.HFTwoLevelAttention` whose forward is
-    :func:`~ds_twolevel.seqshard.layer.seq_forward` (prefill ``prefill``; kv_shard decode with a
-    kv_shard cache). Same parameters and state; made by :func:`use_seqshard`."""
-
-    prefill: str | None = "seq_rows"
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        """HF calling convention (bound as in ``HFTwoLevelAttention.forward``), ``(output, None)`` out."""
-        bound = dict(zip(self.signature, args))
-        bound.update(kwargs)
-        if bound.get("encoder_hidden_states") is not None:
-            raise ValueError(f"{self.owner_class}: cross-attention is not partitioned")
-        cache = next((bound[name] for name in CACHE_ARGS if bound.get(name) is not None), None)
-        mask = bound.get("attention_mask")
-        if mask is not None and not isinstance(mask, torch.Tensor):
-            raise ValueError(f"{self.owner_class}: attention_mask of type {type(mask).__name__} is not supported; "
-                             f"use attn_implementation='sdpa' or 'eager'")
-        rope = bound.get("position_embeddings") if self.spec.rot_dim else None
-        out = seq_forward(self, hidden_states, prefill=self.prefill, position_embeddings=rope, attention_mask=mask,
-                          kv_cache=None if cache is None else _self_attention_cache(cache))
-        if self.post_dropout is not None:
-            out = self.post_dropout(out)
-        return out, None
+    """An :class:`~hf_integration.modules.HFTwoLevelAttention` switched to the sequence-sharded strategies
+    by :func:`use_seqshard`: its strategy is ``"seq_rows"`` (prefill by query rows; decode by the
+    registry's "auto", or by kv_shard with a kv_shard cache). Same parameters, state and forward."""
 
 
 def use_seqshard(model: nn.Module, *, prefill: str | None = "seq_rows") -> int:
@@ -208,7 +187,7 @@ def use_seqshard(model: nn.Module, *, prefill: str | None = "seq_rows") -> int:
     for module in model.modules():
         if isinstance(module, HFTwoLevelAttention):
             module.__class__ = HFSeqShardAttention
-            module.prefill = prefill
+            module.strategy = prefill or module.strategy
             switched += 1
     if not switched:
         raise ValueError(f"{type(model).__name__} has no partitioned attention layer: call patch_model first")

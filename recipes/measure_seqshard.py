@@ -36,7 +36,8 @@ from ds_twolevel.layers.cache import KVCache  # noqa: E402
 from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes  # noqa: E402
 from ds_twolevel.sharding.partition import AttentionSpec  # noqa: E402
 from ds_twolevel.layers.rope import rope_cos_sin  # noqa: E402
-from ds_twolevel.seqshard import SeqShardAttention, SeqShardCache  # noqa: E402
+from ds_twolevel.layers.attention import SeqShardAttention  # noqa: E402
+from ds_twolevel.layers.seq_cache import SeqShardCache  # noqa: E402
 
 HIDDEN, SPEC = 1024, AttentionSpec(8, 8, 128, rope_style="half")
 LAYOUTS = ((2, 2), (1, 4))
@@ -306,7 +307,7 @@ def bf16_layer(mesh, seq: int) -> dict:
 def _fp32_output_reduce():
     """Diagnostic: the layer's output all-reduce (m n partial o_proj outputs) summed in fp32 - with 4
     ranks gloo's bf16 ring adds partial sums in bf16, the largest extra error of any two-level layer."""
-    from ds_twolevel.seqshard import comm
+    from ds_twolevel.strategies import comm
 
     saved = comm.reduce_from_axis
     comm.reduce_from_axis = lambda x, axis, tag: saved(x.float(), axis, tag).to(x.dtype)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from ds_twolevel.costmodel import (STRATEGIES, ModelConfig, Phase, attention_call, attention_collectives,
+from ds_twolevel.strategies.registry import universal
+from ds_twolevel.costmodel import (ModelConfig, Phase, attention_call, attention_collectives,
                                    attention_ops, kv_cache_bytes, mlp_ops, param_bytes, predict)
 from ds_twolevel.costmodel.hardware import CPU_GLOO, H100_SXM, PROFILES, get_profile
 from ds_twolevel.costmodel.planner import PRESETS
@@ -25,7 +26,7 @@ def _sent(call, strategy: str, backward: bool, eb: int = 2) -> int:
 def test_auto_never_sends_more_than_best_fixed(backward):
     for model, n, m, phase in GRID:
         call = attention_call(model, n, m, phase.batch, phase.q_len, phase.kv_len)
-        best = min(_sent(call, s, backward) for s in STRATEGIES)
+        best = min(_sent(call, s, backward) for s in universal())
         auto = predict(model, n, m, phase, H100_SXM).strategy
         assert _sent(call, auto, backward) == best, (model.name, n, m, phase)
 

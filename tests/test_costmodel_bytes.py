@@ -14,13 +14,15 @@ import torch
 from ds_twolevel.layers.block import TwoLevelBlock
 from ds_twolevel.layers.cache import KVCache
 from ds_twolevel.parallel.collectives import CommCounter
-from ds_twolevel.costmodel import (STRATEGIES, attention_call, attention_collectives, block_collectives,
+from ds_twolevel.costmodel import (attention_call, attention_collectives, block_collectives,
                                    mlp_collectives, ModelConfig, resolve)
+from ds_twolevel.strategies import registry
 from ds_twolevel.parallel.layout import TwoLevelLayout
 from ds_twolevel.layers.qk_norm import QKNorm
 from ds_twolevel.testing.reference import DenseBlock
 from ds_twolevel.layers.rope import rope_cos_sin
 from ds_twolevel.testing import run_distributed
+from tests import toy_strategy
 
 WORLD = 8
 LAYOUTS_MN = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (1, 4), (2, 4)]
@@ -53,7 +55,7 @@ def cases() -> list[tuple[str, int, int, int, bool, str, str, str]]:
     layouts = [(m, n, 4) for m, n in LAYOUTS_MN] + [(1, 4, 2), (2, 4, 2)]
     for (m, n, g), phase in itertools.product(layouts, PHASES):
         out.append((f"m{m}n{n}-{KV_HEADS[g]}-mlp-{phase}", m, n, g, False, "-", phase, "mlp"))
-        for qk_norm, strategy, module in itertools.product((False, True), (*STRATEGIES, "auto"), ("attn", "block")):
+        for qk_norm, strategy, module in itertools.product((False, True), (*registry.universal(), "auto"), ("attn", "block")):
             if module == "block" and strategy == "auto":
                 continue
             cid = f"m{m}n{n}-{KV_HEADS[g]}-{module}-{strategy}-{'qknorm' if qk_norm else 'plain'}-{phase}"
@@ -105,12 +107,18 @@ def _run_case(block: TwoLevelBlock, model: ModelConfig, strategy: str, phase: st
 
 
 def _fixed(strategy: str) -> str | None:
-    return strategy if strategy in STRATEGIES else None
+    return strategy if strategy in registry.universal() else None
 
 
 def matrix_rank() -> dict[str, tuple[list[tuple], list[tuple]]]:
     """Body of each of the 8 ranks: case id -> (counted, predicted)."""
     torch.manual_seed(0)
+    out: dict[str, tuple[list[tuple], list[tuple]]] = {}
+    with toy_strategy.registered():  # the toy entry joins the matrix like any registered strategy
+        return _matrix_cases()
+
+
+def _matrix_cases() -> dict[str, tuple[list[tuple], list[tuple]]]:
     out: dict[str, tuple[list[tuple], list[tuple]]] = {}
     all_cases = cases()
     meshes = {}
@@ -134,7 +142,11 @@ def matrix() -> list[dict]:
     return run_distributed(matrix_rank, WORLD, timeout=240)
 
 
-@pytest.mark.parametrize("case", cases(), ids=lambda c: c[0])
+with toy_strategy.registered():
+    CASES = cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_counted_equals_modelled(matrix, case):
     cid, m = case[0], case[1]
     for rank, result in enumerate(matrix):

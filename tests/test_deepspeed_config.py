@@ -200,7 +200,7 @@ def _from_json_text(tmp_path, text: str):
     ('{"n": 2, "m": 2, "dist_backend": 7}',
      '"two_level.dist_backend" must be a non-empty string (or null), got 7; e.g. "dist_backend": "gloo"'),
     ('{"n": 2, "m": 2, "strategy": ["auto"]}',
-     '"two_level.strategy" must be one of "cost_model", "auto", "score_allreduce", "qk_allgather", got ["auto"]; '
+     '"two_level.strategy" must be one of "cost_model", "auto", "score_allreduce", "qk_allgather", "seq_rows", got ["auto"]; '
      'e.g. "strategy": "cost_model"'),
 ])
 def test_two_level_values_are_type_and_range_checked(tmp_path, two_level, message):

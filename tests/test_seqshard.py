@@ -5,7 +5,7 @@ refusals, an allocation account), then ONE 8-rank gloo launch that runs every di
 layouts n x m in {1x2, 2x2, 1x4, 2x4} (dp = 8 / (n m), each replica on its own batch) x attention
 configurations; every case compares with :class:`ds_twolevel.testing.reference.DenseAttention` (or the
 unpatched Hugging Face model) on the same weights and inputs and records the collectives it counted
-next to the ones :mod:`ds_twolevel.seqshard` models. The tests below only compare.
+next to the ones the strategy registry models. The tests below only compare.
 """
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelLayout
 from ds_twolevel.sharding.partition import AttentionSpec
 from ds_twolevel.testing.reference import DenseAttention
 from ds_twolevel.layers.rope import rope_cos_sin
-from ds_twolevel.seqshard import GrowingKV, PositionShardedKV, SeqCall, SeqShardAttention, SeqShardCache
-from ds_twolevel.seqshard import fused, kv_shard, seq_rows
-from ds_twolevel.seqshard.costs import layer_collectives
-from ds_twolevel.seqshard.rows import first_owned, owned_count, plan_rows
+from ds_twolevel.costmodel import attention_collectives as layer_collectives
+from ds_twolevel.layers.attention import SeqShardAttention
+from ds_twolevel.layers.seq_cache import GrowingKV, PositionShardedKV, SeqShardCache
+from ds_twolevel.strategies import fused, kv_shard, seq_rows
+from ds_twolevel.strategies.base import AttentionCall as SeqCall
+from ds_twolevel.strategies.rows import first_owned, owned_count, plan_rows
 from ds_twolevel.testing import rel_err, run_distributed
 
 WORLD = 8
@@ -331,8 +333,8 @@ def _modelled(attn: Attn, mesh, strategy: str, *, q_len: int, kv_len: int, cache
               backward: bool, layout: str = "segments") -> list[tuple]:
     """The collectives modelled for a call, from the configuration's numbers (not from the layer)."""
     n, m, g = mesh.axes.n, mesh.axes.m, attn.kv_heads
-    call = SeqCall(BATCH, q_len, kv_len, HIDDEN, attn.heads // n, max(g // n, 1), attn.head_dim, m, n, attn.qk_norm,
-                   kv_rep=max(n // g, 1), qkv_bias=attn.bias, v_head_dim=attn.v_head_dim,
+    call = SeqCall(batch=BATCH, q_len=q_len, kv_len=kv_len, hidden=HIDDEN, local_heads=attn.heads // n,
+                   local_kv_heads=max(g // n, 1), head_dim=attn.head_dim, m=m, n=n, qk_norm=attn.qk_norm, kv_rep=max(n // g, 1), qkv_bias=attn.bias, v_head_dim=attn.v_head_dim,
                    causal_blocks=attn.causal and not masked and cached == 0, plain_causal=attn.causal and not masked,
                    cache_layout=layout, cached=cached)
     return sorted(_key(c) for c in layer_collectives(call, strategy, backward=backward))

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ds_twolevel.costmodel.traffic import (AttentionCall, Collective, attention_collectives, choose_strategy,
-                                           mlp_collectives, STRATEGIES)
+from ds_twolevel.costmodel.traffic import block_collectives, resolve
+from ds_twolevel.strategies import registry
+from ds_twolevel.strategies.base import AttentionCall, Collective, Op
 
 # ==================================================================================================
 # Performance model: FLOPs, bytes, memory and time of a whole model on a layout
@@ -130,58 +131,16 @@ def attention_call(model: ModelConfig, n: int, m: int, batch: int, q_len: int, k
     ``causal``: a decoder's plain causal mask (no padding); a prefill (q_len == kv_len > 1) then
     takes the blocked causal score path.
     """
-    return AttentionCall(batch, q_len, kv_len, model.hidden, model.heads // n, max(model.kv_heads // n, 1),
-                         model.head_dim, m, n, model.qk_norm, kv_rep=max(n // model.kv_heads, 1),
-                         causal_blocks=causal and q_len == kv_len > 1, qk_norm_scope=model.qk_norm_scope)
-
-
-def block_collectives(call: AttentionCall, strategy: str, *, backward: bool = False) -> list[Collective]:
-    """Collectives of one TwoLevelBlock call (attention then MLP; the block input needs a grad)."""
-    out = attention_collectives(call, strategy, backward=backward, input_grad=True)
-    return out + mlp_collectives(batch=call.batch, seq=call.q_len, hidden=call.hidden,
-                                 tp=call.m * call.n, backward=backward, input_grad=True)
-
-
-def resolve(call: AttentionCall, strategy: str, element_size: int) -> str:
-    """A fixed strategy, or the one "auto" picks (as TwoLevelAttention does)."""
-    if strategy == "auto":
-        return choose_strategy(call, element_size)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES} or 'auto', got {strategy!r}")
-    return strategy
-
-
-@dataclass(frozen=True)
-class Op:
-    """One compute op of a layer on one rank: FLOPs and bytes moved to/from device memory."""
-
-    name: str
-    flops: float
-    bytes: float
-
-    def time(self, hw) -> float:
-        """Roofline time on ``hw``."""
-        return max(self.flops / hw.peak_flops, self.bytes / hw.mem_bandwidth)
+    return AttentionCall(batch=batch, q_len=q_len, kv_len=kv_len, hidden=model.hidden, local_heads=model.heads // n,
+                         local_kv_heads=max(model.kv_heads // n, 1), head_dim=model.head_dim, n=n, m=m,
+                         qk_norm=model.qk_norm, kv_rep=max(n // model.kv_heads, 1),
+                         causal_blocks=causal and q_len == kv_len > 1, plain_causal=causal,
+                         cached=kv_len - q_len, qk_norm_scope=model.qk_norm_scope)
 
 
 def attention_ops(model: ModelConfig, call: AttentionCall, strategy: str, eb: int) -> list[Op]:
-    """Compute ops of one attention layer on one rank (``eb`` bytes per element)."""
-    c, H, d = call, model.hidden, model.head_dim
-    t, dl = c.batch * c.q_len, d // c.m
-    hl, gl = c.local_heads, c.local_kv_heads
-    qkv_out = (hl + 2 * gl) * dl
-    scores = c.batch * hl * c.q_len * c.kv_len
-    kv_bytes = c.batch * gl * c.kv_len * 2 * dl * eb  # K and V read from the cache / activations
-    ops = [Op("qkv_proj", 2 * t * H * qkv_out, (H * qkv_out + t * H + t * qkv_out) * eb)]
-    if strategy == "score_allreduce":
-        ops += [Op("scores", 2 * scores * dl, (t * hl * dl + scores) * eb + kv_bytes / 2),
-                Op("softmax", 5 * scores, 2 * scores * eb),
-                Op("pv", 2 * scores * dl, (scores + t * hl * dl) * eb + kv_bytes / 2)]
-    else:  # fused attention over gathered full-d q, k and this segment's v
-        gathered = (t * hl * d + c.batch * gl * c.kv_len * d + c.batch * gl * c.kv_len * dl + t * hl * dl) * eb
-        ops.append(Op("fused_attention", 2 * scores * d + 2 * scores * dl + 5 * scores, gathered))
-    ops.append(Op("o_proj", 2 * t * hl * dl * H, (hl * dl * H + t * hl * dl + t * H) * eb))
-    return ops
+    """Compute ops of one attention layer on one rank (``eb`` bytes per element): the strategy's own."""
+    return registry.get(strategy).ops(model, call, eb)
 
 
 def mlp_ops(model: ModelConfig, tokens: int, tp: int, eb: int) -> list[Op]:
@@ -250,17 +209,8 @@ def kv_cache_bytes(model: ModelConfig, n: int, batch: int, kv_len: int, m: int, 
 
 
 def activation_bytes(model: ModelConfig, call: AttentionCall, strategy: str, eb: int) -> float:
-    """Largest set of live activations of one layer on one rank (inference)."""
-    c, t = call, call.batch * call.q_len
-    dl = model.head_dim // c.m
-    base = 2 * t * model.hidden  # input and output of the layer
-    qkv = t * (c.local_heads + 2 * c.local_kv_heads) * dl
-    if strategy == "score_allreduce":
-        attn = qkv + 2 * c.batch * c.local_heads * c.q_len * c.kv_len  # scores + probs
-    else:
-        attn = qkv + (t * c.local_heads + c.batch * c.local_kv_heads * c.kv_len) * model.head_dim
-    mlp = (3 if model.gated else 2) * t * model.intermediate // (c.m * c.n)
-    return (base + max(attn, mlp)) * eb
+    """Largest set of live activations of one layer on one rank (inference): the strategy's own count."""
+    return registry.get(strategy).activation_bytes(model, call, eb)
 
 
 def comm_time(collectives: list[Collective], hw, eb: int, m: int, n: int) -> float:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Callable, Any, Mapping
 
-from ds_twolevel.costmodel import STRATEGIES
+from ds_twolevel.strategies import registry
 
 AUTO = "auto"
 """accelerate's / the HF Trainer's placeholder, filled from their own arguments."""
@@ -51,7 +51,8 @@ class Key:
     """smallest valid number (inclusive)."""
     high: float | None = None
     """largest valid number (inclusive)."""
-    choices: tuple = ()
+    choices: tuple | Callable[[], tuple] = ()
+    """allowed values (a callable: read when checked, e.g. the strategy registry)."""
     """the only valid values, when the set is small."""
     auto: bool = False
     """the placeholder "auto" (filled by accelerate / the HF Trainer) is accepted."""
@@ -100,11 +101,16 @@ DEEPSPEED_KEYS: tuple[Key, ...] = (
 )
 """DeepSpeed keys read by this package or by the DeepSpeed code paths it relies on."""
 
+
+def _choices(key: Key) -> tuple:
+    return key.choices() if callable(key.choices) else key.choices
+
+
 TWO_LEVEL_KEYS: tuple[Key, ...] = (
     _k("two_level.n", "int", "2", low=1),
     _k("two_level.m", "int", "2", low=1),
     _k("two_level.dp", "int", "2", low=1, nullable=True),
-    _k("two_level.strategy", "str", '"cost_model"', choices=("cost_model", "auto", *STRATEGIES)),
+    _k("two_level.strategy", "str", '"cost_model"', choices=lambda: ("cost_model", *registry.layer_choices())),
     _k("two_level.kv_replication", "bool", "false"),
     _k("two_level.strict", "bool", "true"),
     _k("two_level.timeout_s", "number", "600", low=1, high=MAX_TIMEOUT_S),
@@ -157,7 +163,7 @@ def _expected(key: Key) -> str:
              "str": "a non-empty string", "dtype": "a dtype string"}
     text = kinds[key.kind]
     if key.choices:
-        text = f"one of {', '.join(show(c) for c in key.choices)}"
+        text = f"one of {', '.join(show(c) for c in _choices(key))}"
     elif key.low is not None and key.high is not None:
         text += f" in [{key.low:g}, {key.high:g}]"
     elif key.low is not None:
@@ -180,7 +186,7 @@ def check_key(key: Key | str, value: Any) -> None:
         return
     ok = _kind_ok(key, value)
     if ok and key.choices:
-        ok = value in key.choices if key.kind != "dtype" or isinstance(value, str) else True
+        ok = value in _choices(key) if key.kind != "dtype" or isinstance(value, str) else True
     if ok and key.low is not None and value < key.low:
         ok = False
     if ok and key.high is not None and value > key.high:

@@ -6,6 +6,7 @@ dvl = dv/m, H hidden.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -13,15 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_twolevel.parallel.collectives import (all_gather_dim, all_reduce_both, all_to_all_dim0, copy_to_axis, reduce_from_axis,
-                          reduce_scatter_dim)
-from ds_twolevel.costmodel import (STRATEGIES, AttentionCall, causal_block_owner, causal_block_rows, choose_strategy,
-                        split_softmax, values_gathered)
-from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
-from ds_twolevel.layers.masks import additive_mask, dropout_keep_mask, zero_unattended_rows
-from ds_twolevel.sharding.partition import AttentionPartition, AttentionSpec, shard_dim
+from ds_twolevel.layers.dropout import DropoutKeys, apply_dropout
+from ds_twolevel.layers.masks import zero_unattended_rows
 from ds_twolevel.layers.qk_norm import QKNorm, rms_norm_partition
 from ds_twolevel.layers.rope import apply_rope_segment, segment_cos_sin
+from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
+from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
+from ds_twolevel.sharding.partition import AttentionPartition, AttentionSpec, shard_dim
+from ds_twolevel.strategies import registry
+from ds_twolevel.strategies.base import AttendContext, AttentionCall
 
 
 def tag_parallel(param: nn.Parameter, *, sharded: bool, partition_dim: int | None) -> None:
@@ -84,8 +85,7 @@ class TwoLevelAttention(nn.Module):
         if isinstance(axes, TwoLevelMesh):  # validate before axes_for creates any group
             AttentionPartition(spec, axes.layout.n, axes.layout.m, kv_replication=kv_replication)
             axes = axes.axes_for(spec.num_kv_heads)
-        if strategy not in (*STRATEGIES, "auto"):
-            raise ValueError(f"strategy must be one of {STRATEGIES + ('auto',)}, got {strategy!r}")
+        registry.check_layer_strategy(strategy)
         # validates h, g, d against (n, m) before any parameter or collective exists
         self.part = AttentionPartition(spec, axes.n, axes.m, kv_replication=kv_replication)
         if self.part.replicated_kv and axes.kv_rep.size != axes.n // spec.num_kv_heads:
@@ -95,7 +95,7 @@ class TwoLevelAttention(nn.Module):
             )
         self.spec, self.axes, self.hidden_size = spec, axes, hidden_size
         self.causal, self.strategy, self.layer_idx = causal, strategy, layer_idx
-        self.dropout, self.dropout_seed, self._dropout_step = dropout, dropout_seed, 0
+        self.dropout, self.dropout_seed, self.dropout_keys = dropout, dropout_seed, DropoutKeys()
         self.scaling = scaling if scaling is not None else 1.0 / math.sqrt(spec.head_dim)
         self.qk_norm, self.softcap = _norm_and_softcap(qk_norm, qk_norm_eps, softcap, spec.name)
         self.qk_norm_eps = None if self.qk_norm is None else self.qk_norm.eps
@@ -189,16 +189,20 @@ class TwoLevelAttention(nn.Module):
                 rms_norm_partition(k, self.k_norm_weight, norm, sumsq_axis=axes.tp, weight_axis=axes.kv_rep,
                                    features=s.num_kv_heads * s.head_dim, copies=axes.kv_rep.size, tag="k"))
 
-    def _softcap(self, scores: torch.Tensor) -> torch.Tensor:
-        """Gemma2's score soft-capping (after the scale, before the mask), or the scores as they are."""
-        if self.softcap is None:
-            return scores
-        return torch.tanh(scores / self.softcap) * self.softcap
+    def resolve_strategy(self, call: AttentionCall, element_size: int | None = None, strategy: str | None = None) -> str:
+        """The strategy that runs ``call`` (:func:`~ds_twolevel.strategies.registry.plan_call`)."""
+        return registry.plan_call(call, strategy or self.strategy).name
 
-    def resolve_strategy(self, call: AttentionCall, element_size: int, strategy: str | None = None) -> str:
-        """The strategy used for this call ("auto" -> fewer bytes per the cost model)."""
-        strategy = strategy or self.strategy
-        return choose_strategy(call, element_size) if strategy == "auto" else strategy
+    def attention_call(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: Any,
+                       kv_len: int | None = None) -> AttentionCall:
+        """The :class:`AttentionCall` of one forward (``kv_len`` default: cached + new positions)."""
+        return attention_call(self, hidden_states, attention_mask, kv_cache, kv_len)
+
+    def _plan(self, call: AttentionCall, strategy: str | None) -> registry.Plan:
+        try:
+            return registry.plan_call(call, strategy or self.strategy)
+        except ValueError as e:
+            raise ValueError(f"layer {self.layer_idx}: {e}") from None
 
     def forward(
         self,
@@ -211,16 +215,40 @@ class TwoLevelAttention(nn.Module):
     ) -> torch.Tensor:
         """(b, s, H) replicated input -> (b, s, H) replicated output.
 
+        Project -> q/k norm and RoPE -> KV cache -> ``plan.strategy.attend`` -> o_proj. The plan is
+        made before any collective, so a strategy that cannot run the call is refused first.
         ``position_embeddings``: full-rotary (cos, sin), each (b, s, r), as Hugging Face passes
         them. ``attention_mask``: see :func:`ds_twolevel.layers.masks.additive_mask`. ``kv_cache``: any
-        object with ``update(k, v, layer_idx)`` (this rank's slice is stored).
+        object with ``update(k, v, layer_idx)`` (this rank's slice is stored), or a cache in the
+        kv_shard layout (``position_store``).
         """
         b, s, _ = hidden_states.shape
-        hl, gl, dl, dvl = self.part.local_heads, self.part.local_kv_heads, self.part.local_dim, self.part.local_v_dim
+        call = self.attention_call(hidden_states, attention_mask, kv_cache)
+        plan = self._plan(call, strategy)
+        key = self.dropout_keys.key(hidden_states) if self._dropping else None
         x = copy_to_axis(hidden_states, self.axes.tp, "attn_in")
-        q = self.q_proj(x).view(b, s, hl, dl).transpose(1, 2)  # (b, hl, s, dl)
-        k = self._kv_linear(x, self.k_proj, "k").view(b, s, gl, dl).transpose(1, 2)  # (b, gl, s, dl)
-        v = self._kv_linear(x, self.v_proj, "v").view(b, s, gl, dvl).transpose(1, 2)  # (b, gl, s, dvl)
+        q, k, v = self._project(x, position_embeddings)
+        store = None
+        if call.cache_layout != "segments":
+            store = kv_cache.position_store(self.layer_idx, self.axes.seg.size, self.axes.seg.rank)
+        elif kv_cache is not None:
+            k, v = kv_cache.update(k, v, self.layer_idx)  # (b, gl, skv, dl), (b, gl, skv, dvl)
+            if k.shape[-2] != call.kv_len:  # e.g. a sliding-window cache: plan for what it returned
+                call = self.attention_call(hidden_states, attention_mask, None, kv_len=k.shape[-2])
+                plan = self._plan(call, strategy)
+        out = plan.strategy.attend(self._context(call, store, key), q, k, v, attention_mask)
+        out = zero_unattended_rows(out, attention_mask, causal=self.causal, heads=self.part.q_heads(self.axes.i))
+        out = out.transpose(1, 2).reshape(b, s, -1)  # (b, s, hl*dvl)
+        y = reduce_from_axis(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s, H)
+        return y if self.o_bias is None else y + self.o_bias
+
+    def _project(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's q (b, hl, s, dl), k (b, gl, s, dl), v (b, gl, s, dvl), normed and rotated."""
+        b, s, _ = x.shape
+        hl, gl, dl, dvl = self.part.local_heads, self.part.local_kv_heads, self.part.local_dim, self.part.local_v_dim
+        q = self.q_proj(x).view(b, s, hl, dl).transpose(1, 2)
+        k = self._kv_linear(x, self.k_proj, "k").view(b, s, gl, dl).transpose(1, 2)
+        v = self._kv_linear(x, self.v_proj, "v").view(b, s, gl, dvl).transpose(1, 2)
         if self.qk_norm is not None:
             q, k = self._qk_norms(q, k)
         if self.spec.rot_dim:
@@ -230,34 +258,13 @@ class TwoLevelAttention(nn.Module):
             cos_seg, sin_seg = segment_cos_sin(cos.to(q.dtype), sin.to(q.dtype), self.rope_cos_index, self.rope_sign)
             q = apply_rope_segment(q, cos_seg, sin_seg, self.rope_partner)
             k = apply_rope_segment(k, cos_seg, sin_seg, self.rope_partner)
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v, self.layer_idx)  # (b, gl, skv, dl), (b, gl, skv, dvl)
-        skv = k.shape[-2]
-        # plain causal attention needs no mask tensor: with s == skv fused SDPA skips the masked
-        # blocks itself (is_causal) and the score path computes only the visible key blocks; with
-        # one query (decode) every cached key is visible
-        plain_causal = attention_mask is None and self.causal and (s == skv or s == 1)
-        causal_blocks = plain_causal and s == skv and s > 1 and not self._dropping
-        call = AttentionCall(b, s, skv, self.hidden_size, hl, gl, self.spec.head_dim, self.axes.m,
-                             self.axes.n, self.qk_norm is not None, causal_blocks=causal_blocks,
-                             v_head_dim=self.spec.dv, qk_norm_scope=self.qk_norm.scope if self.qk_norm else "head")
-        chosen = self.resolve_strategy(call, q.element_size(), strategy)
-        fused_causal = causal_blocks and chosen == "qk_allgather" and self.softcap is None
-        block_rows = causal_block_rows(self.axes.m, s) if causal_blocks and chosen == "score_allreduce" else 0
-        mask = None if plain_causal and (fused_causal or block_rows or s == 1) else additive_mask(
-            attention_mask, batch=b, q_len=s, kv_len=skv, causal=self.causal, dtype=q.dtype, device=q.device)
-        if mask is not None and mask.dim() == 4 and mask.shape[1] not in (1, hl):
-            mask = mask[:, self.part.q_heads(self.axes.i)]  # per-head mask given for all h heads
-        if block_rows:
-            out = self._attend_causal_blocks(q, k, v, block_rows, call)
-        elif chosen == "score_allreduce":
-            out = self._attend_score_allreduce(q, k, v, mask, call)
-        else:
-            out = self._attend_qk_allgather(q, k, v, mask, is_causal=fused_causal)
-        out = zero_unattended_rows(out, attention_mask, causal=self.causal, heads=self.part.q_heads(self.axes.i))
-        out = out.transpose(1, 2).reshape(b, s, hl * dvl)  # (b, s, hl*dvl)
-        y = reduce_from_axis(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s, H)
-        return y if self.o_bias is None else y + self.o_bias
+        return q, k, v
+
+    def _context(self, call: AttentionCall, store: Any, key: int | None) -> AttendContext:
+        drop = None if key is None else functools.partial(apply_dropout, self, key=key)
+        return AttendContext(seg=self.axes.seg, scaling=self.scaling, causal=self.causal,
+                             q_heads=self.part.q_heads(self.axes.i), store=store, call=call, softcap=self.softcap,
+                             dropout=drop)
 
     def _kv_linear(self, x: torch.Tensor, proj: nn.Linear, tag: str) -> torch.Tensor:
         """K/V projection; a KV head replicated on n/g head groups sums its weight gradients."""
@@ -267,166 +274,55 @@ class TwoLevelAttention(nn.Module):
         bias = None if proj.bias is None else copy_to_axis(proj.bias, rep, f"{tag}_bias")
         return F.linear(x, copy_to_axis(proj.weight, rep, f"{tag}_weight"), bias)
 
-    def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
-        """(b, gl, skv, *) -> (b, hl, skv, *): each KV head serves h/g consecutive query heads."""
-        rep = self.part.local_heads // t.shape[1]
-        return t if rep == 1 else t.repeat_interleave(rep, dim=1)
-
-    def _dropout(self, probs: torch.Tensor, q_len: int | None = None, row0: int = 0) -> torch.Tensor:
-        """Dropout of ``probs`` (b, hl, rows, skv): rows [row0, row0 + rows) of the shared keep-mask
-        of a call with ``q_len`` query rows (default: all of them)."""
-        if not (self.training and self.dropout > 0):
-            return probs
-        b, hl, rows, skv = probs.shape
-        sq = rows if q_len is None else q_len
-        keep = dropout_keep_mask((b, self.spec.num_heads, sq, skv), self.dropout, seed=self.dropout_seed,
-                                 step=self._dropout_step, device=probs.device)
-        self._dropout_step += 1
-        keep = keep[:, self.part.q_heads(self.axes.i), row0:row0 + rows]  # (b, hl, rows, skv): this group's heads
-        return probs * keep / (1.0 - self.dropout)
-
     @property
     def _dropping(self) -> bool:
         return self.training and self.dropout > 0
 
-    def _attend_score_allreduce(self, q, k, v, mask, call: AttentionCall):
-        """Partial scores over this segment's dims, summed over the segment group.
 
-        GQA without copying K/V: the h/g query heads of each KV head are stacked along the
-        query rows, so one (b, gl) batched matmul computes exactly the same dot products.
-        The scale 1/sqrt(d) is applied to q (fewer elements than the scores).
+def attention_call(layer: TwoLevelAttention, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                   kv_cache: Any, kv_len: int | None = None) -> AttentionCall:
+    """The :class:`AttentionCall` of one forward of ``layer``, made before any projection."""
+    b, s, _ = hidden_states.shape
+    layout, cached = _cache_state(layer, kv_cache)
+    skv = cached + s if kv_len is None else kv_len
+    plain = attention_mask is None and layer.causal
+    part, norm = layer.part, layer.qk_norm
+    return AttentionCall(
+        batch=b, q_len=s, kv_len=skv, hidden=layer.hidden_size, local_heads=part.local_heads,
+        local_kv_heads=part.local_kv_heads, head_dim=layer.spec.head_dim, n=layer.axes.n, m=layer.axes.m,
+        qk_norm=norm is not None, kv_rep=layer.axes.kv_rep.size, qkv_bias=layer.q_proj.bias is not None,
+        causal_blocks=plain and s == skv and s > 1 and not layer._dropping, v_head_dim=layer.spec.dv,
+        qk_norm_scope=norm.scope if norm else "head", plain_causal=plain, dropout=layer._dropping,
+        softcap=layer.softcap is not None, cache_layout=layout, cached=cached,
+        grad=torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()),
+        element_size=hidden_states.element_size())
 
-        Split softmax (DESIGN.md section 2, step 4): when the query rows divide by m, the
-        all-reduce is done as its two halves - reduce-scatter the partial scores along the rows,
-        so that each rank of the segment group runs mask, softmax and dropout on its 1/m of the
-        rows only - then either all-gathers the probabilities (same bytes as the all-reduce) or,
-        when it sends fewer bytes (:func:`~ds_twolevel.costmodel.values_gathered`), multiplies its
-        rows by the all-gathered full-width V and all-to-alls the outputs (:meth:`_rows_to_segments`).
-        """
-        b, hl, sq, dl = q.shape
-        gl, skv = k.shape[1], k.shape[-2]
-        seg = self.axes.seg
-        q_grouped = (q * self.scaling).reshape(b, gl, (hl // gl) * sq, dl)  # (b, gl, hl/gl*sq, dl)
-        scores_partial = (q_grouped @ k.transpose(-1, -2)).view(b, hl, sq, skv)  # (b, hl, sq, skv)
-        if split_softmax(seg.size, sq):
-            rows, row0 = sq // seg.size, seg.rank * (sq // seg.size)
-            scores = reduce_scatter_dim(scores_partial, seg, 2, "scores")  # (b, hl, sq/m, skv)
-            if mask is not None and mask.shape[-2] == sq:
-                mask = mask[..., row0:row0 + rows, :]
-        else:
-            rows, row0 = sq, 0
-            scores = all_reduce_both(scores_partial, seg, "scores")
-        scores = self._softcap(scores)
-        if mask is not None:
-            scores = scores + mask
-        probs = self._dropout(_softmax(scores), sq, row0)
-        if rows != sq and values_gathered(call, scores_partial.numel()):
-            v_full = all_gather_dim(v, seg, -1, "v")  # (b, gl, skv, dv), dims in segment order
-            out = (probs.reshape(b, gl, (hl // gl) * rows, skv) @ v_full).view(b, hl, rows, v_full.shape[-1])
-            return self._rows_to_segments(out, None)
-        if rows != sq:
-            probs = all_gather_dim(probs, seg, 2, "probs")  # (b, hl, sq, skv)
-        out = probs.reshape(b, gl, (hl // gl) * sq, skv) @ v  # (b, gl, hl/gl*sq, dvl)
-        return out.view(b, hl, sq, v.shape[-1])  # (b, hl, sq, dvl)
 
-    def _rows_to_segments(self, out: torch.Tensor, order: list[int] | None) -> torch.Tensor:
-        """(b, hl, R, dv) outputs of this rank's query rows, all value dims -> (b, hl, sq, dv/m).
+def _cache_state(layer: TwoLevelAttention, kv_cache: Any) -> tuple[str, int]:
+    """(layout, positions cached before the call) of a layer's KV cache."""
+    if kv_cache is None:
+        return "segments", 0
+    layout = getattr(kv_cache, "kv_layout", "segments")
+    if layout != "segments":
+        store = kv_cache.position_store(layer.layer_idx, layer.axes.seg.size, layer.axes.seg.rank)
+        return layout, store.global_length
+    length = getattr(kv_cache, "get_seq_length", None)
+    return layout, int(length(layer.layer_idx)) if length is not None else 0
 
-        One all-to-all over the segment group: segment j's dv/m columns of every rank's rows go to
-        rank j. ``order``: the query blocks of the received rows, rank after rank (causal path;
-        None: rank r's rows are the r-th contiguous 1/m of them).
-        """
-        b, hl, rows, dv = out.shape
-        m = self.axes.seg.size
-        send = out.view(b, hl, rows, m, dv // m).permute(3, 0, 1, 2, 4)  # (m, b, hl, R, dv/m)
-        recv = all_to_all_dim0(send, self.axes.seg, "attn_rows").permute(1, 2, 0, 3, 4)  # (b, hl, m, R, dv/m)
-        if order is None:
-            return recv.reshape(b, hl, m * rows, dv // m)
-        blocks = len(order)
-        inverse = torch.tensor(sorted(range(blocks), key=order.__getitem__), device=out.device)
-        return recv.reshape(b, hl, blocks, -1, dv // m).index_select(2, inverse).view(b, hl, m * rows, dv // m)
 
-    def _attend_causal_blocks(self, q, k, v, rows: int, call: AttentionCall):
-        """Score all-reduce for a plain causal mask (s_q == s_kv), skipping the masked key blocks.
+class SeqShardAttention(TwoLevelAttention):
+    """A :class:`TwoLevelAttention` whose strategy defaults to ``"seq_rows"``: prefill and training by
+    query rows, decode (one row) by "auto", and kv_shard whenever the KV cache has the kv_shard layout.
 
-        The query rows are cut into B blocks of ``rows``; block c sees keys [0, (c+1)*rows) only,
-        so only those scores are computed. Each rank of the segment group owns the blocks of
-        :func:`~ds_twolevel.costmodel.causal_block_owner` (zigzag pairs: equal work per rank);
-        the partial scores of every rank's blocks are packed into one (m, N) tensor,
-        reduce-scattered (this rank keeps its blocks), masked on the diagonal tile and
-        softmaxed; then, as in the split softmax, either the probabilities are all-gathered in the
-        same packing, or this rank's blocks are multiplied by the all-gathered V and the outputs
-        all-to-all'ed (:func:`~ds_twolevel.costmodel.values_gathered`).
-        """
-        b, hl, sq, dl = q.shape
-        gl, rep, seg = k.shape[1], hl // k.shape[1], self.axes.seg
-        blocks, m = sq // rows, seg.size
-        owned = [causal_block_owner(m, blocks, j) for j in range(m)]
-        order = [c for cs in owned for c in cs]  # the packing order: rank after rank
-        q = q * self.scaling
+    Example:
+        >>> layer = SeqShardAttention.from_dense(dense_attn, mesh)
+        >>> cache = SeqShardCache(layout="kv_shard")
+        >>> y = layer(x, position_embeddings=rope, kv_cache=cache)   # prefill: seq_rows
+        >>> y = layer(x1, position_embeddings=rope1, kv_cache=cache)  # decode: kv_shard
+    """
 
-        def keys(c: int) -> int:
-            return (c + 1) * rows
-
-        def sizes(cs: list[int]) -> list[int]:
-            return [b * hl * rows * keys(c) for c in cs]
-
-        def partial(c: int, out: torch.Tensor | None = None) -> torch.Tensor:  # (b, gl, rep*rows, keys(c))
-            qc = q[:, :, c * rows:(c + 1) * rows].reshape(b, gl, rep * rows, dl)
-            if out is None:
-                return qc @ k[:, :, :keys(c)].transpose(-1, -2)
-            return torch.matmul(qc, k[:, :, :keys(c)].transpose(-1, -2), out=out.view(b, gl, rep * rows, keys(c)))
-
-        def unpack(packed: torch.Tensor, cs: list[int]) -> list[torch.Tensor]:  # flat chunk -> blocks
-            return [t.view(b, hl, rows, keys(c)) for t, c in zip(packed.split(sizes(cs)), cs)]
-
-        # packing: rank-major, each block flattened whole, so every rank's chunk is contiguous and
-        # the collectives work along dim 0 without a transposing copy
-        if m > 1:
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-                packed = torch.cat([partial(c).reshape(-1) for c in order])
-            else:  # inference: each block's matmul writes straight into the packed buffer
-                packed = q.new_empty(sum(sizes(order)))
-                for c, chunk in zip(order, packed.split(sizes(order))):
-                    partial(c, chunk)
-            mine = unpack(reduce_scatter_dim(packed.view(m, -1), seg, 0, "scores").view(-1), owned[seg.rank])
-        else:
-            mine = [partial(c).view(b, hl, rows, keys(c)) for c in owned[0]]
-        low = torch.finfo(q.dtype).min
-        tile = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu(1)  # key > query on the diagonal
-        probs = []
-        for c, scores in zip(owned[seg.rank], mine):
-            scores = self._softcap(scores)
-            if scores.requires_grad:
-                scores = scores.masked_fill(F.pad(tile, (c * rows, 0)), low)
-            else:  # inference: mask the diagonal tile in place, no full-width temporary
-                scores[..., c * rows:].masked_fill_(tile, low)
-            probs.append(_softmax(scores))
-        if m > 1 and values_gathered(call, packed.numel()):
-            v_full = all_gather_dim(v, seg, -1, "v")  # (b, gl, skv, dv), dims in segment order
-            out = [(p.reshape(b, gl, rep * rows, keys(c)) @ v_full[:, :, :keys(c)]).view(b, hl, rows, -1)
-                   for c, p in zip(owned[seg.rank], probs)]
-            return self._rows_to_segments(torch.cat(out, 2), order)
-        if m > 1:
-            local = torch.cat([p.reshape(-1) for p in probs]).view(1, -1)  # (1, N)
-            gathered = all_gather_dim(local, seg, 0, "probs")  # (m, N)
-            probs = [p for j, cs in enumerate(owned) for p in unpack(gathered[j], cs)]
-        out = [None] * blocks
-        for c, p in zip(order, probs):
-            out[c] = (p.reshape(b, gl, rep * rows, keys(c)) @ v[:, :, :keys(c)]).view(b, hl, rows, v.shape[-1])
-        return torch.cat(out, 2)  # (b, hl, sq, dvl)
-
-    def _attend_qk_allgather(self, q, k, v, mask, is_causal: bool = False):
-        """Gather full-d q and k over the segment group, then fused SDPA with this segment's v."""
-        q_full = all_gather_dim(q, self.axes.seg, -1, "q")  # (b, hl, sq, d), dims in segment order
-        k_full = all_gather_dim(k, self.axes.seg, -1, "k")  # (b, gl, skv, d)
-        if self._dropping or self.softcap is not None:  # explicit scores: the shared dropout stream, softcap
-            scores = self._softcap(q_full @ self._expand_kv(k_full).transpose(-1, -2) * self.scaling)
-            probs = F.softmax(scores if mask is None else scores + mask, dim=-1, dtype=torch.float32)
-            return self._dropout(probs.to(q.dtype)) @ self._expand_kv(v)
-        # enable_gqa: SDPA maps query head h to KV head h // (hl/gl) itself, without copying K/V
-        return F.scaled_dot_product_attention(q_full, k_full, v, attn_mask=mask, is_causal=is_causal,
-                                              scale=self.scaling, enable_gqa=k_full.shape[1] != q_full.shape[1])
+    def __init__(self, *args: Any, strategy: str = "seq_rows", **kwargs: Any) -> None:
+        super().__init__(*args, strategy=strategy, **kwargs)
 
 
 def _norm_and_softcap(qk_norm: QKNorm | None, eps: float | None, softcap: float | None,
@@ -437,13 +333,6 @@ def _norm_and_softcap(qk_norm: QKNorm | None, eps: float | None, softcap: float 
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{name}: softcap must be a number > 0 or None, got {softcap!r}")
     return qk_norm, softcap
-
-
-def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over keys in the scores' dtype. PyTorch's softmax kernels (CPU and CUDA) accumulate
-    bf16/fp16 in fp32 and round once at the end - what ``softmax(dtype=float32).to(dtype)`` gives -
-    without writing and re-reading an fp32 copy of the (materialised, s_q x s_kv) probabilities."""
-    return F.softmax(scores, dim=-1)
 
 
 def _has_parameter(module: nn.Module, name: str) -> bool:

@@ -12,6 +12,7 @@ from ds_twolevel.tools.cli import int_in, positive_int
 from ds_twolevel.parallel.collectives import CommCounter
 from ds_twolevel.parallel.layout import TwoLevelLayout
 from ds_twolevel.sharding.partition import AttentionSpec, check_partition
+from ds_twolevel.strategies import registry
 from ds_twolevel.testing.reference import DenseBlock
 from ds_twolevel.layers.rope import rope_cos_sin
 from ds_twolevel.testing.ranks import rel_err
@@ -28,7 +29,7 @@ class DemoConfig:
     dp: int = 1
     """data-parallel replicas (each gets its own batch)."""
     strategy: str = "auto"
-    """score strategy: score_allreduce, qk_allgather or auto."""
+    """attention strategy: "auto" or a name of the strategy registry (registry.layer_choices())."""
     batch: int = 2
     seq: int = 16
     hidden: int = 128
@@ -97,7 +98,6 @@ def report(cfg: DemoConfig, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
 ROPES = ("half", "interleaved", "none")
 HELP = """\
 Run one transformer block (attention + gated MLP) forward and backward on dp*n*m local ranks
@@ -131,7 +131,7 @@ def seed_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    choices = {"strategy": STRATEGIES, "rope": ROPES}
+    choices = {"strategy": registry.layer_choices(), "rope": ROPES}
     for name, value in asdict(DemoConfig()).items():
         flag, text = "--" + name.replace("_", "-"), _FLAG_HELP[name]
         if isinstance(value, bool):

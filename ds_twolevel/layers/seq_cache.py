@@ -14,15 +14,15 @@ Two layouts (see :data:`~.base.CACHE_LAYOUTS`):
   p % m == j this segment rank owns, and the global length (what ``get_seq_length`` reports).
 
 :class:`SeqShardCache` is the framework-free cache with ``KVCache``'s ``update(k, v, layer_idx)``
-contract; ``hf_integration.seqshard_cache.TwoLevelCache`` is the Hugging Face ``Cache`` over the same
+contract; ``hf_integration.seqshard.TwoLevelCache`` is the Hugging Face ``Cache`` over the same
 stores.
 """
 from __future__ import annotations
 
 import torch
 
-from ds_twolevel.seqshard.base import CACHE_LAYOUTS
-from ds_twolevel.seqshard.rows import first_owned, owned_count
+from ds_twolevel.strategies.base import CACHE_LAYOUTS
+from ds_twolevel.strategies.rows import first_owned, owned_count
 
 DEFAULT_CHUNK = 256
 

@@ -32,21 +32,28 @@ Registry entry points: :func:`applies`, :func:`collectives`, :func:`ops`, :func:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from ds_twolevel.costmodel import AttentionCall, Collective, ModelConfig, Op
 from ds_twolevel.parallel.layout import AxisGroup
-from ds_twolevel.seqshard import comm
-from ds_twolevel.seqshard.base import AttendContext
-from ds_twolevel.seqshard.cache import PositionShardedKV
-from ds_twolevel.seqshard.fused import partial_attention
-from ds_twolevel.seqshard.masks import check_kv_len, position_mask
-from ds_twolevel.seqshard.rows import owned_count
+from ds_twolevel.strategies import comm
+from ds_twolevel.strategies.base import AttendContext, AttentionCall, Collective, Op
+from ds_twolevel.strategies.fused import partial_attention
+from ds_twolevel.strategies.row_masks import check_kv_len, position_mask
+from ds_twolevel.strategies.rows import owned_count
+
+if TYPE_CHECKING:
+    from ds_twolevel.costmodel.roofline import ModelConfig
+    from ds_twolevel.layers.seq_cache import PositionShardedKV
 
 NAME = "kv_shard"
+AUTO = False
+"""chosen by the cache layout: a kv_shard cache decodes with it."""
+LAYOUTS = ("kv_shard",)
+BACKWARD = False
+"""inference only."""
 
 
 # -- registry: applicability and costs (pure) ------------------------------------------------------
@@ -83,7 +90,7 @@ def collectives(call: AttentionCall) -> list[Collective]:
             Collective("all_to_all", "m", "partial_out", m * c.batch * hl * t * cols, m)]
 
 
-def ops(model: ModelConfig, call: AttentionCall, eb: int) -> list[Op]:
+def ops(model: "ModelConfig", call: AttentionCall, eb: int) -> list[Op]:
     """Compute ops of one decode step of one layer on one rank: its positions at full d (the same
     K/V bytes as the dimension split: 1/m of the group's cache)."""
     c, H, m = call, model.hidden, call.m
@@ -99,7 +106,7 @@ def ops(model: ModelConfig, call: AttentionCall, eb: int) -> list[Op]:
             Op("o_proj", 2 * t * hl * dv // m * H, (hl * dv // m * H + t * hl * dv // m + t * H) * eb)]
 
 
-def activation_bytes(model: ModelConfig, call: AttentionCall, eb: int) -> float:
+def activation_bytes(model: "ModelConfig", call: AttentionCall, eb: int) -> float:
     """Largest set of live activations of one decode step on one rank (inference)."""
     c, m = call, call.m
     t, d, dv = c.batch * c.q_len, c.head_dim, c.v_dim
@@ -168,7 +175,7 @@ def attend(ctx: AttendContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Example:
         >>> out = attend(AttendContext(mesh.axes.seg, 0.125, True, store=cache.position_store(0, 2, j)), q, k, v, None)
     """
-    store: PositionShardedKV = ctx.store
+    store: "PositionShardedKV" = ctx.store
     b, hl, t, _ = q.shape
     kv = store.global_length + t
     check_kv_len(mask, b, kv)
@@ -182,7 +189,7 @@ def attend(ctx: AttendContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 # -- writing and converting the kv_shard layout -----------------------------------------------------
-def write_prefill(store: PositionShardedKV, k_full: torch.Tensor, v_full: torch.Tensor, positions: int) -> None:
+def write_prefill(store: "PositionShardedKV", k_full: torch.Tensor, v_full: torch.Tensor, positions: int) -> None:
     """Keep this rank's positions of a prefill's gathered full-width (b, gl, s', d) keys / values
     (seq_rows' :func:`~.seq_rows.attend_full`; only the first ``positions`` are real). No collective."""
     store.append_positions(k_full[:, :, :positions], v_full[:, :, :positions])
@@ -208,7 +215,7 @@ def positions_from_segments(parts: list[torch.Tensor], seg: AxisGroup, tag: str)
     return out
 
 
-def write_prefill_qk_allgather(store: PositionShardedKV, k_full: torch.Tensor, v_seg: torch.Tensor,
+def write_prefill_qk_allgather(store: "PositionShardedKV", k_full: torch.Tensor, v_seg: torch.Tensor,
                                seg: AxisGroup) -> None:
     """A qk_allgather prefill (keys already gathered at full d, values still dim segments) written into
     the kv_shard layout: keys sliced locally, values by one all-to-all ("v_positions")."""

@@ -20,18 +20,27 @@ Registry entry points: :func:`applies`, :func:`collectives`, :func:`ops`, :func:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from ds_twolevel.costmodel import AttentionCall, Collective, ModelConfig, Op
 from ds_twolevel.parallel.layout import AxisGroup
-from ds_twolevel.seqshard import comm
-from ds_twolevel.seqshard.base import AttendContext, plain_causal
-from ds_twolevel.seqshard.fused import causal_blocks_attention, equal_head_dims, masked_attention
-from ds_twolevel.seqshard.masks import row_mask
-from ds_twolevel.seqshard.rows import RowPlan, plan_rows
+from ds_twolevel.strategies import comm
+from ds_twolevel.strategies.base import AttendContext, AttentionCall, Collective, Op, plain_causal
+from ds_twolevel.strategies.fused import causal_blocks_attention, equal_head_dims, masked_attention
+from ds_twolevel.strategies.row_masks import row_mask
+from ds_twolevel.strategies.rows import RowPlan, plan_rows
+
+if TYPE_CHECKING:
+    from ds_twolevel.costmodel.roofline import ModelConfig
 
 NAME = "seq_rows"
+AUTO = False
+"""not picked by "auto" yet (issue 14 makes auto choose by predicted time)."""
+LAYOUTS = ("segments", "kv_shard")
+PREFILL_ONLY = True
+"""a requested seq_rows falls back to "auto" for decode's single row (nothing to split)."""
 
 
 # -- registry: applicability and costs (pure) ------------------------------------------------------
@@ -75,7 +84,7 @@ def collectives(call: AttentionCall) -> list[Collective]:
             Collective("all_to_all", "m", "attn_rows", c.batch * c.local_heads * rows * (c.v_dim // m), m)]
 
 
-def ops(model: ModelConfig, call: AttentionCall, eb: int) -> list[Op]:
+def ops(model: "ModelConfig", call: AttentionCall, eb: int) -> list[Op]:
     """Compute ops of one layer on one rank. The fused attention is exactly 1/m of the head group's
     (rows/m x keys, the full rectangle as in :func:`~ds_twolevel.costmodel.attention_ops`)."""
     c, H, m = call, model.hidden, call.m
@@ -93,7 +102,7 @@ def ops(model: ModelConfig, call: AttentionCall, eb: int) -> list[Op]:
             Op("o_proj", 2 * t * hl * dv // m * H, (hl * dv // m * H + t * hl * dv // m + t * H) * eb)]
 
 
-def activation_bytes(model: ModelConfig, call: AttentionCall, eb: int) -> float:
+def activation_bytes(model: "ModelConfig", call: AttentionCall, eb: int) -> float:
     """Largest set of live activations of one layer on one rank (inference): no (s, s) tensor; a
     padding mask costs only this rank's rows of it (b, R, s_kv)."""
     c, m = call, call.m
@@ -179,5 +188,10 @@ def attend(ctx: AttendContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     Example:
         >>> out = attend(AttendContext(mesh.axes.seg, scaling=0.125, causal=True), q, k, v, None)
+    With a kv_shard cache (``ctx.store``), this rank's positions of the gathered k and v are written
+    into it (no further collective).
     """
-    return attend_full(ctx, q, k, v, mask)[0]
+    out, k_full, v_full = attend_full(ctx, q, k, v, mask)
+    if ctx.store is not None:  # only the first q_len gathered positions are real (the rest is padding)
+        ctx.store.append_positions(k_full[:, :, :q.shape[-2]], v_full[:, :, :q.shape[-2]])
+    return out

@@ -1,0 +1,162 @@
+"""What every attention strategy shares: the call record, the cost records, the context of ``attend``.
+
+A strategy is one module of this package with
+
+* ``NAME`` (the config / CLI / ``strategy=`` spelling) and ``AUTO`` (whether ``"auto"`` may pick it);
+* ``why_not(call) -> str | None``: why it cannot compute the call exactly (None: it can);
+* ``collectives(call) -> list[Collective]``: the forward collectives it issues over the segment axis
+  (what :class:`~ds_twolevel.parallel.collectives.CommCounter` counts at run time);
+* ``ops(model, call, eb) -> list[Op]``: its compute ops (FLOPs and bytes, for the roofline);
+* ``activation_bytes(model, call, eb) -> float``: its largest live activation set (inference);
+* ``attend(ctx, q, k, v, mask) -> (b, h/n, s, dv/m)``: the attention itself.
+
+Optionally ``BACKWARD = False`` (inference only) and ``PREFILL_ONLY = True`` (a requested strategy that
+splits query rows falls back to ``"auto"`` for decode's single row). :mod:`.registry` lists them and
+:func:`~.registry.plan_call` is the one place that decides which strategy runs a call - for the layer
+and for the cost model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+from ds_twolevel.parallel.collectives import ring_bytes
+from ds_twolevel.parallel.layout import AxisGroup
+
+CACHE_LAYOUTS = ("segments", "kv_shard")
+""""segments": each rank caches (b, g/n, s, d/m) of every position (the dim split);
+"kv_shard": each rank of a segment group caches full-d K/V of its own positions (p % m == j)."""
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One predicted collective: op, mesh axis, payload tag, full-tensor elements, group size."""
+
+    op: str
+    axis: str
+    tag: str
+    numel: int
+    ranks: int
+    backward: bool = False
+
+    def bytes_sent(self, element_size: int) -> int:
+        return ring_bytes(self.op, self.numel * element_size, self.ranks)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One compute op of a layer on one rank: FLOPs and bytes moved to/from device memory."""
+
+    name: str
+    flops: float
+    bytes: float
+
+    def time(self, hw) -> float:
+        """Roofline time on ``hw``."""
+        return max(self.flops / hw.peak_flops, self.bytes / hw.mem_bandwidth)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionCall:
+    """Shapes and facts of one call of one partitioned attention layer on one rank (keyword-only).
+
+    Example:
+        >>> AttentionCall(batch=1, q_len=2048, kv_len=2048, hidden=1024, local_heads=4, local_kv_heads=4,
+        ...               head_dim=128, n=2, m=2, causal_blocks=True, plain_causal=True)
+    """
+
+    batch: int
+    q_len: int
+    kv_len: int
+    """keys attended to (cached + new)."""
+    hidden: int
+    local_heads: int
+    """h/n."""
+    local_kv_heads: int
+    """g/n (1 when KV heads are replicated)."""
+    head_dim: int
+    """full d."""
+    n: int
+    """head groups."""
+    m: int
+    """segments of each head's dims (the segment axis)."""
+    qk_norm: bool = False
+    kv_rep: int = 1
+    """head groups holding copies of one KV head (n/g when n > g, else 1)."""
+    qkv_bias: bool = False
+    causal_blocks: bool = False
+    """plain causal mask (no padding, no dropout) with q_len == kv_len > 1: the score path
+    computes only the key blocks each query block can see."""
+    v_head_dim: int | None = None
+    """value head dim (None: head_dim)."""
+    qk_norm_scope: str = "head"
+    """q/k norm over each head ("head": sums of squares all-reduced over segments) or over the whole
+    projection ("projection", OLMo2: all-reduced over the tensor-parallel axis)."""
+    plain_causal: bool = False
+    """causal attention with no mask tensor (queries are the last q_len of the kv_len keys);
+    ``causal_blocks`` implies it."""
+    dropout: bool = False
+    """attention dropout is active (training with p > 0)."""
+    grad: bool = False
+    """autograd will differentiate the call."""
+    softcap: bool = False
+    """scores are soft-capped (Gemma2): fused SDPA cannot compute them."""
+    cache_layout: str = "segments"
+    """layout of the KV cache the call reads and writes (see :data:`CACHE_LAYOUTS`)."""
+    cached: int = 0
+    """positions already in the cache before the call."""
+    element_size: int = 4
+    """bytes per element of the activations."""
+
+    @property
+    def v_dim(self) -> int:
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
+
+    @property
+    def no_mask_causal(self) -> bool:
+        """Causal with no mask tensor (``causal_blocks`` or ``plain_causal``)."""
+        return self.causal_blocks or self.plain_causal
+
+
+def plain_causal(call: AttentionCall) -> bool:
+    """Whether the call is causal with no mask tensor (``causal_blocks`` or ``plain_causal``)."""
+    return bool(call.causal_blocks or call.plain_causal)
+
+
+@dataclass(frozen=True)
+class AttendContext:
+    """What a strategy's ``attend`` needs from the layer for one call."""
+
+    seg: AxisGroup
+    """the m ranks of this head group (the segment axis)."""
+    scaling: float
+    """score scale (1/sqrt(d) of the full head dim unless the model says otherwise)."""
+    causal: bool
+    """the layer is causal (a decoder)."""
+    q_heads: Sequence[int] = ()
+    """global query heads of this head group (to slice a per-head 4-D mask given for all h heads)."""
+    store: Any = None
+    """kv_shard: this layer's :class:`~ds_twolevel.layers.seq_cache.PositionShardedKV`."""
+    call: AttentionCall | None = None
+    """the call being attended (the score strategies read their variant from it)."""
+    softcap: float | None = None
+    """Gemma2's score soft-cap (None: none)."""
+    dropout: Callable[..., Any] | None = None
+    """``dropout(probs, q_len, row0)`` with the call's keyed mask (None: no dropout)."""
+
+
+class Strategy(Protocol):
+    """The module interface of an attention strategy (see the module docstring)."""
+
+    NAME: str
+    AUTO: bool
+
+    def why_not(self, call: AttentionCall) -> str | None: ...
+
+    def collectives(self, call: AttentionCall) -> list[Collective]: ...
+
+    def ops(self, model: Any, call: AttentionCall, eb: int) -> list[Op]: ...
+
+    def activation_bytes(self, model: Any, call: AttentionCall, eb: int) -> float: ...
+
+    def attend(self, ctx: AttendContext, q: Any, k: Any, v: Any, mask: Any) -> Any: ...
