@@ -121,3 +121,20 @@ def test_study_core_imports_no_integration_package():
             "'accelerate'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_front_end_writes_section_plot_and_grid(tmp_path):
+    import json
+
+    from ds_twolevel.tools import study as front
+
+    assert front.main(["--out", str(tmp_path)]) == 0
+    md = (tmp_path / front.MD).read_text()
+    assert md.startswith("## Decode against context length") and f"]({front.PNG})" in md
+    for family in FAMILIES:
+        assert f"| {family} |" in md
+    assert md.count("| llama-3-") == len(MODELS) * len(study.DEVICES) * len(study.BATCHES)  # crossover rows
+    assert (tmp_path / front.PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / front.JSON).read_text())
+    assert len(data["cases"]) == len(MODELS) * len(study.DEVICES) * len(study.BATCHES) * len(study.CONTEXTS)
+    assert data["meta"]["strategies"] == list(two_level_strategies())

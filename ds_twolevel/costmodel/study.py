@@ -207,9 +207,10 @@ def points(model: ModelConfig, devices: int, batch: int, s_kv: int, hw: Hardware
 
 
 def best_of(pts: list[StudyPoint], family: str) -> StudyPoint | None:
-    """The fastest point of ``family`` (ties: fewer bytes sent, then the layout's name)."""
+    """The fastest point of ``family`` (ties: fewer bytes sent, then the layout's name, a fixed strategy
+    before ``auto``, which ties with the strategy it chose)."""
     fam = [p for p in pts if p.family == family]
-    return min(fam, key=lambda p: (p.time, p.traffic_bytes, p.layout, p.strategy)) if fam else None
+    return min(fam, key=lambda p: (p.time, p.traffic_bytes, p.layout, p.strategy == "auto", p.strategy)) if fam else None
 
 
 @dataclass(frozen=True)
