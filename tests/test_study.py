@@ -138,3 +138,27 @@ def test_front_end_writes_section_plot_and_grid(tmp_path):
     data = json.loads((tmp_path / front.JSON).read_text())
     assert len(data["cases"]) == len(MODELS) * len(study.DEVICES) * len(study.BATCHES) * len(study.CONTEXTS)
     assert data["meta"]["strategies"] == list(two_level_strategies())
+
+
+@pytest.mark.parametrize("profile", ["h100", "cpu"])
+def test_auto_never_above_best_fixed_strategy_over_the_planners_grid(profile):
+    """Issue 14's acceptance line on the planner itself: every feasible two-level row of ``plan`` (the
+    report's cases, 8..64 devices, both hardware profiles), auto's time <= the best fixed strategy's."""
+    from ds_twolevel.costmodel.hardware import get_profile
+    from ds_twolevel.costmodel.planner import PRESETS, plan
+
+    hw, worse = get_profile(profile), []
+    cases = {"llama-3-8b": (("prefill", 8, 4096), ("decode", 64, 8192)),
+             "paper": (("prefill", 128, 10000), ("decode", 128, 10000))}
+    for name, phases in cases.items():
+        for kind, batch, seq in phases:
+            for devices in (8, 16, 32, 64):
+                rows = {s: {(r.dp, r.n, r.m): r.prediction for r in plan(PRESETS[name], devices,
+                                                                       Phase(kind, batch, seq), hw, strategy=s)
+                            if r.feasible and r.m > 1} for s in two_level_strategies() + ("auto",)}
+                for key, auto in rows.pop("auto").items():
+                    best = min((r[key] for r in rows.values() if key in r), key=lambda p: p.time)
+                    if auto.time > best.time * (1 + 1e-12):
+                        worse.append(f"{name} {kind} b={batch} s={seq} {devices} dev {key}: auto ({auto.strategy}) "
+                                     f"{auto.time * 1e3:.3f} ms > {best.strategy} {best.time * 1e3:.3f} ms")
+    assert not worse, f"{len(worse)} rows:\n" + "\n".join(worse[:10])
