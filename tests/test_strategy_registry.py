@@ -101,3 +101,13 @@ def test_dropout_recompute_under_activation_checkpointing_draws_the_same_mask(st
         assert rel_err(x.grad, ref_x.grad) < 1e-5
         grads.append(x.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_fused_sequence_strategies_refuse_softcapped_scores():
+    """Gemma2's soft-cap cannot run inside fused SDPA: seq_rows and kv_shard refuse such calls before any
+    collective (forcing seq_rows on a soft-capped layer would otherwise be silently wrong)."""
+    spec = AttentionSpec(4, 2, 8, rope_style="half")
+    layer = TwoLevelAttention(16, spec, TwoLevelAxes.single(), softcap=30.0, strategy="seq_rows").eval()
+    x = torch.randn(1, 4, 16)
+    with torch.no_grad(), pytest.raises(ValueError, match="layer 0: seq_rows .*soft-cap"):
+        layer(x, position_embeddings=rope_cos_sin(torch.arange(4)[None], spec))

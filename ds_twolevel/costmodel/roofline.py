@@ -1,6 +1,7 @@
 """Performance model: FLOPs, bytes, memory and time of a whole model on a layout (roofline)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ds_twolevel.costmodel.traffic import block_collectives, resolve
@@ -227,6 +228,17 @@ def comm_time(collectives: list[Collective], hw, eb: int, m: int, n: int) -> flo
     return total
 
 
+def strategy_call(call: AttentionCall, strategy: str, eb: int) -> AttentionCall:
+    """``call`` as ``strategy`` sees it: ``eb``-byte elements, and the KV-cache layout the strategy reads
+    (a kv_shard request models a cache held by position: its prefill runs seq_rows, its decode kv_shard)."""
+    call = dataclasses.replace(call, element_size=eb)
+    if strategy != registry.AUTO:
+        layouts = registry.layouts(registry.get(strategy))
+        if call.cache_layout not in layouts:
+            call = dataclasses.replace(call, cache_layout=layouts[0])
+    return call
+
+
 def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1, strategy: str = "auto",
             element_size: int | None = None) -> Prediction:
     """Predicted cost of one inference step of ``model`` on a dp x n x m layout.
@@ -241,7 +253,7 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
         raise ValueError(f"batch ({phase.batch}) is not divisible by dp={dp}; use a batch that is a multiple of {dp}")
     eb = element_size or hw.dtype_bytes
     b = phase.batch // dp
-    call = attention_call(model, n, m, b, phase.q_len, phase.kv_len)
+    call = strategy_call(attention_call(model, n, m, b, phase.q_len, phase.kv_len), strategy, eb)
     chosen = resolve(call, strategy, eb)
     cols = block_collectives(call, chosen)
     ops = attention_ops(model, call, chosen, eb) + mlp_ops(model, b * phase.q_len, n * m, eb)

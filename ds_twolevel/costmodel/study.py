@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ds_twolevel.costmodel import STRATEGIES, Collective, ModelConfig, Phase, predict
+from ds_twolevel.costmodel import Collective, ModelConfig, Phase, predict
 from ds_twolevel.costmodel.hardware import HardwareProfile
+from ds_twolevel.strategies import registry
 from ds_twolevel.costmodel.planner import PRESETS, infeasibility, layout_kind
 from ds_twolevel.costmodel.roofline import (Op, attention_call, attention_ops, block_collectives, comm_time,
                                             kv_cache_bytes, mlp_ops, param_bytes)
@@ -37,7 +38,8 @@ DEVICES = (16, 32)
 BATCHES = (1, 16, 64)
 CONTEXTS = tuple(2**k for k in range(12, 18))  # 4K .. 128K
 FAMILIES = ("two-level", "head-wise TP + KV replication", "DeepSpeed AutoTP", "Helix")
-SEQ_STRATEGIES = ("seq_rows", "kv_shard")
+BASELINE = "qk_allgather"
+"""the attention of the head-wise baselines (m = 1: fused attention, no segment collectives)."""
 """Issue 14's strategies, listed by :func:`two_level_strategies` once ``predict`` accepts them."""
 
 
@@ -84,13 +86,13 @@ def _accepts(strategy: str) -> bool:
 def two_level_strategies() -> tuple[str, ...]:
     """The two-level strategies the study compares: the cost model's, plus issue 14's once predicted.
 
-    The ONE place the study takes them from (to be pointed at the strategy registry).
+    The ONE place the study takes them from: every registered strategy ``predict`` accepts.
 
     Example:
         >>> two_level_strategies()[:2]
         ('score_allreduce', 'qk_allgather')
     """
-    return tuple(STRATEGIES) + tuple(s for s in SEQ_STRATEGIES if s not in STRATEGIES and _accepts(s))
+    return tuple(s for s in registry.names() if _accepts(s))
 
 
 def _from_prediction(family: str, layout: str, strategy: str, pred) -> StudyPoint:
@@ -123,7 +125,7 @@ def headwise_point(model: ModelConfig, devices: int, phase: Phase, hw: HardwareP
     """Head-wise TP over all ``devices`` (n = P, m = 1; KV heads replicated when P > g), as the planner has it."""
     if infeasibility(model, 1, devices, 1, phase):
         return None
-    pred = predict(model, devices, 1, phase, hw, strategy=STRATEGIES[0])  # m = 1: no segment collectives
+    pred = predict(model, devices, 1, phase, hw, strategy=BASELINE)  # m = 1: no segment collectives
     return replace(_from_prediction(FAMILIES[1], f"{devices} x 1", "-", pred), chosen="-")
 
 
@@ -145,8 +147,8 @@ def autotp_point(model: ModelConfig, devices: int, phase: Phase, hw: HardwarePro
     eb, b, L = hw.dtype_bytes, phase.batch, model.layers
     na = min(devices, model.kv_heads)
     attn = attention_call(model, na, 1, b, phase.q_len, phase.kv_len)
-    ops = attention_ops(model, attn, STRATEGIES[0], eb) + mlp_ops(model, b * phase.q_len, devices, eb)
-    cols = block_collectives(attention_call(model, devices, 1, b, phase.q_len, phase.kv_len), STRATEGIES[0])
+    ops = attention_ops(model, attn, BASELINE, eb) + mlp_ops(model, b * phase.q_len, devices, eb)
+    cols = block_collectives(attention_call(model, devices, 1, b, phase.q_len, phase.kv_len), BASELINE)
     comp, comm, sent = _time_and_traffic(ops, cols, hw, eb, 1, devices, L)
     weights = param_bytes(model, na, 1, eb) + L * (_mlp_param_bytes(model, devices, eb) - _mlp_param_bytes(model, na, eb))
     return StudyPoint(FAMILIES[2], f"tp={devices}", "-", "-", comp + comm, comp, comm, sent,
@@ -161,7 +163,7 @@ def helix_collectives(model: ModelConfig, n: int, kvp: int, batch: int, q_len: i
     hl, dv = model.heads // n, model.head_dim
     cols = dv // kvp + max(1, 4 // eb)
     combine = Collective("all_to_all", "m", "partial_out", kvp * batch * hl * q_len * cols, kvp)
-    frame = block_collectives(attention_call(model, n, kvp, batch, q_len, kv_len), STRATEGIES[0])
+    frame = block_collectives(attention_call(model, n, kvp, batch, q_len, kv_len), BASELINE)
     return [combine] + [c for c in frame if c.axis == "tp"]
 
 
@@ -170,7 +172,7 @@ def helix_ops(model: ModelConfig, n: int, kvp: int, batch: int, q_len: int, kv_l
     its 1/kvp of the positions, the (o, lse) combine, o_proj on 1/(n kvp) of W_o, the MLP over n kvp."""
     own = -(-kv_len // kvp)
     local = attention_ops(model, attention_call(model, n, 1, batch, q_len, own), "qk_allgather", eb)
-    o_proj = [o for o in attention_ops(model, attention_call(model, n, kvp, batch, q_len, kv_len), STRATEGIES[0], eb)
+    o_proj = [o for o in attention_ops(model, attention_call(model, n, kvp, batch, q_len, kv_len), BASELINE, eb)
               if o.name == "o_proj"]
     t, hl, dv = batch * q_len, model.heads // n, model.head_dim
     combine = Op("combine", 4 * t * hl * dv, 2 * kvp * t * hl * (dv // kvp + 1) * eb)

@@ -46,6 +46,9 @@ PREFILL_ONLY = True
 # -- registry: applicability and costs (pure) ------------------------------------------------------
 def why_not(call: AttentionCall) -> str | None:
     """Why seq_rows cannot compute ``call`` exactly (None when it can)."""
+    if call.softcap:
+        return ("seq_rows runs fused attention, which cannot soft-cap the scores (Gemma2); use score_allreduce or "
+                "qk_allgather for this model")
     if call.q_len < 2:
         return f"seq_rows splits query rows; a call with q_len={call.q_len} has none to split (decode)"
     if getattr(call, "dropout", False):
