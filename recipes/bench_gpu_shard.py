@@ -1,8 +1,8 @@
 """Per-shard attention compute for the paper's shapes on one accelerator, against the dense layer.
 
-One rank's shard of an n x m layer (H = 4096, 32 heads x 128, bf16) is timed with its collectives
-replaced by local ops of the same shapes (``ds_twolevel.tools.bench.local_collectives``), so the number
-is exactly one rank's compute; the ideal is dense time / (m n). Prefill (batch x seq tokens) and
+One rank's shard of an n x m layer (H = 4096, 32 heads x 128, bf16) is timed on simulated axes (sizes,
+no process group: ``ds_twolevel.tools.bench.shard_layer``), whose collectives run local ops of the same
+output shapes, so the number is exactly one rank's compute; the ideal is dense time / (m n). Prefill (batch x seq tokens) and
 decode (one token per sequence against a cache of seq). Then our layer at m = n = 1 against Hugging Face's
 LlamaAttention (sdpa) on the same weights and input: time and largest difference.
 

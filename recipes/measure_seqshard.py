@@ -3,9 +3,9 @@
     python recipes/measure_seqshard.py                 # everything (about 10 min on a quiet 2-core CPU)
     python recipes/measure_seqshard.py --only prefill  # prefill | decode | memory | bf16; --json out.json
 
-* prefill / decode: one rank's shard (collectives replaced by local ops of the same shapes: the layer's
-  own simulated axes for seq_rows / kv_shard, ``ds_twolevel.tools.bench.local_collectives`` for the existing
-  strategies) against the dense fused layer; ideal = dense / (m n). One thread, fp32, fastest of
+* prefill / decode: one rank's shard on simulated axes (sizes, no process group: collectives run local
+  ops of the same output shapes; ``ds_twolevel.tools.bench.simulated_axes`` / ``shard_layer``) against
+  the dense fused layer; ideal = dense / (m n). One thread, fp32, fastest of
   ``--repeats`` interleaved rounds (the machine is shared: the fastest is the least disturbed). Every
   segment rank's shard is timed (the zigzag blocks of rank 0 and rank m-1 differ) and the slowest is
   reported. The layer is the bench's (H = 1024, 8 heads x 128, MHA). Times are the thread's CPU time
@@ -31,9 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ds_twolevel.tools.bench import local_collectives, shard_layer  # noqa: E402
+from ds_twolevel.tools.bench import shard_layer, simulated_axes  # noqa: E402
 from ds_twolevel.layers.cache import KVCache  # noqa: E402
-from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes  # noqa: E402
 from ds_twolevel.sharding.partition import AttentionSpec  # noqa: E402
 from ds_twolevel.layers.rope import rope_cos_sin  # noqa: E402
 from ds_twolevel.layers.attention import SeqShardAttention  # noqa: E402
@@ -41,11 +40,6 @@ from ds_twolevel.layers.seq_cache import SeqShardCache  # noqa: E402
 
 HIDDEN, SPEC = 1024, AttentionSpec(8, 8, 128, rope_style="half")
 LAYOUTS = ((2, 2), (1, 4))
-
-
-def simulated_axes(n: int, m: int, j: int) -> TwoLevelAxes:
-    """Rank (0, j) of an n x m layer with sized axes but no process group (one process)."""
-    return TwoLevelAxes(seg=AxisGroup("m", m, j), heads=AxisGroup("n", n, 0), tp=AxisGroup("tp", n * m, j))
 
 
 def round_ms(steps: list[Callable[[], Any]], repeats: int) -> tuple[list[list[float]], list[list[float]]]:
@@ -67,19 +61,8 @@ def round_ms(steps: list[Callable[[], Any]], repeats: int) -> tuple[list[list[fl
     return cpu, wall
 
 
-def existing(layer) -> Callable[..., Any]:
-    """An existing-strategy shard run with its collectives replaced by local ops. Only there: the
-    bench's ``local_collectives`` also replaces the no-op collectives of 1-rank axes (an all-gather over
-    m = 1 becomes a torch.cat copy of q and k, at decode of the whole K cache), so the dense layer runs
-    without it."""
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with local_collectives():
-            return layer(*args, **kwargs)
-    return run
-
-
 def _seq_shard(n: int, m: int, j: int) -> SeqShardAttention:
-    return SeqShardAttention(HIDDEN, SPEC, simulated_axes(n, m, j)).eval()
+    return SeqShardAttention(HIDDEN, SPEC, simulated_axes(n, m, j=j)).eval()
 
 
 def prefill_rows(seq: int, repeats: int) -> list[dict]:
@@ -94,7 +77,7 @@ def prefill_rows(seq: int, repeats: int) -> list[dict]:
             layer = _seq_shard(n, m, j)
             named.append((f"seq_rows j={j}", n, m, lambda layer=layer: layer(x, position_embeddings=rope)))
         for strategy in ("qk_allgather", "score_allreduce"):
-            old = existing(shard_layer(HIDDEN, SPEC, n, m, strategy))
+            old = shard_layer(HIDDEN, SPEC, n, m, strategy)
             named.append((strategy, n, m, lambda old=old: old(x, position_embeddings=rope)))
     with torch.no_grad():
         times = round_ms([step for *_, step in named], repeats)
@@ -136,7 +119,6 @@ def decode_rows(batch: int, kv_len: int, repeats: int) -> list[dict]:
             layer = _seq_shard(n, m, int(label.split("=")[-1]))
         else:
             layer = shard_layer(HIDDEN, SPEC, n, m, strategy)
-            layer = layer if n * m == 1 else existing(layer)
         named.append((label, n, m, _decode_step(layer, x, rope, cache, kv_len - 1)))
     with torch.no_grad():
         times = round_ms([step for *_, step in named], repeats)

@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_twolevel.tools.bench import (BenchConfig, ShardCase, _gpu_section, _modelled_bytes, layout_rank, local_collectives, shard_layer,
-                               time_shards, write_report)
+from ds_twolevel.costmodel import ModelConfig, attention_call, attention_collectives
+from ds_twolevel.parallel.collectives import CommCounter
+from ds_twolevel.parallel import collectives as coll
+from ds_twolevel.parallel.layout import AxisGroup
+from ds_twolevel.tools.bench import BenchConfig, ShardCase, layout_rank, shard_layer, time_shards, write_report
+from ds_twolevel.tools.bench.gpu import gpu_section as _gpu_section
+from ds_twolevel.tools.bench.report import modelled_bytes as _modelled_bytes
 from ds_twolevel.sharding.partition import AttentionSpec
 from ds_twolevel.layers.rope import rope_cos_sin
 from ds_twolevel.testing import run_distributed
@@ -45,16 +50,51 @@ def test_layout_bench_matches_dense_and_counts_modelled_bytes(layout_rows):
     assert replicated["kv_cache_bytes"] == 2 * two_level["kv_cache_bytes"]
 
 
-def test_shard_layer_local_collectives_keep_shapes():
-    spec = AttentionSpec(4, 4, 16, rope_style="half")
-    x = torch.randn(1, 8, 32)
-    rope = rope_cos_sin(torch.arange(8).expand(1, -1), spec)
-    with torch.no_grad(), local_collectives():
-        for n, m, strategy in ((1, 1, "qk_allgather"), (2, 2, "score_allreduce"), (1, 4, "qk_allgather")):
-            assert shard_layer(32, spec, n, m, strategy)(x, position_embeddings=rope).shape == (1, 8, 32)
-    from ds_twolevel import attention
+def test_simulated_shard_keeps_shapes_counts_and_module_globals():
+    """A shard on simulated axes (sizes, no process group) runs in one process without touching
+    layers/attention.py: its outputs and gradients have the shapes of the real shard (the dense
+    (b, s, H) output; per-rank weight shapes), and it counts the collectives the cost model lists."""
+    from ds_twolevel.layers import attention as attn_mod
 
-    assert attention.all_reduce_both.__module__ == "ds_twolevel.parallel.collectives"  # restored
+    before = dict(vars(attn_mod))
+    spec = AttentionSpec(4, 4, 16, rope_style="half")
+    model = ModelConfig("t", 32, 4, 4, 16, 64, 1)
+    x = torch.randn(1, 8, 32, requires_grad=True)
+    rope = rope_cos_sin(torch.arange(8).expand(1, -1), spec)
+    for n, m, strategy in ((1, 1, "qk_allgather"), (2, 2, "score_allreduce"), (2, 2, "qk_allgather"),
+                           (1, 4, "qk_allgather"), (1, 4, "score_allreduce"), (2, 1, "qk_allgather")):
+        layer = shard_layer(32, spec, n, m, strategy)
+        with CommCounter() as comm:
+            y = layer(x, position_embeddings=rope)
+        assert y.shape == (1, 8, 32)
+        y.sum().backward()  # every paired backward collective runs locally too
+        assert layer.q_proj.weight.grad.shape == (4 // n * 16 // m, 32), (n, m, strategy)
+        want = attention_collectives(attention_call(model, n, m, 1, 8, 8), strategy)
+        got = [(r.op, r.axis, r.tag, r.numel, r.ranks) for r in comm.records]
+        assert got == [(c.op, c.axis, c.tag, c.numel, c.ranks) for c in want], (n, m, strategy)
+    assert vars(attn_mod) == before  # no monkeypatching: the layer module's globals are untouched
+
+
+def test_simulated_axis_runs_local_ops_and_one_rank_axis_stays_a_no_op():
+    sim, one = AxisGroup("m", 3, 1), AxisGroup.single("m")
+    assert coll.simulated(sim) and not coll.simulated(one)
+    x = torch.arange(6.0).view(2, 3).requires_grad_()
+    for fn in (coll.copy_to_axis, coll.reduce_from_axis, coll.all_reduce_both):
+        assert fn(x, one) is x
+    assert coll.all_gather_dim(x, one, 1) is x and coll.reduce_scatter_dim(x, one, 1) is x
+    with CommCounter() as comm:
+        gathered = coll.all_gather_dim(x, sim, 1, "g")  # (2, 9): three copies along dim 1
+        assert torch.equal(gathered, torch.cat([x] * 3, dim=1))
+        scattered = coll.reduce_scatter_dim(gathered, sim, 1, "s")  # rank 1's chunk
+        assert torch.equal(scattered, gathered[:, 3:6])
+        swapped = coll.all_to_all_dim0(torch.ones(3, 2), sim, "a")
+        summed = coll.all_reduce_both(x, sim, "r")
+        assert swapped.shape == (3, 2) and torch.equal(summed, x) and summed.data_ptr() != x.data_ptr()
+        (scattered.sum() + summed.sum()).backward()
+    assert [(r.op, r.backward) for r in comm.records] == [
+        ("all_gather", False), ("reduce_scatter", False), ("all_to_all", False), ("all_reduce", False),
+        ("all_reduce", True), ("all_gather", True), ("reduce_scatter", True)]
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))  # the local backward ops, same pairing as the real ones
 
 
 def test_time_shards_rows():

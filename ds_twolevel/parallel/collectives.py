@@ -3,6 +3,12 @@
 Each pattern is one small ``torch.autograd.Function`` and a one-line wrapper that returns early
 when the axis has a single rank. Every call is reported to the active :class:`CommCounter`s with
 the bytes this rank sends under the ring algorithm, so tests can compare them with the cost model.
+
+**Simulated axes.** An axis with a size > 1 but no process group (see :func:`simulated`) runs,
+in place of each collective, the local op of the same output shape: all-gather -> concatenation
+of p copies, all-reduce -> a copy, reduce-scatter -> a copy of this rank's chunk, all-to-all ->
+a copy. The values are placeholders; shapes, the autograd pairing and the counted bytes are those
+of the real collective. A single process can so time one rank's shard of an n x m layer.
 """
 from __future__ import annotations
 
@@ -94,6 +100,16 @@ _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def simulated(axis: AxisGroup) -> bool:
+    """An axis of several ranks without a process group: its collectives run locally (see module doc).
+
+    Example:
+        >>> simulated(AxisGroup("m", 4, 0)), simulated(AxisGroup.single("m"))
+        (True, False)
+    """
+    return axis.size > 1 and axis.group is None
+
+
 def _record(op: str, axis: AxisGroup, numel: int, element_size: int, tag: str, backward: bool) -> None:
     if _ACTIVE:
         rec = CommRecord(op, axis.name, axis.size, numel, element_size, tag, backward)
@@ -104,7 +120,8 @@ def _record(op: str, axis: AxisGroup, numel: int, element_size: int, tag: str, b
 def _all_reduce(x: torch.Tensor, axis: AxisGroup, tag: str, backward: bool) -> torch.Tensor:
     out = x.contiguous().clone()  # all_reduce is in place; never write into an autograd input
     _record("all_reduce", axis, out.numel(), out.element_size(), tag, backward)
-    dist.all_reduce(out, group=axis.group)
+    if not simulated(axis):
+        dist.all_reduce(out, group=axis.group)
     return out
 
 
@@ -112,7 +129,10 @@ def _all_gather(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str, backward: 
     local = x.movedim(dim, 0).contiguous()  # (k, ...) with the gathered dim first
     out = local.new_empty((axis.size * local.shape[0], *local.shape[1:]))
     _record("all_gather", axis, out.numel(), out.element_size(), tag, backward)
-    _ALL_GATHER(out, local, group=axis.group)
+    if simulated(axis):
+        out.view(axis.size, *local.shape).copy_(local.unsqueeze(0).expand(axis.size, *local.shape))
+    else:
+        _ALL_GATHER(out, local, group=axis.group)
     return out.movedim(0, dim)  # rank order along dim
 
 
@@ -122,7 +142,10 @@ def _reduce_scatter(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str, backwa
         raise ValueError(f"reduce-scatter of {full.shape[0]} rows over {axis.size} ranks")
     out = full.new_empty((full.shape[0] // axis.size, *full.shape[1:]))
     _record("reduce_scatter", axis, full.numel(), full.element_size(), tag, backward)
-    _REDUCE_SCATTER(out, full, group=axis.group)
+    if simulated(axis):
+        out.copy_(full.narrow(0, axis.rank * out.shape[0], out.shape[0]))  # this rank's chunk
+    else:
+        _REDUCE_SCATTER(out, full, group=axis.group)
     return out.movedim(0, dim)
 
 
@@ -132,7 +155,10 @@ def _all_to_all(x: torch.Tensor, axis: AxisGroup, tag: str, backward: bool) -> t
         raise ValueError(f"all-to-all of {send.shape[0]} chunks over {axis.size} ranks")
     out = torch.empty_like(send)
     _record("all_to_all", axis, send.numel(), send.element_size(), tag, backward)
-    dist.all_to_all_single(out, send, group=axis.group)
+    if simulated(axis):
+        out.copy_(send)
+    else:
+        dist.all_to_all_single(out, send, group=axis.group)
     return out
 
 

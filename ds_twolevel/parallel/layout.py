@@ -19,7 +19,8 @@ MESH_AXES = ("dp", "n", "m")
 
 @dataclass(frozen=True)
 class AxisGroup:
-    """One mesh axis as the layers see it: a process group (None when the axis has one rank)."""
+    """One mesh axis as the layers see it: a process group (None when the axis has one rank, or for a
+    simulated axis of several ranks in one process: see ``collectives.simulated``)."""
 
     name: str
     """"m" (segments), "n" (head groups), "tp" (n*m) or "dp"."""

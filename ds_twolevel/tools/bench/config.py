@@ -1,0 +1,76 @@
+"""What the bench runs: shapes, repeats, and the attention strategies it iterates."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HEADWISE_STRATEGY = "qk_allgather"
+"""The strategy name of the m = 1 rows: at m = 1 no strategy issues segment collectives, so every
+strategy is the same head-wise TP layer; the rows use the one that keeps fused SDPA."""
+
+
+def bench_strategies() -> tuple[str, ...]:
+    """The attention strategies the bench iterates over (the one place that names their source).
+
+    Example:
+        >>> "score_allreduce" in bench_strategies()
+        True
+    """
+    from ds_twolevel.costmodel import STRATEGIES
+
+    return tuple(STRATEGIES)
+
+
+def strategies_for(m: int) -> tuple[str, ...]:
+    """The strategies a layout with ``m`` segments is benchmarked with (one at m = 1: they coincide)."""
+    return (HEADWISE_STRATEGY,) if m == 1 else bench_strategies()
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Shapes, repeats and what to run."""
+
+    ranks: int = 4
+    """gloo ranks of the layout benchmark (one thread each)."""
+    hidden: int = 512
+    heads: int = 8
+    kv_heads: int = 2
+    """g < ranks, so head-wise TP over all ranks needs KV replication."""
+    head_dim: int = 64
+    intermediate: int = 1024
+    layers: int = 2
+    vocab: int = 256
+    prefill_batch: int = 1
+    prefill_seq: int = 256
+    decode_batch: int = 4
+    decode_seq: int = 1024
+    """KV-cache length before the timed decode step."""
+    repeats: int = 9
+    warmup: int = 2
+    autotp: bool = True
+    """include DeepSpeed AutoTP (imports deepspeed in every rank, ~20 s)."""
+    shard_hidden: int = 1024
+    shard_heads: int = 8
+    shard_head_dim: int = 128
+    """paper-like heads of 128 dims (MHA), narrower model so that one CPU thread can time it."""
+    shard_seqs: tuple[int, ...] = (1024, 2048)
+    shard_decode: tuple[int, int] = (8, 4096)
+    """(batch, KV length) of the decode per-shard measurement."""
+    shard_repeats: int = 5
+    overhead_seq: int = 1024
+    overhead_repeats: int = 30
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "BenchConfig":
+        """Tiny shapes for tests: seconds, not minutes."""
+        return cls(ranks=2, hidden=64, heads=4, kv_heads=1, head_dim=16, intermediate=128, layers=1, vocab=32,
+                   prefill_seq=16, decode_batch=2, decode_seq=16, repeats=2, warmup=1, autotp=False,
+                   shard_hidden=64, shard_heads=4, shard_head_dim=16, shard_seqs=(32,), shard_decode=(2, 32),
+                   shard_repeats=2, overhead_seq=32, overhead_repeats=3)
+
+    def llama_config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(hidden_size=self.hidden, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                           head_dim=self.head_dim, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
+                           vocab_size=self.vocab, attn_implementation="sdpa")

@@ -1,0 +1,168 @@
+"""Render ``performance.md`` from the JSON results: the measured sections are built here, the prose
+is the template ``report.md`` next to this module (``str.format`` fields: ``{results[...]}``,
+``{cfg[...]}`` and the named sections and numbers :func:`render` passes), shipped as package data."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from ds_twolevel.parallel.collectives import ring_bytes
+from ds_twolevel.tools.bench.gpu import GPU_JSON, gpu_section
+from ds_twolevel.tools.bench.modelled import paper_bounds, paper_section, planner_section, profiles_table
+from ds_twolevel.tools.bench.plots import write_plots
+from ds_twolevel.tools.bench.tables import md_table
+
+REGENERATE = "python -m ds_twolevel bench --out docs/"
+TEMPLATE = "report.md"
+"""the report's prose, in this package."""
+
+
+def modelled_bytes(cfg: dict, name: str, phase: str) -> int | None:
+    """Bytes per layer the cost model predicts for a benchmark row (None for rows it does not model)."""
+    from ds_twolevel.costmodel import ModelConfig, block_collectives, attention_call
+
+    b, q, kv = ((cfg["prefill_batch"], cfg["prefill_seq"], cfg["prefill_seq"]) if phase == "prefill"
+                else (cfg["decode_batch"], 1, cfg["decode_seq"] + 1))
+    if name.startswith("DeepSpeed AutoTP"):  # row-parallel o_proj and down_proj: one all-reduce of T x H each
+        return 2 * ring_bytes("all_reduce", b * q * cfg["hidden"] * 4, cfg["ranks"])
+    if not name.startswith("n="):
+        return None
+    n, m = int(name.split(" x ")[0][2:]), int(name.split(" x ")[1].split(",")[0][2:])
+    strategy = name.split(", ")[1] if ", " in name else "qk_allgather"
+    model = ModelConfig("bench", cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["intermediate"],
+                        cfg["layers"])
+    return sum(c.bytes_sent(4) for c in block_collectives(attention_call(model, n, m, b, q, kv), strategy))
+
+
+def _layouts_section(results: dict) -> str:
+    rows, cfg = results["layouts"], results["config"]
+    base = next((r for r in rows if r["kind"].startswith("AutoTP")), None) or next(r for r in rows if r["kind"].startswith("head-wise"))
+    table = []
+    for r in rows:
+        mod_p, mod_d = modelled_bytes(cfg, r["name"], "prefill"), modelled_bytes(cfg, r["name"], "decode")
+        table.append([r["name"], r["kind"], f"{r['prefill_ms']:.2f} [{1e3 * min(r['prefill_times']):.2f}]",
+                      f"{r['prefill_ms'] / base['prefill_ms']:.2f}x",
+                      f"{r['decode_ms']:.2f} [{1e3 * min(r['decode_times']):.2f}]", f"{r['decode_ms'] / base['decode_ms']:.2f}x",
+                      f"{r['prefill_bytes_per_layer']:,}" + ("" if mod_p is None else f" / {mod_p:,}"),
+                      f"{r['decode_bytes_per_layer']:,}" + ("" if mod_d is None else f" / {mod_d:,}"),
+                      f"{r['param_bytes'] / 2**20:.2f}", f"{r['kv_cache_bytes'] / 2**20:.2f}", f"{r['max_error']:.1e}"])
+    head = ["layout", "kind", "prefill ms median [min]", "vs baseline", "decode ms median [min]", "vs baseline",
+            "prefill B/layer sent (counted / model)", "decode B/layer sent (counted / model)",
+            "params MiB/rank", "KV MiB/rank", "max abs err vs dense"]
+    return (f"Model: HF `LlamaForCausalLM` built from a config: H={cfg['hidden']}, h={cfg['heads']}, g={cfg['kv_heads']}, "
+            f"d={cfg['head_dim']}, I={cfg['intermediate']}, {cfg['layers']} layers, fp32, on {cfg['ranks']} gloo ranks "
+            f"(1 thread each). Prefill: batch {cfg['prefill_batch']} x {cfg['prefill_seq']} tokens. Decode: one token for "
+            f"each of {cfg['decode_batch']} sequences against a KV cache of {cfg['decode_seq']}. Median of "
+            f"{cfg['repeats']} steps after {cfg['warmup']} warm-up steps, barrier to barrier, the variants timed "
+            f"round-robin (one step of each per round) so that load from other jobs hits all alike; [min] is the "
+            f"fastest step. Baseline: **{base['name']}**, same run, same weights and inputs.\n\n" + md_table(head, table))
+
+
+def _shard_label(r: dict) -> str:
+    return f"n={r['n']} x m={r['m']}, s={r['seq']}: {r['ratio_to_ideal']:.2f}x"
+
+
+def _shard_model_ms(cfg: dict, r: dict) -> float:
+    """The cost model's compute time for a per-shard row, on the calibrated CPU profile."""
+    from ds_twolevel.costmodel import ModelConfig, attention_call, attention_ops
+    from ds_twolevel.costmodel.hardware import CPU_GLOO
+
+    H, h, d = cfg["shard_hidden"], cfg["shard_heads"], cfg["shard_head_dim"]
+    model = ModelConfig("shard", H, h, h, d, 4 * H, 1)
+    q_len, kv_len = (r["seq"], r["seq"]) if r["phase"] == "prefill" else (1, r["seq"])
+    call = attention_call(model, r["n"], r["m"], r["batch"], q_len, kv_len)
+    return 1e3 * sum(op.time(CPU_GLOO) for op in attention_ops(model, call, r["strategy"], 4))
+
+
+def _shard_key(r: dict) -> tuple:
+    return r["phase"], r["batch"], r["seq"], r["n"], r["m"], r["strategy"]
+
+
+def _shard_section(results: dict) -> tuple[str, str]:
+    rows, cfg = results["shard"], results["config"]
+    thp = {_shard_key(r): r for r in results.get("shard_thp", [])}
+
+    def with_thp(r: dict) -> list[str]:
+        t = thp.get(_shard_key(r))
+        return [f"{t['ms']:.2f}", f"{t['ratio_to_ideal']:.2f}x"] if t else ["-", "-"]
+
+    table = [[r["phase"], r["batch"], r["seq"], f"{r['n']} x {r['m']}",
+              r["strategy"] if r["m"] > 1 or r["n"] * r["m"] == 1 else "-", f"{r['ms']:.2f}",
+              f"{r['dense_ms'] / (r['n'] * r['m']):.2f}", f"{r['ratio_to_ideal']:.2f}x",
+              f"{r.get('ratio_to_same_path', r['ratio_to_ideal']):.2f}x", *with_thp(r), f"{_shard_model_ms(cfg, r):.2f}"]
+             for r in rows]
+    target = [r for r in rows if r["phase"] == "prefill" and r["seq"] >= 1024 and r["n"] * r["m"] == 4
+              and r["m"] > 1 and r["strategy"] == "score_allreduce"]
+    if target:
+        worst = max(r["ratio_to_ideal"] for r in target)
+        same = max(r.get("ratio_to_same_path", 0.0) for r in target)
+        target_thp = [thp[_shard_key(r)]["ratio_to_ideal"] for r in target if _shard_key(r) in thp]
+        verdict = (f"**Target (score all-reduce, m*n = 4, prefill s >= 1024, within 1.3x of ideal): "
+                   f"{'holds' if worst <= 1.3 else 'does NOT hold'}** - worst measured ratio {worst:.2f}x "
+                   f"({', '.join(_shard_label(r) for r in target)}), with the allocator as the process found it "
+                   f"({results.get('allocator', 'THP_MEM_ALLOC_ENABLE unset')}). "
+                   + (f"With 2 MB transparent huge pages (same grid, fresh process): worst {max(target_thp):.2f}x. "
+                      if target_thp else "")
+                   + f"Against the dense layer on the same explicit score path (materialised scores, no fused "
+                   f"kernel), the worst ratio is {same:.2f}x.")
+    else:
+        verdict = "The target (m*n = 4, prefill s >= 1024) was not in this run's grid."
+    fit = {ph: [r["ms"] / _shard_model_ms(cfg, r) for r in rows if r["phase"] == ph] for ph in ("prefill", "decode")}
+    verdict_model = ("Measured / modelled time on the calibrated CPU profile: "
+                     + "; ".join(f"{ph} {min(v):.2f}-{max(v):.2f}x" for ph, v in fit.items() if v) + ". "
+                     "Decode is far above the roofline: the KV cache appends by `torch.cat` (ours as Hugging "
+                     "Face's DynamicCache), copying the whole cache every step, and the batched matrix-vector "
+                     "products of one query run well below this CPU's copy bandwidth; the model (a cache read once "
+                     "per step, as with a paged or static cache, at full bandwidth) counts neither."
+                     + (" Where prefill runs faster than modelled, the fused causal kernel and the blocked causal "
+                        "score path skip the masked half that the model counts." if fit["prefill"] and min(fit["prefill"]) < 1 else ""))
+    verdict = verdict + "\n\n" + verdict_model
+    head = ["phase", "batch", "seq (KV)", "n x m", "strategy", "shard ms", "ideal ms (dense/(m n))", "ratio to ideal",
+            "ratio to ideal of the same path", "shard ms, THP", "ratio to ideal, THP", "cost model ms (cpu profile)"]
+    text = (f"Attention layer H={cfg['shard_hidden']}, h=g={cfg['shard_heads']} (MHA), d={cfg['shard_head_dim']} "
+            f"(the paper's head size), fp32, one thread; fastest of {cfg['shard_repeats']} round-robin rounds "
+            "(all shards built first, timed in turn, so that load from other jobs hits them alike). The THP columns "
+            "repeat the whole grid in a fresh process with `THP_MEM_ALLOC_ENABLE=1` (PyTorch's switch that backs CPU "
+            "tensors of 2 MB and more with transparent huge pages): the score path allocates tensors of tens of MB "
+            "per call, and with 4 KB pages each call faults through them again.\n\n" + md_table(head, table))
+    return text, verdict
+
+
+def _overhead_section(results: dict) -> tuple[str, str]:
+    rows = results["overhead"]
+    table = [[r["heads"], r["kv_heads"], r["head_dim"], r["seq"], f"{r['hf_ms']:.2f}", f"{r['ours_ms']:.2f}",
+              f"{r['overhead']:+.1%}", f"{r.get('overhead_median_of_rounds', r['overhead']):+.1%}",
+              f"{r['max_rel_diff']:.1e}"] for r in rows]
+    worst = max(max(r["overhead"], r.get("overhead_median_of_rounds", r["overhead"])) for r in rows)
+    verdict = (f"**Target (m = n = 1 overhead <= 5% against HF SDPA): {'holds' if worst <= 0.05 else 'does NOT hold'}** "
+               f"- worst {worst:+.1%} (the larger of the two statistics, over both shapes).")
+    head = ["h", "g", "d", "seq", "HF LlamaAttention sdpa ms (fastest)", "ours ms (fastest)", "overhead (fastest)",
+            "overhead (median of per-round ratios)", "largest diff / largest output"]
+    return md_table(head, table), verdict
+
+
+def write_report(results: dict, out: Path) -> Path:
+    """Render ``performance.md`` (+ PNGs) from measured results and the (pure) planner/paper models."""
+    write_plots(results, out)
+    shard_text, shard_verdict = _shard_section(results)
+    overhead_text, overhead_verdict = _overhead_section(results)
+    sections = {"regenerate": REGENERATE, "layouts": _layouts_section(results), "shard": shard_text,
+                "shard_verdict": shard_verdict, "overhead": overhead_text, "overhead_verdict": overhead_verdict,
+                "planner": planner_section(), "paper": paper_section(), "gpu": gpu_section(out / GPU_JSON)}
+    path = out / "performance.md"
+    path.write_text(render(results, sections))
+    return path
+
+
+def render(results: dict, sections: dict[str, str]) -> str:
+    """The template filled with the results, the rendered ``sections`` and the paper's bounds."""
+    from ds_twolevel.costmodel.planner import PAPER_CLAIMS
+
+    b = paper_bounds()
+    template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
+    return template.format(
+        results=results, cfg=results["config"], profiles=profiles_table(), **sections,
+        paper_pflop=b["flops"] / 1e15, peak_mtokens_per_s=b["peak_tokens_per_s"] / 1e6,
+        baseline_share_of_peak=PAPER_CLAIMS["baseline_tokens_per_s"] / b["peak_tokens_per_s"],
+        twolevel_share_of_peak=PAPER_CLAIMS["twolevel_tokens_per_s"] / b["peak_tokens_per_s"],
+        kv_total_gb=b["kv_total_gb"], kv_bound_ms=b["kv_bound_ms"])
