@@ -55,7 +55,7 @@ def test_demo_refuses_bad_layout_with_the_fix():
 # -- bad input: one line on stderr, exit status 2, no traceback, nothing spawned ------------------------
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     """ds_twolevel.tools.cli.main in this process (what the console script runs); (status, stdout, stderr)."""
-    from ds_twolevel import cli
+    from ds_twolevel.tools import cli
 
     try:
         code = cli.main(list(argv))

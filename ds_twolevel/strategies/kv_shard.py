@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_twolevel.parallel.layout import AxisGroup
-from ds_twolevel.strategies import comm
+from ds_twolevel.parallel import collectives as comm
 from ds_twolevel.strategies.base import AttendContext, AttentionCall, Collective, Op
 from ds_twolevel.strategies.fused import partial_attention
 from ds_twolevel.strategies.row_masks import check_kv_len, position_mask

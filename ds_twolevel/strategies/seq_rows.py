@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_twolevel.parallel.layout import AxisGroup
-from ds_twolevel.strategies import comm
+from ds_twolevel.parallel import collectives as comm
 from ds_twolevel.strategies.base import AttendContext, AttentionCall, Collective, Op, plain_causal
 from ds_twolevel.strategies.fused import causal_blocks_attention, equal_head_dims, masked_attention
 from ds_twolevel.strategies.row_masks import row_mask

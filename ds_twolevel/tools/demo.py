@@ -29,7 +29,7 @@ class DemoConfig:
     dp: int = 1
     """data-parallel replicas (each gets its own batch)."""
     strategy: str = "auto"
-    """attention strategy: "auto" or a name of the strategy registry (registry.layer_choices())."""
+    """attention strategy: "auto" or one of the registry's universal strategies (score_allreduce, qk_allgather)."""
     batch: int = 2
     seq: int = 16
     hidden: int = 128
@@ -131,7 +131,7 @@ def seed_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    choices = {"strategy": registry.layer_choices(), "rope": ROPES}
+    choices = {"strategy": (registry.AUTO, *registry.universal()), "rope": ROPES}
     for name, value in asdict(DemoConfig()).items():
         flag, text = "--" + name.replace("_", "-"), _FLAG_HELP[name]
         if isinstance(value, bool):

@@ -9,15 +9,16 @@ strategy is the same head-wise TP layer; the rows use the one that keeps fused S
 
 
 def bench_strategies() -> tuple[str, ...]:
-    """The attention strategies the bench iterates over (the one place that names their source).
+    """The attention strategies the bench iterates over: the registry's universal ones (those that run
+    every call of the layout benchmark: masks, training, a dimension-layout cache).
 
     Example:
         >>> "score_allreduce" in bench_strategies()
         True
     """
-    from ds_twolevel.costmodel import STRATEGIES
+    from ds_twolevel.strategies import registry
 
-    return tuple(STRATEGIES)
+    return registry.universal()
 
 
 def strategies_for(m: int) -> tuple[str, ...]:
