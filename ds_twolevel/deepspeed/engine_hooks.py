@@ -22,25 +22,24 @@ state dict for our checkpoints. :func:`install` runs in ``ds_twolevel.initialize
 ``ds_twolevel.save_checkpoint`` / ``load_checkpoint``, and, through :func:`install_when_imported`,
 as soon as DeepSpeed's engine module is imported after a model was patched.
 
-Private DeepSpeed API touched (DeepSpeed 0.19.8): the methods ``DeepSpeedEngine.
-_zero3_consolidated_16bit_state_dict`` and ``_consolidated_16bit_state_dict`` (called by
-accelerate 1.15 ``Accelerator.get_state_dict`` and transformers 5.24 ``Trainer.save_model``), and the
-model attribute ``universal_checkpoint_info`` with the key ``autotp_unsupported_parameter_patterns``
-(read by ``deepspeed/checkpoint/ds_to_universal.py: _validate_autotp_conversion_support``).
+The private DeepSpeed API this touches (two private engine methods, ``universal_checkpoint_info``)
+lives, version-commented, in :mod:`ds_twolevel.deepspeed.compat` (:data:`~ds_twolevel.deepspeed.compat.
+ZERO3_CONSOLIDATED`, :data:`~ds_twolevel.deepspeed.compat.CONSOLIDATED`,
+:func:`~ds_twolevel.deepspeed.compat.set_universal_checkpoint_info`).
 """
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from ds_twolevel.deepspeed.compat import CONSOLIDATED, ZERO3_CONSOLIDATED, set_universal_checkpoint_info
+from ds_twolevel.deepspeed.import_hooks import when_imported
 
 logger = logging.getLogger("ds_twolevel")
 _MARK = "_ds_twolevel_originals"
@@ -72,7 +71,7 @@ def _drop_frozen(engine: Any, state: dict[str, torch.Tensor]) -> dict[str, torch
 
 def dense_16bit(engine: Any, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
     """The dense state dict in the module's own dtype, on every rank (collective)."""
-    from ds_twolevel.deepspeed.runtime import dense_state_dict
+    from ds_twolevel.deepspeed.export import dense_state_dict
 
     state = dense_state_dict(engine)
     return _drop_frozen(engine, state) if exclude_frozen_parameters else state
@@ -121,18 +120,14 @@ def _save_16bit_model(original: Callable, self: Any, save_dir: str, save_filenam
     return True
 
 
-def _universal_info(engine: Any) -> dict[str, Any]:
-    from deepspeed.checkpoint.constants import (AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
-
+def _universal_reason(engine: Any) -> str:
+    """Why DeepSpeed's ds_to_universal must not convert this engine's checkpoints, and what works."""
     from ds_twolevel.deepspeed.checkpoint import mesh_of
 
     layout = mesh_of(engine).layout
-    reason = (f"ds_twolevel two-level shards (dp={layout.dp} x n={layout.n} x m={layout.m}) are not contiguous tensor-"
+    return (f"ds_twolevel two-level shards (dp={layout.dp} x n={layout.n} x m={layout.m}) are not contiguous tensor-"
               f"parallel slices; get the dense weights with `ds-twolevel convert CHECKPOINT_DIR OUT`, and resume at any "
               f"layout with ds_twolevel.load_checkpoint (it reshards)")
-    return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-            AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS: {".*": reason}}
 
 
 def _save_checkpoint(original: Callable, self: Any, save_dir: str, tag: Any = None, client_state: dict | None = None,
@@ -143,7 +138,7 @@ def _save_checkpoint(original: Callable, self: Any, save_dir: str, tag: Any = No
     from ds_twolevel.deepspeed.checkpoint import after_deepspeed_save
 
     tag = str(tag if tag is not None else f"global_step{self.global_steps}")
-    self.module.universal_checkpoint_info = _universal_info(self)  # DeepSpeed saves it in the model states
+    set_universal_checkpoint_info(self.module, _universal_reason(self))  # DeepSpeed saves it in the model states
     result = original(self, save_dir, tag, client_state or {}, save_latest, exclude_frozen_parameters)
     after_deepspeed_save(self, Path(save_dir), tag)
     return result
@@ -165,8 +160,8 @@ def _load_checkpoint(original: Callable, self: Any, load_dir: str, tag: Any = No
 
 WRAPPERS: dict[str, Callable] = {
     "save_16bit_model": _save_16bit_model,
-    "_zero3_consolidated_16bit_state_dict": _zero3_consolidated_16bit_state_dict,
-    "_consolidated_16bit_state_dict": _consolidated_16bit_state_dict,
+    ZERO3_CONSOLIDATED: _zero3_consolidated_16bit_state_dict,
+    CONSOLIDATED: _consolidated_16bit_state_dict,
     "save_checkpoint": _save_checkpoint,
     "load_checkpoint": _load_checkpoint,
 }
@@ -217,37 +212,6 @@ def original(name: str) -> Callable:
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     return DeepSpeedEngine.__dict__.get(_MARK, {}).get(name) or getattr(DeepSpeedEngine, name)
-
-
-class _InstallOnImport(importlib.abc.MetaPathFinder):
-    """Runs ``then(module)`` right after ``module_name`` is imported (then removes itself)."""
-
-    def __init__(self, module_name: str = ENGINE_MODULE, then: Callable[[Any], None] | None = None) -> None:
-        self.module_name, self.then = module_name, then or (lambda module: install())
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != self.module_name:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_install(module: Any) -> None:
-            exec_module(module)
-            self.then(module)
-
-        spec.loader.exec_module = exec_and_install  # type: ignore[method-assign]
-        return spec
-
-
-def when_imported(module_name: str, then: Callable[[Any], None]) -> None:
-    """``then(module)`` now if ``module_name`` is imported, else right after it is (once per module name)."""
-    if module_name in sys.modules:
-        then(sys.modules[module_name])
-    elif not any(isinstance(f, _InstallOnImport) and f.module_name == module_name for f in sys.meta_path):
-        sys.meta_path.insert(0, _InstallOnImport(module_name, then))
 
 
 def install_when_imported() -> None:
