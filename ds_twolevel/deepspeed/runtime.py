@@ -15,6 +15,10 @@ What it does, in order (every check before any collective):
    dense one. Replicated parameters need no extra all-reduce: the tp ranks of a replica see the
    same batch and the input all-reduces of the layers make their gradients identical.
 
+Steps 2 and 3 live in :mod:`~ds_twolevel.deepspeed.rendezvous` and :mod:`~ds_twolevel.deepspeed.inject`;
+ZeRO-3 construction in :mod:`~ds_twolevel.deepspeed.zero`, fail-fast in :mod:`~ds_twolevel.deepspeed.faults`,
+checkpoints in :mod:`~ds_twolevel.deepspeed.checkpoint`, the dense export in :mod:`~ds_twolevel.deepspeed.export`.
+
 Data: the dp replicas get different batches, the n*m ranks of one replica the SAME batch — use
 :func:`replica_rows` (or ``training_data=``, whose sampler DeepSpeed builds from the mpu's dp axis).
 """
