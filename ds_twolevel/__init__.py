@@ -17,8 +17,12 @@ __all__ = [
 ]
 
 # DeepSpeed integration (deepspeed is imported lazily, inside these functions)
-from ds_twolevel.deepspeed.runtime import (build_mesh, dense_state_dict, export_dense, fail_fast, init_inference,  # noqa: E402
-                                    initialize, load_checkpoint, replica_rows, save_checkpoint, zero_init, zero_init_model)
+from ds_twolevel.deepspeed.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from ds_twolevel.deepspeed.export import dense_state_dict, export_dense  # noqa: E402
+from ds_twolevel.deepspeed.faults import fail_fast  # noqa: E402
+from ds_twolevel.deepspeed.rendezvous import build_mesh  # noqa: E402
+from ds_twolevel.deepspeed.runtime import init_inference, initialize, replica_rows  # noqa: E402
+from ds_twolevel.deepspeed.zero import zero_init, zero_init_model  # noqa: E402
 __all__ += ["build_mesh", "dense_state_dict", "export_dense", "fail_fast", "init_inference", "initialize",
             "load_checkpoint", "replica_rows", "save_checkpoint", "zero_init", "zero_init_model"]
 

@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ds_twolevel.deepspeed.compat import accelerate_state_initialized
+from ds_twolevel.deepspeed.import_hooks import when_imported
 from ds_twolevel.sharding import fingerprint as fp
 from ds_twolevel.parallel.agreement import AgreementError, _flag_device, agree
 from ds_twolevel.parallel.layout import TwoLevelMesh
@@ -329,8 +331,7 @@ def _is_trainer(obj: Any) -> bool:
 
 def _origin() -> str:
     """' (made by accelerate's Accelerator.prepare)' when accelerate set up this process."""
-    state = getattr(sys.modules.get("accelerate.state"), "PartialState", None)
-    return " (made by accelerate's Accelerator.prepare)" if state is not None and state._shared_state else ""
+    return " (made by accelerate's Accelerator.prepare)" if accelerate_state_initialized() else ""
 
 
 def wrapper_problems(wrapper: Any, mesh: TwoLevelMesh) -> list[str]:
@@ -382,8 +383,6 @@ def _trainer_world_problem(trainer: Any) -> str | None:
 def watch_trainers() -> None:
     """Check every ``transformers.Trainer`` at the end of its ``__init__`` (installed once, when
     ``transformers.trainer`` is imported; :func:`check_trainer`)."""
-    from ds_twolevel.deepspeed.compat import when_imported
-
     when_imported("transformers.trainer", _wrap_trainer_init)
 
 

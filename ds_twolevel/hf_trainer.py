@@ -115,7 +115,7 @@ class TwoLevelTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Collective: every rank gathers, rank 0 writes ``output_dir`` (config, dense weights, args)."""
-        from ds_twolevel.deepspeed.runtime import dense_state_dict
+        from ds_twolevel.deepspeed.export import dense_state_dict
 
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)

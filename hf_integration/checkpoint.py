@@ -1,4 +1,5 @@
-"""Checkpoints: load a ``save_pretrained`` directory slice by slice, and write a dense one back.
+"""Checkpoints: load a ``save_pretrained`` directory slice by slice (the dense export back is
+:mod:`hf_integration.dense_save`; its names are re-exported here).
 
 ``load_partitioned`` builds the model on the meta device (parameters only; buffers such as RoPE
 tables stay real), patches it, and reads every rank's slices straight from the safetensors files:
@@ -11,9 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
-import types
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,92 +21,16 @@ import transformers
 from accelerate import init_empty_weights
 from torch import nn
 
+from ds_twolevel.deepspeed import compat
 from ds_twolevel.parallel.agreement import agreement
-from ds_twolevel.sharding.gather import gather_dense_state
 from ds_twolevel.parallel.layout import TwoLevelMesh
 
-from hf_integration.policy import PatchReport, dense_copies, model_name, partitioned_layers, patch_model
+from hf_integration.dense_save import dense_state_dict, install_dense_save, save_dense_pretrained  # noqa: F401 (re-export)
 from hf_integration.fused_sources import FusedReader, fused_tensors
+from hf_integration.partitioned import owner_path, partitioned_layers
+from hf_integration.policy import PatchReport, dense_copies, model_name, patch_model
 from hf_integration.probe import probe_loaded
-from hf_integration.weights import ROW_BLOCK_BYTES, SafetensorsReader, assign_tensor, load_shards, to_hf_tensors
-
-
-# -- dense export ---------------------------------------------------------------------------------
-def _owner_path(path: str, layer: nn.Module) -> str:
-    """Path of the HF module a layer replaced (its TensorMap keys are relative to it)."""
-    return path[: -len(layer.target) - 1] if layer.target else path
-
-
-def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unpatched model's state dict, assembled from the shards (collective over each layer's tp
-    axis: every rank must call it). Layers are gathered one at a time."""
-    layers = partitioned_layers(model)
-    inside = tuple(p + "." for p, _ in layers)
-    out = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
-    for path, layer in layers:
-        owner = _owner_path(path, layer)
-        for key, value in to_hf_tensors(layer.tensor_maps, gather_dense_state(layer)).items():
-            out[f"{owner}.{key}" if owner else key] = value
-    return out
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final`` (replacing it) with renames only, so readers never see half a checkpoint."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_dense_pretrained(model: nn.Module, save_directory: str | os.PathLike, **save_kwargs: Any) -> Path:
-    """Gather the shards and write a standard HF checkpoint (atomically: temp dir, then rename).
-
-    Collective: every rank calls it; global rank 0 writes; all return after the write. Extra
-    keyword arguments go to ``PreTrainedModel.save_pretrained`` (e.g. ``max_shard_size``).
-
-    Example:
-        >>> save_dense_pretrained(model, "out/dense")   # then AutoModelForCausalLM.from_pretrained("out/dense")
-    """
-    final = Path(save_directory).resolve()
-    state = dense_state_dict(model)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    error = [None]
-    if rank == 0:
-        try:
-            _write_dense(model, state, final, save_kwargs)
-        except Exception as err:  # tell the other ranks instead of leaving them in a barrier
-            error[0] = f"{type(err).__name__}: {err}"
-            if not dist.is_initialized():
-                raise
-    if dist.is_initialized():
-        dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise RuntimeError(f"rank 0 failed to write {final}: {error[0]}")
-    return final
-
-
-def _write_dense(model: nn.Module, state: dict[str, torch.Tensor], final: Path, save_kwargs: dict) -> None:
-    """save_pretrained into a temp dir next to ``final``, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # 0o777 minus the umask, like any directory (tempfile.mkdtemp would make it 0o700)
-    try:
-        kwargs = {k: v for k, v in save_kwargs.items() if k not in ("is_main_process", "state_dict")}
-        type(model).save_pretrained(model, tmp, state_dict=state, is_main_process=True, **kwargs)
-        _replace_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
-
-
-def install_dense_save(model: nn.Module) -> None:
-    """Make ``model.save_pretrained(path, ...)`` write the gathered dense checkpoint (collective)."""
-    def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-        return save_dense_pretrained(self, save_directory, **kwargs)
-
-    model.save_pretrained = types.MethodType(save_pretrained, model)
+from hf_integration.weights import ROW_BLOCK_BYTES, SafetensorsReader, assign_tensor, load_shards
 
 
 # -- lazy loading ---------------------------------------------------------------------------------
@@ -220,14 +142,7 @@ def _report_unused(model: nn.Module, reader: RenamedReader, directory: Path) -> 
     unexpected = {name for name in reader.keys if name not in expected}
     if not unexpected or _world_rank() != 0:
         return
-    from transformers.modeling_utils import logger as hf_logger
-    from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
-
-    info = LoadStateDictInfo(missing_keys=set(), unexpected_keys=unexpected, mismatched_keys=set(), error_msgs=[],
-                             conversion_errors={}, skipped_pp_keys=set())
-    model._adjust_missing_and_unexpected_keys(info)  # the rotary inv_freq / position_ids exceptions HF makes
-    log_state_dict_report(model=model, pretrained_model_name_or_path=str(directory), ignore_mismatched_sizes=False,
-                          loading_info=info, logger=hf_logger)
+    compat.hf_report_unexpected_keys(model, unexpected, str(directory))
 
 
 def _same_values(reader: RenamedReader, a: str, b: str, dtype: torch.dtype) -> bool:
@@ -279,7 +194,7 @@ def _open_checkpoint(directory: Path, model_class: type | None,
     try:
         cls = _model_class(config, model_class)
         with init_empty_weights():  # parameters on meta, buffers (RoPE tables, position ids) real
-            model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+            model = compat.hf_from_config(cls, config, dtype)
         model.tie_weights()  # meta construction leaves tied weights (GPT-2's lm_head) untied
         reader = FusedReader(RenamedReader(files, checkpoint_keys(model, files)), fused_tensors(model, files))
         check_checkpoint(model, reader, directory)
@@ -317,7 +232,7 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
                              probe=False)
         with _agreed("reading checkpoint slices (load_partitioned)"):
             for path, layer in partitioned_layers(model):
-                owner = _owner_path(path, layer)
+                owner = owner_path(path, layer)
                 load_shards(layer, layer.tensor_maps, reader, prefix=(owner + ".") if owner else "")
             _untie_different(model, reader)
             _materialize_rest(model, reader)
@@ -327,6 +242,6 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
         model.to(dtype)
     model.eval()
     if copies:
-        owners = [(_owner_path(path, layer), layer) for path, layer in partitioned_layers(model)]
+        owners = [(owner_path(path, layer), layer) for path, layer in partitioned_layers(model)]
         probe_loaded(model, copies, owners, name=model_name(model))
     return model, report

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ds_twolevel.deepspeed import compat
 from ds_twolevel.layers.attention import tag_parallel
 from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
 from ds_twolevel.parallel.layout import AxisGroup
@@ -75,9 +76,9 @@ class HFTwoLevelExperts(nn.Module):
         self.config = experts.config
         for flag, value in EXPECTED_FLAGS.items():
             setattr(self, flag, value)
-        self._is_expert_parallel = False
-        self._hf_gate = type(experts)._apply_gate  # act(gate) * up of the [gate | up] halves
-        self._hf_forward = type(experts).forward  # dispatches on config._experts_implementation
+        compat.hf_experts_not_expert_parallel(self)
+        # act(gate) * up of the [gate | up] halves; forward dispatches on config._experts_implementation
+        self._hf_gate, self._hf_forward = compat.hf_experts_functions(experts)
 
     def shard_index(self, tp_rank: int | None = None) -> dict[str, tuple[torch.Tensor, int]]:
         """Dense tensor name -> (index, dim) of this rank's slice: [gate f | up I + f] rows, f columns."""

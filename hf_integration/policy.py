@@ -13,15 +13,18 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ds_twolevel.deepspeed.compat import mark_autotp_parsed
+from ds_twolevel.deepspeed.engine_hooks import install_when_imported
+from ds_twolevel.layers.qk_norm import QKNorm
+from ds_twolevel.parallel.agreement import agreement
 from ds_twolevel.parallel.layout import TwoLevelMesh
 from ds_twolevel.sharding.partition import AttentionSpec, check_partition, feasible_layouts
-
-from ds_twolevel.parallel.agreement import agreement
-from ds_twolevel.layers.qk_norm import QKNorm
 from ds_twolevel.strategies import registry
 
+from hf_integration.dense_save import install_dense_save
 from hf_integration.modules import HFTwoLevelAttention, HFTwoLevelMLP
 from hf_integration.moe import HFTwoLevelExperts, experts_plan
+from hf_integration.partitioned import PARTITIONED, partitioned_layers
 from hf_integration.probe import check_parity, record_calls, require_calls
 from hf_integration.specs import ArchSpec, AttentionLayout, MoELayout, get_path, set_path, spec_for, supported_architectures
 from hf_integration.weights import (StateDictReader, TensorMap, attention_tensor_maps, check_tensor_shapes, load_shards,
@@ -429,10 +432,6 @@ def dense_leftovers(model: nn.Module) -> list[str]:
 
 
 def _finish(model: nn.Module, mesh: TwoLevelMesh, report: PatchReport) -> PatchReport:
-    from ds_twolevel.deepspeed.compat import install_when_imported
-
-    from hf_integration.checkpoint import install_dense_save  # local import: checkpoint imports this module
-
     install_when_imported()  # DeepSpeed's save/load methods, right for two-level engines
     model._twolevel_mesh = mesh
     model._twolevel_strategy = report.strategy
@@ -452,16 +451,7 @@ def _install_guard(model: nn.Module, mesh: TwoLevelMesh) -> None:
 
     guard.install(model, mesh)
     guard.refuse_rank0_only_save(model)
-    model.ds_autotp_parsed = True
-
-
-PARTITIONED = (HFTwoLevelAttention, HFTwoLevelMLP, HFTwoLevelExperts)
-"""The layer classes patch_model installs."""
-
-
-def partitioned_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, layer) of every partitioned layer, in module order."""
-    return [(p, mod) for p, mod in model.named_modules() if isinstance(mod, PARTITIONED)]
+    mark_autotp_parsed(model)
 
 
 def verify(model: nn.Module) -> PatchReport:

@@ -33,8 +33,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils._pytree import tree_map
-
+from ds_twolevel.deepspeed.compat import tree_map
 from ds_twolevel.parallel.agreement import agreement
 from ds_twolevel.testing.ranks import rel_err
 

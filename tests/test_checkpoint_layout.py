@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_twolevel import checkpointing
+from ds_twolevel.deepspeed import checkpoint as checkpointing
 from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelLayout, TwoLevelMesh
 from ds_twolevel.sharding.shard_manifest import ShardManifest, assemble, extract, manifest_for, model_differences, same_shards
 from hf_integration import patch_model

@@ -158,7 +158,7 @@ def test_replica_rows_need_a_batch_that_splits_over_dp():
 
 
 def test_peer_failures_are_recognised_and_other_errors_are_not():
-    from ds_twolevel.deepspeed.runtime import _is_peer_failure
+    from ds_twolevel.deepspeed.faults import _is_peer_failure
 
     assert _is_peer_failure(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 8000ms"))
     assert _is_peer_failure(RuntimeError("Connection closed by peer [127.0.0.1]:29500"))

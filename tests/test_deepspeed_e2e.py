@@ -136,7 +136,7 @@ def _live_state(engine) -> dict:
     """The engine's dense fp32 master weights and Adam moments, gathered from the live optimizer
     (DeepSpeed's tensor-fragment API), not from any file; and ``dense_state_dict``."""
     import ds_twolevel
-    from ds_twolevel import checkpointing, engine_state
+    from ds_twolevel.deepspeed import checkpoint as checkpointing, engine_state
 
     state = engine_state.dense_state(engine, checkpointing.mesh_of(engine), checkpointing.current_manifest(engine))
     return {**state, "dense_state_dict": ds_twolevel.dense_state_dict(engine)}  # the module's own (16-bit) weights
@@ -273,7 +273,7 @@ def _killed_resave(ckpt: Path, tag: str, window: str) -> list:
     import shutil
     import signal
 
-    from ds_twolevel import checkpointing
+    from ds_twolevel.deepspeed import checkpoint as checkpointing
 
     shutil.copytree(ckpt / tag, ckpt / f"{tag}.partial")  # what DeepSpeed writes again: the same state
     pid = os.fork()
@@ -741,7 +741,8 @@ def test_deepspeed_conversion_tools_on_two_level_checkpoints(workdir, parity_lau
     from deepspeed.utils import zero_to_fp32
     from safetensors.torch import load_file
 
-    from ds_twolevel import cli, deepspeed_compat
+    from ds_twolevel.deepspeed import engine_hooks as deepspeed_compat
+    from ds_twolevel.tools import cli
     from ds_twolevel.deepspeed.convert import resolve_tag_dir
 
     parity_launch(8, 2, 2)

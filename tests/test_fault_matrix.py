@@ -107,7 +107,7 @@ def _prompt() -> tuple[torch.Tensor, torch.Tensor]:
 def rank_cell(phase: str, kind: str, work: str) -> None:
     """One cell of the matrix: build the mesh, then load -> (generate | train -> save)."""
     import ds_twolevel
-    from hf_integration import checkpoint as hf_checkpoint
+    from hf_integration import dense_save as hf_checkpoint  # the export calls gather_dense_state from here
     from hf_integration import load_partitioned
     from hf_integration.weights import SafetensorsReader
 

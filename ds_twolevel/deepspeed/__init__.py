@@ -1,1 +1,18 @@
-"""DeepSpeed integration: runtime, ZeRO, checkpoints, faults, config, compat."""
+"""DeepSpeed integration (the integration layer; deepspeed itself is imported lazily, inside functions).
+
+One job per module:
+
+* ``runtime``: ``initialize`` / ``init_inference`` (engine creation), ``replica_rows``;
+* ``rendezvous``: ``init_distributed``, ``build_mesh`` (config checked and agreed on every rank);
+* ``inject``: the injection policy (``hf_integration.patch_model`` or ``policy=``);
+* ``zero``: ``zero_init``, ``zero_init_model`` (HF weight init on gathered parameters), ``gathered``;
+* ``faults``: ``fail_fast`` (a dead or stalled peer becomes one line and an exit);
+* ``checkpoint``: atomic ``save_checkpoint`` / checked, resharding ``load_checkpoint``; with
+  ``engine_state``, ``zero_files`` and ``convert`` (``ds-twolevel convert``);
+* ``export``: ``dense_state_dict``, ``export_dense`` (a standard HF checkpoint);
+* ``engine_hooks``: DeepSpeedEngine's save/load methods made right for two-level engines;
+  ``import_hooks``: run code when a module gets imported;
+* ``config`` / ``config_schema``: the ``"two_level"`` section and the DeepSpeed dict, validated;
+* ``env``: the CPU shm comm op's build and launch noise;
+* ``compat``: every private-API workaround of DeepSpeed, transformers, accelerate, torch, version-commented.
+"""

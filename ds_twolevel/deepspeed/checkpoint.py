@@ -205,12 +205,13 @@ def commit(save_dir: Path, tag: str) -> None:
 
 def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = None,
                     client_state: dict[str, Any] | None = None, **kwargs: Any) -> Path:
-    """``engine.save_checkpoint`` made atomic in every window; see the module docstring.
+    """``engine.save_checkpoint`` made atomic in every window, with the layout recorded
+    (``two_level.json``); see the module docstring.
 
     Example:
         >>> ds_twolevel.save_checkpoint(engine, "ckpt", client_state={"step": step})
     """
-    from ds_twolevel.deepspeed.compat import install
+    from ds_twolevel.deepspeed.engine_hooks import install
 
     install()
     save_dir = Path(save_dir)
@@ -221,7 +222,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
             save_dir.mkdir(parents=True, exist_ok=True)
             remove_checkpoint(save_dir / f"{tag}.partial")  # left by a save that was killed
     engine.save_checkpoint(str(save_dir), tag=f"{tag}.partial", client_state=client_state or {},
-                           save_latest=False, **kwargs)  # writes the manifest last (deepspeed_compat)
+                           save_latest=False, **kwargs)  # writes the manifest last (engine_hooks)
     with agreement(None, what=f"committing {save_dir / tag}"):
         if writer:
             commit(save_dir, tag)
@@ -229,7 +230,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
 
 
 def after_deepspeed_save(engine: Any, save_dir: Path, tag: str) -> None:
-    """What ``engine.save_checkpoint`` does after DeepSpeed's own save (deepspeed_compat): the
+    """What ``engine.save_checkpoint`` does after DeepSpeed's own save (engine_hooks): the
     manifest in the tag directory and the conversion scripts beside it, in an agreement step (the
     barrier every rank waits in, which also tells them if the writing rank failed)."""
     from ds_twolevel.deepspeed.convert import write_recovery_scripts
@@ -365,10 +366,18 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
                     native_load: Any = None, load_optimizer_states: bool = True,
                     load_lr_scheduler_states: bool = True, load_module_only: bool = False,
                     **kwargs: Any) -> tuple[str, dict]:
-    """Resume ``engine`` from ``load_dir`` (see the module docstring); returns (path, client_state).
+    """Resume from the newest complete checkpoint (or ``tag``): refused with both layouts named when
+    it holds another model, resharded exactly when dp x n x m (or the ZeRO stage) changed (see the
+    module docstring). Returns (path, client_state).
 
-    ``native_load`` is DeepSpeed's own ``load_checkpoint`` (the unwrapped method).
+    ``native_load`` is DeepSpeed's own ``load_checkpoint`` (the unwrapped method; default: looked up).
+
+    Example:
+        >>> _, client = ds_twolevel.load_checkpoint(engine, "ckpt")   # any layout of the same model
     """
+    from ds_twolevel.deepspeed.engine_hooks import install
+
+    install()
     load_dir = Path(load_dir)
     with agreement(None, what=f"loading checkpoint {load_dir}"):
         tag = find_checkpoint(load_dir, tag)
@@ -377,7 +386,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
         load_optimizer_states = load_lr_scheduler_states = False
     if plan == "native":
         if native_load is None:
-            from ds_twolevel.deepspeed.compat import original
+            from ds_twolevel.deepspeed.engine_hooks import original
 
             native_load = original("load_checkpoint")
         path, client = native_load(engine, str(load_dir), tag=tag, load_optimizer_states=load_optimizer_states,

@@ -1,255 +1,257 @@
-"""DeepSpeed's own save and load entry points, made right for engines that hold a two-level model.
+"""Every workaround of a private (or undocumented) API of DeepSpeed, transformers, accelerate and
+torch.distributed that ds_twolevel's integration layer and hf_integration use: one small function each.
 
-DeepSpeed knows nothing of two-level shards: ``save_16bit_model`` writes rank 0's *shards* under
-the dense names, ``engine.load_checkpoint`` loads shards into whatever coordinates the running
-layout has, ``zero_to_fp32`` cannot merge tp x dp files. The Hugging Face Trainer and accelerate
-call exactly these methods (``save_16bit_model``, ``_zero3_consolidated_16bit_state_dict``,
-``_consolidated_16bit_state_dict``, ``save_checkpoint``, ``load_checkpoint``), so :func:`install`
-wraps them once, on the ``DeepSpeedEngine`` class. A wrapper checks whether the engine's module is
-a two-level model and otherwise calls DeepSpeed's original untouched:
+Checked with torch 2.13, deepspeed 0.19.8, transformers 5.24 and accelerate 1.15. Each function's
+comment names the private API it touches and what breaks if that changes, so a version bump starts
+here. Nothing heavy is imported at module level: each function imports what it needs, so this module
+is as light as ``import ds_twolevel``.
 
-* ``save_16bit_model`` / ``_zero3_consolidated_16bit_state_dict`` / ``_consolidated_16bit_state_dict``:
-  the dense state dict (:func:`ds_twolevel.dense_state_dict`, the unpatched model's names and shapes),
-  which ``from_pretrained`` loads;
-* ``save_checkpoint``: DeepSpeed's save, then the layout manifest in the tag directory, and our
-  ``zero_to_fp32.py`` beside it; the model carries a ``universal_checkpoint_info`` that makes
-  DeepSpeed's ``ds_to_universal`` refuse with a pointer to ``ds-twolevel convert``;
-* ``load_checkpoint``: :func:`ds_twolevel.deepspeed.checkpoint.load_checkpoint` (checked, resharded when
-  the layout changed).
+Private APIs used elsewhere, on purpose (not wrapped here):
 
-``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` returns the dense fp32
-state dict for our checkpoints. :func:`install` runs in ``ds_twolevel.initialize``, in
-``ds_twolevel.save_checkpoint`` / ``load_checkpoint``, and, through :func:`install_when_imported`,
-as soon as DeepSpeed's engine module is imported after a model was patched.
+* the CORE may not import the integration layer, and torch 2.13 has no public equivalent of what
+  ``ds_twolevel/parallel/layout.py`` uses: ``torch._C._distributed_c10d.Backend.Options`` (the type
+  ``init_device_mesh(backend_override=...)`` takes; torch's own ``device_mesh.py`` imports it from
+  there), ``Options._timeout`` (the only way to give the mesh's sub-groups a timeout; without it
+  they get c10d's 10/30 min default), ``DeviceMesh._flatten`` (the "tp" axis) and
+  ``DeviceMesh._unflatten`` (the "kv_rep" axis). If they change, building a mesh fails loudly.
+* ``nn.Module._parameters`` (hf_integration ``weights``, ``checkpoint``, ``probe``): replace a
+  parameter in place and keep tied weights tied; torch's long-standing module internals.
+* transformers' internal (undocumented, not underscored) loading modules:
+  ``transformers.conversion_mapping.get_model_conversion_mapping`` and
+  ``transformers.core_model_loading.{WeightRenaming, rename_source_key}`` (hf_integration
+  ``checkpoint.checkpoint_keys``, ``fused_sources``); a change makes ``load_partitioned`` report
+  tensors as missing (loud, before any collective).
+* ``sys._getframe`` (``ds_twolevel.guard``): CPython, not one of the four libraries.
 
-Private DeepSpeed API touched (DeepSpeed 0.19.8): the methods ``DeepSpeedEngine.
-_zero3_consolidated_16bit_state_dict`` and ``_consolidated_16bit_state_dict`` (called by
-accelerate 1.15 ``Accelerator.get_state_dict`` and transformers 5.24 ``Trainer.save_model``), and the
-model attribute ``universal_checkpoint_info`` with the key ``autotp_unsupported_parameter_patterns``
-(read by ``deepspeed/checkpoint/ds_to_universal.py: _validate_autotp_conversion_support``).
+The ``DeepSpeedEngine`` methods that ``ds_twolevel.deepspeed.engine_hooks`` wraps include two private
+ones, :data:`ZERO3_CONSOLIDATED` and :data:`CONSOLIDATED`.
 """
 from __future__ import annotations
 
-import functools
-import importlib.abc
-import importlib.machinery
-import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-
-logger = logging.getLogger("ds_twolevel")
-_MARK = "_ds_twolevel_originals"
-ENGINE_MODULE = "deepspeed.runtime.engine"
-
-
-def is_two_level(engine: Any) -> bool:
-    """The engine's module holds two-level layers."""
-    from ds_twolevel.sharding.shard_manifest import partitioned_modules
-
-    module = getattr(engine, "module", None)
-    return module is not None and bool(partitioned_modules(module))
+# -- DeepSpeed 0.19.8 ---------------------------------------------------------------------------------
+ZERO3_CONSOLIDATED = "_zero3_consolidated_16bit_state_dict"
+"""Private ``DeepSpeedEngine`` method that accelerate 1.15 ``Accelerator.get_state_dict`` and
+transformers 5.24 ``Trainer.save_model`` call under ZeRO-3. If renamed, ``engine_hooks.install``
+fails with AttributeError (loud), and those callers would get rank 0's shards if they called a new name."""
+CONSOLIDATED = "_consolidated_16bit_state_dict"
+"""Private ``DeepSpeedEngine`` method, the ZeRO-0/1/2 counterpart of :data:`ZERO3_CONSOLIDATED`."""
 
 
-def _rank0(state: dict) -> dict | None:
-    """DeepSpeed's contract: the consolidated state dict on global rank 0, None elsewhere."""
-    return state if dist.get_rank() == 0 else None
+def ds_comm_backend() -> Any:
+    """DeepSpeed's live comm backend, or None before ``deepspeed.init_distributed``.
+
+    Private: the module global ``deepspeed.comm.comm.cdb``. If it moves, :func:`release_shm_workspace`
+    and :func:`use_current_collective_names` silently do nothing (a /dev/shm leak, FutureWarnings).
+    """
+    from deepspeed.comm import comm as ds_comm  # the module holding the live ``cdb`` global
+
+    return getattr(ds_comm, "cdb", None)
 
 
-def _drop_frozen(engine: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Without the dense tensors all of whose shards are frozen (``exclude_frozen_parameters``)."""
-    from ds_twolevel.deepspeed.checkpoint import current_manifest
+def release_shm_workspace() -> None:
+    """Unlink the name of DeepSpeed's CPU shared-memory all-reduce workspace once every rank has it.
 
-    manifest = current_manifest(engine)
-    trainable = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if p.requires_grad}
-    keep = {e.key for n, e in manifest.entries.items() if n in trainable}
-    return {k: v for k, v in state.items() if k in keep}
+    DeepSpeed's CPU comm backend (deepspeed 0.19.8, ``ops/csrc/cpu/comm/shm.cpp``) creates a 69 MB
+    POSIX shared-memory file per rank, ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``,
+    and never unlinks it: each launch leaks ranks x 69 MB of RAM until reboot. After a barrier every
+    rank has mapped every other rank's workspace, so removing the names is safe: mappings outlive
+    them. Collective when the shm op is loaded (the same on every rank); a no-op otherwise.
+    Private: ``cdb.shm_comm_op`` and the file-name format; if either changes the leak returns
+    (tests/test_deepspeed_e2e.py checks /dev/shm after a launch).
 
+    Example:
+        >>> release_shm_workspace()   # right after deepspeed.init_distributed (init_distributed does it)
+    """
+    import torch.distributed as dist
 
-def dense_16bit(engine: Any, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
-    """The dense state dict in the module's own dtype, on every rank (collective)."""
-    from ds_twolevel.deepspeed.runtime import dense_state_dict
-
-    state = dense_state_dict(engine)
-    return _drop_frozen(engine, state) if exclude_frozen_parameters else state
-
-
-# -- the wrappers ------------------------------------------------------------------------------------
-def _zero3_consolidated_16bit_state_dict(original: Callable, self: Any, exclude_frozen_parameters: bool = False):
-    if not is_two_level(self):
-        return original(self, exclude_frozen_parameters)
-    if not self.zero_optimization_partition_weights():
-        raise ValueError("this function requires ZeRO-3 mode")
-    return _rank0(dense_16bit(self, exclude_frozen_parameters))
-
-
-def _consolidated_16bit_state_dict(original: Callable, self: Any, exclude_frozen_parameters: bool = False):
-    if not is_two_level(self):
-        return original(self, exclude_frozen_parameters)
-    return _rank0(dense_16bit(self, exclude_frozen_parameters))
-
-
-def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors for ``*.safetensors`` names, torch.save otherwise; temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    else:
-        torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _save_16bit_model(original: Callable, self: Any, save_dir: str, save_filename: str = "pytorch_model.bin",
-                      exclude_frozen_parameters: bool = False) -> bool:
-    if not is_two_level(self):
-        return original(self, save_dir, save_filename, exclude_frozen_parameters)
-    path = Path(save_dir) / save_filename
-    if self.zero_optimization_partition_weights() and not self.zero_gather_16bit_weights_on_model_save():
-        logger.info("Did not save the model %s because stage3_gather_16bit_weights_on_model_save is False", path)
-        return False  # DeepSpeed's own behaviour; ds_twolevel.export_dense always gathers
-    state = dense_16bit(self, exclude_frozen_parameters)
-    if dist.get_rank() == 0:
-        _save_weights(state, path)
+    if getattr(ds_comm_backend(), "shm_comm_op", None) is None or not dist.is_initialized():
+        return
     dist.barrier()
-    return True
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # shm not used (LOCAL_SIZE != world size) or already released
+        pass
 
 
-def _universal_info(engine: Any) -> dict[str, Any]:
+_RENAMED = (("all_gather_function", "all_gather_into_tensor", "all_gather_single"),
+            ("reduce_scatter_function", "reduce_scatter_tensor", "reduce_scatter_single"))
+"""(DeepSpeed backend attribute, name deprecated in torch 2.13, the same collective's current name)."""
+
+
+def use_current_collective_names() -> None:
+    """Point DeepSpeed's comm backend at ``all_gather_single`` / ``reduce_scatter_single``.
+
+    DeepSpeed 0.19.8 picks ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (ZeRO's
+    partition gathers and ZeRO-3's gradient reduce-scatter), which torch 2.13 deprecates with a
+    ``FutureWarning`` on every rank; the ``*_single`` functions are the same collectives with the
+    same arguments. Nothing changes where torch has no ``*_single`` or DeepSpeed chose otherwise.
+    Private: the backend attributes ``all_gather_function`` / ``reduce_scatter_function`` of
+    :func:`ds_comm_backend`; if renamed, the FutureWarnings come back (nothing else).
+    """
+    import torch.distributed as dist
+
+    backend = ds_comm_backend()
+    for attribute, old, new in _RENAMED:
+        current = getattr(dist, new, None)
+        if current is not None and getattr(backend, attribute, None) is getattr(dist, old, None):
+            setattr(backend, attribute, current)
+
+
+def record_stage0_grad_norm(engine: Any) -> None:
+    """Stage 0 fp32 clips through ``clip_grad_norm_`` but drops the norm; keep it for
+    ``engine.get_global_grad_norm()`` like the ZeRO optimizers do.
+
+    Private: ``DeepSpeedEngine.clip_fp32_gradients`` (replaced on the instance) and the attribute
+    ``_global_grad_norm`` that ``get_global_grad_norm`` returns. If they change, stage-0 fp32 engines
+    report a grad norm of None again (tests/test_deepspeed_e2e.py compares it with the dense norm).
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record
+
+
+def relink_optimizer_fragments(engine: Any) -> None:
+    """ZeRO-1/2 link each parameter's fragment to the optimizer state only at the next step (after
+    init or a load); ``safe_get_full_optimizer_state`` needs the link.
+
+    Private: ``param._hp_mapping.optim_fragment``, ``DeepSpeedZeroOptimizer._hp_optimizer_states_linked``
+    and ``_lazy_init_hp_params_optimizer_state``. If they change, reading moments right after a load
+    fails with AttributeError (loud) or returns None (the checkpoint tests compare moments).
+    """
+    opt = engine.optimizer
+    if any(getattr(getattr(p, "_hp_mapping", None), "optim_fragment", {}) is None for p in engine.module.parameters()):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def set_universal_checkpoint_info(module: Any, reason: str) -> None:
+    """Make DeepSpeed's ``ds_to_universal`` refuse this model's checkpoints with ``reason``.
+
+    Private: the model attribute ``universal_checkpoint_info`` (saved in the model states) with the key
+    ``AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS``, read by ``deepspeed/checkpoint/ds_to_universal.py:
+    _validate_autotp_conversion_support``. If it changes, ds_to_universal would convert our shards as
+    contiguous TP slices: wrong weights (tests/test_deepspeed_e2e.py checks the refusal).
+    """
     from deepspeed.checkpoint.constants import (AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
-    from ds_twolevel.deepspeed.checkpoint import mesh_of
-
-    layout = mesh_of(engine).layout
-    reason = (f"ds_twolevel two-level shards (dp={layout.dp} x n={layout.n} x m={layout.m}) are not contiguous tensor-"
-              f"parallel slices; get the dense weights with `ds-twolevel convert CHECKPOINT_DIR OUT`, and resume at any "
-              f"layout with ds_twolevel.load_checkpoint (it reshards)")
-    return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-            AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS: {".*": reason}}
+    module.universal_checkpoint_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+                                        AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS: {".*": reason}}
 
 
-def _save_checkpoint(original: Callable, self: Any, save_dir: str, tag: Any = None, client_state: dict | None = None,
-                     save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
-    if not is_two_level(self):
-        return original(self, save_dir, tag, client_state if client_state is not None else {}, save_latest,
-                        exclude_frozen_parameters)
-    from ds_twolevel.deepspeed.checkpoint import after_deepspeed_save
+def mark_autotp_parsed(model: Any) -> None:
+    """Make DeepSpeed's AutoTP training leave a partitioned model alone.
 
-    tag = str(tag if tag is not None else f"global_step{self.global_steps}")
-    self.module.universal_checkpoint_info = _universal_info(self)  # DeepSpeed saves it in the model states
-    result = original(self, save_dir, tag, client_state or {}, save_latest, exclude_frozen_parameters)
-    after_deepspeed_save(self, Path(save_dir), tag)
-    return result
+    Undocumented: ``DeepSpeedEngine._apply_autotp_partitioning`` returns early when
+    ``model.ds_autotp_parsed`` is set. If that changes, accelerate / the Trainer with
+    ``tensor_parallel.autotp_size`` would re-partition our shards; the guard then refuses (loud).
+    """
+    model.ds_autotp_parsed = True
 
 
-def _load_checkpoint(original: Callable, self: Any, load_dir: str, tag: Any = None, load_module_strict: bool = True,
-                     load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
-                     load_module_only: bool = False, custom_load_fn: Callable | None = None):
-    if not is_two_level(self):
-        return original(self, load_dir, tag, load_module_strict, load_optimizer_states, load_lr_scheduler_states,
-                        load_module_only, custom_load_fn)
-    from ds_twolevel.deepspeed.checkpoint import load_checkpoint
+# -- accelerate 1.15 ----------------------------------------------------------------------------------
+def accelerate_state_initialized() -> bool:
+    """Whether accelerate set up this process (without importing accelerate).
 
-    extra = {"load_module_strict": load_module_strict, "custom_load_fn": custom_load_fn}
-    return load_checkpoint(self, load_dir, None if tag is None else str(tag), native_load=original,
-                           load_optimizer_states=load_optimizer_states, load_module_only=load_module_only,
-                           load_lr_scheduler_states=load_lr_scheduler_states, **extra)
+    Private: ``accelerate.state.PartialState._shared_state`` (the borg state, empty until a
+    ``PartialState`` / ``Accelerator`` is made). If it changes, the guard's messages only lose the
+    words "(made by accelerate's Accelerator.prepare)".
+    """
+    state = getattr(sys.modules.get("accelerate.state"), "PartialState", None)
+    return bool(state is not None and getattr(state, "_shared_state", None))
 
 
-WRAPPERS: dict[str, Callable] = {
-    "save_16bit_model": _save_16bit_model,
-    "_zero3_consolidated_16bit_state_dict": _zero3_consolidated_16bit_state_dict,
-    "_consolidated_16bit_state_dict": _consolidated_16bit_state_dict,
-    "save_checkpoint": _save_checkpoint,
-    "load_checkpoint": _load_checkpoint,
-}
+# -- transformers 5.24 --------------------------------------------------------------------------------
+def hf_mark_uninitialized(model: Any) -> None:
+    """Undo ``post_init``'s marks so that transformers' weight init runs again on every module.
+
+    Private: the per-module flag ``_is_hf_initialized``. If renamed, ``zero_init_model`` leaves
+    ZeRO-3 models with their empty-shard values (tests/test_deepspeed_e2e.py checks the init).
+    """
+    for module in model.modules():
+        module._is_hf_initialized = False
 
 
-def _wrap(original: Callable, wrapper: Callable) -> Callable:
-    @functools.wraps(original)
-    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return wrapper(original, self, *args, **kwargs)
+def hf_init_function(module: Any) -> Callable[[Any, bool], None]:
+    """The ``(module, is_remote_code)`` init function transformers applies to a PreTrainedModel's modules.
 
-    return method
-
-
-def _get_fp32_state_dict(original: Callable, checkpoint_dir: str, tag: str | None = None,
-                         exclude_frozen_parameters: bool = False, lazy_mode: bool = False) -> dict:
-    """DeepSpeed's function, or for a ds_twolevel checkpoint its dense fp32 state dict."""
-    from ds_twolevel.deepspeed.convert import dense_fp32
-    from ds_twolevel.sharding.shard_manifest import MANIFEST_NAME
-
-    latest = Path(checkpoint_dir) / "latest"
-    resolved = tag or (latest.read_text().strip() if latest.is_file() else None)
-    if resolved is not None and (Path(checkpoint_dir) / resolved / MANIFEST_NAME).is_file():
-        if exclude_frozen_parameters:
-            raise ValueError("exclude_frozen_parameters is not supported for two-level checkpoints; drop it")
-        return dense_fp32(checkpoint_dir, resolved)
-    return original(checkpoint_dir, tag, exclude_frozen_parameters, lazy_mode)
+    Private: ``PreTrainedModel._initialize_weights``. If renamed: AttributeError in ``zero_init_model`` (loud).
+    """
+    return module._initialize_weights
 
 
-def install() -> None:
-    """Wrap the DeepSpeedEngine methods and ``get_fp32_state_dict_from_zero_checkpoint`` (idempotent)."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.utils import zero_to_fp32
+def hf_init_guard() -> Any:
+    """transformers' context that keeps ``torch.nn.init`` from touching already initialised tensors.
 
-    if _MARK in DeepSpeedEngine.__dict__:
-        return
-    originals = {name: getattr(DeepSpeedEngine, name) for name in WRAPPERS}
-    for name, wrapper in WRAPPERS.items():
-        setattr(DeepSpeedEngine, name, _wrap(originals[name], wrapper))
-    original_fp32 = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
-    zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint = functools.wraps(original_fp32)(
-        functools.partial(_get_fp32_state_dict, original_fp32))
-    setattr(DeepSpeedEngine, _MARK, {**originals, "get_fp32_state_dict_from_zero_checkpoint": original_fp32})
+    Internal: ``transformers.initialization.guard_torch_init_functions``. If it moves: ImportError /
+    AttributeError in ``zero_init_model`` (loud).
+    """
+    from transformers import initialization as hf_init
+
+    return hf_init.guard_torch_init_functions()
 
 
-def original(name: str) -> Callable:
-    """DeepSpeed's own (unwrapped) ``DeepSpeedEngine`` method ``name``, or
-    ``"get_fp32_state_dict_from_zero_checkpoint"`` (``deepspeed.utils.zero_to_fp32``'s function)."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
+def hf_from_config(cls: type, config: Any, dtype: Any = None) -> Any:
+    """``cls`` built from ``config`` without loading weights (what ``from_pretrained`` does first).
 
-    return DeepSpeedEngine.__dict__.get(_MARK, {}).get(name) or getattr(DeepSpeedEngine, name)
-
-
-class _InstallOnImport(importlib.abc.MetaPathFinder):
-    """Runs ``then(module)`` right after ``module_name`` is imported (then removes itself)."""
-
-    def __init__(self, module_name: str = ENGINE_MODULE, then: Callable[[Any], None] | None = None) -> None:
-        self.module_name, self.then = module_name, then or (lambda module: install())
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != self.module_name:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_install(module: Any) -> None:
-            exec_module(module)
-            self.then(module)
-
-        spec.loader.exec_module = exec_and_install  # type: ignore[method-assign]
-        return spec
+    Private: ``PreTrainedModel._from_config``. If renamed: AttributeError in ``load_partitioned`` (loud).
+    """
+    return cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
 
 
-def when_imported(module_name: str, then: Callable[[Any], None]) -> None:
-    """``then(module)`` now if ``module_name`` is imported, else right after it is (once per module name)."""
-    if module_name in sys.modules:
-        then(sys.modules[module_name])
-    elif not any(isinstance(f, _InstallOnImport) and f.module_name == module_name for f in sys.meta_path):
-        sys.meta_path.insert(0, _InstallOnImport(module_name, then))
+def hf_report_unexpected_keys(model: Any, unexpected: set[str], source: str) -> None:
+    """transformers' own LOAD REPORT for checkpoint tensors the model does not use.
+
+    Private / internal: ``PreTrainedModel._adjust_missing_and_unexpected_keys`` (the rotary inv_freq /
+    position_ids exceptions) and ``transformers.utils.loading_report.{LoadStateDictInfo,
+    log_state_dict_report}``. If they change: an error while loading (loud) or a different warning text.
+    """
+    from transformers.modeling_utils import logger as hf_logger
+    from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
+
+    info = LoadStateDictInfo(missing_keys=set(), unexpected_keys=unexpected, mismatched_keys=set(), error_msgs=[],
+                             conversion_errors={}, skipped_pp_keys=set())
+    model._adjust_missing_and_unexpected_keys(info)
+    log_state_dict_report(model=model, pretrained_model_name_or_path=source, ignore_mismatched_sizes=False,
+                          loading_info=info, logger=hf_logger)
 
 
-def install_when_imported() -> None:
-    """:func:`install` now if DeepSpeed's engine is imported, else as soon as it is (patched models call this)."""
-    when_imported(ENGINE_MODULE, lambda module: install())
+def hf_experts_functions(experts: Any) -> tuple[Callable, Callable]:
+    """(gate, forward) of a transformers experts module, to run on a slice of every expert.
+
+    Private: ``MixtralExperts._apply_gate`` (act(gate) * up), and ``forward``'s dispatch on
+    ``config._experts_implementation`` (transformers.integrations.moe). If they change: AttributeError
+    at patch time (loud), or a different result, which the parity probe refuses on every rank.
+    """
+    cls = type(experts)
+    return cls._apply_gate, cls.forward
+
+
+def hf_experts_not_expert_parallel(module: Any) -> None:
+    """Tell transformers' experts functions that ``module`` holds every expert (no expert parallelism).
+
+    Private: the attribute ``_is_expert_parallel`` read by transformers.integrations.moe. If renamed,
+    the functions may route tokens as if experts were spread over ranks; the parity probe refuses.
+    """
+    module._is_expert_parallel = False
+
+
+# -- torch 2.13 ---------------------------------------------------------------------------------------
+def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``fn`` applied to every leaf of nested tuples / lists / dicts (torch has no public pytree).
+
+    Private: ``torch.utils._pytree.tree_map``. If it moves: ImportError in the parity probe (loud).
+    """
+    from torch.utils._pytree import tree_map as torch_tree_map
+
+    return torch_tree_map(fn, tree)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ds_twolevel.sharding.shard_manifest import ShardManifest, assemble
+from ds_twolevel.deepspeed.compat import relink_optimizer_fragments
 from ds_twolevel.deepspeed.zero_files import RankTensors
 
 
@@ -84,7 +85,7 @@ def local_state(engine: Any) -> RankTensors:
     module, stage = engine.module, zero_stage(engine)
     keys = moment_keys(engine)
     if stage in (1, 2):
-        _link_optimizer_fragments(engine)
+        relink_optimizer_fragments(engine)
     out = RankTensors(buffers={k: b.detach().clone() for k, b in module.state_dict().items()
                                if k not in dict(named_parameters(module))})
     for name, p in named_parameters(module):
@@ -111,16 +112,6 @@ def _gathered_copy(p: nn.Parameter) -> torch.Tensor:
 
     with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
         return p.detach().float().clone()
-
-
-def _link_optimizer_fragments(engine: Any) -> None:
-    """ZeRO-1/2 link each parameter's fragment to the optimizer state only at the next step (after
-    init or a load); ``safe_get_full_optimizer_state`` needs the link. Private DeepSpeed 0.19.8 API:
-    ``DeepSpeedZeroOptimizer._hp_optimizer_states_linked`` / ``_lazy_init_hp_params_optimizer_state``."""
-    opt = engine.optimizer
-    if any(getattr(getattr(p, "_hp_mapping", None), "optim_fragment", {}) is None for p in engine.module.parameters()):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
 
 
 def dense_state(engine: Any, mesh: Any, manifest: ShardManifest) -> dict[str, dict[str, torch.Tensor]]:

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Iterator, TextIO
 
+from ds_twolevel.deepspeed.compat import ds_comm_backend, use_current_collective_names
+
 NOTICE_AFTER_S = 5.0
 """a load that has not finished after this many seconds says what it waits for."""
 SPEAKER_WAIT_S = 1800.0
@@ -198,43 +200,18 @@ def drop_startup_lr_warning() -> None:
         logger.addFilter(_LR_FILTER)
 
 
-_RENAMED = (("all_gather_function", "all_gather_into_tensor", "all_gather_single"),
-            ("reduce_scatter_function", "reduce_scatter_tensor", "reduce_scatter_single"))
-"""(DeepSpeed backend attribute, name deprecated in torch 2.13, the same collective's current name)."""
-
-
-def use_current_collective_names() -> None:
-    """Point DeepSpeed's comm backend at ``all_gather_single`` / ``reduce_scatter_single``.
-
-    DeepSpeed 0.19.8 picks ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (ZeRO's
-    partition gathers and ZeRO-3's gradient reduce-scatter), which torch 2.13 deprecates with a
-    ``FutureWarning`` on every rank; the ``*_single`` functions are the same collectives with the
-    same arguments. Nothing changes where torch has no ``*_single`` or DeepSpeed chose otherwise.
-    """
-    import torch.distributed as dist
-    from deepspeed.comm import comm as ds_comm
-
-    backend = getattr(ds_comm, "cdb", None)
-    for attribute, old, new in _RENAMED:
-        current = getattr(dist, new, None)
-        if current is not None and getattr(backend, attribute, None) is getattr(dist, old, None):
-            setattr(backend, attribute, current)
-
-
 @contextlib.contextmanager
 def quiet_launch() -> Iterator[None]:
     """Wrap ``deepspeed.init_distributed``: the shm op loads with a message instead of 8 silent
     minutes and 8 "built successfully" lines; afterwards the backend uses the current collective
-    names (:func:`use_current_collective_names`) and WarmupLR's start-up warning is dropped.
+    names (:func:`ds_twolevel.deepspeed.compat.use_current_collective_names`) and WarmupLR's start-up warning is dropped.
 
     Example:
         >>> with quiet_launch():
         ...     deepspeed.init_distributed(dist_backend="gloo")
     """
-    from deepspeed.comm import comm as ds_comm
-
     use_environment_extensions_dir()
-    backend = getattr(ds_comm, "cdb", None)
+    backend = ds_comm_backend()
     if backend is None or not backend.is_initialized():  # init_distributed will build its backend
         load_shm_comm_op()  # cached by DeepSpeed's op builder: the backend's own load returns it at once
     stdout = sys.stdout

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
+# Private torch API (checked with torch 2.13; listed in ds_twolevel/deepspeed/compat.py, which the core may not
+# import): no public name exists for the options type that init_device_mesh(backend_override=) takes (torch's own
+# device_mesh.py imports it from here); also Options._timeout, DeviceMesh._flatten / _unflatten below.
+# If they change, building a mesh fails with ImportError / AttributeError (loud, before any data moves).
 from torch._C._distributed_c10d import Backend as C10dBackend
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
