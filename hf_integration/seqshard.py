@@ -157,10 +157,10 @@ class TwoLevelCache(Cache):
     @classmethod
     def for_model(cls, model: nn.Module, *, layout: str = "segments", chunk: int = DEFAULT_CHUNK,
                   capacity: int = 0) -> "TwoLevelCache":
-        """A cache for a patched model (kv_shard checks that its attention layers route to it)."""
-        if layout == "kv_shard" and not any(isinstance(m, HFSeqShardAttention) for m in model.modules()):
-            raise ValueError("layout='kv_shard' needs the sequence-sharded attention: call use_seqshard(model) "
-                             "after patch_model")
+        """A cache for a patched model (kv_shard checks that it has partitioned attention layers)."""
+        if layout == "kv_shard" and not any(isinstance(m, HFTwoLevelAttention) for m in model.modules()):
+            raise ValueError("layout='kv_shard' needs partitioned attention layers (they decode with kv_shard): call "
+                             "patch_model (optionally with strategy='seq_rows', or use_seqshard(model)) first")
         return cls(layout=layout, chunk=chunk, capacity=capacity)
 
     def nbytes(self) -> int:
