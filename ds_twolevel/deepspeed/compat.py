@@ -14,6 +14,9 @@ Private APIs used elsewhere, on purpose (not wrapped here):
   there), ``Options._timeout`` (the only way to give the mesh's sub-groups a timeout; without it
   they get c10d's 10/30 min default), ``DeviceMesh._flatten`` (the "tp" axis) and
   ``DeviceMesh._unflatten`` (the "kv_rep" axis). If they change, building a mesh fails loudly.
+  ``ds_twolevel/layers/dropout.py`` uses ``torch._C._current_autograd_node()`` (whether a backward
+  node is running: where activation checkpointing recomputes, so a recompute reuses its forward's
+  dropout key); if it disappears, ``in_backward`` raises AttributeError on the first dropout forward.
 * ``nn.Module._parameters`` (hf_integration ``weights``, ``checkpoint``, ``probe``): replace a
   parameter in place and keep tied weights tied; torch's long-standing module internals.
 * transformers' internal (undocumented, not underscored) loading modules:
