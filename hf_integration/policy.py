@@ -347,8 +347,8 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     replaced and run on the inputs its dense module saw, and a mismatch beyond the dtype's tolerance
     puts the dense modules back and raises :class:`~hf_integration.probe.ProbeError` on every rank
     (collective: every rank must call patch_model). ``probe=False`` skips it (huge models; meta models
-    are never probed here, ``load_partitioned`` probes them after loading). With n > KV heads it creates
-    the KV-replication sub-group on every rank. The model stays the same PreTrainedModel object: forward,
+    are never probed here, ``load_partitioned`` probes them after loading). It creates no process group
+    (the mesh built the KV-replication sub-groups). The model stays the same PreTrainedModel object: forward,
     ``generate()`` and ``save_pretrained`` (which then gathers and writes a dense checkpoint) work.
 
     Example:
