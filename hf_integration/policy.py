@@ -28,7 +28,6 @@ from hf_integration.weights import (StateDictReader, TensorMap, attention_tensor
 
 ReplaceFn = Callable[..., nn.Module]
 STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
-DROPOUT_ATTRS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
 
 @dataclass
@@ -133,10 +132,6 @@ def find_owners(model: nn.Module, arch: ArchSpec) -> tuple[list[str], list[str],
 
 
 # -- replacement functions ----------------------------------------------------------------------
-def _attention_dropout(config: Any) -> float:
-    return float(next((getattr(config, a) for a in DROPOUT_ATTRS if getattr(config, a, None) is not None), 0.0))
-
-
 def check_layers(model: nn.Module, arch: ArchSpec, attn_paths: list[str], mlp_paths: list[str]) -> None:
     """Every layer agrees with the spec (tensor shapes, unplaced parameters, biases, the attributes it
     reads), checked on all of them before anything is replaced: ValueError naming the module path."""
@@ -210,8 +205,9 @@ def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attentio
         owner_class=type(owner).__name__, target=lay.target, qkv_bias=qkv_bias, o_bias=o_bias,
         qk_norm=_qk_norm(owner, lay, where), softcap=None if softcap is None else float(softcap),
         sliding_window=None if window is None else int(window), causal=arch.causal,
-        dropout=_attention_dropout(config), scaling=float(read(lay.scaling, "scaling")),
-        layer_idx=int(read(lay.layer_idx, "layer_idx") or 0),
+        dropout=float(read(lay.attention_dropout, "attention_dropout") or 0.0),
+        scaling=float(read(lay.scaling, "scaling")), layer_idx=int(read(lay.layer_idx, "layer_idx") or 0),
+        cache_args=lay.cache_args,
     )
 
 

@@ -30,6 +30,8 @@ from ds_twolevel.sharding.partition import AttentionSpec
 
 FusedLayout = Literal["concat", "per_head"]
 BoolOrAttr = bool | str
+DEFAULT_CACHE_ARGS = ("cache", "past_key_values", "layer_past")
+"""``AttentionLayout.cache_args`` unless a spec says otherwise."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,12 @@ class AttentionLayout:
     arrives through HF's mask; the layer refuses a call without a mask that the window would cut."""
     layer_idx: str = "layer_idx"
     """attribute holding the layer index used with the KV cache."""
+    cache_args: tuple[str, ...] = DEFAULT_CACHE_ARGS
+    """names the HF forward's KV-cache argument goes by, positional or keyword (the first one bound
+    and not None is the cache; transformers 5.x renames ``past_key_values`` to ``cache``)."""
+    attention_dropout: str = "config.attention_dropout"
+    """where the attention-probability dropout rate is read ("config.<name>" or an attribute of the
+    owner): GPT-2 ``attn_pdrop``, BERT ``attention_probs_dropout_prob``."""
     signature: tuple[str, ...] = ()
     """positional parameters of the target's forward after ``hidden_states`` (transformers 5.24)."""
     post_dropout: str | None = None
@@ -145,6 +153,11 @@ class MLPLayout:
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (BERT's BertOutput.dense runs inside the partitioned MLP)."""
 
+    @property
+    def gated(self) -> bool:
+        """``act(gate(x)) * up(x)`` (a gate or a fused gate_up projection) rather than ``act(up(x))``."""
+        return self.gate is not None or self.gate_up is not None
+
 
 @dataclass(frozen=True)
 class MoELayout:
@@ -170,6 +183,9 @@ class MoELayout:
     """the experts' activation (reused as is)."""
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (none for Mixtral)."""
+
+    gated = True
+    """every expert is a gated MLP ([gate | up] fused)."""
 
 
 @dataclass(frozen=True)
@@ -322,7 +338,7 @@ SPECS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         "gpt2",
         AttentionLayout(owner="GPT2Attention", q=None, k=None, v=None, fused="c_attn", fused_layout="concat",
-                        o="c_proj", conv1d=True, post_dropout="resid_dropout",
+                        o="c_proj", conv1d=True, post_dropout="resid_dropout", attention_dropout="config.attn_pdrop",
                         signature=("cache", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
                                    "output_attentions")),
         MLPLayout(owner="GPT2MLP", up="c_fc", down="c_proj", act="act", dropout="dropout", conv1d=True),
@@ -343,7 +359,8 @@ SPECS: dict[str, ArchSpec] = {
         "bert",
         AttentionLayout(owner="BertAttention", target="self", q="self.query", k="self.key", v="self.value",
                         o="output.dense", scaling="self.scaling", layer_idx="self.layer_idx",
-                        signature=("attention_mask", "cache"), identity=("output.dense",)),
+                        signature=("attention_mask", "cache"), identity=("output.dense",),
+                        attention_dropout="config.attention_probs_dropout_prob"),
         MLPLayout(owner="BertLayer", target="intermediate", up="intermediate.dense", down="output.dense",
                   act="intermediate.intermediate_act_fn", identity=("output.dense",)),
         rope_style="none", num_kv_heads_attr=None, qkv_bias=True, o_bias=True, mlp_bias=True, causal=False,

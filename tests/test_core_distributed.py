@@ -333,8 +333,8 @@ def test_layers_and_axes_for_create_no_process_group(rank_results):
     for rank, res in enumerate(rank_results):
         assert res["groups"]["created_by_layers"] == 0, f"rank {rank}"
         kv_rep = res["groups"]["kv_rep"]
-        assert kv_rep[(1, 4, 2)] == 2 and kv_rep[(1, 4, 1)] == 4 and kv_rep[(4, 2, 1)] == 2, kv_rep
-        assert kv_rep[(2, 2, 4)] == kv_rep[(2, 2, 3)] == kv_rep[(1, 1, 1)] == 1, kv_rep  # n <= g or g does not divide n
+        assert kv_rep[(1, 4, 2)] == kv_rep[(2, 4, 2)] == kv_rep[(1, 2, 1)] == 2 and kv_rep[(1, 4, 1)] == 4, kv_rep
+        assert kv_rep[(2, 2, 4)] == kv_rep[(1, 4, 3)] == kv_rep[(1, 1, 1)] == 1, kv_rep  # n <= g, or g does not divide n
 
 
 def _strict_dp_world_case() -> dict:
