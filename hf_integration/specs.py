@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from ds_twolevel.costmodel.roofline import ModelConfig
 from ds_twolevel.sharding.partition import AttentionSpec
 
 FusedLayout = Literal["concat", "per_head"]
@@ -387,6 +388,43 @@ def spec_for(config: Any, *, model_name: str | None = None) -> ArchSpec:
     return SPECS[model_type]
 
 
+COST_MODEL_FAMILIES: dict[str, str] = {"qwen3": "qwen3", "olmo2": "olmo2", "olmo3": "olmo2", "gemma3": "gemma3_text"}
+"""model_type prefix -> the spec whose cost-model facts a variant without a spec of its own shares
+(qwen3_moe, olmo3, the multimodal gemma3 config)."""
+COST_MODEL_ONLY: dict[str, dict[str, Any]] = {"opt": dict(gated=False, rope_style="none"), "gptj": dict(gated=False)}
+"""cost-model facts of architectures without a spec (the planner models them; ``patch_model`` refuses them)."""
+
+
+def cost_model_facts(spec: ArchSpec) -> dict[str, Any]:
+    """What :meth:`ModelConfig.from_hf_config` needs beyond a config's shapes, read from ``spec``."""
+    norm = spec.attention.norm_style
+    return dict(gated=spec.mlp.gated, qk_norm=spec.attention.q_norm is not None, qk_norm_scope=norm.scope,
+                rope_style=spec.rope_style)
+
+
+def _facts_for(model_type: str) -> dict[str, Any]:
+    """Cost-model facts of a model_type: its spec, a family's spec, a spec-less entry, else none (the
+    cost model's defaults: gated MLP, half RoPE, no q/k norm)."""
+    if model_type in SPECS:
+        return cost_model_facts(SPECS[model_type])
+    family = next((key for prefix, key in COST_MODEL_FAMILIES.items() if model_type.startswith(prefix)), None)
+    if family is not None:
+        return cost_model_facts(SPECS[family])
+    return dict(COST_MODEL_ONLY.get(model_type, {}))
+
+
+def cost_model_config(config: Any, name: str = "model") -> ModelConfig:
+    """The cost model's :class:`~ds_twolevel.costmodel.roofline.ModelConfig` of a Hugging Face config
+    (a ``config.json`` dict or a ``PretrainedConfig``): shapes from the config, the rest from its spec.
+
+    Example:
+        >>> cost_model_config({"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16}).qk_norm
+        True
+    """
+    data = config if isinstance(config, dict) else config.to_dict()
+    return ModelConfig.from_hf_config(data, name, **_facts_for(str(data.get("model_type") or "")))
+
+
 def get_path(module: torch.nn.Module, path: str) -> Any:
     """``module.a.b`` for path "a.b" ("" = module itself)."""
     obj: Any = module
@@ -402,4 +440,5 @@ def set_path(module: torch.nn.Module, path: str, value: torch.nn.Module) -> None
 
 
 __all__ = ["NOT_NONE", "TRUTHY", "ArchSpec", "AttentionLayout", "MLPLayout", "MoELayout", "Predicate", "QKNormStyle",
-           "SPECS", "get_path", "set_path", "spec_for", "supported_architectures"]
+           "SPECS", "cost_model_config", "cost_model_facts", "get_path", "set_path", "spec_for",
+           "supported_architectures"]
