@@ -1,4 +1,4 @@
-"""Hugging Face models patched on m x n ranks vs the unpatched model: one 8-rank gloo launch runs
+"""Hugging Face models patched on n x m ranks vs the unpatched model: one 8-rank gloo launch runs
 every case (architectures x layouts, checkpoints, real MiniLM weights, the parity probe refusing
 wrong specs on every rank); the tests assert per case."""
 from __future__ import annotations

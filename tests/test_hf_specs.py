@@ -144,3 +144,15 @@ def test_cost_model_config_of_architectures_without_a_spec():
     assert facts("olmo3") == (True, True, "projection", "half")
     assert facts("opt") == (False, False, "head", "none") and facts("gptj")[0] is False
     assert facts("some_new_model") == (True, False, "head", "half")  # the cost model's defaults
+
+
+@pytest.mark.parametrize("arch,attr", [("llama", "attention_dropout"), ("gpt2", "attn_pdrop"),
+                                       ("bert", "attention_probs_dropout_prob")])
+def test_attention_dropout_is_read_where_the_spec_says(arch, attr):
+    from hf_integration.policy import partitioned_layers
+
+    model = tiny_model(arch, **{attr: 0.25})
+    patch_model(model, TwoLevelLayout(n=1, m=1).build())
+    rates = {layer.dropout for _, layer in partitioned_layers(model) if hasattr(layer, "part")}
+    assert rates == {0.25}, (arch, rates)
+    assert SPECS[arch].attention.attention_dropout == f"config.{attr}"

@@ -1,8 +1,8 @@
 """The dp x n x m layout: one validated object that builds the device mesh and hands out groups.
 
 Ranks are laid out with the segment axis fastest: ``rank = (dp_rank * n + i) * m + j``, so the m
-ranks of a segment group (the chattiest one: scores, norms, q/k gathers) are neighbours, i.e.
-on one node / one NVLink island whenever m divides the GPUs per node.
+ranks of one head group, one per segment (the chattiest group: scores, norms, q/k gathers), are
+neighbours, i.e. on one node / one NVLink island whenever m divides the GPUs per node.
 """
 from __future__ import annotations
 
