@@ -69,8 +69,8 @@ class ModelConfig:
         """Read the shapes of a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen/GPT-2 key names).
 
         What a config does not state - a gated MLP, q/k norms and their scope, the RoPE style - is
-        passed in: ``hf_integration.specs.cost_model_config(config)`` reads it from the model's
-        ArchSpec (the core knows no architecture by name).
+        passed in: the Hugging Face integration's ``cost_model_config(config)`` reads it from the
+        model's ArchSpec (the core knows no architecture by name).
 
         Example:
             >>> ModelConfig.from_hf_config({"n_embd": 768, "n_head": 12}, "gpt2", gated=False, rope_style="none")
