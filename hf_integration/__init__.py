@@ -1,4 +1,4 @@
-"""Hugging Face integration: run a PreTrainedModel's attention and MLP on m x n ranks, exactly.
+"""Hugging Face integration: run a PreTrainedModel's attention and MLP on n x m ranks, exactly.
 
 Stable entry points (other integrations, e.g. the DeepSpeed one, call these two; their
 signatures do not change):
@@ -10,8 +10,9 @@ signatures do not change):
     validated before any module is touched or any collective issued: an unsupported
     architecture (strict) or a layout the model cannot take raises ValueError naming the model,
     the numbers and the layouts that fit. ``strict=False`` warns and leaves such modules dense.
-    Patching sends no data; with ``kv_replication`` (n > KV heads) it creates, on every rank, the
-    sub-group that sums the gradients of replicated KV heads (``TwoLevelMesh.axes_for``).
+    Patching sends no data and creates no process group: the sub-group that sums the gradients of
+    replicated KV heads (``kv_replication``, n > KV heads) was built with the mesh and is only looked
+    up (``TwoLevelMesh.axes_for``).
 
 ``save_dense_pretrained(model, save_directory, **save_pretrained_kwargs) -> Path``
     Collective over all ranks: gathers the shards layer by layer and writes (rank 0, temp dir then

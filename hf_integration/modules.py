@@ -19,9 +19,11 @@ from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
 from ds_twolevel.layers.mlp import TwoLevelMLP
 from ds_twolevel.sharding.partition import AttentionSpec
 
+from hf_integration.specs import DEFAULT_CACHE_ARGS
 from hf_integration.weights import TensorMap, dense_numel
 
-CACHE_ARGS = ("cache", "past_key_values", "layer_past")
+CACHE_ARGS = DEFAULT_CACHE_ARGS
+"""the default ``AttentionLayout.cache_args`` (a layer reads its spec's: :meth:`HFTwoLevelAttention.bound_cache`)."""
 
 
 def _self_attention_cache(cache: Any) -> Any:
@@ -40,6 +42,7 @@ class HFTwoLevelAttention(TwoLevelAttention):
         target: path of this layer inside the replaced HF module ("" = it is the module).
         sliding_window: this layer's sliding window (None: full attention). The window arrives
             through HF's mask; a call without a mask whose keys the window would cut is refused.
+        cache_args: names of the HF forward's KV-cache argument (``AttentionLayout.cache_args``).
 
     Example:
         >>> out, _ = layer(hidden_states, position_embeddings=(cos, sin), attention_mask=mask)
@@ -48,10 +51,16 @@ class HFTwoLevelAttention(TwoLevelAttention):
     def __init__(self, hidden_size: int, spec: AttentionSpec, axes: TwoLevelAxes | TwoLevelMesh, *,
                  signature: tuple[str, ...],
                  post_dropout: nn.Module | None, tensor_maps: dict[str, TensorMap], owner_class: str,
-                 target: str = "", sliding_window: int | None = None, **kwargs: Any) -> None:
+                 target: str = "", sliding_window: int | None = None,
+                 cache_args: tuple[str, ...] = DEFAULT_CACHE_ARGS, **kwargs: Any) -> None:
         super().__init__(hidden_size, spec, axes, **kwargs)
         self.signature, self.post_dropout, self.tensor_maps = signature, post_dropout, tensor_maps
         self.owner_class, self.target, self.sliding_window = owner_class, target, sliding_window
+        self.cache_args = cache_args
+
+    def bound_cache(self, bound: dict[str, Any]) -> Any:
+        """The KV cache among the bound forward arguments (the first of ``cache_args`` not None), or None."""
+        return next((bound[name] for name in self.cache_args if bound.get(name) is not None), None)
 
     def replicated_tensors(self) -> dict[str, str]:
         """Core name -> attribute of tensors every rank holds whole."""
@@ -68,7 +77,7 @@ class HFTwoLevelAttention(TwoLevelAttention):
         if bound.get("encoder_hidden_states") is not None:
             raise ValueError(f"{self.owner_class}: cross-attention is not partitioned; patch the model "
                              f"with strict=False to keep cross-attention layers dense")
-        cache = next((bound[name] for name in CACHE_ARGS if bound.get(name) is not None), None)
+        cache = self.bound_cache(bound)
         mask = bound.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise ValueError(f"{self.owner_class}: attention_mask of type {type(mask).__name__} is not supported; "

@@ -31,7 +31,6 @@ from hf_integration.weights import (StateDictReader, TensorMap, attention_tensor
                       mlp_tensor_maps, unplaced_parameters)
 
 ReplaceFn = Callable[..., nn.Module]
-DROPOUT_ATTRS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
 
 @dataclass
@@ -136,10 +135,6 @@ def find_owners(model: nn.Module, arch: ArchSpec) -> tuple[list[str], list[str],
 
 
 # -- replacement functions ----------------------------------------------------------------------
-def _attention_dropout(config: Any) -> float:
-    return float(next((getattr(config, a) for a in DROPOUT_ATTRS if getattr(config, a, None) is not None), 0.0))
-
-
 def check_layers(model: nn.Module, arch: ArchSpec, attn_paths: list[str], mlp_paths: list[str]) -> None:
     """Every layer agrees with the spec (tensor shapes, unplaced parameters, biases, the attributes it
     reads), checked on all of them before anything is replaced: ValueError naming the module path."""
@@ -213,8 +208,9 @@ def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attentio
         owner_class=type(owner).__name__, target=lay.target, qkv_bias=qkv_bias, o_bias=o_bias,
         qk_norm=_qk_norm(owner, lay, where), softcap=None if softcap is None else float(softcap),
         sliding_window=None if window is None else int(window), causal=arch.causal,
-        dropout=_attention_dropout(config), scaling=float(read(lay.scaling, "scaling")),
-        layer_idx=int(read(lay.layer_idx, "layer_idx") or 0),
+        dropout=float(read(lay.attention_dropout, "attention_dropout") or 0.0),
+        scaling=float(read(lay.scaling, "scaling")), layer_idx=int(read(lay.layer_idx, "layer_idx") or 0),
+        cache_args=lay.cache_args,
     )
 
 
@@ -350,8 +346,8 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     replaced and run on the inputs its dense module saw, and a mismatch beyond the dtype's tolerance
     puts the dense modules back and raises :class:`~hf_integration.probe.ProbeError` on every rank
     (collective: every rank must call patch_model). ``probe=False`` skips it (huge models; meta models
-    are never probed here, ``load_partitioned`` probes them after loading). With n > KV heads it creates
-    the KV-replication sub-group on every rank. The model stays the same PreTrainedModel object: forward,
+    are never probed here, ``load_partitioned`` probes them after loading). It creates no process group
+    (the mesh built the KV-replication sub-groups). The model stays the same PreTrainedModel object: forward,
     ``generate()`` and ``save_pretrained`` (which then gathers and writes a dense checkpoint) work.
 
     Example:

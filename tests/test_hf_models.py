@@ -1,4 +1,4 @@
-"""Hugging Face models patched on m x n ranks vs the unpatched model: one 8-rank gloo launch runs
+"""Hugging Face models patched on n x m ranks vs the unpatched model: one 8-rank gloo launch runs
 every case (architectures x layouts, checkpoints, real MiniLM weights, the parity probe refusing
 wrong specs on every rank); the tests assert per case."""
 from __future__ import annotations
@@ -159,11 +159,13 @@ def _rank_body(root: str) -> dict:
         clock = time.perf_counter()
 
     meshes = [(name, TwoLevelLayout(**layout).build(), strategy, kv_rep) for name, layout, strategy, kv_rep in LAYOUTS]
+    groups = dist.distributed_c10d._world.group_count  # every new_group / split_group adds one
     for arch in ARCHITECTURES:  # the dense model and its outputs once, every layout against them
         dense = dense_run(arch)
         for name, mesh, strategy, kv_rep in meshes:
             out[(arch, name)] = compare_model(arch, mesh, strategy=strategy, kv_replication=kv_rep, dense=dense)
         lap(f"layouts {arch}")
+    out["groups_created_by_patching"] = dist.distributed_c10d._world.group_count - groups
     for arch in ARCHITECTURES:
         out[("roundtrip", arch)] = _roundtrip(arch, meshes[0][1], Path(root))
         lap(f"roundtrip {arch}")
@@ -261,6 +263,11 @@ def test_minilm_sentence_embeddings(results):
         assert mini["emb_err"] <= TOL and mini["emb_lazy_err"] <= TOL
         assert mini["min_cos"] > 1 - 1e-6
         assert mini["replaced"] == {"BertAttention": 6, "BertLayer": 6}
+
+
+def test_patching_creates_no_process_group(results):
+    """patch_model (kv_replication included) only looks up the sub-groups the mesh built."""
+    assert [r["groups_created_by_patching"] for r in results] == [0] * WORLD
 
 
 def test_bad_layout_refused_on_every_rank(results):

@@ -116,3 +116,43 @@ def test_mistral_sliding_window_goes_through_hfs_mask():
         kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert torch.equal(patched.generate(ids, attention_mask=mask, **kwargs),
                            dense.generate(ids, attention_mask=mask, **kwargs))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cost_model_config_follows_the_spec(arch):
+    """The cost model's architecture facts come from the ArchSpec: a gated MLP where the spec has a gate
+    (or MoE experts), q/k norms and their scope, the RoPE style; shapes from the config."""
+    from hf_integration.specs import cost_model_config
+
+    config, spec = tiny_model(arch).config, SPECS[arch]
+    model = cost_model_config(config, arch)
+    mlp = spec.mlp
+    gated = not hasattr(mlp, "gate") or mlp.gate is not None or mlp.gate_up is not None
+    assert (model.gated, model.rope_style, model.qk_norm) == (gated, spec.rope_style, spec.attention.q_norm is not None)
+    assert model.qk_norm_scope == spec.attention.norm_style.scope
+    assert (model.hidden, model.heads, model.layers) == (64, 4, 2)
+    assert model.kv_heads == spec.attention_spec(config).num_kv_heads
+
+
+def test_cost_model_config_of_architectures_without_a_spec():
+    from hf_integration.specs import cost_model_config
+
+    shapes = {"hidden_size": 64, "num_attention_heads": 4}
+    facts = lambda t: (lambda c: (c.gated, c.qk_norm, c.qk_norm_scope, c.rope_style))(
+        cost_model_config(dict(shapes, model_type=t)))
+    assert facts("qwen3_moe") == (True, True, "head", "half")  # the qwen3 family
+    assert facts("olmo3") == (True, True, "projection", "half")
+    assert facts("opt") == (False, False, "head", "none") and facts("gptj")[0] is False
+    assert facts("some_new_model") == (True, False, "head", "half")  # the cost model's defaults
+
+
+@pytest.mark.parametrize("arch,attr", [("llama", "attention_dropout"), ("gpt2", "attn_pdrop"),
+                                       ("bert", "attention_probs_dropout_prob")])
+def test_attention_dropout_is_read_where_the_spec_says(arch, attr):
+    from hf_integration.policy import partitioned_layers
+
+    model = tiny_model(arch, **{attr: 0.25})
+    patch_model(model, TwoLevelLayout(n=1, m=1).build())
+    rates = {layer.dropout for _, layer in partitioned_layers(model) if hasattr(layer, "part")}
+    assert rates == {0.25}, (arch, rates)
+    assert SPECS[arch].attention.attention_dropout == f"config.{attr}"

@@ -9,7 +9,8 @@ from ds_twolevel.tools.cli import main as cli_main
 from ds_twolevel.costmodel import Phase
 from ds_twolevel.costmodel.hardware import H100_SXM
 from ds_twolevel.parallel.layout import factorizations
-from ds_twolevel.costmodel.planner import (PAPER_CLAIMS, PRESETS, format_paper, load_model, paper_experiment, plan)
+from ds_twolevel.costmodel.planner import PAPER_CLAIMS, PRESETS, format_paper, paper_experiment, plan
+from ds_twolevel.tools.plan import load_model
 
 LLAMA = PRESETS["llama-3-8b"]
 
@@ -56,6 +57,10 @@ def test_load_model_from_hf_config(tmp_path):
     path.write_text(json.dumps(cfg))
     model = load_model(str(path.parent))
     assert (model.name, model.kv_heads, model.head_dim) == (str(path.parent), 2, 64)  # no _name_or_path: the path
+    assert model.gated and not model.qk_norm and model.rope_style == "half"  # from the llama ArchSpec
+    path.write_text(json.dumps(dict(cfg, model_type="olmo2")))
+    olmo2 = load_model(str(path))
+    assert olmo2.qk_norm and olmo2.qk_norm_scope == "projection"
     with pytest.raises(ValueError, match="neither a preset"):
         load_model(str(tmp_path / "missing.json"))
 

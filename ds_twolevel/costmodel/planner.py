@@ -1,20 +1,16 @@
 """Layout planner: every dp x n x m layout of P devices for a model, ranked by the cost model.
 
-``ds-twolevel plan --model llama-3-8b --devices 16 --phase decode --seq 8192 --batch 16``
-lists each layout (head-wise TP = m 1, two-level, KV replication where n > g, times dp),
-its predicted step time, memory and traffic, marks the best, and says why the others are
-infeasible. Also models the source paper's 16-GPU experiment (``paper_experiment``).
+:func:`plan` lists each layout (head-wise TP: m = 1, two-level, KV replication where n > g, times
+dp) with its predicted step time, memory and traffic, best first, and says why the others are
+infeasible. Also models the source paper's 16-GPU experiment (``paper_experiment``). Pure: the
+command line that reads Hugging Face configs (``ds-twolevel plan``) is :mod:`ds_twolevel.tools.plan`.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from dataclasses import dataclass, replace
 
-from ds_twolevel.tools.cli import positive_int
 from ds_twolevel.costmodel import ModelConfig, Phase, Prediction, predict
-from ds_twolevel.costmodel.hardware import H100_SXM, HardwareProfile, get_profile
+from ds_twolevel.costmodel.hardware import H100_SXM, HardwareProfile
 from ds_twolevel.parallel.layout import factorizations
 from ds_twolevel.sharding.partition import head_problem, segment_problem
 
@@ -25,31 +21,6 @@ PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig("paper", hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=16384,
                          layers=2, gated=False),
 }
-
-
-def load_model(name_or_path: str) -> ModelConfig:
-    """A preset name or the path of a Hugging Face ``config.json`` (or of its directory).
-
-    A config is labelled with its ``_name_or_path`` (the Hub id it was saved from) when it has one,
-    else with the path as given.
-    """
-    if name_or_path in PRESETS:
-        return PRESETS[name_or_path]
-    path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
-    if not os.path.isfile(path):
-        raise ValueError(f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--model {path}: cannot read it as JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"--model {path}: a config.json holds a JSON object, got {type(config).__name__}")
-    label = str(config.get("_name_or_path") or "") or name_or_path
-    try:
-        return ModelConfig.from_hf_config(config, name=label)
-    except (TypeError, ZeroDivisionError) as err:
-        raise ValueError(f"--model {path}: unusable shapes in the config ({err})") from err
 
 
 @dataclass(frozen=True)
@@ -206,36 +177,7 @@ def format_paper(rows: list[PaperRow]) -> str:
     return "\n".join(lines)
 
 
-# -- command line ---------------------------------------------------------------------------------------
-HELP = """\
-List every dp x n x m layout of P devices for a model (a preset or a Hugging Face config.json) with
-its predicted step time, memory and traffic, best first, and say why the others cannot run. n head
-groups x m head-dim segments share each layer (n*m ranks; m = 1 is head-wise tensor parallelism),
-dp replicas of it split the batch. Example: ds-twolevel plan --model llama-3-8b --devices 16
---phase decode --batch 64 --seq 8192. When no layout of P devices fits, it says so, names the
-nearest device counts that have one, and exits with status 2.
-"""
-HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
-STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ds_twolevel.costmodel.hardware import PROFILES
-
-    parser.add_argument("--model", required=True,
-                        help=f"a preset ({', '.join(PRESETS)}) or the path of a Hugging Face config.json (or its directory)")
-    parser.add_argument("--devices", type=positive_int, required=True, metavar="P", help="number of devices P")
-    parser.add_argument("--seq", type=positive_int, default=4096, metavar="N",
-                        help="prompt length (prefill) or KV-cache length (decode) (default: %(default)s)")
-    parser.add_argument("--batch", type=positive_int, default=8, metavar="N",
-                        help="global batch, split over dp (default: %(default)s)")
-    parser.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="(default: %(default)s)")
-    parser.add_argument("--hardware", choices=sorted(PROFILES), default="h100",
-                        help="hardware profile (default: %(default)s)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                        help="score strategy; auto: the cost model picks per layer (default: %(default)s)")
-
-
+# -- when no layout fits ------------------------------------------------------------------------------
 def _best_layout(model: ModelConfig, devices: int, phase: Phase, hw: HardwareProfile, strategy: str) -> str | None:
     rows = [r for r in plan(model, devices, phase, hw, strategy=strategy) if r.feasible]
     return f"{rows[0].dp} x {rows[0].n} x {rows[0].m}" if rows else None
@@ -270,13 +212,3 @@ def no_layout_message(model: ModelConfig, devices: int, phase: Phase, hw: Hardwa
             f"{4 * devices + 8} devices")
     return (f"no dp x n x m layout of {devices} devices can run {model.name} ({phase.kind}, batch {phase.batch}, "
             f"seq {phase.seq}, {hw.name}): {why}. Nearest device counts with a feasible layout: {fits}")
-
-
-def main(args: argparse.Namespace) -> int:
-    model, hw = load_model(args.model), get_profile(args.hardware)
-    phase = Phase(args.phase, args.batch, args.seq)
-    rows = plan(model, args.devices, phase, hw, strategy=args.strategy)
-    if not any(r.feasible for r in rows):
-        raise ValueError(no_layout_message(model, args.devices, phase, hw, rows, strategy=args.strategy))
-    print(format_plan(model, args.devices, phase, hw, rows))
-    return 0

@@ -66,24 +66,29 @@ class ModelConfig:
                              name=name or self.name)
 
     @classmethod
-    def from_hf_config(cls, config: dict, name: str = "model") -> "ModelConfig":
-        """Read a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen/GPT-2 key names)."""
+    def from_hf_config(cls, config: dict, name: str = "model", *, gated: bool = True, qk_norm: bool = False,
+                       qk_norm_scope: str = "head", rope_style: str = "half") -> "ModelConfig":
+        """Read the shapes of a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen/GPT-2 key names).
+
+        What a config does not state - a gated MLP, q/k norms and their scope, the RoPE style - is
+        passed in: the Hugging Face integration's ``cost_model_config(config)`` reads it from the
+        model's ArchSpec (the core knows no architecture by name).
+
+        Example:
+            >>> ModelConfig.from_hf_config({"n_embd": 768, "n_head": 12}, "gpt2", gated=False, rope_style="none")
+        """
         get = lambda *keys, default=None: next((config[k] for k in keys if config.get(k) is not None), default)
         hidden = get("hidden_size", "n_embd", "d_model")
         heads = get("num_attention_heads", "n_head")
         if hidden is None or heads is None:
             raise ValueError(f"{name}: config has no hidden_size/num_attention_heads; keys: {sorted(config)[:20]}")
-        model_type = str(config.get("model_type", ""))
         return cls(
             name=name, hidden=hidden, heads=heads,
             kv_heads=get("num_key_value_heads", "n_head_kv", default=heads),
             head_dim=get("head_dim", default=hidden // heads),
             intermediate=get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
             layers=get("num_hidden_layers", "n_layer", default=1),
-            gated=model_type not in ("gpt2", "gpt_neox", "bert", "opt", "gptj"),
-            qk_norm=model_type.startswith(("qwen3", "olmo2", "olmo3", "gemma3")),
-            qk_norm_scope="projection" if model_type.startswith(("olmo2", "olmo3")) else "head",
-            rope_style="none" if model_type in ("gpt2", "bert", "opt") else "half",
+            gated=gated, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_style=rope_style,
             vocab=get("vocab_size", default=0),
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         )

@@ -1,8 +1,8 @@
 """The dp x n x m layout: one validated object that builds the device mesh and hands out groups.
 
 Ranks are laid out with the segment axis fastest: ``rank = (dp_rank * n + i) * m + j``, so the m
-ranks of a segment group (the chattiest one: scores, norms, q/k gathers) are neighbours, i.e.
-on one node / one NVLink island whenever m divides the GPUs per node.
+ranks of one head group, one per segment (the chattiest group: scores, norms, q/k gathers), are
+neighbours, i.e. on one node / one NVLink island whenever m divides the GPUs per node.
 """
 from __future__ import annotations
 
@@ -190,6 +190,23 @@ def _override(config: tuple[str, datetime.timedelta]) -> tuple[str, C10dBackend.
     return backend, _group_options(backend, timeout)
 
 
+def _axis(name: str, sub) -> AxisGroup:
+    """The AxisGroup of a one-dimensional DeviceMesh."""
+    return AxisGroup(name, sub.size(), sub.get_local_rank(), sub.get_group())
+
+
+def _kv_rep_axes(mesh, axes: TwoLevelAxes, n: int, config: tuple[str, datetime.timedelta]
+                 ) -> dict[int, TwoLevelAxes]:
+    """g -> axes with the "kv_rep" group of n/g consecutive head groups, for every g < n dividing n
+    (the "n" axis unflattened into (kv_head, kv_rep); g ascending, the same order on every rank)."""
+    out = {}
+    for g in (g for g in range(1, n) if n % g == 0):
+        sub = mesh._unflatten("n", (g, n // g), ("kv_head", "kv_rep"),
+                              backend_override={a: _override(config) for a in ("kv_head", "kv_rep")})
+        out[g] = replace(axes, kv_rep=_axis("kv_rep", sub["kv_rep"]))
+    return out
+
+
 class TwoLevelMesh:
     """A built layout: the DeviceMesh (axes "dp", "n", "m", plus flattened "tp") and its groups.
 
@@ -197,56 +214,48 @@ class TwoLevelMesh:
     """
 
     def __init__(self, layout: TwoLevelLayout, mesh, axes: TwoLevelAxes,
-                 group_config: tuple[str, datetime.timedelta] | None = None) -> None:
+                 axes_by_kv: dict[int, TwoLevelAxes] | None = None) -> None:
         self.layout = layout
         self.mesh = mesh
         self.axes = axes
-        self._group_config = group_config
-        """(backend, timeout) of the sub-groups, for the ones made later (kv_rep)."""
-        self._axes_by_kv: dict[int, TwoLevelAxes] = {}
+        self._axes_by_kv: dict[int, TwoLevelAxes] = dict(axes_by_kv or {})
+        """g -> the axes of a layer with g KV heads (g < n, g | n), kv_rep built with the mesh."""
 
     def axes_for(self, num_kv_heads: int) -> TwoLevelAxes:
-        """The axes for a layer with ``num_kv_heads`` KV heads.
+        """The axes for a layer with ``num_kv_heads`` KV heads (a look-up: no collective).
 
-        When n > g each KV head is held by n/g consecutive head groups; their gradients must be
-        summed, over the "kv_rep" axis this adds (created once per g, on every rank).
+        When n > g each KV head is held by n/g consecutive head groups; their gradients are
+        summed over the "kv_rep" axis, whose groups :meth:`create` built for every g that divides n.
         """
         n = self.layout.n
         if n <= num_kv_heads or n % num_kv_heads:
             return self.axes
-        if num_kv_heads not in self._axes_by_kv:
-            reps = n // num_kv_heads
-            sub = self.mesh._unflatten("n", (num_kv_heads, reps), ("kv_head", "kv_rep"),
-                                       backend_override={a: _override(self._group_config) for a in ("kv_head", "kv_rep")})
-            kv = sub["kv_rep"]
-            self._axes_by_kv[num_kv_heads] = replace(
-                self.axes, kv_rep=AxisGroup("kv_rep", kv.size(), kv.get_local_rank(), kv.get_group()))
+        if num_kv_heads not in self._axes_by_kv:  # a hand-made mesh without groups (tests)
+            raise ValueError(f"this mesh has no kv_rep group for {num_kv_heads} KV heads (n={n}); build the mesh "
+                             f"with TwoLevelLayout(n=, m=, dp=).build()")
         return self._axes_by_kv[num_kv_heads]
 
     @classmethod
     def create(
         cls, layout: TwoLevelLayout, *, device_type: str | None, timeout: datetime.timedelta
     ) -> "TwoLevelMesh":
+        """Build every sub-mesh now, on every rank in the same order: dp, n, m, tp and the kv_rep
+        groups of each replication factor (so no layer constructor creates a group later)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         device_type = device_type or _default_device_type()
-        backend = dist.get_backend()
-        config = (backend, timeout)
+        config = (dist.get_backend(), timeout)
         override = {name: _override(config) for name in MESH_AXES}
         mesh = init_device_mesh(
             device_type, (layout.dp, layout.n, layout.m), mesh_dim_names=MESH_AXES,
             backend_override=override,
         )
         tp_mesh = mesh["n", "m"]._flatten("tp", backend_override=_override(config))
-
-        def axis(name: str, sub) -> AxisGroup:
-            return AxisGroup(name, sub.size(), sub.get_local_rank(), sub.get_group())
-
         axes = TwoLevelAxes(
-            seg=axis("m", mesh["m"]), heads=axis("n", mesh["n"]), tp=axis("tp", tp_mesh),
-            dp=axis("dp", mesh["dp"]),
+            seg=_axis("m", mesh["m"]), heads=_axis("n", mesh["n"]), tp=_axis("tp", tp_mesh),
+            dp=_axis("dp", mesh["dp"]),
         )
-        return cls(layout, mesh, axes, config)
+        return cls(layout, mesh, axes, _kv_rep_axes(mesh, axes, layout.n, config))
 
     def __repr__(self) -> str:
         a = self.axes

@@ -17,7 +17,7 @@ from ds_twolevel import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module with add_arguments(parser) and main(args), one-line help)
     "demo": ("ds_twolevel.tools.demo", "run a transformer block on local gloo ranks and compare it with the dense block"),
-    "plan": ("ds_twolevel.costmodel.planner", "rank every dp x n x m layout of P devices for a model with the cost model"),
+    "plan": ("ds_twolevel.tools.plan", "rank every dp x n x m layout of P devices for a model with the cost model"),
     "bench": ("ds_twolevel.tools.bench", "benchmark layouts on local gloo ranks; write the docs/performance tables"),
     "convert": ("ds_twolevel.deepspeed.convert", "write dense fp32 weights (a Hugging Face directory) from a two-level DeepSpeed checkpoint"),
     "prebuild": ("ds_twolevel.deepspeed.env", "compile DeepSpeed's CPU shm comm op for this environment now"),

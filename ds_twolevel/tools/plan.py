@@ -1,0 +1,94 @@
+"""``ds-twolevel plan``: the layout planner's command line (a preset or a Hugging Face config.json).
+
+``ds-twolevel plan --model llama-3-8b --devices 16 --phase decode --seq 8192 --batch 16`` lists
+every dp x n x m layout with its predicted step time, memory and traffic, best first
+(:func:`ds_twolevel.costmodel.planner.plan`). A ``config.json`` becomes the cost model's
+``ModelConfig`` through ``hf_integration.specs.cost_model_config`` (its shapes, and the facts its
+architecture's spec knows: gated MLP, q/k norms, RoPE style).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ds_twolevel.costmodel import ModelConfig, Phase
+from ds_twolevel.costmodel.hardware import get_profile
+from ds_twolevel.costmodel.planner import PRESETS, format_plan, no_layout_message, plan
+from ds_twolevel.tools.cli import positive_int
+
+HELP = """\
+List every dp x n x m layout of P devices for a model (a preset or a Hugging Face config.json) with
+its predicted step time, memory and traffic, best first, and say why the others cannot run. n head
+groups x m head-dim segments share each layer (n*m ranks; m = 1 is head-wise tensor parallelism),
+dp replicas of it split the batch. Example: ds-twolevel plan --model llama-3-8b --devices 16
+--phase decode --batch 64 --seq 8192. When no layout of P devices fits, it says so, names the
+nearest device counts that have one, and exits with status 2.
+"""
+HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
+STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
+
+
+def _read_json(path: str) -> dict:
+    """A config.json as a dict; ValueError naming the path otherwise."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model {path}: cannot read it as JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"--model {path}: a config.json holds a JSON object, got {type(config).__name__}")
+    return config
+
+
+def load_model(name_or_path: str) -> ModelConfig:
+    """A preset name or the path of a Hugging Face ``config.json`` (or of its directory).
+
+    A config is labelled with its ``_name_or_path`` (the Hub id it was saved from) when it has one,
+    else with the path as given.
+
+    Example:
+        >>> load_model("llama-3-8b").kv_heads
+        8
+    """
+    from hf_integration.specs import cost_model_config
+
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path) else name_or_path
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json path")
+    config = _read_json(path)
+    label = str(config.get("_name_or_path") or "") or name_or_path
+    try:
+        return cost_model_config(config, name=label)
+    except (TypeError, ZeroDivisionError) as err:
+        raise ValueError(f"--model {path}: unusable shapes in the config ({err})") from err
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ds_twolevel.costmodel.hardware import PROFILES
+
+    parser.add_argument("--model", required=True,
+                        help=f"a preset ({', '.join(PRESETS)}) or the path of a Hugging Face config.json (or its directory)")
+    parser.add_argument("--devices", type=positive_int, required=True, metavar="P", help="number of devices P")
+    parser.add_argument("--seq", type=positive_int, default=4096, metavar="N",
+                        help="prompt length (prefill) or KV-cache length (decode) (default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=8, metavar="N",
+                        help="global batch, split over dp (default: %(default)s)")
+    parser.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="(default: %(default)s)")
+    parser.add_argument("--hardware", choices=sorted(PROFILES), default="h100",
+                        help="hardware profile (default: %(default)s)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                        help="score strategy; auto: the cost model picks per layer (default: %(default)s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the plan; ValueError (one line, exit status 2) when no layout of P devices fits."""
+    model, hw = load_model(args.model), get_profile(args.hardware)
+    phase = Phase(args.phase, args.batch, args.seq)
+    rows = plan(model, args.devices, phase, hw, strategy=args.strategy)
+    if not any(r.feasible for r in rows):
+        raise ValueError(no_layout_message(model, args.devices, phase, hw, rows, strategy=args.strategy))
+    print(format_plan(model, args.devices, phase, hw, rows))
+    return 0
