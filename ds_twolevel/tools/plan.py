@@ -16,6 +16,7 @@ from ds_twolevel.costmodel import ModelConfig, Phase
 from ds_twolevel.costmodel.hardware import get_profile
 from ds_twolevel.costmodel.planner import PRESETS, format_plan, no_layout_message, plan
 from ds_twolevel.tools.cli import positive_int
+from ds_twolevel.strategies import registry
 
 HELP = """\
 List every dp x n x m layout of P devices for a model (a preset or a Hugging Face config.json) with
@@ -26,7 +27,6 @@ dp replicas of it split the batch. Example: ds-twolevel plan --model llama-3-8b 
 nearest device counts that have one, and exits with status 2.
 """
 HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
-STRATEGIES = ("auto", "score_allreduce", "qk_allgather")
 
 
 def _read_json(path: str) -> dict:
@@ -79,8 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase", choices=("prefill", "decode"), default="prefill", help="(default: %(default)s)")
     parser.add_argument("--hardware", choices=sorted(PROFILES), default="h100",
                         help="hardware profile (default: %(default)s)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
-                        help="score strategy; auto: the cost model picks per layer (default: %(default)s)")
+    parser.add_argument("--strategy", choices=registry.choices(), default="auto",
+                        help="attention strategy (the registry's names); auto: the cost model picks per layer; "
+                             "kv_shard: a KV cache held by position (prefill by seq_rows) (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
