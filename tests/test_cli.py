@@ -178,7 +178,7 @@ def test_plan_help_shows_defaults_and_choices(capsys):
     assert code == 0
     for default in ("(default: 4096)", "(default: 8)", "(default: prefill)", "(default: h100)", "(default: auto)"):
         assert default in text, default
-    assert "{cpu,h100}" in text and "{auto,score_allreduce,qk_allgather}" in text and "nearest device counts" in text
+    assert "{cpu,h100}" in text and "{auto,score_allreduce,qk_allgather,seq_rows,kv_shard}" in text and "nearest device counts" in text
 
 
 def test_top_level_help_says_n_x_m_and_version_matches_pyproject(capsys):
