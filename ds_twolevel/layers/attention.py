@@ -82,7 +82,7 @@ class TwoLevelAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(axes, TwoLevelMesh):  # validate before axes_for creates any group
+        if isinstance(axes, TwoLevelMesh):  # validate before looking the layer's axes up
             AttentionPartition(spec, axes.layout.n, axes.layout.m, kv_replication=kv_replication)
             axes = axes.axes_for(spec.num_kv_heads)
         registry.check_layer_strategy(strategy)
