@@ -111,3 +111,44 @@ def test_fused_sequence_strategies_refuse_softcapped_scores():
     x = torch.randn(1, 4, 16)
     with torch.no_grad(), pytest.raises(ValueError, match="layer 0: seq_rows .*soft-cap"):
         layer(x, position_embeddings=rope_cos_sin(torch.arange(4)[None], spec))
+
+
+def test_dropout_recompute_of_same_inputs_in_pipeline_order_and_unknown_recompute_is_refused():
+    """Two forwards of the same input before their backwards (a pipeline schedule) each get their own
+    mask back in the recompute, first in first out: gradients equal the run without checkpointing. A
+    recompute whose input no forward had is refused, not computed with an unknown mask."""
+    from ds_twolevel.layers.dropout import DropoutKeys
+
+    torch.manual_seed(0)
+    spec = AttentionSpec(4, 2, 8, rope_style="half")
+    x0 = torch.randn(2, 6, 16)
+    rope = rope_cos_sin(torch.arange(6)[None].expand(2, -1), spec)
+    grads = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(1)
+        dense = DenseAttention(16, spec, dropout=0.4, dropout_seed=7)
+        layer = TwoLevelAttention.from_dense(dense, TwoLevelAxes.single()).train()
+        xs = [x0.clone().requires_grad_() for _ in range(2)]
+        fn = lambda t: layer(t, position_embeddings=rope)  # noqa: E731
+        ys = [checkpoint.checkpoint(fn, x, use_reentrant=False) if use_checkpoint else fn(x) for x in xs]
+        for y in ys:
+            y.square().sum().backward()
+        grads.append([x.grad for x in xs])
+    assert not torch.equal(grads[0][0], grads[0][1])  # two masks
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+    keys = DropoutKeys()
+    keys.key(torch.ones(3))
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            keys.key(torch.zeros(3))  # a "recompute" of an input no forward had
+            return g
+
+    with pytest.raises(RuntimeError, match="dropout mask it must repeat is unknown"):
+        Recompute.apply(torch.ones(3, requires_grad=True)).sum().backward()

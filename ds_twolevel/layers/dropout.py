@@ -33,26 +33,52 @@ def in_backward() -> bool:
 
 
 class DropoutKeys:
-    """The keys of one layer's dropout masks."""
+    """The keys of one layer's dropout masks.
+
+    Each forward's key waits, under its input's fingerprint, for the recompute that repeats it (first
+    in, first out: a pipeline schedule may run several forwards of the same input before their
+    backwards). A recompute whose fingerprint no forward left - its input differs from every forward's,
+    e.g. a non-deterministic kernel upstream - cannot know which mask to draw: it is refused rather
+    than computed with a mask the forward did not use.
+    """
 
     def __init__(self) -> None:
         self.step = 0
-        self.by_input: dict[tuple, int] = {}
+        self.pending: dict[tuple, list[int]] = {}
+        self.last: dict[tuple, int] = {}
 
     def key(self, hidden_states: torch.Tensor) -> int:
         """The key of this call: a new one, or in a recompute the key of the forward it repeats."""
         fp = fingerprint(hidden_states)
-        if in_backward() and fp in self.by_input:
-            return self.by_input[fp]
+        if in_backward():
+            return self._recompute_key(fp)
         key, self.step = self.step, self.step + 1
-        self.by_input[fp] = key
-        while len(self.by_input) > MAX_KEYS:
-            self.by_input.pop(next(iter(self.by_input)))
+        self.pending.setdefault(fp, []).append(key)
+        while sum(map(len, self.pending.values())) > MAX_KEYS:  # forwards never recomputed
+            oldest = next(iter(self.pending))
+            self.pending[oldest].pop(0)
+            if not self.pending[oldest]:
+                del self.pending[oldest]
         return key
+
+    def _recompute_key(self, fp: tuple) -> int:
+        if self.pending.get(fp):
+            self.last[fp] = self.pending[fp].pop(0)
+            if not self.pending[fp]:
+                del self.pending[fp]
+            return self.last[fp]
+        if fp in self.last:  # the same graph recomputed again (backward with retain_graph)
+            return self.last[fp]
+        raise RuntimeError(
+            "attention dropout: a forward run inside the backward pass (activation checkpointing's recompute) "
+            "has an input no earlier forward of this layer had, so the dropout mask it must repeat is unknown; "
+            "make the recomputed inputs bit-identical (deterministic kernels), or train this layer with "
+            "dropout=0 or without checkpointing it")
 
     def reset(self) -> None:
         self.step = 0
-        self.by_input.clear()
+        self.pending.clear()
+        self.last.clear()
 
 
 def apply_dropout(layer: Any, probs: torch.Tensor, q_len: int | None = None, row0: int = 0, *,
