@@ -76,20 +76,29 @@ def test_a_toy_strategy_is_picked_up_by_auto_the_cost_model_and_the_layer():
     assert qk_allgather.NAME in registry.names()
 
 
+def _dropout_inputs():
+    """A spec, an input (2, 6, 16) and its rope tables, seeded."""
+    torch.manual_seed(0)
+    spec = AttentionSpec(4, 2, 8, rope_style="half")
+    return spec, torch.randn(2, 6, 16), rope_cos_sin(torch.arange(6)[None].expand(2, -1), spec)
+
+
+def _dropout_layer(spec, strategy):
+    """The same dense layer with dropout 0.4 (seeded) and its partition, in training mode."""
+    torch.manual_seed(1)
+    dense = DenseAttention(16, spec, dropout=0.4, dropout_seed=7)
+    return dense, TwoLevelAttention.from_dense(dense, TwoLevelAxes.single(), strategy=strategy).train()
+
+
 @pytest.mark.parametrize("strategy", ["score_allreduce", "qk_allgather"])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_dropout_recompute_under_activation_checkpointing_draws_the_same_mask(strategy, reentrant):
     """Gradients with torch.utils.checkpoint equal those without it (same keys), and both equal the
     dense reference's (a recompute that drew a new mask would differ)."""
-    torch.manual_seed(0)
-    spec = AttentionSpec(4, 2, 8, rope_style="half")
-    x0 = torch.randn(2, 6, 16)
-    rope = rope_cos_sin(torch.arange(6)[None].expand(2, -1), spec)
+    spec, x0, rope = _dropout_inputs()
     grads = []
     for use_checkpoint in (False, True):
-        torch.manual_seed(1)
-        dense = DenseAttention(16, spec, dropout=0.4, dropout_seed=7)
-        layer = TwoLevelAttention.from_dense(dense, TwoLevelAxes.single(), strategy=strategy).train()
+        dense, layer = _dropout_layer(spec, strategy)
         x = x0.clone().requires_grad_()
         fn = lambda t: layer(t, position_embeddings=rope)  # noqa: E731
         for _ in range(2):  # two steps: the second uses key 1 in both runs
@@ -119,15 +128,10 @@ def test_dropout_recompute_of_same_inputs_in_pipeline_order_and_unknown_recomput
     recompute whose input no forward had is refused, not computed with an unknown mask."""
     from ds_twolevel.layers.dropout import DropoutKeys
 
-    torch.manual_seed(0)
-    spec = AttentionSpec(4, 2, 8, rope_style="half")
-    x0 = torch.randn(2, 6, 16)
-    rope = rope_cos_sin(torch.arange(6)[None].expand(2, -1), spec)
+    spec, x0, rope = _dropout_inputs()
     grads = []
     for use_checkpoint in (False, True):
-        torch.manual_seed(1)
-        dense = DenseAttention(16, spec, dropout=0.4, dropout_seed=7)
-        layer = TwoLevelAttention.from_dense(dense, TwoLevelAxes.single()).train()
+        _, layer = _dropout_layer(spec, "auto")
         xs = [x0.clone().requires_grad_() for _ in range(2)]
         fn = lambda t: layer(t, position_embeddings=rope)  # noqa: E731
         ys = [checkpoint.checkpoint(fn, x, use_reentrant=False) if use_checkpoint else fn(x) for x in xs]
