@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ds_twolevel.costmodel.hardware import profile as hw_profile
 from ds_twolevel.deepspeed.compat import mark_autotp_parsed
 from ds_twolevel.deepspeed.engine_hooks import install_when_imported
 from ds_twolevel.layers.qk_norm import QKNorm
@@ -215,12 +216,13 @@ def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attentio
 
 
 def build_attention(owner: nn.Module, config: Any, arch: ArchSpec, spec: AttentionSpec, mesh: TwoLevelMesh, *,
-                    strategy: str, kv_replication: bool, where: str | None = None) -> HFTwoLevelAttention:
+                    strategy: str, kv_replication: bool, where: str | None = None,
+                    hardware: Any = None) -> HFTwoLevelAttention:
     """This rank's partition of one HF attention module (its weights sliced unless on meta)."""
     plan = attention_plan(owner, config, arch, spec, where=where or type(owner).__name__)
     weight = get_path(owner, arch.attention.fused or arch.attention.q).weight
     layer = HFTwoLevelAttention(config.hidden_size, spec, mesh, strategy=strategy, kv_replication=kv_replication,
-                                device=weight.device, dtype=weight.dtype, **plan)
+                                hardware=hardware, device=weight.device, dtype=weight.dtype, **plan)
     if not weight.is_meta:
         layer.to(weight.device)  # RoPE index buffers too
         load_shards(layer, plan["tensor_maps"], StateDictReader(dict(owner.state_dict(keep_vars=True))))
@@ -271,7 +273,7 @@ def _install(owner: nn.Module, target: str, identity: tuple[str, ...], layer: nn
 
 
 def injection_policy(model: nn.Module, mesh: TwoLevelMesh, *, strategy: str = "auto",
-                     kv_replication: bool = False) -> dict[type[nn.Module], ReplaceFn]:
+                     kv_replication: bool = False, hardware: Any = None) -> dict[type[nn.Module], ReplaceFn]:
     """HF class -> DeepSpeed-style replacement function for ``model``'s architecture.
 
     Example:
@@ -287,7 +289,7 @@ def injection_policy(model: nn.Module, mesh: TwoLevelMesh, *, strategy: str = "a
     def replace_attention(child: nn.Module, _policy: Any = None, layer_id: int = 0, *, prefix: str = "",
                           state_dict: Any = None) -> nn.Module:
         layer = build_attention(child, config, arch, spec, mesh, strategy=strategy, kv_replication=kv_replication,
-                                where=prefix or None)
+                                where=prefix or None, hardware=hardware)
         return _install(child, arch.attention.target, arch.attention.identity, layer)
 
     def replace_mlp(child: nn.Module, _policy: Any = None, layer_id: int = 0, *, prefix: str = "",
@@ -336,12 +338,14 @@ def _on_meta(model: nn.Module) -> bool:
 
 
 def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, strategy: str = "auto",
-                kv_replication: bool = False, probe: bool = True) -> PatchReport:
+                kv_replication: bool = False, probe: bool = True, hardware: Any = None) -> PatchReport:
     """Partition ``model``'s attention and MLP layers over ``mesh`` in place; return a report.
 
     Validates everything (architecture, layout, config settings, and every layer's tensors against
     the spec: shapes, biases, parameters the spec leaves out) before any module is touched or any
-    collective issued. Then, with ``probe`` (the default), the parity probe
+    collective issued. ``strategy="auto"`` picks, per call, the strategy with the least predicted time
+    on ``hardware`` (a cost-model profile or its name, e.g. "h100"; None: the profile of the weights'
+    device). Then, with ``probe`` (the default), the parity probe
     (:mod:`hf_integration.probe`): the dense model runs once on 8 seeded random tokens, every layer is
     replaced and run on the inputs its dense module saw, and a mismatch beyond the dtype's tolerance
     puts the dense modules back and raises :class:`~hf_integration.probe.ProbeError` on every rank
@@ -355,6 +359,8 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
         >>> report = patch_model(model, mesh)   # model is now partitioned on this rank
     """
     registry.check_layer_strategy(strategy)
+    if hardware is not None:
+        hw_profile(hardware)  # an unknown name fails here, before any module is touched
     layout = mesh.layout
     if partitioned_layers(model):
         raise ValueError(f"{model_name(model)} is already partitioned (verify(model) says what); patch a fresh "
@@ -375,12 +381,13 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
         _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
     check_layers(model, arch, attn_paths, mlp_paths)
     _replace_and_probe(model, mesh, arch, attn_paths, mlp_paths, strategy=strategy, kv_replication=kv_replication,
-                       probe=probe and not _on_meta(model))
+                       probe=probe and not _on_meta(model), hardware=hardware)
     return _finish(model, mesh, report)
 
 
 def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, attn_paths: list[str],
-                       mlp_paths: list[str], *, strategy: str, kv_replication: bool, probe: bool) -> None:
+                       mlp_paths: list[str], *, strategy: str, kv_replication: bool, probe: bool,
+                       hardware: Any = None) -> None:
     """Replace every layer; with ``probe``, compare each with its dense module (dense modules back on refusal)."""
     name = model_name(model)
     records: dict[str, Any] = {}
@@ -391,7 +398,7 @@ def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, att
         with agreement(None, what=f"{name}: parity probe (dense forward)"):
             records = record_calls(model, mlp_paths + attn_paths)
             require_calls(records, mlp_paths + attn_paths, name=name)
-    policy = injection_policy(model, mesh, strategy=strategy, kv_replication=kv_replication)
+    policy = injection_policy(model, mesh, strategy=strategy, kv_replication=kv_replication, hardware=hardware)
     by_name = {cls.__name__: fn for cls, fn in policy.items()}
     undo: list[Callable[[], None]] = []
     try:

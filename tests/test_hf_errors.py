@@ -95,6 +95,19 @@ def test_unknown_strategy():
         patch_model(tiny_model("llama"), groupless_mesh(2, 2), strategy="fastest")
 
 
+def test_unknown_hardware_profile_and_a_known_one_reaches_every_layer():
+    with pytest.raises(ValueError, match="unknown hardware profile 'h200'; known: cpu, h100"):
+        patch_model(tiny_model("llama"), groupless_mesh(2, 2), hardware="h200")
+    from ds_twolevel.costmodel.hardware import H100_SXM
+    from hf_integration.partitioned import partitioned_layers
+
+    model = tiny_model("llama")
+    patch_model(model, TwoLevelLayout(n=1, m=1).build(), hardware="h100")
+    layers = [mod for mod in model.modules() if hasattr(mod, "hardware")]
+    assert len(layers) == model.config.num_hidden_layers and all(mod.hardware is H100_SXM for mod in layers)
+    assert partitioned_layers(model)
+
+
 def test_checkpoint_shapes_not_matching_config(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

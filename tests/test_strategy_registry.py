@@ -7,7 +7,7 @@ import torch
 import torch.utils.checkpoint as checkpoint
 
 from ds_twolevel.costmodel import ModelConfig, Phase, attention_call, attention_collectives, predict
-from ds_twolevel.costmodel.hardware import H100_SXM
+from ds_twolevel.costmodel.hardware import CPU_GLOO, H100_SXM
 from ds_twolevel.deepspeed.config import TwoLevelConfig
 from ds_twolevel.layers.attention import TwoLevelAttention
 from ds_twolevel.layers.rope import rope_cos_sin
@@ -50,12 +50,12 @@ def test_layer_and_cost_model_ask_the_same_plan():
 
 
 def test_a_toy_strategy_is_picked_up_by_auto_the_cost_model_and_the_layer():
-    call = attention_call(MODEL, 2, 2, 1, 4096, 4096)  # long prefill: qk_allgather sends fewer bytes
-    assert registry.plan_call(call).name == "qk_allgather"
+    call = attention_call(MODEL, 2, 2, 1, 64, 64)  # short prefill on an H100: qk_allgather is fastest
+    assert registry.plan_call(call, hw=H100_SXM).name == "qk_allgather"
     with toy_strategy.registered():
         assert "toy_qk" in registry.names() and "toy_qk" in registry.universal()
-        assert registry.plan_call(call).name == "toy_qk"  # "auto" picks it (it wins the tie)
-        pred = predict(MODEL, 2, 2, Phase("prefill", 1, 4096), H100_SXM)
+        assert registry.plan_call(call, hw=H100_SXM).name == "toy_qk"  # "auto" picks it (it wins the tie)
+        pred = predict(MODEL, 2, 2, Phase("prefill", 1, 64), H100_SXM, element_size=4)
         assert pred.strategy == "toy_qk"
         assert attention_collectives(call, "toy_qk") == attention_collectives(call, "qk_allgather")
         TwoLevelConfig.from_dict({"n": 1, "m": 1, "strategy": "toy_qk"})  # the config accepts it
@@ -74,6 +74,82 @@ def test_a_toy_strategy_is_picked_up_by_auto_the_cost_model_and_the_layer():
     with pytest.raises(ValueError, match='strategy" must be one of'):
         TwoLevelConfig.from_dict({"n": 1, "m": 1, "strategy": "toy_qk"})
     assert qk_allgather.NAME in registry.names()
+
+
+def test_auto_chooses_by_predicted_time_not_bytes():
+    """A strategy that sends more bytes but computes less wins "auto": on the CPU profile seq_rows beats
+    qk_allgather's m-fold QK^T at a long prefill. The profile decides: a short prefill goes to
+    score_allreduce on the CPU (fewer collectives) and to qk_allgather on an H100. A named strategy is
+    still run."""
+    call = attention_call(MODEL, 2, 2, 1, 2048, 2048)
+    assert registry.bytes_sent(call, "seq_rows", 4) > registry.bytes_sent(call, "qk_allgather", 4)
+    assert registry.predicted_time(call, "seq_rows", CPU_GLOO) < registry.predicted_time(call, "qk_allgather", CPU_GLOO)
+    assert registry.plan_call(call, hw=CPU_GLOO).name == "seq_rows"
+    assert registry.plan_call(call).name == "seq_rows"  # the default profile is the CPU's
+    assert registry.plan_call(call, "qk_allgather", hw=CPU_GLOO).name == "qk_allgather"
+    short = attention_call(MODEL, 2, 2, 1, 64, 64)
+    assert [registry.plan_call(short, hw=hw).name for hw in (CPU_GLOO, H100_SXM)] == ["score_allreduce", "qk_allgather"]
+    for hw in (CPU_GLOO, H100_SXM):  # the cost model reports what the layer would run
+        assert predict(MODEL, 2, 2, Phase("prefill", 1, 2048), hw, element_size=4).strategy == \
+            registry.plan_call(call, hw=hw).name
+    # decode: seq_rows cannot split one row, kv_shard reads only its own cache layout
+    decode = attention_call(MODEL, 2, 2, 8, 1, 4097)
+    assert set(registry.candidates(decode)) == {"score_allreduce", "qk_allgather"}
+
+
+def test_layer_plans_with_its_devices_profile_or_the_one_it_is_given():
+    spec = AttentionSpec(16, 4, 64, rope_style="none")
+    call = attention_call(MODEL, 2, 2, 1, 64, 64)  # the plan reads the call, not the layer's axes
+    layer = TwoLevelAttention(1024, spec, TwoLevelAxes.single(), device="meta")
+    assert layer.resolve_strategy(call, device="cpu") == "score_allreduce"
+    assert layer.resolve_strategy(call, device="cuda") == "qk_allgather"
+    layer.hardware = H100_SXM
+    assert layer.resolve_strategy(call, device="cpu") == "qk_allgather"
+    assert TwoLevelAttention(1024, spec, TwoLevelAxes.single(), hardware="h100", device="meta").hardware is H100_SXM
+    with pytest.raises(ValueError, match="unknown hardware profile 'h200'; known: cpu, h100"):
+        TwoLevelAttention(1024, spec, TwoLevelAxes.single(), hardware="h200", device="meta")
+
+
+LEAN = [0]
+
+
+def _lean_toy():
+    """A toy entry that predicts no time at all and ``LEAN[0]`` x the leanest built-in's activations."""
+    import types
+
+    toy = types.ModuleType("toy_memory")
+    toy.NAME, toy.AUTO, toy.UNIVERSAL = "toy_memory", True, False
+    toy.why_not, toy.collectives, toy.attend = qk_allgather.why_not, lambda call: [], qk_allgather.attend
+    toy.ops = lambda model, call, eb: []
+    builtin = [registry.get(n) for n in ("score_allreduce", "qk_allgather", "seq_rows")]
+    toy.activation_bytes = lambda model, call, eb: LEAN[0] * min(
+        s.activation_bytes(model, call, eb) for s in builtin if s.why_not(call) is None)
+    return toy
+
+
+@pytest.mark.parametrize("factor,picked", [(2.0, True), (2.01, False)])
+def test_auto_leaves_out_a_fast_strategy_that_needs_over_twice_the_lean_memory(factor, picked):
+    """The fastest strategy (no time at all) is picked while its activations stay within 2x of the
+    leanest able strategy's, and left out above; forcing it still runs it."""
+    call = attention_call(MODEL, 2, 2, 1, 64, 64)
+    LEAN[0] = factor
+    with registry.registered(_lean_toy()):
+        assert (registry.plan_call(call).name == "toy_memory") is picked
+        assert registry.plan_call(call, "toy_memory").name == "toy_memory"
+
+
+def test_auto_never_picks_over_twice_the_lean_activations_on_a_grid():
+    """Over prefill and decode shapes (both profiles), auto's pick predicts at most 2x the activations
+    of the leanest able strategy (a fused path), e.g. no s^2 score tensor at a long prefill."""
+    for n, m in ((1, 2), (2, 2), (1, 4), (4, 2)):
+        for b, q, kv in ((1, 2048, 2048), (1, 8192, 8192), (4, 512, 512), (8, 1, 4097), (64, 1, 131073)):
+            call = attention_call(MODEL, n, m, b, q, kv)
+            lean = min(registry.predicted_activation(call, s) for s in registry.candidates(call))
+            for hw in (CPU_GLOO, H100_SXM):
+                chosen = registry.plan_call(call, hw=hw).name
+                assert registry.predicted_activation(call, chosen) <= 2 * lean, (n, m, b, q, kv, hw.name, chosen)
+    long = attention_call(MODEL, 2, 2, 1, 8192, 8192)  # the filter matters: score_allreduce would not fit
+    assert registry.predicted_activation(long, "score_allreduce") > 2 * registry.predicted_activation(long, "seq_rows")
 
 
 def _dropout_inputs():

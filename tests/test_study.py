@@ -11,6 +11,7 @@ import pytest
 from ds_twolevel.costmodel import Phase, predict
 from ds_twolevel.costmodel import study
 from ds_twolevel.costmodel.hardware import H100_SXM
+from ds_twolevel.strategies import registry
 from ds_twolevel.costmodel.study import (FAMILIES, MODELS, autotp_point, crossover, grid, headwise_point,
                                          helix_point, two_level_strategies)
 
@@ -40,13 +41,6 @@ def test_grid_runs_every_family(cases):
             assert count == per_layout * len(layouts)
 
 
-AUTO_BY_BYTES = pytest.mark.xfail(strict=True, reason=(
-    "issue 14 acceptance line, not met yet: 'auto' still chooses the strategy that sends the fewest bytes, "
-    "so a registered strategy with more bytes and less time (seq_rows, kv_shard, or score_allreduce on the "
-    "CPU profile) beats it; strict: this starts failing the suite the day auto chooses by predicted time"))
-
-
-@AUTO_BY_BYTES
 def test_auto_never_above_best_fixed_strategy(cases):
     """Issue 14: over the grid, auto's modelled time is never above the best fixed strategy's."""
     worse = []
@@ -62,6 +56,32 @@ def test_auto_never_above_best_fixed_strategy(cases):
                 worse.append(f"{case.model} P={case.devices} b={case.batch} s={case.s_kv} {layout}: auto "
                              f"({auto.chosen}) {auto.time * 1e3:.3f} ms > {best.strategy} {best.time * 1e3:.3f} ms")
     assert not worse, f"{len(worse)} points:\n" + "\n".join(worse[:20])
+
+
+def _within_memory_bound(model, key, phase, hw, predictions):
+    """The predictions whose strategy "auto" may pick at that row: activations within
+    ``registry.MEMORY_FACTOR`` of the leanest able strategy's (the registry's own accounting)."""
+    from ds_twolevel.costmodel.roofline import attention_call, strategy_call
+
+    dp, n, m = key
+    call = attention_call(model, n, m, phase.batch // dp, phase.q_len, phase.kv_len)
+    act = lambda p: registry.predicted_activation(strategy_call(call, p.strategy, hw.dtype_bytes), p.strategy)
+    lean = min(act(p) for p in predictions)
+    return [p for p in predictions if act(p) <= registry.MEMORY_FACTOR * lean]
+
+
+def test_memory_bound_costs_little_time():
+    """Where the memory bound leaves the fastest strategy out (the H100 prefill rows of the planner grid),
+    auto's time stays within 3% of it; without the bound, auto would be the fastest."""
+    from ds_twolevel.costmodel.planner import PRESETS
+
+    model, phase = PRESETS["llama-3-8b"], Phase("prefill", 8, 4096)
+    auto = predict(model, 2, 2, phase, H100_SXM, dp=8)
+    fastest = min((predict(model, 2, 2, phase, H100_SXM, dp=8, strategy=s) for s in two_level_strategies()),
+                  key=lambda p: p.time)
+    assert (auto.strategy, fastest.strategy) == ("seq_rows", "qk_allgather")
+    assert fastest.time < auto.time < 1.03 * fastest.time
+    assert fastest.activation_bytes > 2 * auto.activation_bytes
 
 
 def test_helix_holds_more_weights_and_a_1_over_p_kv_share(cases):
@@ -147,11 +167,13 @@ def test_front_end_writes_section_plot_and_grid(tmp_path):
     assert data["meta"]["strategies"] == list(two_level_strategies())
 
 
-@AUTO_BY_BYTES
 @pytest.mark.parametrize("profile", ["h100", "cpu"])
 def test_auto_never_above_best_fixed_strategy_over_the_planners_grid(profile):
     """Issue 14's acceptance line on the planner itself: every feasible two-level row of ``plan`` (the
-    report's cases, 8..64 devices, both hardware profiles), auto's time <= the best fixed strategy's."""
+    report's cases, 8..64 devices, both hardware profiles), auto's time <= the best fixed strategy's among
+    those "auto" may pick: the issue also bounds auto's activations by 2x the leanest strategy's, and on the
+    H100 profile that bound is what keeps qk_allgather (its s^2 math-path scores) out of 7 prefill rows
+    where it would be 0.1-2% faster than seq_rows (``test_memory_bound_costs_little_time`` below)."""
     from ds_twolevel.costmodel.hardware import get_profile
     from ds_twolevel.costmodel.planner import PRESETS, plan
 
@@ -165,7 +187,9 @@ def test_auto_never_above_best_fixed_strategy_over_the_planners_grid(profile):
                                                                        Phase(kind, batch, seq), hw, strategy=s)
                             if r.feasible and r.m > 1} for s in two_level_strategies() + ("auto",)}
                 for key, auto in rows.pop("auto").items():
-                    best = min((r[key] for r in rows.values() if key in r), key=lambda p: p.time)
+                    fixed = [r[key] for r in rows.values() if key in r]
+                    best = min(_within_memory_bound(PRESETS[name], key, Phase(kind, batch, seq), hw, fixed),
+                               key=lambda p: p.time)
                     if auto.time > best.time * (1 + 1e-12):
                         worse.append(f"{name} {kind} b={batch} s={seq} {devices} dev {key}: auto ({auto.strategy}) "
                                      f"{auto.time * 1e3:.3f} ms > {best.strategy} {best.time * 1e3:.3f} ms")

@@ -99,6 +99,20 @@ def get_profile(name: str) -> HardwareProfile:
     return PROFILES[name]
 
 
+def default_profile(device: torch.device | str | None = None) -> HardwareProfile:
+    """The profile "auto" plans with for tensors on ``device``: the accelerator profile (H100 SXM, the
+    one GPU profile here) for an accelerator, the CPU profile for ``"cpu"``, ``"meta"`` or None."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    return CPU_GLOO if kind in ("cpu", "meta") else H100_SXM
+
+
+def profile(spec: "HardwareProfile | str | None", device: torch.device | str | None = None) -> HardwareProfile:
+    """A profile given as itself, by name (:func:`get_profile`), or None (:func:`default_profile` of ``device``)."""
+    if spec is None:
+        return default_profile(device)
+    return spec if isinstance(spec, HardwareProfile) else get_profile(spec)
+
+
 # -- calibration -----------------------------------------------------------------------------------
 def _best_time(fn, repeats: int) -> float:
     fn()  # warm-up

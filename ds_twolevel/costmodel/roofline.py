@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ds_twolevel.costmodel.traffic import block_collectives, resolve
 from ds_twolevel.strategies import registry
-from ds_twolevel.strategies.base import AttentionCall, Collective, Op
+from ds_twolevel.strategies.base import AttentionCall, Collective, Op, comm_time  # noqa: F401 (re-exported)
 
 # ==================================================================================================
 # Performance model: FLOPs, bytes, memory and time of a whole model on a layout
@@ -219,20 +219,6 @@ def activation_bytes(model: ModelConfig, call: AttentionCall, strategy: str, eb:
     return registry.get(strategy).activation_bytes(model, call, eb)
 
 
-def comm_time(collectives: list[Collective], hw, eb: int, m: int, n: int) -> float:
-    """Seconds for the collectives of one layer: latency + ring bytes / bus bandwidth of the group.
-
-    Ranks are laid out m fastest, then n, then dp: a group's span (consecutive ranks it covers)
-    decides whether it stays inside one node.
-    """
-    stride = {"m": 1, "tp": 1, "n": m, "kv_rep": m, "dp": m * n}
-    total = 0.0
-    for col in collectives:
-        span = col.ranks * stride.get(col.axis, m * n)
-        total += hw.collective_latency + col.bytes_sent(eb) / hw.busbw(span)
-    return total
-
-
 def strategy_call(call: AttentionCall, strategy: str, eb: int) -> AttentionCall:
     """``call`` as ``strategy`` sees it: ``eb``-byte elements, and the KV-cache layout the strategy reads
     (a kv_shard request models a cache held by position: its prefill runs seq_rows, its decode kv_shard)."""
@@ -248,7 +234,10 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
             element_size: int | None = None) -> Prediction:
     """Predicted cost of one inference step of ``model`` on a dp x n x m layout.
 
-    The global batch ``phase.batch`` is split over the dp replicas (it must divide).
+    The global batch ``phase.batch`` is split over the dp replicas (it must divide). ``strategy="auto"``
+    plans as the layer does (the least predicted time on ``hw``, within the memory bound) and also picks
+    the KV-cache layout: where a strategy of another layout (kv_shard) predicts less time, that is the
+    answer (build the cache with that layout: ``TwoLevelCache.for_model(model, layout="kv_shard")``).
 
     Example:
         >>> p = predict(model, n=4, m=2, phase=Phase("decode", 8, 4096), hw=H100_SXM)
@@ -257,9 +246,22 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
     if phase.batch % dp:
         raise ValueError(f"batch ({phase.batch}) is not divisible by dp={dp}; use a batch that is a multiple of {dp}")
     eb = element_size or hw.dtype_bytes
+    if strategy != registry.AUTO:
+        return _predict(model, n, m, phase, hw, dp, strategy, eb)
+    options = [_predict(model, n, m, phase, hw, dp, registry.AUTO, eb)]
+    for name in registry.cache_layout_strategies():
+        try:
+            options.append(_predict(model, n, m, phase, hw, dp, name, eb))
+        except ValueError:  # it cannot compute this step (e.g. a prefill-only layout rule)
+            continue
+    return min(options, key=lambda p: p.time)  # ties: the dimension-layout cache
+
+
+def _predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, dp: int, strategy: str, eb: int) -> Prediction:
+    """:func:`predict` with one strategy request and one cache layout."""
     b = phase.batch // dp
     call = strategy_call(attention_call(model, n, m, b, phase.q_len, phase.kv_len), strategy, eb)
-    chosen = resolve(call, strategy, eb)
+    chosen = resolve(call, strategy, eb, hw)
     cols = block_collectives(call, chosen)
     ops = attention_ops(model, call, chosen, eb) + mlp_ops(model, b * phase.q_len, n * m, eb)
     L = model.layers

@@ -25,16 +25,18 @@ def score_strategy_collectives(call: AttentionCall, strategy: str) -> list[Colle
     return registry.get(strategy).collectives(call)
 
 
-def choose_strategy(call: AttentionCall, element_size: int = 4) -> str:
-    """The strategy "auto" picks for this call (:func:`~ds_twolevel.strategies.registry.auto_choice`)."""
-    return registry.auto_choice(call, element_size)
+def choose_strategy(call: AttentionCall, element_size: int = 4, hw=None) -> str:
+    """The strategy "auto" picks for this call on ``hw`` (default: the CPU profile, what a layer on
+    the CPU uses; :func:`~ds_twolevel.strategies.registry.auto_choice`)."""
+    return registry.auto_choice(call, element_size, hw)
 
 
-def resolve(call: AttentionCall, strategy: str, element_size: int) -> str:
-    """A fixed strategy, or the one "auto" picks - what the layer runs (:func:`~ds_twolevel.strategies.registry.plan_call`)."""
-    if strategy == registry.AUTO:
-        return choose_strategy(call, element_size)
-    return registry.plan_call(call, strategy).name
+def resolve(call: AttentionCall, strategy: str, element_size: int, hw=None) -> str:
+    """A fixed strategy, or the one "auto" picks on ``hw`` - what the layer runs
+    (:func:`~ds_twolevel.strategies.registry.plan_call`)."""
+    if strategy == registry.AUTO and call.cache_layout == "segments":
+        return choose_strategy(call, element_size, hw)
+    return registry.plan_call(call, strategy, hw).name
 
 
 _BACKWARD_OF = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_twolevel.costmodel.hardware import profile as hw_profile
 from ds_twolevel.layers.dropout import DropoutKeys, apply_dropout
 from ds_twolevel.layers.masks import zero_unattended_rows
 from ds_twolevel.layers.qk_norm import QKNorm, rms_norm_partition
@@ -47,7 +48,8 @@ class TwoLevelAttention(nn.Module):
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma2).
             Fused SDPA cannot do that: "qk_allgather" then computes its scores explicitly.
         causal: causal (decoder) or bidirectional (encoder) attention.
-        strategy: "score_allreduce", "qk_allgather" or "auto" (fewer bytes for the call).
+        strategy: "auto" (least predicted time on ``hardware``) or one of ``registry.layer_choices()``.
+        hardware: profile (or its name) "auto" plans with; None: the input device's (``default_profile``).
         dropout: attention-probability dropout (training only).
         dropout_seed: seed of the dropout stream shared by all ranks of the layer.
         scaling: score scale; default ``1/sqrt(d)`` of the full head dim.
@@ -73,6 +75,7 @@ class TwoLevelAttention(nn.Module):
         softcap: float | None = None,
         causal: bool = True,
         strategy: str = "auto",
+        hardware: Any = None,
         dropout: float = 0.0,
         dropout_seed: int = 0,
         scaling: float | None = None,
@@ -95,6 +98,7 @@ class TwoLevelAttention(nn.Module):
             )
         self.spec, self.axes, self.hidden_size = spec, axes, hidden_size
         self.causal, self.strategy, self.layer_idx = causal, strategy, layer_idx
+        self.hardware = None if hardware is None else hw_profile(hardware)
         self.dropout, self.dropout_seed, self.dropout_keys = dropout, dropout_seed, DropoutKeys()
         self.scaling = scaling if scaling is not None else 1.0 / math.sqrt(spec.head_dim)
         self.qk_norm, self.softcap = _norm_and_softcap(qk_norm, qk_norm_eps, softcap, spec.name)
@@ -189,18 +193,19 @@ class TwoLevelAttention(nn.Module):
                 rms_norm_partition(k, self.k_norm_weight, norm, sumsq_axis=axes.tp, weight_axis=axes.kv_rep,
                                    features=s.num_kv_heads * s.head_dim, copies=axes.kv_rep.size, tag="k"))
 
-    def resolve_strategy(self, call: AttentionCall, element_size: int | None = None, strategy: str | None = None) -> str:
-        """The strategy that runs ``call`` (:func:`~ds_twolevel.strategies.registry.plan_call`)."""
-        return registry.plan_call(call, strategy or self.strategy).name
+    def resolve_strategy(self, call: AttentionCall, strategy: str | None = None, device: Any = None) -> str:
+        """The strategy that runs ``call`` on ``device`` (:func:`~ds_twolevel.strategies.registry.plan_call`)."""
+        return self._plan(call, strategy, device).name
 
     def attention_call(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: Any,
                        kv_len: int | None = None) -> AttentionCall:
         """The :class:`AttentionCall` of one forward (``kv_len`` default: cached + new positions)."""
         return attention_call(self, hidden_states, attention_mask, kv_cache, kv_len)
 
-    def _plan(self, call: AttentionCall, strategy: str | None) -> registry.Plan:
+    def _plan(self, call: AttentionCall, strategy: str | None, device: Any = None) -> registry.Plan:
+        hw = self.hardware if self.hardware is not None else hw_profile(None, device or self.q_proj.weight.device)
         try:
-            return registry.plan_call(call, strategy or self.strategy)
+            return registry.plan_call(call, strategy or self.strategy, hw)
         except ValueError as e:
             raise ValueError(f"layer {self.layer_idx}: {e}") from None
 
@@ -224,7 +229,7 @@ class TwoLevelAttention(nn.Module):
         """
         b, s, _ = hidden_states.shape
         call = self.attention_call(hidden_states, attention_mask, kv_cache)
-        plan = self._plan(call, strategy)
+        plan = self._plan(call, strategy, hidden_states.device)
         key = self.dropout_keys.key(hidden_states) if self._dropping else None
         x = copy_to_axis(hidden_states, self.axes.tp, "attn_in")
         q, k, v = self._project(x, position_embeddings)
@@ -235,7 +240,7 @@ class TwoLevelAttention(nn.Module):
             k, v = kv_cache.update(k, v, self.layer_idx)  # (b, gl, skv, dl), (b, gl, skv, dvl)
             if k.shape[-2] != call.kv_len:  # e.g. a sliding-window cache: plan for what it returned
                 call = self.attention_call(hidden_states, attention_mask, None, kv_len=k.shape[-2])
-                plan = self._plan(call, strategy)
+                plan = self._plan(call, strategy, hidden_states.device)
         out = plan.strategy.attend(self._context(call, store, key), q, k, v, attention_mask)
         out = zero_unattended_rows(out, attention_mask, causal=self.causal, heads=self.part.q_heads(self.axes.i))
         out = out.transpose(1, 2).reshape(b, s, -1)  # (b, s, hl*dvl)

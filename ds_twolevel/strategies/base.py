@@ -56,6 +56,20 @@ class Op:
         return max(self.flops / hw.peak_flops, self.bytes / hw.mem_bandwidth)
 
 
+def comm_time(collectives: Sequence[Collective], hw, eb: int, m: int, n: int) -> float:
+    """Seconds for ``collectives`` of one layer on ``hw``: latency + ring bytes / bus bandwidth of the group.
+
+    A group's span (consecutive ranks it covers: m fastest, then n, then dp) decides whether it stays
+    inside one node.
+    """
+    stride = {"m": 1, "tp": 1, "n": m, "kv_rep": m, "dp": m * n}
+    total = 0.0
+    for col in collectives:
+        span = col.ranks * stride.get(col.axis, m * n)
+        total += hw.collective_latency + col.bytes_sent(eb) / hw.busbw(span)
+    return total
+
+
 @dataclass(frozen=True, kw_only=True)
 class AttentionCall:
     """Shapes and facts of one call of one partitioned attention layer on one rank (keyword-only).

@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from ds_twolevel.layers.seq_cache import PositionShardedKV
 
 NAME = "kv_shard"
-AUTO = False
-"""chosen by the cache layout: a kv_shard cache decodes with it."""
+AUTO = True
+"""chosen by the cache layout: it is the only strategy that reads a non-empty kv_shard cache."""
 LAYOUTS = ("kv_shard",)
 BACKWARD = False
 """inference only."""

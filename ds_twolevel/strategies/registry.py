@@ -9,7 +9,8 @@ Optional module attributes read here: ``AUTO`` ("auto" may pick it), ``UNIVERSAL
 call with a dimension-layout cache, mask, dropout and gradient included: the parity tests run it
 everywhere), ``LAYOUTS`` (KV-cache layouts it reads, default ``("segments",)``), ``PREFILL_ONLY`` (a
 request falls back to "auto" for decode's single row), ``BACKWARD`` (False: inference only) and
-``TIE_RANK`` (lower wins a tie in "auto"; default 1).
+``TIE_RANK`` (lower wins a tie in "auto"; default 1). "auto" chooses by predicted time on a hardware
+profile (:func:`auto_choice`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from types import ModuleType
 from typing import Iterator
 
 from ds_twolevel.strategies import kv_shard, qk_allgather, score_allreduce, seq_rows
-from ds_twolevel.strategies.base import AttentionCall, Strategy
+from ds_twolevel.strategies.base import AttentionCall, Strategy, comm_time
 
 AUTO = "auto"
 _REGISTRY: dict[str, ModuleType] = {}
@@ -94,6 +95,12 @@ def check_layer_strategy(name: str) -> str:
     return name
 
 
+def cache_layout_strategies() -> tuple[str, ...]:
+    """The strategies that read only a KV cache of another layout than the dimension split (kv_shard):
+    the cache, not "auto", selects them at run time; the cost model's "auto" weighs them too."""
+    return tuple(n for n, s in _REGISTRY.items() if "segments" not in layouts(s))
+
+
 def layouts(strategy: ModuleType) -> tuple[str, ...]:
     return getattr(strategy, "LAYOUTS", ("segments",))
 
@@ -111,51 +118,96 @@ def bytes_sent(call: AttentionCall, name: str, element_size: int) -> int:
     return sum(col.bytes_sent(element_size) for col in get(name).collectives(call))
 
 
-def auto_choice(call: AttentionCall, element_size: int | None = None) -> str:
-    """"auto": of the ``AUTO`` strategies that can compute the call, the one that sends the fewest
-    bytes (ties: the lower ``TIE_RANK``, then registration order)."""
+@dataclass(frozen=True)
+class _AttentionShapes:
+    """What a strategy's ``ops``/``activation_bytes`` read of the model when only the attention is
+    compared (no MLP: the same for every strategy)."""
+
+    hidden: int
+    head_dim: int
+    gated: bool = False
+    intermediate: int = 0
+
+
+def _shapes(call: AttentionCall) -> _AttentionShapes:
+    return _AttentionShapes(hidden=call.hidden, head_dim=call.head_dim)
+
+
+def _hardware(hw):
+    if hw is None:  # lazy: the cost model imports this module
+        from ds_twolevel.costmodel.hardware import default_profile
+
+        return default_profile()
+    return hw
+
+
+def predicted_time(call: AttentionCall, name: str, hw=None, element_size: int | None = None) -> float:
+    """Predicted seconds of the strategy's part of one call on ``hw`` (default: the CPU profile): its
+    compute ops (roofline) plus its own collectives (latency + bytes / bus bandwidth). The frame every
+    strategy shares (the output all-reduce, q/k-norm sums) is left out: it does not change the choice."""
+    hw, eb = _hardware(hw), call.element_size if element_size is None else element_size
+    strategy = get(name)
+    compute = sum(op.time(hw) for op in strategy.ops(_shapes(call), call, eb))
+    return compute + comm_time(strategy.collectives(call), hw, eb, call.m, call.n)
+
+
+def predicted_activation(call: AttentionCall, name: str, element_size: int | None = None) -> float:
+    """Predicted largest live activation set (bytes) of the strategy's attention for ``call``."""
     eb = call.element_size if element_size is None else element_size
-    able = [(n, s) for n, s in _REGISTRY.items()
+    return get(name).activation_bytes(_shapes(call), call, eb)
+
+
+MEMORY_FACTOR = 2.0
+""""auto" leaves out a strategy whose predicted activations exceed the leanest able one's (a fused path)
+by more than this factor (issue 14); a user who names the strategy still gets it."""
+
+
+def candidates(call: AttentionCall) -> list[str]:
+    """The ``AUTO`` strategies that read the call's cache layout and can compute it."""
+    return [n for n, s in _REGISTRY.items()
             if getattr(s, "AUTO", False) and call.cache_layout in layouts(s) and s.why_not(call) is None]
+
+
+def auto_choice(call: AttentionCall, element_size: int | None = None, hw=None) -> str:
+    """"auto": of the ``AUTO`` strategies that can compute the call and whose predicted activations stay
+    within :data:`MEMORY_FACTOR` of the leanest one's, the one with the least predicted time on ``hw``
+    (default: the CPU profile; the layer passes its device's). Ties: the lower ``TIE_RANK``, then
+    registration order. Every rank decides alike: the choice reads shapes and the profile only."""
+    eb = call.element_size if element_size is None else element_size
+    able = candidates(call)
     if not able:
         raise ValueError(f"no strategy can compute this call: {call}")
+    memory = {n: predicted_activation(call, n, eb) for n in able}
+    lean = min(memory.values())
+    fits = [n for n in able if memory[n] <= MEMORY_FACTOR * lean]
     order = {n: i for i, n in enumerate(_REGISTRY)}
-    return min(able, key=lambda ns: (bytes_sent(call, ns[0], eb), getattr(ns[1], "TIE_RANK", 1), order[ns[0]]))[0]
+    hw = _hardware(hw)
+    return min(fits, key=lambda n: (predicted_time(call, n, hw, eb), getattr(_REGISTRY[n], "TIE_RANK", 1), order[n]))
 
 
-def _for_layout(call: AttentionCall, requested: str) -> Plan:
-    """A cache that is not in the dimension layout admits only the strategies that read it."""
-    able = {n: s for n, s in _REGISTRY.items() if call.cache_layout in layouts(s)}
-    reasons = {n: s.why_not(call) for n, s in able.items()}
-    if requested in able and reasons[requested] is None:
-        return Plan(requested, able[requested])
-    for n, reason in reasons.items():
-        if reason is None:
-            return Plan(n, able[n])
-    why = "; ".join(f"{n}: {r}" for n, r in reasons.items())
-    raise ValueError(f"no strategy reads a {call.cache_layout!r} cache for this call - {why}")
-
-
-def plan_call(call: AttentionCall, requested: str = AUTO) -> Plan:
+def plan_call(call: AttentionCall, requested: str = AUTO, hw=None) -> Plan:
     """The strategy that runs ``call`` when ``requested`` ("auto" or a name) is asked for.
 
-    A named strategy that cannot compute the call raises ValueError with its reason (before any
-    collective); a prefill-only one falls back to "auto" for decode; a cache in another layout than
-    the dimension split picks among the strategies that read it.
+    "auto" is :func:`auto_choice` on ``hw`` (a :class:`~ds_twolevel.costmodel.hardware.HardwareProfile`;
+    default: the CPU profile). A named strategy that cannot compute the call raises ValueError with its
+    reason (before any collective); a prefill-only one falls back to "auto" for decode; with a cache in
+    another layout than the dimension split, a strategy that does not read it falls back to "auto" among
+    those that do (the cache chose the layout).
     """
     check_name(requested)
-    if call.cache_layout != "segments":
-        return _for_layout(call, requested)
-    if requested == AUTO:
-        name = auto_choice(call)
-        return Plan(name, _REGISTRY[name])
-    strategy = _REGISTRY[requested]
-    reason = strategy.why_not(call)
-    if reason is None:
-        return Plan(requested, strategy)
-    if getattr(strategy, "PREFILL_ONLY", False) and call.q_len < 2:
-        return plan_call(call, AUTO)
-    raise ValueError(reason)
+    if requested != AUTO:
+        strategy = _REGISTRY[requested]
+        reason = strategy.why_not(call)
+        if reason is None and call.cache_layout in layouts(strategy):
+            return Plan(requested, strategy)
+        fallback = call.cache_layout != "segments" or (getattr(strategy, "PREFILL_ONLY", False) and call.q_len < 2)
+        if not fallback:
+            raise ValueError(reason)
+    if not candidates(call) and call.cache_layout != "segments":
+        reasons = "; ".join(f"{n}: {s.why_not(call)}" for n, s in _REGISTRY.items() if call.cache_layout in layouts(s))
+        raise ValueError(f"no strategy reads a {call.cache_layout!r} cache for this call - {reasons}")
+    name = auto_choice(call, hw=hw)
+    return Plan(name, _REGISTRY[name])
 
 
 for _strategy in (score_allreduce, qk_allgather, seq_rows, kv_shard):

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from ds_twolevel.costmodel.roofline import ModelConfig
 
 NAME = "seq_rows"
-AUTO = False
-"""not picked by "auto" yet (issue 14 makes auto choose by predicted time)."""
+AUTO = True
+""""auto" picks it for a prefill when it predicts the least time (fused attention on 1/m of the rows)."""
 LAYOUTS = ("segments", "kv_shard")
 PREFILL_ONLY = True
 """a requested seq_rows falls back to "auto" for decode's single row (nothing to split)."""
