@@ -13,8 +13,9 @@
 * memory: peak resident memory per rank (Linux VmHWM, reset through /proc/self/clear_refs) of a
   tiny Llama's forward at s = 8192 on 4 gloo ranks (2 x 2), with and without a padding mask, against
   the unpatched model in one process; second call of each (the first one warms allocator caches).
-* bf16: logits of the tiny Llama in bf16 against the fp32 unpatched model, patched (seq_rows) against
-  HF's own bf16, same inputs.
+* bf16: logits of the tiny Llama in bf16 against the fp32 unpatched model, patched with each prefill
+  strategy (score_allreduce, qk_allgather, seq_rows) against HF's own bf16, same inputs; and one
+  LlamaAttention layer's output the same way (also with the output all-reduce summed in fp32).
 """
 from __future__ import annotations
 
@@ -238,24 +239,29 @@ def bf16_rank(seq: int, n: int, m: int) -> dict:
     from ds_twolevel import TwoLevelLayout
     from ds_twolevel.testing import rel_err
     from hf_integration import patch_model
-    from hf_integration.seqshard import use_seqshard
     from hf_integration.testing import sample_batch, tiny_model
 
     mesh = TwoLevelLayout.from_world_size(dist.get_world_size(), n=n, m=m).build()
     ref = tiny_model("llama", max_position_embeddings=seq)
     hf16 = copy.deepcopy(ref).to(torch.bfloat16)
-    ours = copy.deepcopy(ref).to(torch.bfloat16)
-    patch_model(ours, mesh)
-    use_seqshard(ours)
+    patched = {}
+    for strategy in BF16_STRATEGIES:
+        patched[strategy] = copy.deepcopy(ref).to(torch.bfloat16)
+        patch_model(patched[strategy], mesh, strategy=strategy)
     ids, mask = sample_batch(3, batch=2, seq=seq, pad=5)
     out = {"layer": bf16_layer(mesh, seq)}
     with torch.no_grad():
         for label, msk in (("no mask", None), ("padding mask", mask)):
             keep = (torch.ones_like(mask) if msk is None else msk).bool()
             want = ref(input_ids=ids, attention_mask=msk).logits[keep]
-            out[label] = {"hf_bf16": rel_err(hf16(input_ids=ids, attention_mask=msk).logits[keep], want),
-                          "seq_rows_bf16": rel_err(ours(input_ids=ids, attention_mask=msk).logits[keep], want)}
+            out[label] = {"hf_bf16": rel_err(hf16(input_ids=ids, attention_mask=msk).logits[keep], want)}
+            for strategy, model in patched.items():
+                out[label][f"{strategy}_bf16"] = rel_err(model(input_ids=ids, attention_mask=msk).logits[keep], want)
     return out
+
+
+BF16_STRATEGIES = ("score_allreduce", "qk_allgather", "seq_rows")
+"""every strategy a layer runs at a prefill (kv_shard decodes: its error is the decode's, not measured here)."""
 
 
 def bf16_layer(mesh, seq: int) -> dict:
@@ -271,18 +277,21 @@ def bf16_layer(mesh, seq: int) -> dict:
     torch.manual_seed(0)
     hf = LlamaAttention(cfg, 0).eval()
     spec = AttentionSpec(8, 2, 32, rope_style="half")
-    ours = SeqShardAttention(256, spec, mesh, dtype=torch.bfloat16).eval()
-    ours.load_dense_state({f"{p}.weight": getattr(hf, p).weight.detach() for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
     x = torch.randn(2, seq, 256, generator=torch.Generator().manual_seed(1))
     rope = LlamaRotaryEmbedding(cfg)(x, torch.arange(seq)[None])
     with torch.no_grad():
         want = hf(x, rope, None)[0]
-        hf16 = copy.deepcopy(hf).to(torch.bfloat16)(x.bfloat16(), tuple(t.bfloat16() for t in rope), None)[0]
-        got = ours(x.bfloat16(), position_embeddings=rope)
-        with _fp32_output_reduce():
-            got_fp32_reduce = ours(x.bfloat16(), position_embeddings=rope)
-    return {"hf_bf16": rel_err(hf16, want), "seq_rows_bf16": rel_err(got, want),
-            "seq_rows_bf16, fp32 output all-reduce": rel_err(got_fp32_reduce, want)}
+        out = {"hf_bf16": rel_err(copy.deepcopy(hf).to(torch.bfloat16)(x.bfloat16(), tuple(t.bfloat16() for t in rope),
+                                                                        None)[0], want)}
+        for strategy in BF16_STRATEGIES:
+            ours = SeqShardAttention(256, spec, mesh, dtype=torch.bfloat16, strategy=strategy).eval()
+            ours.load_dense_state({f"{p}.weight": getattr(hf, p).weight.detach()
+                                   for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
+            out[f"{strategy}_bf16"] = rel_err(ours(x.bfloat16(), position_embeddings=rope), want)
+            with _fp32_output_reduce():
+                out[f"{strategy}_bf16, fp32 output all-reduce"] = rel_err(ours(x.bfloat16(), position_embeddings=rope),
+                                                                           want)
+    return out
 
 
 @contextlib.contextmanager
@@ -307,7 +316,7 @@ def bf16_rows(seq: int) -> list[dict]:
         ranks = run_distributed(bf16_rank, 4, seq, n, m, timeout=900)
         for label in ranks[0]:
             hf = max(r[label]["hf_bf16"] for r in ranks)
-            for key in [k for k in ranks[0][label] if k.startswith("seq_rows")]:
+            for key in [k for k in ranks[0][label] if k != "hf_bf16"]:
                 ours = max(r[label][key] for r in ranks)
                 rows.append({"layout": f"{n}x{m}", "what": "LlamaAttention output" if label == "layer" else
                              "tiny Llama logits", "mask": "no mask" if label == "layer" else label, "variant": key,
