@@ -236,7 +236,7 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
 
     The global batch ``phase.batch`` is split over the dp replicas (it must divide). ``strategy="auto"``
     plans as the layer does (the least predicted time on ``hw``, within the memory bound) and also picks
-    the KV-cache layout: where a strategy of another layout (kv_shard) predicts less time, that is the
+    the KV-cache layout (m > 1): where a strategy of another layout (kv_shard) predicts less time, that is the
     answer (build the cache with that layout: ``TwoLevelCache.for_model(model, layout="kv_shard")``).
 
     Example:
@@ -249,7 +249,7 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
     if strategy != registry.AUTO:
         return _predict(model, n, m, phase, hw, dp, strategy, eb)
     options = [_predict(model, n, m, phase, hw, dp, registry.AUTO, eb)]
-    for name in registry.cache_layout_strategies():
+    for name in registry.cache_layout_strategies() if m > 1 else ():  # m = 1: no segment axis to hold positions over
         try:
             options.append(_predict(model, n, m, phase, hw, dp, name, eb))
         except ValueError:  # it cannot compute this step (e.g. a prefill-only layout rule)

@@ -53,7 +53,7 @@ def ops(model: "ModelConfig", call: AttentionCall, eb: int) -> list[Op]:
 
 
 def activation_bytes(model: "ModelConfig", call: AttentionCall, eb: int) -> float:
-    """Largest set of live activations of one layer on one rank (inference): the gathered q and k, the
+    """Largest set of live activations of one layer on one rank (inference): the gathered q and k (m > 1), the
     additive mask (b, s_q, s_kv) unless the call is plain causal, and - when m > 1, where v (d/m wide) is
     narrower than q and k (d) - the scores and probabilities (b, h/n, s_q, s_kv): torch's SDPA then runs
     its math path (measured on the CPU: +1416 MiB at s = 8192, q/k 16 and v 8 dims, against +4 MiB with
@@ -61,7 +61,8 @@ def activation_bytes(model: "ModelConfig", call: AttentionCall, eb: int) -> floa
     would take unequal dims."""
     c, t = call, call.batch * call.q_len
     qkv = t * (c.local_heads + 2 * c.local_kv_heads) * (model.head_dim // c.m)
-    attn = qkv + (t * c.local_heads + c.batch * c.local_kv_heads * c.kv_len) * model.head_dim
+    gathered = (t * c.local_heads + c.batch * c.local_kv_heads * c.kv_len) * model.head_dim if c.m > 1 else 0
+    attn = qkv + gathered  # m = 1: q and k are the projections and the cache themselves, nothing is gathered
     mask = 0 if c.no_mask_causal else c.batch * c.q_len * c.kv_len
     scores = 2 * c.batch * c.local_heads * c.q_len * c.kv_len if c.m > 1 else 0
     return (2 * t * model.hidden + max(attn + mask + scores, mlp_activation(model, c))) * eb
