@@ -9,6 +9,8 @@ of replicated weights) and the backward of each collective.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ds_twolevel.strategies import registry
 from ds_twolevel.strategies.base import AttentionCall, Collective
 from ds_twolevel.strategies.causal_blocks import block_owner as causal_block_owner
@@ -34,9 +36,7 @@ def choose_strategy(call: AttentionCall, element_size: int = 4, hw=None) -> str:
 def resolve(call: AttentionCall, strategy: str, element_size: int, hw=None) -> str:
     """A fixed strategy, or the one "auto" picks on ``hw`` - what the layer runs
     (:func:`~ds_twolevel.strategies.registry.plan_call`)."""
-    if strategy == registry.AUTO and call.cache_layout == "segments":
-        return choose_strategy(call, element_size, hw)
-    return registry.plan_call(call, strategy, hw).name
+    return registry.plan_call(dataclasses.replace(call, element_size=element_size), strategy, hw).name
 
 
 _BACKWARD_OF = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
