@@ -202,6 +202,7 @@ def test_probe_catches_what_no_shape_check_sees(monkeypatch):
 
 def test_initialize_policy_probes_unless_the_config_says_probe_false(monkeypatch):
     """``ds_twolevel.initialize``'s policy runs the probe (``"two_level": {"probe": ...}`` in the config)."""
+    from ds_twolevel.costmodel.hardware import H100_SXM
     from ds_twolevel.deepspeed.config import TwoLevelConfig
     from ds_twolevel.deepspeed.runtime import default_policy
 
@@ -209,8 +210,12 @@ def test_initialize_policy_probes_unless_the_config_says_probe_false(monkeypatch
     mesh, dense = TwoLevelLayout(n=1, m=1).build(), tiny_model("llama")
     with pytest.raises(ProbeError, match=r"model\.layers\.0\.self_attn \(LlamaAttention\): relative error"):
         default_policy(copy.deepcopy(dense), mesh, TwoLevelConfig.from_dict({"n": 1, "m": 1}))
-    off = TwoLevelConfig.from_dict({"n": 1, "m": 1, "probe": False})
-    assert verify(default_policy(copy.deepcopy(dense), mesh, off)).replaced  # patched, unprobed
+    off = TwoLevelConfig.from_dict({"n": 1, "m": 1, "probe": False, "hardware": "h100"})
+    patched = default_policy(copy.deepcopy(dense), mesh, off)
+    assert verify(patched).replaced  # patched, unprobed
+    assert {getattr(mod, "hardware", None) for mod in patched.modules() if hasattr(mod, "hardware")} == {H100_SXM}
+    with pytest.raises(ValueError, match=r'"two_level.hardware" must be one of .*cpu.*h100'):
+        TwoLevelConfig.from_dict({"n": 1, "m": 1, "hardware": "h200"})
 
 
 def test_spec_leaving_out_a_parameter_is_refused(monkeypatch):

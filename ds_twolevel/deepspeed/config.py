@@ -56,8 +56,10 @@ class TwoLevelConfig:
     dp: int | None = None
     """expected data-parallel replicas; optional check, dp is always world_size / (n*m)."""
     strategy: str = "auto"
-    """scores across segments: "score_allreduce", "qk_allgather" or "auto" (cost model per call;
-    spelled "cost_model" in JSON, see the module docstring)."""
+    """attention across segments: "score_allreduce", "qk_allgather", "seq_rows" or "auto" (the least
+    predicted time per call; spelled "cost_model" in JSON, see the module docstring)."""
+    hardware: str | None = None
+    """cost-model profile "auto" plans with ("cpu", "h100"); None: the profile of the weights' device."""
     kv_replication: bool = False
     """allow n > num_key_value_heads by replicating KV heads across head groups (costs memory)."""
     strict: bool = True

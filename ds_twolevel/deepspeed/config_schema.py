@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Any, Mapping
 
+from ds_twolevel.costmodel.hardware import PROFILES
 from ds_twolevel.strategies import registry
 
 AUTO = "auto"
@@ -111,6 +112,7 @@ TWO_LEVEL_KEYS: tuple[Key, ...] = (
     _k("two_level.m", "int", "2", low=1),
     _k("two_level.dp", "int", "2", low=1, nullable=True),
     _k("two_level.strategy", "str", '"cost_model"', choices=lambda: ("cost_model", *registry.layer_choices())),
+    _k("two_level.hardware", "str", '"h100"', nullable=True, choices=lambda: tuple(sorted(PROFILES))),
     _k("two_level.kv_replication", "bool", "false"),
     _k("two_level.strict", "bool", "true"),
     _k("two_level.timeout_s", "number", "600", low=1, high=MAX_TIMEOUT_S),
