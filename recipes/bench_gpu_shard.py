@@ -29,6 +29,9 @@ PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_
                  (2, 8, "qk_allgather"), (4, 1, "qk_allgather"), (2, 2, "score_allreduce"), (2, 2, "qk_allgather"),
                  (1, 4, "score_allreduce"), (1, 4, "qk_allgather"))
 """(n, m, strategy): the 16-device layouts of the paper, and m n = 4."""
+PREFILL_LAYOUTS = ((8, 2, "seq_rows"), (4, 4, "seq_rows"), (2, 2, "seq_rows"), (1, 4, "seq_rows"))
+"""seq_rows shards, prefill only (decode's single row has no rows to split: it would fall back to auto).
+Rank (0, 0)'s shard; the kv_shard decode is timed by ``recipes/measure_seqshard.py --only decode``."""
 
 
 def cases(args: argparse.Namespace) -> list[ShardCase]:
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| phase | batch | seq | n x m | strategy | shard ms | dense ms | ratio to ideal | same-path ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case in cases(args):
-        for r in time_shards(case, layouts):
+        extra = (PREFILL_LAYOUTS[-2:] if args.small else PREFILL_LAYOUTS) if case.phase == "prefill" else ()
+        for r in time_shards(case, layouts + extra):
             result["shards"].append(r)
             print(f"| {r['phase']} | {r['batch']} | {r['seq']} | {r['n']} x {r['m']} | {r['strategy']} | "
                   f"{r['ms']:.3f} | {r['dense_ms']:.3f} | {r['ratio_to_ideal']:.2f}x | {r['ratio_to_same_path']:.2f}x |")

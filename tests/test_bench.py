@@ -133,6 +133,8 @@ def test_gpu_recipe_small_on_cpu(tmp_path, capsys):
     result = json.loads(out.read_text())
     rows = result["shards"]
     assert {r["phase"] for r in rows} == {"prefill", "decode"} and all(r["ms"] > 0 for r in rows)
+    seq_rows = {(r["phase"], r["n"], r["m"]) for r in rows if r["strategy"] == "seq_rows"}
+    assert seq_rows == {("prefill", 2, 2), ("prefill", 1, 4)}  # the new strategy, prefill only
     # the m = n = 1 overhead rows: our layer and HF's agree (fp32 here; bf16 on the GPU)
     assert len(result["overhead"]) == 2 and all(r["max_rel_diff"] < 1e-5 for r in result["overhead"])
     printed = capsys.readouterr().out
