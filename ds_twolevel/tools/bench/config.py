@@ -21,6 +21,15 @@ def bench_strategies() -> tuple[str, ...]:
     return registry.universal()
 
 
+def prefill_strategies() -> tuple[str, ...]:
+    """The registry's prefill-only strategies that read a dimension-layout cache (seq_rows): the bench
+    times their prefill shards beside the universal ones (a decode would fall back to "auto")."""
+    from ds_twolevel.strategies import registry
+
+    return tuple(n for n in registry.names() if getattr(registry.get(n), "PREFILL_ONLY", False)
+                 and "segments" in registry.layouts(registry.get(n)))
+
+
 def strategies_for(m: int) -> tuple[str, ...]:
     """The strategies a layout with ``m`` segments is benchmarked with (one at m = 1: they coincide)."""
     return (HEADWISE_STRATEGY,) if m == 1 else bench_strategies()

@@ -107,6 +107,14 @@ def _shard_section(results: dict) -> tuple[str, str]:
                    f"kernel), the worst ratio is {same:.2f}x.")
     else:
         verdict = "The target (m*n = 4, prefill s >= 1024) was not in this run's grid."
+    rows_target = [r for r in rows if r["phase"] == "prefill" and r["seq"] >= 1024 and r["n"] * r["m"] == 4
+                   and r["strategy"] == "seq_rows"]
+    if rows_target:
+        worst = max(r["ratio_to_ideal"] for r in rows_target)
+        verdict += (f"\n\n**Target (seq_rows, m*n = 4, prefill s >= 1024, within 1.15x of ideal): "
+                    f"{'holds' if worst <= 1.15 else 'does NOT hold'}** - worst measured ratio {worst:.2f}x "
+                    f"({', '.join(_shard_label(r) for r in rows_target)}; rank (0, 0)'s shard: its zigzag blocks "
+                    "are the first and the last, `recipes/measure_seqshard.py` times every segment rank).")
     fit = {ph: [r["ms"] / _shard_model_ms(cfg, r) for r in rows if r["phase"] == ph] for ph in ("prefill", "decode")}
     verdict_model = ("Measured / modelled time on the calibrated CPU profile: "
                      + "; ".join(f"{ph} {min(v):.2f}-{max(v):.2f}x" for ph, v in fit.items() if v) + ". "

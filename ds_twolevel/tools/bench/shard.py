@@ -18,7 +18,7 @@ from ds_twolevel.layers.attention import TwoLevelAttention
 from ds_twolevel.layers.cache import KVCache
 from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes
 from ds_twolevel.sharding.partition import AttentionSpec
-from ds_twolevel.tools.bench.config import HEADWISE_STRATEGY, BenchConfig, strategies_for
+from ds_twolevel.tools.bench.config import HEADWISE_STRATEGY, BenchConfig, prefill_strategies, strategies_for
 from ds_twolevel.tools.bench.model import crop_cache
 
 
@@ -47,6 +47,9 @@ def _sync(device: torch.device) -> None:
 SHARD_LAYOUTS = (tuple((n, m, st) for n, m in ((4, 1), (2, 2), (1, 4)) for st in strategies_for(m))
                  + ((2, 1, HEADWISE_STRATEGY), (1, 2, "score_allreduce")))
 """(n, m, strategy) shards timed against the dense (1, 1) layer on CPU (m n = 2: the score path only)."""
+
+PREFILL_SHARD_LAYOUTS = tuple((n, m, st) for n, m in ((2, 2), (1, 4)) for st in prefill_strategies())
+"""(n, m, strategy) shards timed at prefill only (seq_rows: decode has no rows to split)."""
 
 DENSE_FUSED = (1, 1, "qk_allgather")
 """the dense layer on fused SDPA: the reference of "ideal"."""
@@ -146,7 +149,8 @@ def shard_compute(cfg: BenchConfig) -> list[dict]:
     spec = AttentionSpec(cfg.shard_heads, cfg.shard_heads, cfg.shard_head_dim, rope_style="half")
     cases = [ShardCase(cfg.shard_hidden, spec, "prefill", 1, seq, cfg.shard_repeats) for seq in cfg.shard_seqs]
     cases.append(ShardCase(cfg.shard_hidden, spec, "decode", *cfg.shard_decode, cfg.shard_repeats))
-    return [row for case in cases for row in time_shards(case, SHARD_LAYOUTS)]
+    return [row for case in cases
+            for row in time_shards(case, SHARD_LAYOUTS + (PREFILL_SHARD_LAYOUTS if case.phase == "prefill" else ()))]
 
 
 def sdpa_overhead(cfg: BenchConfig, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
