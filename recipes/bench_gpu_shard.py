@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ds_twolevel.tools.bench import BenchConfig, ShardCase, sdpa_overhead, time_shards  # noqa: E402
+from ds_twolevel.tools.bench.config import prefill_strategies  # noqa: E402
 from ds_twolevel.sharding.partition import AttentionSpec  # noqa: E402
 
 PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_allgather"),
@@ -29,8 +30,8 @@ PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_
                  (2, 8, "qk_allgather"), (4, 1, "qk_allgather"), (2, 2, "score_allreduce"), (2, 2, "qk_allgather"),
                  (1, 4, "score_allreduce"), (1, 4, "qk_allgather"))
 """(n, m, strategy): the 16-device layouts of the paper, and m n = 4."""
-PREFILL_LAYOUTS = ((8, 2, "seq_rows"), (4, 4, "seq_rows"), (2, 2, "seq_rows"), (1, 4, "seq_rows"))
-"""seq_rows shards, prefill only (decode's single row has no rows to split: it would fall back to auto).
+PREFILL_LAYOUTS = tuple((n, m, st) for n, m in ((8, 2), (4, 4), (2, 2), (1, 4)) for st in prefill_strategies())
+"""the bench's prefill-only strategies (seq_rows), prefill only (decode's single row has no rows to split: it would fall back to auto).
 Rank (0, 0)'s shard; the kv_shard decode is timed by ``recipes/measure_seqshard.py --only decode``."""
 
 
