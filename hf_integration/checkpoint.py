@@ -207,7 +207,8 @@ def _open_checkpoint(directory: Path, model_class: type | None,
 
 def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_class: type | None = None,
                      strict: bool = True, strategy: str = "auto", kv_replication: bool = False,
-                     dtype: torch.dtype | None = None, probe: bool = True) -> tuple[nn.Module, PatchReport]:
+                     dtype: torch.dtype | None = None, probe: bool = True, hardware: Any = None,
+                     reduce_dtype: Any = torch.float32) -> tuple[nn.Module, PatchReport]:
     """Build ``model_class`` (default: ``config.architectures[0]``) from a ``save_pretrained``
     directory with each rank reading only its slices; return (patched model in eval mode, report).
 
@@ -216,6 +217,7 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     REPORT for checkpoint tensors the model does not use. A rank that fails (a file only it reads is
     truncated, ...) makes every rank raise the same ``AgreementError`` naming that rank and file.
 
+    ``strategy``, ``kv_replication``, ``hardware`` and ``reduce_dtype`` are :func:`patch_model`'s.
     ``probe``: the parity probe (:func:`hf_integration.probe.probe_loaded`): the first attention and MLP
     layer are gathered into dense HF modules and compared with the partitioned ones on 8 tokens;
     a mismatch raises ``ProbeError`` on every rank (collective).
@@ -229,7 +231,7 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     try:
         copies = dense_copies(model) if probe else {}  # meta: no memory until the probe fills them
         report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication,
-                             probe=False)
+                             probe=False, hardware=hardware, reduce_dtype=reduce_dtype)
         with _agreed("reading checkpoint slices (load_partitioned)"):
             for path, layer in partitioned_layers(model):
                 owner = owner_path(path, layer)

@@ -110,9 +110,10 @@ class HFTwoLevelMLP(TwoLevelMLP):
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp: AxisGroup, *, gated: bool, bias: bool,
                  act_fn: Any, dropout: nn.Module | None, tensor_maps: dict[str, TensorMap], owner_class: str,
-                 target: str = "", device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+                 target: str = "", reduce_dtype: Any = torch.float32, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__(hidden_size, intermediate_size, tp, gated=gated, activation=act_fn, bias=bias,
-                         device=device, dtype=dtype)
+                         reduce_dtype=reduce_dtype, device=device, dtype=dtype)
         self.dropout, self.tensor_maps = dropout, tensor_maps
         self.owner_class, self.target = owner_class, target
 

@@ -15,6 +15,7 @@ the dense one on every rank).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from ds_twolevel.deepspeed import compat
 from ds_twolevel.layers.attention import tag_parallel
-from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
+from ds_twolevel.parallel.collectives import copy_to_axis, reduce_dtype as check_reduce_dtype, reduce_from_axis
 from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.sharding.partition import even_chunk
 
@@ -61,8 +62,11 @@ class HFTwoLevelExperts(nn.Module):
 
     def __init__(self, hidden_size: int, *, tp: AxisGroup, intermediate_size: int, num_experts: int,
                  experts: nn.Module, tensor_maps: dict[str, TensorMap], owner_class: str, target: str,
-                 act_fn: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+                 act_fn: Any, reduce_dtype: Any = torch.float32, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.reduce_dtype = check_reduce_dtype(reduce_dtype)  # the output (and input-gradient) all-reduce
+        tp = replace(tp, reduce_dtype=self.reduce_dtype)
         start, stop = even_chunk(intermediate_size, tp.size, tp.rank, what="intermediate_size")
         self.tp, self.hidden_size, self.intermediate_size = tp, hidden_size, intermediate_size
         self.hidden_dim, self.intermediate_dim, self.num_experts = hidden_size, stop - start, num_experts

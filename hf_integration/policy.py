@@ -11,9 +11,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ds_twolevel.costmodel.hardware import profile as hw_profile
+from ds_twolevel.parallel.collectives import reduce_dtype as check_reduce_dtype
 from ds_twolevel.deepspeed.compat import mark_autotp_parsed
 from ds_twolevel.deepspeed.engine_hooks import install_when_imported
 from ds_twolevel.layers.qk_norm import QKNorm
@@ -217,12 +219,13 @@ def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attentio
 
 def build_attention(owner: nn.Module, config: Any, arch: ArchSpec, spec: AttentionSpec, mesh: TwoLevelMesh, *,
                     strategy: str, kv_replication: bool, where: str | None = None,
-                    hardware: Any = None) -> HFTwoLevelAttention:
+                    hardware: Any = None, reduce_dtype: Any = torch.float32) -> HFTwoLevelAttention:
     """This rank's partition of one HF attention module (its weights sliced unless on meta)."""
     plan = attention_plan(owner, config, arch, spec, where=where or type(owner).__name__)
     weight = get_path(owner, arch.attention.fused or arch.attention.q).weight
     layer = HFTwoLevelAttention(config.hidden_size, spec, mesh, strategy=strategy, kv_replication=kv_replication,
-                                hardware=hardware, device=weight.device, dtype=weight.dtype, **plan)
+                                hardware=hardware, reduce_dtype=reduce_dtype, device=weight.device, dtype=weight.dtype,
+                                **plan)
     if not weight.is_meta:
         layer.to(weight.device)  # RoPE index buffers too
         load_shards(layer, plan["tensor_maps"], StateDictReader(dict(owner.state_dict(keep_vars=True))))
@@ -250,13 +253,14 @@ def mlp_plan(owner: nn.Module, config: Any, arch: ArchSpec, *, where: str) -> di
 
 
 def build_mlp(owner: nn.Module, config: Any, arch: ArchSpec, mesh: TwoLevelMesh, *,
-              where: str | None = None) -> nn.Module:
+              where: str | None = None, reduce_dtype: Any = torch.float32) -> nn.Module:
     """This rank's partition of one HF MLP or MoE block (its weights sliced unless on meta)."""
     plan = mlp_plan(owner, config, arch, where=where or type(owner).__name__)
     maps = plan["tensor_maps"]
     weight = get_path(owner, next(iter(maps.values())).key)
     cls = HFTwoLevelExperts if isinstance(arch.mlp, MoELayout) else HFTwoLevelMLP
-    layer = cls(config.hidden_size, tp=mesh.axes.tp, device=weight.device, dtype=weight.dtype, **plan)
+    layer = cls(config.hidden_size, tp=mesh.axes.tp, reduce_dtype=reduce_dtype, device=weight.device,
+                dtype=weight.dtype, **plan)
     if not weight.is_meta:
         load_shards(layer, maps, StateDictReader(dict(owner.state_dict(keep_vars=True))))
     return layer.train(owner.training)
@@ -273,7 +277,8 @@ def _install(owner: nn.Module, target: str, identity: tuple[str, ...], layer: nn
 
 
 def injection_policy(model: nn.Module, mesh: TwoLevelMesh, *, strategy: str = "auto",
-                     kv_replication: bool = False, hardware: Any = None) -> dict[type[nn.Module], ReplaceFn]:
+                     kv_replication: bool = False, hardware: Any = None,
+                     reduce_dtype: Any = torch.float32) -> dict[type[nn.Module], ReplaceFn]:
     """HF class -> DeepSpeed-style replacement function for ``model``'s architecture.
 
     Example:
@@ -289,12 +294,12 @@ def injection_policy(model: nn.Module, mesh: TwoLevelMesh, *, strategy: str = "a
     def replace_attention(child: nn.Module, _policy: Any = None, layer_id: int = 0, *, prefix: str = "",
                           state_dict: Any = None) -> nn.Module:
         layer = build_attention(child, config, arch, spec, mesh, strategy=strategy, kv_replication=kv_replication,
-                                where=prefix or None, hardware=hardware)
+                                where=prefix or None, hardware=hardware, reduce_dtype=reduce_dtype)
         return _install(child, arch.attention.target, arch.attention.identity, layer)
 
     def replace_mlp(child: nn.Module, _policy: Any = None, layer_id: int = 0, *, prefix: str = "",
                     state_dict: Any = None) -> nn.Module:
-        layer = build_mlp(child, config, arch, mesh, where=prefix or None)
+        layer = build_mlp(child, config, arch, mesh, where=prefix or None, reduce_dtype=reduce_dtype)
         return _install(child, arch.mlp.target, arch.mlp.identity, layer)
 
     policy: dict[type[nn.Module], ReplaceFn] = {}
@@ -338,14 +343,18 @@ def _on_meta(model: nn.Module) -> bool:
 
 
 def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, strategy: str = "auto",
-                kv_replication: bool = False, probe: bool = True, hardware: Any = None) -> PatchReport:
+                kv_replication: bool = False, probe: bool = True, hardware: Any = None,
+                reduce_dtype: Any = torch.float32) -> PatchReport:
     """Partition ``model``'s attention and MLP layers over ``mesh`` in place; return a report.
 
     Validates everything (architecture, layout, config settings, and every layer's tensors against
     the spec: shapes, biases, parameters the spec leaves out) before any module is touched or any
     collective issued. ``strategy="auto"`` picks, per call, the strategy with the least predicted time
     on ``hardware`` (a cost-model profile or its name, e.g. "h100"; None: the profile of the weights'
-    device). Then, with ``probe`` (the default), the parity probe
+    device). ``reduce_dtype``: the dtype every sum over ranks runs in when wider than the model's
+    (default fp32: a bf16 model's partial outputs are added in fp32 and rounded once, as its dense matmul
+    does; "input": in the model's dtype, half those bytes; see
+    :class:`~ds_twolevel.layers.attention.TwoLevelAttention`). Then, with ``probe`` (the default), the parity probe
     (:mod:`hf_integration.probe`): the dense model runs once on 8 seeded random tokens, every layer is
     replaced and run on the inputs its dense module saw, and a mismatch beyond the dtype's tolerance
     puts the dense modules back and raises :class:`~hf_integration.probe.ProbeError` on every rank
@@ -361,6 +370,7 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     registry.check_layer_strategy(strategy)
     if hardware is not None:
         hw_profile(hardware)  # an unknown name fails here, before any module is touched
+    check_reduce_dtype(reduce_dtype)
     layout = mesh.layout
     if partitioned_layers(model):
         raise ValueError(f"{model_name(model)} is already partitioned (verify(model) says what); patch a fresh "
@@ -381,13 +391,13 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
         _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
     check_layers(model, arch, attn_paths, mlp_paths)
     _replace_and_probe(model, mesh, arch, attn_paths, mlp_paths, strategy=strategy, kv_replication=kv_replication,
-                       probe=probe and not _on_meta(model), hardware=hardware)
+                       probe=probe and not _on_meta(model), hardware=hardware, reduce_dtype=reduce_dtype)
     return _finish(model, mesh, report)
 
 
 def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, attn_paths: list[str],
                        mlp_paths: list[str], *, strategy: str, kv_replication: bool, probe: bool,
-                       hardware: Any = None) -> None:
+                       hardware: Any = None, reduce_dtype: Any = torch.float32) -> None:
     """Replace every layer; with ``probe``, compare each with its dense module (dense modules back on refusal)."""
     name = model_name(model)
     records: dict[str, Any] = {}
@@ -398,7 +408,8 @@ def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, att
         with agreement(None, what=f"{name}: parity probe (dense forward)"):
             records = record_calls(model, mlp_paths + attn_paths)
             require_calls(records, mlp_paths + attn_paths, name=name)
-    policy = injection_policy(model, mesh, strategy=strategy, kv_replication=kv_replication, hardware=hardware)
+    policy = injection_policy(model, mesh, strategy=strategy, kv_replication=kv_replication, hardware=hardware,
+                              reduce_dtype=reduce_dtype)
     by_name = {cls.__name__: fn for cls, fn in policy.items()}
     undo: list[Callable[[], None]] = []
     try:

@@ -15,12 +15,12 @@
   the unpatched model in one process; second call of each (the first one warms allocator caches).
 * bf16: logits of the tiny Llama in bf16 against the fp32 unpatched model, patched with each prefill
   strategy (score_allreduce, qk_allgather, seq_rows) against HF's own bf16, same inputs; and one
-  LlamaAttention layer's output the same way (also with the output all-reduce summed in fp32).
+  LlamaAttention layer's output the same way; each with ``reduce_dtype`` "fp32" (the default: sums over
+  ranks in fp32) and "input" (in bf16).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
@@ -246,8 +246,9 @@ def bf16_rank(seq: int, n: int, m: int) -> dict:
     hf16 = copy.deepcopy(ref).to(torch.bfloat16)
     patched = {}
     for strategy in BF16_STRATEGIES:
-        patched[strategy] = copy.deepcopy(ref).to(torch.bfloat16)
-        patch_model(patched[strategy], mesh, strategy=strategy)
+        for reduce in REDUCE_DTYPES:
+            patched[strategy, reduce] = copy.deepcopy(ref).to(torch.bfloat16)
+            patch_model(patched[strategy, reduce], mesh, strategy=strategy, reduce_dtype=reduce)
     ids, mask = sample_batch(3, batch=2, seq=seq, pad=5)
     out = {"layer": bf16_layer(mesh, seq)}
     with torch.no_grad():
@@ -255,18 +256,25 @@ def bf16_rank(seq: int, n: int, m: int) -> dict:
             keep = (torch.ones_like(mask) if msk is None else msk).bool()
             want = ref(input_ids=ids, attention_mask=msk).logits[keep]
             out[label] = {"hf_bf16": rel_err(hf16(input_ids=ids, attention_mask=msk).logits[keep], want)}
-            for strategy, model in patched.items():
-                out[label][f"{strategy}_bf16"] = rel_err(model(input_ids=ids, attention_mask=msk).logits[keep], want)
+            for (strategy, reduce), model in patched.items():
+                out[label][_variant(strategy, reduce)] = rel_err(model(input_ids=ids, attention_mask=msk).logits[keep],
+                                                                 want)
     return out
 
 
 BF16_STRATEGIES = ("score_allreduce", "qk_allgather", "seq_rows")
 """every strategy a layer runs at a prefill (kv_shard decodes: its error is the decode's, not measured here)."""
+REDUCE_DTYPES = ("fp32", "input")
+"""the layers' ``reduce_dtype``: sums over ranks in fp32 (the default) or in bf16 (the activations')."""
+
+
+def _variant(strategy: str, reduce: str) -> str:
+    return f"{strategy}_bf16, reduce_dtype={reduce}" + (" (default)" if reduce == "fp32" else "")
 
 
 def bf16_layer(mesh, seq: int) -> dict:
     """One HF LlamaAttention (H = 256, 8 heads x 32, 2 KV heads): its bf16 output and ours (seq_rows,
-    bf16) against its fp32 output, same weights and input (plain causal)."""
+    bf16, each reduce_dtype) against its fp32 output, same weights and input (plain causal)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
@@ -284,28 +292,13 @@ def bf16_layer(mesh, seq: int) -> dict:
         out = {"hf_bf16": rel_err(copy.deepcopy(hf).to(torch.bfloat16)(x.bfloat16(), tuple(t.bfloat16() for t in rope),
                                                                         None)[0], want)}
         for strategy in BF16_STRATEGIES:
-            ours = SeqShardAttention(256, spec, mesh, dtype=torch.bfloat16, strategy=strategy).eval()
-            ours.load_dense_state({f"{p}.weight": getattr(hf, p).weight.detach()
-                                   for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
-            out[f"{strategy}_bf16"] = rel_err(ours(x.bfloat16(), position_embeddings=rope), want)
-            with _fp32_output_reduce():
-                out[f"{strategy}_bf16, fp32 output all-reduce"] = rel_err(ours(x.bfloat16(), position_embeddings=rope),
-                                                                           want)
+            for reduce in REDUCE_DTYPES:
+                ours = SeqShardAttention(256, spec, mesh, dtype=torch.bfloat16, strategy=strategy,
+                                         reduce_dtype=reduce).eval()
+                ours.load_dense_state({f"{p}.weight": getattr(hf, p).weight.detach()
+                                       for p in ("q_proj", "k_proj", "v_proj", "o_proj")})
+                out[_variant(strategy, reduce)] = rel_err(ours(x.bfloat16(), position_embeddings=rope), want)
     return out
-
-
-@contextlib.contextmanager
-def _fp32_output_reduce():
-    """Diagnostic: the layer's output all-reduce (m n partial o_proj outputs) summed in fp32 - with 4
-    ranks gloo's bf16 ring adds partial sums in bf16, the largest extra error of any two-level layer."""
-    from ds_twolevel.layers import attention  # a diagnostic of this recipe only: the library is never patched
-
-    saved = attention.reduce_from_axis
-    attention.reduce_from_axis = lambda x, axis, tag: saved(x.float(), axis, tag).to(x.dtype)
-    try:
-        yield
-    finally:
-        attention.reduce_from_axis = saved
 
 
 def bf16_rows(seq: int) -> list[dict]:

@@ -91,8 +91,13 @@ def test_kv_cache_and_params_shrink_by_mn_and_replication_costs_memory():
 def test_prediction_time_is_roofline_plus_comm():
     p = predict(LLAMA, 4, 2, Phase("decode", 8, 4096), H100_SXM)
     assert p.time == pytest.approx(p.compute_time + p.comm_time)
-    assert p.comm_bytes == LLAMA.layers * sum(c.bytes_sent(2) for c in p.collectives)
+    # bf16 activations; the sums over ranks in fp32 (the layers' default reduce_dtype), gathers in bf16
+    assert p.comm_bytes == LLAMA.layers * sum(c.bytes_sent(2, 4) for c in p.collectives)
     assert p.tokens == 8 and p.tokens_per_s == pytest.approx(8 / p.time)
+    sums = sum(c.bytes_sent(2) for c in p.collectives if c.op in ("all_reduce", "reduce_scatter"))
+    narrow = predict(LLAMA, 4, 2, Phase("decode", 8, 4096), H100_SXM, strategy=p.strategy, reduce_size=0)
+    assert sums > 0 and p.comm_bytes - narrow.comm_bytes == LLAMA.layers * sums  # reduce_dtype="input": half
+    assert narrow.comm_time < p.comm_time and narrow.compute_time == p.compute_time
 
 
 def test_phase_and_dp_validation():

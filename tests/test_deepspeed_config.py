@@ -269,6 +269,7 @@ def test_a_config_that_is_not_an_object_names_the_file(tmp_path):
 # written out here, not taken from the schema, so that a key the schema forgot is still exercised
 PATHS = [(), ("two_level",), *[("two_level", k) for k in ("n", "m", "dp", "strategy", "kv_replication", "strict",
                                                            "timeout_s", "dist_backend", "zero_init", "sync_init", "probe", "hardware",
+                                                           "reduce_dtype",
                                                            "x")],
          *[(k,) for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                           "gradient_clipping", "steps_per_print", "sequence_parallel_size", "zero_optimization", "fp16",

@@ -108,6 +108,24 @@ def test_unknown_hardware_profile_and_a_known_one_reaches_every_layer():
     assert partitioned_layers(model)
 
 
+def test_reduce_dtype_reaches_every_layer_and_a_wrong_one_is_refused():
+    """``reduce_dtype``: fp32 sums by default on every partitioned layer (attention and MLP, axes included),
+    "input" for sums in the model's dtype; anything else refused before a module is touched."""
+    from hf_integration.partitioned import partitioned_layers
+
+    with pytest.raises(ValueError, match=r"reduce_dtype must be one of \['float32', 'float64', 'fp32', 'input'\].*"
+                                         r"got 'bf16'"):
+        patch_model(tiny_model("llama"), groupless_mesh(2, 2), reduce_dtype="bf16")
+    for reduce, want in ((None, torch.float32), ("input", None), (torch.float64, torch.float64)):
+        model = tiny_model("llama")
+        patch_model(model, TwoLevelLayout(n=1, m=1).build(), **({} if reduce is None else {"reduce_dtype": reduce}))
+        layers = [layer for _, layer in partitioned_layers(model)]
+        assert len(layers) == 2 * model.config.num_hidden_layers  # attention + MLP of every block
+        for layer in layers:
+            axes = (layer.axes.seg, layer.axes.tp, layer.axes.kv_rep) if hasattr(layer, "axes") else (layer.tp,)
+            assert layer.reduce_dtype is want and all(a.reduce_dtype is want for a in axes), (reduce, layer)
+
+
 def test_checkpoint_shapes_not_matching_config(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -216,6 +234,12 @@ def test_initialize_policy_probes_unless_the_config_says_probe_false(monkeypatch
     assert {getattr(mod, "hardware", None) for mod in patched.modules() if hasattr(mod, "hardware")} == {H100_SXM}
     with pytest.raises(ValueError, match=r'"two_level.hardware" must be one of .*cpu.*h100'):
         TwoLevelConfig.from_dict({"n": 1, "m": 1, "hardware": "h200"})
+    assert {mod.reduce_dtype for mod in patched.modules() if hasattr(mod, "reduce_dtype")} == {torch.float32}
+    narrow = default_policy(copy.deepcopy(dense), mesh, TwoLevelConfig.from_dict(
+        {"n": 1, "m": 1, "probe": False, "reduce_dtype": "input"}))
+    assert {mod.reduce_dtype for mod in narrow.modules() if hasattr(mod, "reduce_dtype")} == {None}
+    with pytest.raises(ValueError, match=r'"two_level.reduce_dtype" must be one of .*fp32.*input'):
+        TwoLevelConfig.from_dict({"n": 1, "m": 1, "reduce_dtype": "bf16"})
 
 
 def test_spec_leaving_out_a_parameter_is_refused(monkeypatch):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ds_twolevel.costmodel.traffic import block_collectives, resolve
 from ds_twolevel.strategies import registry
-from ds_twolevel.strategies.base import AttentionCall, Collective, Op, comm_time  # noqa: F401 (re-exported)
+from ds_twolevel.strategies.base import AttentionCall, Collective, Op, comm_time, sum_size  # noqa: F401 (re-exported)
 
 # ==================================================================================================
 # Performance model: FLOPs, bytes, memory and time of a whole model on a layout
@@ -131,17 +131,18 @@ class Phase:
 
 
 def attention_call(model: ModelConfig, n: int, m: int, batch: int, q_len: int, kv_len: int, *,
-                   causal: bool = True) -> AttentionCall:
+                   causal: bool = True, reduce_size: int = 4) -> AttentionCall:
     """The :class:`AttentionCall` of one rank of an (n, m) layout (KV replicated when n > g).
 
     ``causal``: a decoder's plain causal mask (no padding); a prefill (q_len == kv_len > 1) then
-    takes the blocked causal score path.
+    takes the blocked causal score path. ``reduce_size``: bytes per element of the sums over ranks
+    (4: the layers' default ``reduce_dtype=torch.float32``; 0: in the activations' dtype).
     """
     return AttentionCall(batch=batch, q_len=q_len, kv_len=kv_len, hidden=model.hidden, local_heads=model.heads // n,
                          local_kv_heads=max(model.kv_heads // n, 1), head_dim=model.head_dim, n=n, m=m,
                          qk_norm=model.qk_norm, kv_rep=max(n // model.kv_heads, 1),
                          causal_blocks=causal and q_len == kv_len > 1, plain_causal=causal,
-                         cached=kv_len - q_len, qk_norm_scope=model.qk_norm_scope)
+                         cached=kv_len - q_len, qk_norm_scope=model.qk_norm_scope, reduce_size=reduce_size)
 
 
 def attention_ops(model: ModelConfig, call: AttentionCall, strategy: str, eb: int) -> list[Op]:
@@ -231,13 +232,15 @@ def strategy_call(call: AttentionCall, strategy: str, eb: int) -> AttentionCall:
 
 
 def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1, strategy: str = "auto",
-            element_size: int | None = None) -> Prediction:
+            element_size: int | None = None, reduce_size: int = 4) -> Prediction:
     """Predicted cost of one inference step of ``model`` on a dp x n x m layout.
 
     The global batch ``phase.batch`` is split over the dp replicas (it must divide). ``strategy="auto"``
     plans as the layer does (the least predicted time on ``hw``, within the memory bound) and also picks
     the KV-cache layout (m > 1): where a strategy of another layout (kv_shard) predicts less time, that is the
     answer (build the cache with that layout: ``TwoLevelCache.for_model(model, layout="kv_shard")``).
+    ``reduce_size``: bytes per element of the layers' sums over ranks (4: their default
+    ``reduce_dtype=torch.float32``; 0: ``reduce_dtype="input"``, sums in the activations' dtype).
 
     Example:
         >>> p = predict(model, n=4, m=2, phase=Phase("decode", 8, 4096), hw=H100_SXM)
@@ -247,32 +250,34 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
         raise ValueError(f"batch ({phase.batch}) is not divisible by dp={dp}; use a batch that is a multiple of {dp}")
     eb = element_size or hw.dtype_bytes
     if strategy != registry.AUTO:
-        return _predict(model, n, m, phase, hw, dp, strategy, eb)
-    options = [_predict(model, n, m, phase, hw, dp, registry.AUTO, eb)]
+        return _predict(model, n, m, phase, hw, dp, strategy, eb, reduce_size)
+    options = [_predict(model, n, m, phase, hw, dp, registry.AUTO, eb, reduce_size)]
     for name in registry.cache_layout_strategies() if m > 1 else ():  # m = 1: no segment axis to hold positions over
         try:
-            options.append(_predict(model, n, m, phase, hw, dp, name, eb))
+            options.append(_predict(model, n, m, phase, hw, dp, name, eb, reduce_size))
         except ValueError:  # it cannot compute this step (e.g. a prefill-only layout rule)
             continue
     return min(options, key=lambda p: p.time)  # ties: the dimension-layout cache
 
 
-def _predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, dp: int, strategy: str, eb: int) -> Prediction:
+def _predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, dp: int, strategy: str, eb: int,
+             reduce_size: int = 4) -> Prediction:
     """:func:`predict` with one strategy request and one cache layout."""
     b = phase.batch // dp
-    call = strategy_call(attention_call(model, n, m, b, phase.q_len, phase.kv_len), strategy, eb)
+    call = attention_call(model, n, m, b, phase.q_len, phase.kv_len, reduce_size=reduce_size)
+    call = strategy_call(call, strategy, eb)
     chosen = resolve(call, strategy, eb, hw)
-    cols = block_collectives(call, chosen)
+    cols, sums = block_collectives(call, chosen), sum_size(call, eb)
     ops = attention_ops(model, call, chosen, eb) + mlp_ops(model, b * phase.q_len, n * m, eb)
     L = model.layers
     return Prediction(
         n=n, m=m, dp=dp, strategy=chosen, batch_per_replica=b,
         flops=L * sum(o.flops for o in ops), collectives=tuple(cols),
-        comm_bytes=L * sum(c.bytes_sent(eb) for c in cols),
+        comm_bytes=L * sum(c.bytes_sent(eb, sums) for c in cols),
         param_bytes=param_bytes(model, n, m, eb),
         kv_cache_bytes=kv_cache_bytes(model, n, b, phase.kv_len, m, eb),
         activation_bytes=activation_bytes(model, call, chosen, eb),
         compute_time=L * sum(o.time(hw) for o in ops),
-        comm_time=L * comm_time(cols, hw, eb, m, n),
+        comm_time=L * comm_time(cols, hw, eb, m, n, sums),
         tokens=phase.tokens,
     )

@@ -18,6 +18,10 @@ the same roofline and bus-bandwidth model as :func:`~ds_twolevel.costmodel.predi
   combined by one all-to-all over the kvp ranks (the exchange of ``kv_shard``), after which W_o is
   split over all P ranks as in the paper; then the o_proj and MLP all-reduces over P.
 
+Like for like, every family adds its all-reduces in the model's dtype (:data:`REDUCE_SIZE`): AutoTP and
+Helix do, and so do this library's layers with ``reduce_dtype="input"``. Their default (fp32 sums) doubles
+the bytes of those sums: ``predict`` models it, ``ds-twolevel plan`` shows it.
+
 Pure: no ranks, no torch tensors, nothing from the integration layer.
 """
 from __future__ import annotations
@@ -37,6 +41,8 @@ MODELS: dict[str, ModelConfig] = {"llama-3-8b": PRESETS["llama-3-8b"], "llama-3-
 DEVICES = (16, 32)
 BATCHES = (1, 16, 64)
 CONTEXTS = tuple(2**k for k in range(12, 18))  # 4K .. 128K
+REDUCE_SIZE = 0
+"""sums over ranks in the model's dtype for every family (``predict``'s ``reduce_size``)."""
 FAMILIES = ("two-level", "head-wise TP + KV replication", "DeepSpeed AutoTP", "Helix")
 BASELINE = "qk_allgather"
 """the attention of the head-wise baselines (m = 1: fused attention, no segment collectives)."""
@@ -113,7 +119,7 @@ def two_level_points(model: ModelConfig, devices: int, phase: Phase, hw: Hardwar
             continue
         for strategy in two_level_strategies() + ("auto",):
             try:
-                pred = predict(model, n, m, phase, hw, strategy=strategy)
+                pred = predict(model, n, m, phase, hw, strategy=strategy, reduce_size=REDUCE_SIZE)
             except (ValueError, KeyError, NotImplementedError) as err:
                 notes.append(f"{model.name} {n} x {m} {strategy}: skipped ({str(err).splitlines()[0]})")
                 continue
@@ -125,7 +131,8 @@ def headwise_point(model: ModelConfig, devices: int, phase: Phase, hw: HardwareP
     """Head-wise TP over all ``devices`` (n = P, m = 1; KV heads replicated when P > g), as the planner has it."""
     if infeasibility(model, 1, devices, 1, phase):
         return None
-    pred = predict(model, devices, 1, phase, hw, strategy=BASELINE)  # m = 1: no segment collectives
+    pred = predict(model, devices, 1, phase, hw, strategy=BASELINE,  # m = 1: no segment collectives
+                   reduce_size=REDUCE_SIZE)
     return replace(_from_prediction(FAMILIES[1], f"{devices} x 1", "-", pred), chosen="-")
 
 

@@ -60,6 +60,10 @@ class TwoLevelConfig:
     predicted time per call; spelled "cost_model" in JSON, see the module docstring)."""
     hardware: str | None = None
     """cost-model profile "auto" plans with ("cpu", "h100"); None: the profile of the weights' device."""
+    reduce_dtype: str = "fp32"
+    """dtype of every sum over ranks (partial scores, the o_proj / down_proj all-reduces) of a bf16/fp16
+    model: "fp32" (added in fp32, rounded once: the dense model's error) or "input" (in the model's
+    dtype: half those bytes, what Megatron and AutoTP do)."""
     kv_replication: bool = False
     """allow n > num_key_value_heads by replicating KV heads across head groups (costs memory)."""
     strict: bool = True

@@ -113,6 +113,7 @@ TWO_LEVEL_KEYS: tuple[Key, ...] = (
     _k("two_level.dp", "int", "2", low=1, nullable=True),
     _k("two_level.strategy", "str", '"cost_model"', choices=lambda: ("cost_model", *registry.layer_choices())),
     _k("two_level.hardware", "str", '"h100"', nullable=True, choices=lambda: tuple(sorted(PROFILES))),
+    _k("two_level.reduce_dtype", "str", '"fp32"', choices=("fp32", "input")),
     _k("two_level.kv_replication", "bool", "false"),
     _k("two_level.strict", "bool", "true"),
     _k("two_level.timeout_s", "number", "600", low=1, high=MAX_TIMEOUT_S),

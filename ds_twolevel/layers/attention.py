@@ -20,6 +20,7 @@ from ds_twolevel.layers.masks import zero_unattended_rows
 from ds_twolevel.layers.qk_norm import QKNorm, rms_norm_partition
 from ds_twolevel.layers.rope import apply_rope_segment, segment_cos_sin
 from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
+from ds_twolevel.parallel.collectives import reduce_dtype as check_reduce_dtype
 from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
 from ds_twolevel.sharding.partition import AttentionPartition, AttentionSpec, shard_dim
 from ds_twolevel.strategies import registry
@@ -45,11 +46,12 @@ class TwoLevelAttention(nn.Module):
         o_bias: output projection has a bias (added once, after the all-reduce).
         qk_norm_eps: if set, Qwen3-style per-head RMSNorm of q and k (over the full d).
         qk_norm: the q/k RMSNorm in full (scope, weight formula, rounding); overrides ``qk_norm_eps``.
-        softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma2).
-            Fused SDPA cannot do that: "qk_allgather" then computes its scores explicitly.
+        softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma2; no fused SDPA).
         causal: causal (decoder) or bidirectional (encoder) attention.
         strategy: "auto" (least predicted time on ``hardware``) or one of ``registry.layer_choices()``.
         hardware: profile (or its name) "auto" plans with; None: the input device's (``default_profile``).
+        reduce_dtype: dtype of every sum over ranks when wider than the activations' (bf16 partials added
+            in fp32, rounded once; twice those bytes); "input"/None: the activations' (Megatron's, AutoTP's).
         dropout: attention-probability dropout (training only).
         dropout_seed: seed of the dropout stream shared by all ranks of the layer.
         scaling: score scale; default ``1/sqrt(d)`` of the full head dim.
@@ -76,6 +78,7 @@ class TwoLevelAttention(nn.Module):
         causal: bool = True,
         strategy: str = "auto",
         hardware: Any = None,
+        reduce_dtype: Any = torch.float32,
         dropout: float = 0.0,
         dropout_seed: int = 0,
         scaling: float | None = None,
@@ -89,14 +92,13 @@ class TwoLevelAttention(nn.Module):
             AttentionPartition(spec, axes.layout.n, axes.layout.m, kv_replication=kv_replication)
             axes = axes.axes_for(spec.num_kv_heads)
         registry.check_layer_strategy(strategy)
+        axes = axes.reducing_in(check_reduce_dtype(reduce_dtype))
         # validates h, g, d against (n, m) before any parameter or collective exists
         self.part = AttentionPartition(spec, axes.n, axes.m, kv_replication=kv_replication)
         if self.part.replicated_kv and axes.kv_rep.size != axes.n // spec.num_kv_heads:
-            raise ValueError(
-                f"{spec.name}: each KV head is replicated on {axes.n // spec.num_kv_heads} head groups, whose "
-                f"gradients must be summed: pass the TwoLevelMesh, or mesh.axes_for({spec.num_kv_heads})"
-            )
-        self.spec, self.axes, self.hidden_size = spec, axes, hidden_size
+            raise ValueError(f"{spec.name}: each KV head is replicated on {axes.n // spec.num_kv_heads} head groups, "
+                             f"whose gradients must be summed: pass the TwoLevelMesh, or mesh.axes_for({spec.num_kv_heads})")
+        self.spec, self.axes, self.hidden_size, self.reduce_dtype = spec, axes, hidden_size, axes.tp.reduce_dtype
         self.causal, self.strategy, self.layer_idx = causal, strategy, layer_idx
         self.hardware = None if hardware is None else hw_profile(hardware)
         self.dropout, self.dropout_seed, self.dropout_keys = dropout, dropout_seed, DropoutKeys()
@@ -300,7 +302,12 @@ def attention_call(layer: TwoLevelAttention, hidden_states: torch.Tensor, attent
         qk_norm_scope=norm.scope if norm else "head", plain_causal=plain, dropout=layer._dropping,
         softcap=layer.softcap is not None, cache_layout=layout, cached=cached,
         grad=torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()),
-        element_size=hidden_states.element_size())
+        element_size=hidden_states.element_size(), reduce_size=reduce_size(layer.reduce_dtype))
+
+
+def reduce_size(dtype: torch.dtype | None) -> int:
+    """:attr:`AttentionCall.reduce_size` of a layer's ``reduce_dtype`` (0: sums in the activations' dtype)."""
+    return 0 if dtype is None else dtype.itemsize
 
 
 def _cache_state(layer: TwoLevelAttention, kv_cache: Any) -> tuple[str, int]:

@@ -1,13 +1,14 @@
 """Column/row-parallel MLP over the n*m ranks of a layer (Megatron style)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ds_twolevel.layers.attention import tag_parallel
-from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
+from ds_twolevel.parallel.collectives import copy_to_axis, reduce_dtype as check_reduce_dtype, reduce_from_axis
 from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.sharding.partition import even_chunk, shard_dim
 from ds_twolevel.layers.activations import ACTIVATIONS
@@ -25,13 +26,17 @@ class TwoLevelMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp: AxisGroup, *, gated: bool = True,
                  activation: str | Callable[[torch.Tensor], torch.Tensor] = "silu", bias: bool = False,
-                 device=None, dtype=None) -> None:
+                 reduce_dtype: Any = torch.float32, device=None, dtype=None) -> None:
         """``activation``: a name in ``ACTIVATIONS`` or the callable itself (e.g. a Hugging Face
-        module's own ``act_fn``, so its exact GELU/SiLU variant is used)."""
+        module's own ``act_fn``, so its exact GELU/SiLU variant is used). ``reduce_dtype``: dtype of
+        the output (and input-gradient) all-reduce when wider than the activations' (see
+        :class:`~ds_twolevel.layers.attention.TwoLevelAttention`; "input"/None: the activations')."""
         super().__init__()
         if isinstance(activation, str) and activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
         self.act_fn = ACTIVATIONS[activation] if isinstance(activation, str) else activation
+        self.reduce_dtype = check_reduce_dtype(reduce_dtype)
+        tp = replace(tp, reduce_dtype=self.reduce_dtype)
         start, stop = even_chunk(intermediate_size, tp.size, tp.rank, what="intermediate_size")
         self.features = torch.arange(start, stop)
         self.tp, self.gated, self.activation = tp, gated, activation

@@ -117,12 +117,41 @@ def _record(op: str, axis: AxisGroup, numel: int, element_size: int, tag: str, b
             counter.records.append(rec)
 
 
+REDUCE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "input": None}
+"""names a layer's ``reduce_dtype`` accepts ("input": sums in the activations' own dtype)."""
+
+
+def reduce_dtype(value: object) -> torch.dtype | None:
+    """A layer's ``reduce_dtype`` argument (a name of :data:`REDUCE_DTYPES`, fp32/fp64, or None) checked.
+
+    Example:
+        >>> reduce_dtype("fp32"), reduce_dtype("input"), reduce_dtype(None)
+        (torch.float32, None, None)
+    """
+    if value is None or value in (torch.float32, torch.float64):
+        return value  # type: ignore[return-value]
+    if isinstance(value, str) and value in REDUCE_DTYPES:
+        return REDUCE_DTYPES[value]
+    raise ValueError(f"reduce_dtype must be one of {sorted(REDUCE_DTYPES)}, torch.float32, torch.float64 or None "
+                     f"(sums in the activations' dtype), got {value!r}")
+
+
+def _sum_dtype(x: torch.Tensor, axis: AxisGroup) -> torch.dtype:
+    """The dtype a sum of ``x`` over ``axis`` runs in: the axis's ``reduce_dtype`` when wider than x's."""
+    wide = axis.reduce_dtype
+    if wide is None or not x.is_floating_point():
+        return x.dtype
+    return torch.promote_types(x.dtype, wide)
+
+
 def _all_reduce(x: torch.Tensor, axis: AxisGroup, tag: str, backward: bool) -> torch.Tensor:
-    out = x.contiguous().clone()  # all_reduce is in place; never write into an autograd input
+    work = _sum_dtype(x, axis)
+    # all_reduce is in place; never write into an autograd input (``to`` copies when it converts)
+    out = x.contiguous().clone() if work == x.dtype else x.to(work, memory_format=torch.contiguous_format)
     _record("all_reduce", axis, out.numel(), out.element_size(), tag, backward)
     if not simulated(axis):
         dist.all_reduce(out, group=axis.group)
-    return out
+    return out.to(x.dtype)
 
 
 def _all_gather(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str, backward: bool) -> torch.Tensor:
@@ -137,7 +166,8 @@ def _all_gather(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str, backward: 
 
 
 def _reduce_scatter(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str, backward: bool) -> torch.Tensor:
-    full = x.movedim(dim, 0).contiguous()  # (p*k, ...)
+    work = _sum_dtype(x, axis)
+    full = x.movedim(dim, 0).to(work, memory_format=torch.contiguous_format)  # (p*k, ...)
     if full.shape[0] % axis.size:
         raise ValueError(f"reduce-scatter of {full.shape[0]} rows over {axis.size} ranks")
     out = full.new_empty((full.shape[0] // axis.size, *full.shape[1:]))
@@ -146,7 +176,7 @@ def _reduce_scatter(x: torch.Tensor, axis: AxisGroup, dim: int, tag: str, backwa
         out.copy_(full.narrow(0, axis.rank * out.shape[0], out.shape[0]))  # this rank's chunk
     else:
         _REDUCE_SCATTER(out, full, group=axis.group)
-    return out.movedim(0, dim)
+    return out.to(x.dtype).movedim(0, dim)
 
 
 def _all_to_all(x: torch.Tensor, axis: AxisGroup, tag: str, backward: bool) -> torch.Tensor:

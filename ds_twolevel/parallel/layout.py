@@ -31,6 +31,10 @@ class AxisGroup:
     size: int
     rank: int
     group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+    reduce_dtype: torch.dtype | None = field(default=None, compare=False, repr=False)
+    """dtype the sums over this axis (all-reduce, reduce-scatter) run in when it is wider than the
+    tensor's: a 16-bit tensor is summed in fp32 and cast back once. None: in the tensor's own dtype.
+    The layers set it (their ``reduce_dtype`` argument, see :meth:`TwoLevelAxes.reducing_in`)."""
 
     @staticmethod
     def single(name: str) -> "AxisGroup":
@@ -70,6 +74,17 @@ class TwoLevelAxes:
     @property
     def m(self) -> int:
         return self.seg.size
+
+    def reducing_in(self, dtype: torch.dtype | None) -> "TwoLevelAxes":
+        """These axes with every sum over them run in ``dtype`` (when wider than the tensor's; None: in
+        the tensor's dtype). The process groups are the same objects.
+
+        Example:
+            >>> TwoLevelAxes.single().reducing_in(torch.float32).tp.reduce_dtype
+            torch.float32
+        """
+        return TwoLevelAxes(*(replace(getattr(self, f), reduce_dtype=dtype)
+                              for f in ("seg", "heads", "tp", "dp", "kv_rep")))
 
     @staticmethod
     def single() -> "TwoLevelAxes":

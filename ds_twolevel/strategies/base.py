@@ -39,8 +39,11 @@ class Collective:
     ranks: int
     backward: bool = False
 
-    def bytes_sent(self, element_size: int) -> int:
-        return ring_bytes(self.op, self.numel * element_size, self.ranks)
+    def bytes_sent(self, element_size: int, sum_size: int | None = None) -> int:
+        """Ring bytes this rank sends; a sum (all-reduce, reduce-scatter) at ``sum_size`` bytes per
+        element when given (:func:`sum_size`: the layer's ``reduce_dtype``), else at ``element_size``."""
+        size = sum_size if sum_size and self.op in SUMS else element_size
+        return ring_bytes(self.op, self.numel * size, self.ranks)
 
 
 @dataclass(frozen=True)
@@ -56,17 +59,21 @@ class Op:
         return max(self.flops / hw.peak_flops, self.bytes / hw.mem_bandwidth)
 
 
-def comm_time(collectives: Sequence[Collective], hw, eb: int, m: int, n: int) -> float:
+SUMS = ("all_reduce", "reduce_scatter")
+"""the collectives that add tensors (in the layer's ``reduce_dtype``); gathers and all-to-alls move them."""
+
+
+def comm_time(collectives: Sequence[Collective], hw, eb: int, m: int, n: int, sum_size: int | None = None) -> float:
     """Seconds for ``collectives`` of one layer on ``hw``: latency + ring bytes / bus bandwidth of the group.
 
     A group's span (consecutive ranks it covers: m fastest, then n, then dp) decides whether it stays
-    inside one node.
+    inside one node. ``sum_size``: bytes per element of the sums (see :meth:`Collective.bytes_sent`).
     """
     stride = {"m": 1, "tp": 1, "n": m, "kv_rep": m, "dp": m * n}
     total = 0.0
     for col in collectives:
         span = col.ranks * stride.get(col.axis, m * n)
-        total += hw.collective_latency + col.bytes_sent(eb) / hw.busbw(span)
+        total += hw.collective_latency + col.bytes_sent(eb, sum_size) / hw.busbw(span)
     return total
 
 
@@ -121,6 +128,9 @@ class AttentionCall:
     """positions already in the cache before the call."""
     element_size: int = 4
     """bytes per element of the activations."""
+    reduce_size: int = 4
+    """bytes per element of the dtype the layer sums over ranks in (its ``reduce_dtype``: fp32 by
+    default) when wider than the activations'; 0: the activations' own dtype (:func:`sum_size`)."""
 
     @property
     def v_dim(self) -> int:
@@ -130,6 +140,19 @@ class AttentionCall:
     def no_mask_causal(self) -> bool:
         """Causal with no mask tensor (``causal_blocks`` or ``plain_causal``)."""
         return self.causal_blocks or self.plain_causal
+
+
+def sum_size(call: AttentionCall, element_size: int | None = None) -> int:
+    """Bytes per element of the call's sums over ranks with activations of ``element_size`` bytes
+    (default: the call's).
+
+    Example:
+        >>> shape = dict(batch=1, q_len=1, kv_len=8, hidden=64, local_heads=2, local_kv_heads=2, head_dim=16, n=2, m=2)
+        >>> sum_size(AttentionCall(**shape, element_size=2)), sum_size(AttentionCall(**shape, element_size=2, reduce_size=0))
+        (4, 2)
+    """
+    eb = call.element_size if element_size is None else element_size
+    return eb if call.reduce_size == 0 else max(eb, call.reduce_size)
 
 
 def plain_causal(call: AttentionCall) -> bool:

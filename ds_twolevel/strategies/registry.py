@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Iterator
 
 from ds_twolevel.strategies import kv_shard, qk_allgather, score_allreduce, seq_rows
-from ds_twolevel.strategies.base import AttentionCall, Strategy, comm_time
+from ds_twolevel.strategies.base import AttentionCall, Strategy, comm_time, sum_size
 
 AUTO = "auto"
 _REGISTRY: dict[str, ModuleType] = {}
@@ -115,7 +115,7 @@ class Plan:
 
 def bytes_sent(call: AttentionCall, name: str, element_size: int) -> int:
     """Forward bytes the strategy's own collectives send for ``call``."""
-    return sum(col.bytes_sent(element_size) for col in get(name).collectives(call))
+    return sum(col.bytes_sent(element_size, sum_size(call, element_size)) for col in get(name).collectives(call))
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def predicted_time(call: AttentionCall, name: str, hw=None, element_size: int | 
     hw, eb = _hardware(hw), call.element_size if element_size is None else element_size
     strategy = get(name)
     compute = sum(op.time(hw) for op in strategy.ops(_shapes(call), call, eb))
-    return compute + comm_time(strategy.collectives(call), hw, eb, call.m, call.n)
+    return compute + comm_time(strategy.collectives(call), hw, eb, call.m, call.n, sum_size(call, eb))
 
 
 def predicted_activation(call: AttentionCall, name: str, element_size: int | None = None) -> float:
