@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -290,6 +291,31 @@ def check_same_dense_weights(modules: list[nn.Module], mesh: TwoLevelMesh, *, na
                "slice its shards out of another model. Every rank must start from the same weights (same seed "
                "or checkpoint; ds_twolevel.initialize broadcasts them with sync_init, "
                "hf_integration.load_partitioned reads them from one checkpoint)")
+    raise GuardError(f"the two-level guard ({name})", {rank: message for rank in ranks}, refused="patching")
+
+
+def check_same_settings(mesh: TwoLevelMesh, settings: dict[str, Any], *, name: str) -> None:
+    """Before patching: the ranks of one layer patch with the same ``settings`` (strategy, hardware,
+    reduce_dtype, kv_replication), or every one of them raises the same :class:`GuardError`. Different
+    settings issue different collectives (another strategy, another plan, sums of another dtype) on ranks
+    that must issue the same ones: a hang or a wrong sum. Cost: an all-gather of 8 bytes per rank."""
+    tp = mesh.axes.tp
+    if tp.size == 1 or tp.group is None or not dist.is_initialized():
+        return
+    text = ", ".join(f"{key}={value!r}" for key, value in sorted(settings.items()))
+    table = _gather(torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64), tp)
+    if bool((table == table[0]).all()):
+        return
+    texts: list[Any] = [None] * tp.size
+    dist.all_gather_object(texts, text, group=tp.group)  # every rank saw the mismatch: all take this branch
+    ranks = _tp_ranks(mesh)
+    groups: dict[str, list[int]] = {}
+    for rank, setting in zip(ranks, texts):
+        groups.setdefault(setting, []).append(rank)
+    message = (f"the ranks {ranks} of one layer patch with different settings ("
+               + "; ".join(f"rank(s) {', '.join(map(str, r))}: {t}" for t, r in groups.items())
+               + "); they would issue different collectives. Pass the same strategy, hardware, reduce_dtype and "
+               "kv_replication on every rank (one DeepSpeed config, or the same patch_model arguments)")
     raise GuardError(f"the two-level guard ({name})", {rank: message for rank in ranks}, refused="patching")
 
 

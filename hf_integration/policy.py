@@ -390,6 +390,11 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     if not attn_paths:
         _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
     check_layers(model, arch, attn_paths, mlp_paths)
+    from ds_twolevel.guard import check_same_settings
+
+    check_same_settings(mesh, {"strategy": strategy, "hardware": getattr(hardware, "name", hardware),
+                               "reduce_dtype": check_reduce_dtype(reduce_dtype), "kv_replication": kv_replication},
+                        name=model_name(model))
     _replace_and_probe(model, mesh, arch, attn_paths, mlp_paths, strategy=strategy, kv_replication=kv_replication,
                        probe=probe and not _on_meta(model), hardware=hardware, reduce_dtype=reduce_dtype)
     return _finish(model, mesh, report)

@@ -112,12 +112,12 @@ NO_GUARD = False
 """--no-guard: switch the guard off, to see what the refused paths would do (the tests must then fail)."""
 
 
-def patched(mesh, seed: int = 0):
+def patched(mesh, seed: int = 0, **settings):
     from ds_twolevel import guard
     from hf_integration import patch_model
 
     model = build_model(seed)
-    patch_model(model, mesh)
+    patch_model(model, mesh, **settings)
     if NO_GUARD:
         guard.configure(model, check_shards=False, check_inputs="never")
     return model.train()
@@ -382,12 +382,14 @@ def inputs(args, record: Run, kind: str, call: str, check: str = "first") -> dic
 
 @scenario
 def shards(args, record: Run, kind: str) -> dict:
-    """Shards overwritten by a hand-made broadcast, different seeds, or a legitimate load: first forward."""
+    """Shards overwritten by a hand-made broadcast, different seeds, or a legitimate load: first forward;
+    different settings on the ranks of a layer (their sums in fp32 on some, bf16 on others): patch time."""
     import torch.distributed as dist
 
     mesh = mesh_for(args)
     tp = mesh.axes.tp
-    model = patched(mesh, seed=tp.rank if kind == "seeds" else 0)
+    settings = {"reduce_dtype": "input" if tp.rank % 2 else "fp32"} if kind == "settings" else {}
+    model = patched(mesh, seed=tp.rank if kind == "seeds" else 0, **settings)
     if kind == "broadcast":  # what DDP / DeepSpeed's _broadcast_model do, over the layer's ranks
         for p in model.parameters():
             dist.broadcast(p.data, group=tp.group, group_src=0)
@@ -440,6 +442,7 @@ SCENARIOS = [
     ("inputs_agree_always", inputs, ("same", "generate", "always")),
     ("shards_broadcast", shards, ("broadcast",)),
     ("shards_seeds", shards, ("seeds",)),
+    ("shards_settings", shards, ("settings",)),
     ("shards_load", shards, ("load",)),
     ("recipe_trainer", recipe, ()),
 ]

@@ -306,6 +306,8 @@ def test_overwritten_or_unequal_shards_are_refused_and_a_load_is_not(runs, layou
                   "own different slices", "a wrapper broadcast one rank's shards", tp=n * m)
     check_refused(out, "shards_seeds", "refused patching", "the dense weights differ between the ranks",
                   f"{n * m} different copies", tp=n * m)  # patch_model's probe step, before any forward
+    check_refused(out, "shards_settings", "refused patching", "patch with different settings",
+                  "reduce_dtype=None", "reduce_dtype=torch.float32", tp=n * m)  # before any module is touched
     assert all(rec["error"] is None for rec in records(out, "shards_load"))
 
 
