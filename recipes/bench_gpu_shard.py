@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ds_twolevel.tools.bench import BenchConfig, ShardCase, sdpa_overhead, time_shards  # noqa: E402
-from ds_twolevel.tools.bench.config import prefill_strategies  # noqa: E402
+from ds_twolevel.tools.bench.config import decode_strategies, prefill_strategies  # noqa: E402
 from ds_twolevel.sharding.partition import AttentionSpec  # noqa: E402
 
 PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_allgather"),
@@ -32,7 +32,10 @@ PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_
 """(n, m, strategy): the 16-device layouts of the paper, and m n = 4."""
 PREFILL_LAYOUTS = tuple((n, m, st) for n, m in ((8, 2), (4, 4), (2, 2), (1, 4)) for st in prefill_strategies())
 """the bench's prefill-only strategies (seq_rows), prefill only (decode's single row has no rows to split: it would fall back to auto).
-Rank (0, 0)'s shard; the kv_shard decode is timed by ``recipes/measure_seqshard.py --only decode``."""
+Rank (0, 0)'s shard."""
+DECODE_LAYOUTS = tuple((n, m, st) for n, m in ((8, 2), (4, 4), (2, 2), (1, 4)) for st in decode_strategies())
+"""the bench's decode strategies whose cache is held by position (kv_shard), decode only: rank (0, 0)'s shard,
+which holds the most positions (ceil((s-1)/m)), on a preallocated cache like every decode row."""
 
 
 def cases(args: argparse.Namespace) -> list[ShardCase]:
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| phase | batch | seq | n x m | strategy | shard ms | dense ms | ratio to ideal | same-path ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case in cases(args):
-        extra = (PREFILL_LAYOUTS[-2:] if args.small else PREFILL_LAYOUTS) if case.phase == "prefill" else ()
+        own = PREFILL_LAYOUTS if case.phase == "prefill" else DECODE_LAYOUTS
+        extra = own[-2:] if args.small else own
         for r in time_shards(case, layouts + extra):
             result["shards"].append(r)
             print(f"| {r['phase']} | {r['batch']} | {r['seq']} | {r['n']} x {r['m']} | {r['strategy']} | "

@@ -14,7 +14,9 @@ from ds_twolevel.parallel.collectives import CommCounter
 from ds_twolevel.parallel import collectives as coll
 from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.tools.bench import BenchConfig, ShardCase, layout_rank, shard_layer, time_shards, write_report
+from ds_twolevel.tools.bench.config import decode_strategies
 from ds_twolevel.tools.bench.gpu import gpu_section as _gpu_section
+from ds_twolevel.tools.bench.shard import DECODE_SHARD_LAYOUTS, decode_shard, shard_compute
 from ds_twolevel.tools.bench.report import modelled_bytes as _modelled_bytes
 from ds_twolevel.sharding.partition import AttentionSpec
 from ds_twolevel.layers.rope import rope_cos_sin
@@ -108,9 +110,62 @@ def test_time_shards_rows():
     assert rows[2]["ratio_to_same_path"] == pytest.approx(rows[2]["ms"] / (rows[1]["ms"] / 4))
 
 
+def test_quick_shard_grid_times_kv_shard_at_decode_only():
+    rows = shard_compute(QUICK)
+    kv = {(r["phase"], r["n"], r["m"]) for r in rows if r["strategy"] == "kv_shard"}
+    assert kv == {("decode", 2, 2), ("decode", 1, 4)}
+    seq_rows = {(r["phase"], r["n"], r["m"]) for r in rows if r["strategy"] == "seq_rows"}
+    assert seq_rows == {("prefill", 2, 2), ("prefill", 1, 4)}
+    assert DECODE_SHARD_LAYOUTS == ((2, 2, "kv_shard"), (1, 4, "kv_shard")) and decode_strategies() == ("kv_shard",)
+    assert all(r["ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("n, m, strategy", [(2, 2, "kv_shard"), (1, 4, "kv_shard"), (2, 2, "score_allreduce"),
+                                            (1, 1, "qk_allgather")])
+@pytest.mark.parametrize("seq", [QUICK.shard_decode[1], QUICK.shard_decode[1] + 1])  # 33: rank 0 owns the new position
+def test_decode_shard_steps_on_the_preallocated_cache(n, m, strategy, seq):
+    """The bench's decode shard: a SeqShardCache of s - 1 positions (kv_shard: the positions p % m == 0 at
+    full d), one step runs the strategy named (kv_shard's own collectives), writes in place (no new buffer,
+    unlike KVCache's torch.cat) and the cache is cropped back to s - 1."""
+    from ds_twolevel.layers.seq_cache import GrowingKV, PositionShardedKV
+
+    batch, spec = QUICK.shard_decode[0], AttentionSpec(QUICK.shard_heads, QUICK.shard_heads, QUICK.shard_head_dim,
+                                                      rope_style="half")
+    case = ShardCase(QUICK.shard_hidden, spec, "decode", batch, seq)
+    x = torch.randn(batch, 1, QUICK.shard_hidden)
+    rope = rope_cos_sin(torch.full((batch, 1), seq - 1), spec)
+    with torch.no_grad():
+        shard = decode_shard(case, n, m, strategy, x)
+        (store,) = shard.cache.stores.values()
+        assert shard.cache.get_seq_length() == seq - 1
+        buffer = store.keys.data_ptr()  # the start of the preallocated buffer
+        with CommCounter() as comm:
+            y = shard.step(x, rope)
+        assert shard.step(x, rope).shape == y.shape == (batch, 1, QUICK.shard_hidden)  # again on the cropped cache
+    assert shard.cache.get_seq_length() == seq - 1 and store.keys.data_ptr() == buffer
+    tags = {r.tag for r in comm.records}
+    if strategy == "kv_shard":
+        assert shard.cache.kv_layout == "kv_shard" and isinstance(store, PositionShardedKV)
+        assert store.length == len(range(0, seq - 1, m)) and store.keys.shape[-1] == spec.head_dim  # full d
+        assert {"qkv_new", "partial_out"} <= tags
+    else:
+        assert type(store) is GrowingKV and store.length == seq - 1 and store.keys.shape[-1] == spec.head_dim // m
+        assert not {"qkv_new", "partial_out"} & tags
+
+
+def test_decode_shard_refuses_a_strategy_it_would_not_run():
+    """A prefill-only strategy asked for at decode falls back to "auto" in the layer: the bench says so
+    instead of timing another strategy under its name."""
+    case = ShardCase(32, AttentionSpec(4, 4, 16, rope_style="half"), "decode", 1, 8)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="decode shard of 'seq_rows' would run"):
+        decode_shard(case, 2, 2, "seq_rows", torch.randn(1, 1, 32))
+
+
 def test_report_renders_from_results(tmp_path, layout_rows):
-    shard = time_shards(ShardCase(32, AttentionSpec(4, 4, 16, rope_style="half"), "prefill", 1, 1024, 1),
-                        ((2, 2, "score_allreduce"),))
+    spec = AttentionSpec(4, 4, 16, rope_style="half")
+    shard = time_shards(ShardCase(32, spec, "prefill", 1, 1024, 1), ((2, 2, "score_allreduce"),))
+    decode = ((2, 2, "score_allreduce"), (2, 2, "qk_allgather"), (4, 1, "qk_allgather")) + DECODE_SHARD_LAYOUTS
+    shard += time_shards(ShardCase(32, spec, "decode", 2, 64, 1), decode)
     results = {"config": asdict(QUICK), "torch": torch.__version__, "threads_per_rank": 1, "cpu_count": 2,
                "seconds": 1.0, "layouts": layout_rows, "shard": shard,
                "overhead": [{"heads": 4, "kv_heads": 4, "head_dim": 16, "seq": 32, "hf_ms": 1.0, "ours_ms": 1.02,
@@ -120,6 +175,15 @@ def test_report_renders_from_results(tmp_path, layout_rows):
     assert "python -m ds_twolevel bench --out docs/" in text
     assert "m = n = 1 overhead <= 5% against HF SDPA): holds" in text
     assert "within 1.3x of ideal): " in text and "oversubscription" in text
+    line = next(li for li in text.splitlines() if "decode shard at m*n = 4 with the preallocated cache" in li)
+    assert "kv_shard and score_allreduce, within 1.2x of ideal): " in line
+    assert "holds**" in line or "does NOT hold**" in line
+    worst = max(r["ratio_to_ideal"] for r in shard if r["phase"] == "decode" and r["m"] > 1
+                and r["strategy"] in ("kv_shard", "score_allreduce"))
+    assert f"worst measured ratio {worst:.2f}x" in line and ("holds**" in line) == (worst <= 1.2)
+    for label in ("kv_shard n=2 x m=2, s=64", "kv_shard n=1 x m=4, s=64", "score_allreduce n=2 x m=2, s=64"):
+        assert label in line
+    assert "Not covered: qk_allgather n=2 x m=2, s=64" in line and "head-wise n=4 x m=1, s=64" in line
     assert "llama-3-8b" in text and "paper's claim" in text
     assert (tmp_path / "bench_layouts.png").stat().st_size > 0 and (tmp_path / "bench_shard.png").stat().st_size > 0
 
@@ -135,6 +199,8 @@ def test_gpu_recipe_small_on_cpu(tmp_path, capsys):
     assert {r["phase"] for r in rows} == {"prefill", "decode"} and all(r["ms"] > 0 for r in rows)
     seq_rows = {(r["phase"], r["n"], r["m"]) for r in rows if r["strategy"] == "seq_rows"}
     assert seq_rows == {("prefill", 2, 2), ("prefill", 1, 4)}  # the new strategy, prefill only
+    kv_shard = {(r["phase"], r["n"], r["m"]) for r in rows if r["strategy"] == "kv_shard"}
+    assert kv_shard == {("decode", 2, 2), ("decode", 1, 4)}  # the cache held by position, decode only
     # the m = n = 1 overhead rows: our layer and HF's agree (fp32 here; bf16 on the GPU)
     assert len(result["overhead"]) == 2 and all(r["max_rel_diff"] < 1e-5 for r in result["overhead"])
     printed = capsys.readouterr().out

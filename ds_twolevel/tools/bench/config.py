@@ -30,6 +30,21 @@ def prefill_strategies() -> tuple[str, ...]:
                  and "segments" in registry.layouts(registry.get(n)))
 
 
+def decode_strategies() -> tuple[str, ...]:
+    """The registry's strategies that read only a KV cache held by sequence position (kv_shard): the
+    cache, not the layer, selects them, so the bench times their decode shards with a cache in that
+    layout beside the universal strategies' dimension-layout ones.
+
+    Example:
+        >>> decode_strategies()
+        ('kv_shard',)
+    """
+    from ds_twolevel.strategies import registry
+
+    return tuple(n for n in registry.cache_layout_strategies() if "kv_shard" in registry.layouts(registry.get(n))
+                 and not getattr(registry.get(n), "PREFILL_ONLY", False))
+
+
 def strategies_for(m: int) -> tuple[str, ...]:
     """The strategies a layout with ``m`` segments is benchmarked with (one at m = 1: they coincide)."""
     return (HEADWISE_STRATEGY,) if m == 1 else bench_strategies()
@@ -66,6 +81,9 @@ class BenchConfig:
     shard_decode: tuple[int, int] = (8, 4096)
     """(batch, KV length) of the decode per-shard measurement."""
     shard_repeats: int = 5
+    shard_decode_repeats: int = 15
+    """rounds of the decode shards: a step takes milliseconds, so more rounds cost little and the fastest
+    is less disturbed by other load on a shared CPU."""
     overhead_seq: int = 1024
     overhead_repeats: int = 30
     seed: int = 0
@@ -76,7 +94,7 @@ class BenchConfig:
         return cls(ranks=2, hidden=64, heads=4, kv_heads=1, head_dim=16, intermediate=128, layers=1, vocab=32,
                    prefill_seq=16, decode_batch=2, decode_seq=16, repeats=2, warmup=1, autotp=False,
                    shard_hidden=64, shard_heads=4, shard_head_dim=16, shard_seqs=(32,), shard_decode=(2, 32),
-                   shard_repeats=2, overhead_seq=32, overhead_repeats=3)
+                   shard_repeats=2, shard_decode_repeats=2, overhead_seq=32, overhead_repeats=3)
 
     def llama_config(self):
         from transformers import LlamaConfig

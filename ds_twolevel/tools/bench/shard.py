@@ -15,11 +15,12 @@ from typing import Any, Callable
 import torch
 
 from ds_twolevel.layers.attention import TwoLevelAttention
-from ds_twolevel.layers.cache import KVCache
+from ds_twolevel.layers.seq_cache import SeqShardCache
 from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes
 from ds_twolevel.sharding.partition import AttentionSpec
-from ds_twolevel.tools.bench.config import HEADWISE_STRATEGY, BenchConfig, prefill_strategies, strategies_for
-from ds_twolevel.tools.bench.model import crop_cache
+from ds_twolevel.strategies import registry
+from ds_twolevel.tools.bench.config import (HEADWISE_STRATEGY, BenchConfig, decode_strategies, prefill_strategies,
+                                            strategies_for)
 
 
 def simulated_axes(n: int, m: int, *, i: int = 0, j: int = 0) -> TwoLevelAxes:
@@ -51,6 +52,10 @@ SHARD_LAYOUTS = (tuple((n, m, st) for n, m in ((4, 1), (2, 2), (1, 4)) for st in
 PREFILL_SHARD_LAYOUTS = tuple((n, m, st) for n, m in ((2, 2), (1, 4)) for st in prefill_strategies())
 """(n, m, strategy) shards timed at prefill only (seq_rows: decode has no rows to split)."""
 
+DECODE_SHARD_LAYOUTS = tuple((n, m, st) for n, m in ((2, 2), (1, 4)) for st in decode_strategies())
+"""(n, m, strategy) shards timed at decode only (kv_shard: its cache is held by position, and a prefill
+into an empty kv_shard cache runs seq_rows)."""
+
 DENSE_FUSED = (1, 1, "qk_allgather")
 """the dense layer on fused SDPA: the reference of "ideal"."""
 DENSE_EXPLICIT = (1, 1, "score_allreduce")
@@ -76,37 +81,94 @@ class ShardCase:
     CPU); False builds and times one at a time (less memory: accelerators with paper-sized caches)."""
 
 
-def _shard_step(case: ShardCase, n: int, m: int, strategy: str, x: torch.Tensor, rope) -> Callable[[], None]:
-    """One forward of rank (0, 0)'s shard (with its own KV cache for decode), as a closure."""
+def cache_layout(strategy: str) -> str:
+    """The KV-cache layout a strategy's decode shard reads: its own for a strategy the cache selects
+    (kv_shard), else the dimension split ("segments")."""
+    return registry.layouts(registry.get(strategy))[0] if strategy in registry.cache_layout_strategies() else "segments"
+
+
+def crop_shard_cache(cache: SeqShardCache, length: int) -> None:
+    """Put a preallocated cache back to ``length`` (global) positions: O(1), the buffers stay."""
+    for store in cache.stores.values():
+        store.crop(length)
+
+
+@dataclass
+class DecodeShard:
+    """Rank (0, 0)'s shard with a preallocated cache of ``seq - 1`` positions (:class:`SeqShardCache`)."""
+
+    layer: TwoLevelAttention
+    cache: SeqShardCache
+    strategy: str
+    """what runs the step: a dimension-layout strategy is the layer's own; kv_shard is asked for per call
+    (the layer's strategy cannot name it; the cache's layout selects it)."""
+    past: int
+    """cached positions before (and after) each step."""
+
+    def step(self, x: torch.Tensor, rope) -> torch.Tensor:
+        """One decode step, then the cache cropped back to ``past`` positions."""
+        y = self.layer(x, position_embeddings=rope, kv_cache=self.cache, strategy=self.strategy)
+        crop_shard_cache(self.cache, self.past)
+        return y
+
+
+def decode_shard(case: ShardCase, n: int, m: int, strategy: str, x: torch.Tensor) -> DecodeShard:
+    """Rank (0, 0)'s decode shard of ``strategy`` with its preallocated cache filled with random keys/values:
+    (b, g/n, s-1, d/m) in the dimension layout; for kv_shard, full-d keys/values of the positions p % m == 0
+    of the s - 1 cached ones. Raises if the layer would not run ``strategy`` on this cache."""
     spec, device = case.spec, torch.device(case.device)
-    layer = shard_layer(case.hidden, spec, n, m, strategy, device=device, dtype=case.dtype)
-    cache = None
+    layout, past = cache_layout(strategy), case.seq - 1
+    layer = shard_layer(case.hidden, spec, n, m, strategy if layout == "segments" else registry.AUTO,
+                        device=device, dtype=case.dtype)
+    # the cache's own chunked capacity, as in use: a kv_shard store sized for s positions would hold its
+    # s/m as a strided view of a buffer m times too long, which the fused kernel reads more slowly
+    cache = SeqShardCache(layout=layout)
+    b, gl, d, dv = case.batch, spec.num_kv_heads // n, spec.head_dim, spec.dv
+    rand = lambda *shape: torch.randn(shape, device=device, dtype=case.dtype)  # noqa: E731
+    if layout == "segments":
+        cache.update(rand(b, gl, past, d // m), rand(b, gl, past, dv // m), layer.layer_idx)
+    else:
+        j = layer.axes.seg.rank
+        store = cache.position_store(layer.layer_idx, m, j)
+        own = len(range(j, past, m))
+        store.append(rand(b, gl, own, d), rand(b, gl, own, dv))
+        store.global_length = past
+    runs = layer.resolve_strategy(layer.attention_call(x, None, cache), strategy, device)
+    if runs != strategy:
+        raise RuntimeError(f"the {n} x {m} decode shard of {strategy!r} would run {runs!r}")
+    return DecodeShard(layer, cache, strategy, past)
+
+
+def _shard_step(case: ShardCase, n: int, m: int, strategy: str, x: torch.Tensor, rope) -> Callable[[], None]:
+    """One forward of rank (0, 0)'s shard (decode: with its own preallocated KV cache), as a closure."""
     if case.phase == "decode":
-        kv_shape = (case.batch, spec.num_kv_heads // n, case.seq - 1, spec.head_dim // m)
-        cache = KVCache()
-        cache.update(torch.randn(kv_shape, device=device, dtype=case.dtype),
-                     torch.randn(kv_shape, device=device, dtype=case.dtype), 0)
+        shard = decode_shard(case, n, m, strategy, x)
+        return lambda: shard.step(x, rope)
+    layer = shard_layer(case.hidden, case.spec, n, m, strategy, device=torch.device(case.device), dtype=case.dtype)
+    return lambda: layer(x, position_embeddings=rope)
 
-    def step() -> None:
-        layer(x, position_embeddings=rope, kv_cache=cache)
-        if cache is not None:
-            crop_cache(cache, case.seq - 1)
 
-    return step
+def step_clock(device: torch.device) -> Callable[[], float]:
+    """The clock a step is timed with: on the CPU the calling thread's CPU time (one thread per process:
+    what the step computed, whatever else a shared machine runs; ``recipes/measure_seqshard.py`` reports
+    wall time beside it), on an accelerator wall time after a synchronize."""
+    return time.thread_time if device.type == "cpu" else time.perf_counter
 
 
 def rounds_ms(steps: list[Callable[[], Any]], repeats: int, device: torch.device) -> list[list[float]]:
-    """Milliseconds of each step in each of ``repeats`` round-robin rounds, after one warm-up each."""
+    """Milliseconds of each step in each of ``repeats`` round-robin rounds, after one warm-up each
+    (:func:`step_clock`)."""
+    clock = step_clock(device)
     for step in steps:
         step()
     _sync(device)
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for k, step in enumerate(steps):
-            start = time.perf_counter()
+            start = clock()
             step()
             _sync(device)
-            times[k].append(1e3 * (time.perf_counter() - start))
+            times[k].append(1e3 * (clock() - start))
     return times
 
 
@@ -148,9 +210,10 @@ def shard_compute(cfg: BenchConfig) -> list[dict]:
     """Per-shard compute time against the dense layer (one thread, collectives local)."""
     spec = AttentionSpec(cfg.shard_heads, cfg.shard_heads, cfg.shard_head_dim, rope_style="half")
     cases = [ShardCase(cfg.shard_hidden, spec, "prefill", 1, seq, cfg.shard_repeats) for seq in cfg.shard_seqs]
-    cases.append(ShardCase(cfg.shard_hidden, spec, "decode", *cfg.shard_decode, cfg.shard_repeats))
+    cases.append(ShardCase(cfg.shard_hidden, spec, "decode", *cfg.shard_decode, cfg.shard_decode_repeats))
     return [row for case in cases
-            for row in time_shards(case, SHARD_LAYOUTS + (PREFILL_SHARD_LAYOUTS if case.phase == "prefill" else ()))]
+            for row in time_shards(case, SHARD_LAYOUTS + (PREFILL_SHARD_LAYOUTS if case.phase == "prefill"
+                                                          else DECODE_SHARD_LAYOUTS))]
 
 
 def sdpa_overhead(cfg: BenchConfig, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
