@@ -392,7 +392,7 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     check_layers(model, arch, attn_paths, mlp_paths)
     from ds_twolevel.guard import check_same_settings
 
-    check_same_settings(mesh, {"strategy": strategy, "hardware": getattr(hardware, "name", hardware),
+    check_same_settings(mesh, {"strategy": strategy, "hardware": None if hardware is None else hw_profile(hardware).name,
                                "reduce_dtype": check_reduce_dtype(reduce_dtype), "kv_replication": kv_replication},
                         name=model_name(model))
     _replace_and_probe(model, mesh, arch, attn_paths, mlp_paths, strategy=strategy, kv_replication=kv_replication,
