@@ -104,10 +104,11 @@ PLAN = ["plan", "--model", "llama-3-8b", "--devices", "16"]
 PLAN_BAD = [
     *[([flag, value], f"argument {flag}: must be an int >= 1, got {value!r}")
       for flag in ("--devices", "--seq", "--batch") for value in ("0", "-3", "x")],
-    (["--phase", "train"], "argument --phase: invalid choice: 'train' (choose from 'prefill', 'decode')"),
+    (["--phase", "bogus"], "argument --phase: invalid choice: 'bogus' (choose from 'prefill', 'decode', 'train')"),
+    (["--zero", "4"], "argument --zero: invalid choice: 4 (choose from 0, 1, 2, 3)"),
     (["--hardware", "tpu"], "argument --hardware: invalid choice: 'tpu' (choose from 'cpu', 'h100')"),
     (["--strategy", "fast"], "argument --strategy: invalid choice: 'fast'"),
-    (["--model", "no-such-model"], "--model 'no-such-model' is neither a preset (llama-3-8b, paper) nor a config.json"),
+    (["--model", "no-such-model"], "--model 'no-such-model' is neither a preset (llama-3-8b, llama-3-70b, paper) nor a config.json"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ]
 

@@ -17,6 +17,8 @@ from ds_twolevel.sharding.partition import head_problem, segment_problem
 PRESETS: dict[str, ModelConfig] = {
     "llama-3-8b": ModelConfig("llama-3-8b", hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
                               layers=32, vocab=128256),
+    "llama-3-70b": ModelConfig("llama-3-70b", hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672,
+                               layers=80, vocab=128256),
     # the source paper's model: 2-layer dense (MHA) transformer, 32 heads x 128; MLP assumed 4H, GELU
     "paper": ModelConfig("paper", hidden=4096, heads=32, kv_heads=32, head_dim=128, intermediate=16384,
                          layers=2, gated=False),

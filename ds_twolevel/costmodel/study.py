@@ -35,8 +35,7 @@ from ds_twolevel.costmodel.planner import PRESETS, infeasibility, layout_kind
 from ds_twolevel.costmodel.roofline import (Op, attention_call, attention_ops, block_collectives, comm_time,
                                             kv_cache_bytes, mlp_ops, param_bytes)
 
-LLAMA_3_70B = ModelConfig("llama-3-70b", hidden=8192, heads=64, kv_heads=8, head_dim=128, intermediate=28672,
-                          layers=80, vocab=128256)
+LLAMA_3_70B = PRESETS["llama-3-70b"]
 MODELS: dict[str, ModelConfig] = {"llama-3-8b": PRESETS["llama-3-8b"], "llama-3-70b": LLAMA_3_70B}
 DEVICES = (16, 32)
 BATCHES = (1, 16, 64)
