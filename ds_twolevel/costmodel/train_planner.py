@@ -77,35 +77,41 @@ def _unavailable(model: ModelConfig, devices: int, setup: TrainSetup, rows: list
     if not over:
         return f"{family} alone has no layout of {devices} ranks ({mine[-1].reason})"
     least = min(r.prediction.memory.total for r in over)
-    return f"{family} alone needs at least {least / 1e9:.0f} GB per rank"
+    return f"{family} alone needs at least {least / 1e9:.1f} GB per rank"
+
+
+def _compare(best: TrainRow, other: TrainRow, setup: TrainSetup) -> str:
+    """What makes ``best`` faster than ``other``: fewer bytes, faster collectives, or less compute."""
+    win, them, name = best.prediction, other.prediction, other.layout.label
+    at = f"at s={_seq(setup.seq)}"
+    if win.comm_bytes < them.comm_bytes and win.comm_time < them.comm_time:
+        return f"fewer bytes {at} ({win.comm_bytes / 1e9:.2f} vs {them.comm_bytes / 1e9:.2f} GB per rank for {name})"
+    if win.comm_time < them.comm_time:
+        return (f"faster collectives {at} ({win.comm_time * 1e3:.0f} vs {them.comm_time * 1e3:.0f} ms for {name}, "
+                f"more of them inside a node)")
+    return f"less compute time {at} ({win.compute_time * 1e3:.0f} vs {them.compute_time * 1e3:.0f} ms for {name})"
 
 
 def why_best(model: ModelConfig, devices: int, setup: TrainSetup, rows: list[TrainRow]) -> str:
-    """One line: why the best layout wins against the best of the families it is not in."""
+    """One line: why the best layout wins against the best of the families it is not in (Ulysses alone,
+    two-level alone), or why those families have no layout that fits.
+
+    Example:
+        >>> why_best(model, 64, setup, plan_train(model, 64, setup))
+        'Ulysses sp=32 x two-level 1x2: Ulysses cannot use 64 ranks on 32 heads (...); fewer bytes ...'
+    """
     best = best_of(rows)
     if best is None:
         return "no layout fits"
-    win, label = best.prediction, best.layout.label
     rivals = [f for f in ("Ulysses", "two-level") if not (f == "Ulysses" and best.layout.tp == 1
                                                           or f == "two-level" and best.layout.sp == 1)]
-    for family in rivals:
-        if best_of(rows, family) is None:
-            return f"{label}: {_unavailable(model, devices, setup, rows, family)}"
-    other = min((best_of(rows, f) for f in rivals), key=lambda r: r.prediction.time, default=None)
-    if other is None:  # pure data parallel wins, or the winner is in both families
-        other = next((r for r in rows[1:] if r.fits), None)
-        if other is None:
-            return f"{label}: the only layout that fits"
-    them = other.prediction
-    at = f"at s={_seq(setup.seq)}"
-    if win.comm_bytes < them.comm_bytes and win.comm_time < them.comm_time:
-        return (f"{label}: fewer bytes {at} ({win.comm_bytes / 1e9:.2f} vs {them.comm_bytes / 1e9:.2f} GB per rank "
-                f"for {other.layout.label})")
-    if win.comm_time < them.comm_time:
-        return (f"{label}: faster collectives {at} ({win.comm_time * 1e3:.0f} vs {them.comm_time * 1e3:.0f} ms "
-                f"for {other.layout.label}, more of them inside a node)")
-    return (f"{label}: less compute time {at} ({win.compute_time * 1e3:.0f} vs {them.compute_time * 1e3:.0f} ms "
-            f"for {other.layout.label})")
+    parts = [_unavailable(model, devices, setup, rows, f) for f in rivals if best_of(rows, f) is None]
+    available = [best_of(rows, f) for f in rivals if best_of(rows, f) is not None]
+    if not rivals:  # pure data parallelism: in both families; against the runner-up
+        available = [r for r in rows[1:2] if r.fits]
+    if available:
+        parts.append(_compare(best, min(available, key=lambda r: r.prediction.time), setup))
+    return f"{best.layout.label}: " + ("; ".join(parts) or "the only layout that fits")
 
 
 def _gb(x: float) -> str:
