@@ -230,7 +230,7 @@ def shard_parameters(model: ModelConfig, n: int, m: int, vocab_parallel: bool) -
 
     Example:
         >>> shard_parameters(ModelConfig("t", 64, 4, 2, 16, 128, 2, vocab=100), 2, 1, True)
-        (26752.0, 10368.0, 6400.0)
+        (43584.0, 18560.0, 6400.0)
     """
     body = dataclasses.replace(model, vocab=0)
     layers_and_final_norm = param_bytes(body, n, m, 1)
