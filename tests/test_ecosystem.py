@@ -263,7 +263,7 @@ def test_ddp_over_the_world_is_refused(runs, case):
                   "data-parallel replicas ([0, 2], [1, 3])")
 
 
-# -- input agreement (issue 11) ----------------------------------------------------------------------
+# -- input agreement --------------------------------------------------------------------------------
 @pytest.mark.parametrize("case,fragment", [
     ("inputs_batch", "input_ids: (3, 12) int64 on rank(s) {others}; (2, 12) int64 on rank(s) 1"),
     ("inputs_length", "input_ids: (3, 12) int64 on rank(s) {others}; (3, 10) int64 on rank(s) 1"),
