@@ -1,4 +1,4 @@
-"""Every way of training in README's "Which way should I train" table, on CPU/gloo against a dense
+"""Every way of training in the "Which ways are exact" table of docs/accelerate_trainer.md, on CPU/gloo against a dense
 single-process run, and the guard that refuses the ways that would corrupt the model.
 
 Two launches run every scenario of tests/ecosystem_ranks.py: dp x n x m = 2 x 1 x 2 under torchrun
