@@ -218,7 +218,7 @@ def test_plain_trainer_that_saves_is_refused(runs, layout):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_plain_trainer_with_deepspeed_that_does_not_save_matches_dense(runs, layout):
-    """README's "HF Trainer (plain class) + DeepSpeed" row: ``Trainer`` (not TwoLevelTrainer) with
+    """The "HF Trainer (plain class) + DeepSpeed" row of docs/accelerate_trainer.md: ``Trainer`` (not TwoLevelTrainer) with
     ``training_arguments(out, deepspeed=cfg)`` and save_strategy="no" trains exactly."""
     out, dp, n, m = runs(layout)
     recs = records(out, "trainer_ds_plain_nosave")
