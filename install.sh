@@ -2,7 +2,7 @@
 # Set-up: torch, DeepSpeed and this package, in the order that works (a CPU machine, or a GPU
 # machine with TORCH_SPEC pointing at a CUDA build of torch).
 #   bash install.sh            # what a user needs (no test tools), then DeepSpeed's CPU shm op is compiled
-#   bash install.sh --test     # the same plus the test extras (pytest, hypothesis, nbclient, ...)
+#   bash install.sh --test     # the same plus the test extras (pytest, hypothesis, nbclient, ...) and the docs build (mkdocs)
 #   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" bash install.sh
 # Order matters: deepspeed's sdist imports torch at build time, so torch comes first and deepspeed
 # is built without build isolation (otherwise pip fetches a second, CUDA torch). What is already
@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 case "${1:-}" in
     "") extras="" ;;
-    --test) extras="[test]" ;;
-    *) echo "install.sh: unknown option '$1' (none: the user's install; --test: with the test extras)" >&2; exit 2 ;;
+    --test) extras="[test,docs]" ;;
+    *) echo "install.sh: unknown option '$1' (none: the user's install; --test: with the test and docs extras)" >&2; exit 2 ;;
 esac
 PY="${PYTHON:-python}"
 step() { echo "install.sh: $*"; }

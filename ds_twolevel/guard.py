@@ -54,7 +54,7 @@ from ds_twolevel.parallel.layout import TwoLevelMesh
 
 CHECK_INPUTS = ("first", "always", "never")
 INPUTS = "inputs differ between the ranks"
-TABLE = ("Supported ways (README 'Which way should I train'): ds_twolevel.initialize(model=, config=); accelerate "
+TABLE = ("Supported ways (docs/accelerate_trainer.md, 'Which ways are exact'): ds_twolevel.initialize(model=, config=); accelerate "
          "with DeepSpeedPlugin(hf_ds_config=ds_twolevel.accelerate.deepspeed_config(cfg)) (it sets tensor_parallel."
          "autotp_size = n*m); the HF Trainer with ds_twolevel.hf_trainer.training_arguments(out, deepspeed=cfg) and "
          "TwoLevelTrainer; DistributedDataParallel(model, process_group=mesh.get_data_parallel_group()) fed "

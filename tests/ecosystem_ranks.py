@@ -1,4 +1,4 @@
-"""Rank side of tests/test_ecosystem.py: every training path of README's "Which way should I train"
+"""Rank side of tests/test_ecosystem.py: every training path of docs/accelerate_trainer.md's "Which ways are exact"
 table, plus the guard's input and shard checks, in ONE launch per layout (starting ranks costs seconds).
 
 Run as ``torchrun --nproc_per_node 4 tests/ecosystem_ranks.py --layout 1x2 --out DIR`` (or under the

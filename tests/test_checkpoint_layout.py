@@ -189,7 +189,7 @@ def test_killed_before_commit_leaves_previous_checkpoint(tmp_path, manifest):
 
 
 def test_no_checkpoint_is_one_line(tmp_path):
-    """The state the issue found (latest naming a tag of which only .old and .partial exist, no
+    """The state a killed save can leave (latest naming a tag of which only .old and .partial exist, no
     manifest anywhere: an older ds_twolevel) and an empty directory: one line naming what is there."""
     (tmp_path / "global_step2.old").mkdir()
     (tmp_path / "global_step2.partial").mkdir()

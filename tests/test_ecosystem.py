@@ -1,4 +1,4 @@
-"""Every way of training in README's "Which way should I train" table, on CPU/gloo against a dense
+"""Every way of training in the "Which ways are exact" table of docs/accelerate_trainer.md, on CPU/gloo against a dense
 single-process run, and the guard that refuses the ways that would corrupt the model.
 
 Two launches run every scenario of tests/ecosystem_ranks.py: dp x n x m = 2 x 1 x 2 under torchrun
@@ -218,7 +218,7 @@ def test_plain_trainer_that_saves_is_refused(runs, layout):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_plain_trainer_with_deepspeed_that_does_not_save_matches_dense(runs, layout):
-    """README's "HF Trainer (plain class) + DeepSpeed" row: ``Trainer`` (not TwoLevelTrainer) with
+    """The "HF Trainer (plain class) + DeepSpeed" row of docs/accelerate_trainer.md: ``Trainer`` (not TwoLevelTrainer) with
     ``training_arguments(out, deepspeed=cfg)`` and save_strategy="no" trains exactly."""
     out, dp, n, m = runs(layout)
     recs = records(out, "trainer_ds_plain_nosave")
@@ -263,7 +263,7 @@ def test_ddp_over_the_world_is_refused(runs, case):
                   "data-parallel replicas ([0, 2], [1, 3])")
 
 
-# -- input agreement (issue 11) ----------------------------------------------------------------------
+# -- input agreement --------------------------------------------------------------------------------
 @pytest.mark.parametrize("case,fragment", [
     ("inputs_batch", "input_ids: (3, 12) int64 on rank(s) {others}; (2, 12) int64 on rank(s) 1"),
     ("inputs_length", "input_ids: (3, 12) int64 on rank(s) {others}; (3, 10) int64 on rank(s) 1"),

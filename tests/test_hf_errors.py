@@ -163,7 +163,7 @@ def _layers(model) -> list[str]:
     return [type(m).__name__ for m in model.modules()]
 
 
-WRONG_SPECS = {  # the table: (arch, spec change, what the message must name)
+WRONG_SPECS = {  # the wrong-spec table: (arch, spec change, what the message must name)
     "phi3_gate_up_as_up": ("phi3", lambda s: dataclasses.replace(s, mlp=MLPLayout(
         owner="Phi3MLP", up="gate_up_proj", down="down_proj", act="activation_fn")),
         ["model.layers.0.mlp.gate_up_proj.weight", "MLPLayout.up", "(128, 64)", "(256, 64)"]),

@@ -1,14 +1,16 @@
-"""The README's commands, run as written, in README order, from a fresh copy of the repository.
+"""The README's and the guide's commands, run as written, in order, from a fresh copy of the repository.
 
 Which commands (the rule the README's "Tests" section states, for whoever adds one):
 
-- a *section* is a heading whose text begins with one of :data:`SECTIONS`, with all its
-  sub-sections (up to the next heading of the same or a higher level); headings inside fenced
-  blocks are not headings;
-- every fenced block opened with ```` ```bash ```` in a section is run; each line is one command
-  (a trailing backslash continues it; blank lines and ``#`` lines are skipped);
+- in the README, a *section* is a heading whose text begins with one of :data:`SECTIONS`, with all
+  its sub-sections (up to the next heading of the same or a higher level); headings inside fenced
+  blocks are not headings; every guide page under ``docs/`` is selected whole (:func:`guide_pages`,
+  in file-name order, after the README);
+- every fenced block opened with ```` ```bash ```` in a selected part is run; each line is one
+  command (a trailing backslash continues it; blank lines and ``#`` lines are skipped); a command
+  whose text equals an earlier one's is run once;
 - a block right after the line ``<!-- readme-test: skip (reason) -->`` is not run (GPU-only,
-  multi-node). Other fences (``python``, plain) are not commands.
+  multi-node, a benchmark of many minutes). Other fences (``python``, plain) are not commands.
 
 How they run: each command in its own ``bash -c`` from the root of one fresh copy, one after the
 other (later commands see what earlier ones wrote: training's ``recipes/out/dense`` before
@@ -45,7 +47,8 @@ from ds_twolevel.deepspeed.env import extensions_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-SECTIONS = ("Set-up", "Recipes", "DeepSpeed integration", "Inference")
+SECTIONS = ("Set-up", "Quickstart")
+DOCS = ROOT / "docs"
 SKIP_MARK = re.compile(r"^\s*<!--\s*readme-test:\s*skip\b.*-->\s*$")
 FENCE = re.compile(r"^(\s*)(`{3,})\s*(\S*)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -56,17 +59,19 @@ TIMEOUT_S = 1800  # one command; an 8-rank launch on 2 loaded cores takes minute
 
 @dataclass(frozen=True)
 class Command:
-    """One README command: where it is and what it says."""
+    """One README or guide command: where it is and what it says."""
 
+    source: str
+    """the file, e.g. "README.md" or "docs/deepspeed.md"."""
     section: str
     """the heading path, e.g. "DeepSpeed integration > Inference"."""
     line: int
-    """README line (1-based) where the command starts."""
+    """line (1-based) of ``source`` where the command starts."""
     text: str
 
     @property
     def label(self) -> str:
-        return f"L{self.line} {self.section}: {self.text[:60]}"
+        return f"{self.source}:{self.line} {self.section}: {self.text[:60]}"
 
 
 def _selected(stack: list[tuple[int, str]]) -> bool:
@@ -90,8 +95,8 @@ def _split_commands(body: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return commands
 
 
-def readme_commands(text: str) -> list[Command]:
-    """Every command the rule above selects, in README order."""
+def readme_commands(text: str, source: str = "README.md", whole: bool = False) -> list[Command]:
+    """Every command the rule above selects, in file order (``whole``: every section, as for a guide page)."""
     lines, found, stack, i = text.splitlines(), [], [], 0
     while i < len(lines):
         fence, heading = FENCE.match(lines[i]), HEADING.match(lines[i])
@@ -108,15 +113,29 @@ def readme_commands(text: str) -> list[Command]:
         marker, start = fence.group(2), i
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith(marker)), len(lines))
         before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
-        if fence.group(3) == "bash" and _selected(stack) and not SKIP_MARK.match(before):
+        if fence.group(3) == "bash" and (whole or _selected(stack)) and not SKIP_MARK.match(before):
             section = " > ".join(title for level, title in stack if level > 1)
             body = [(j + 1, lines[j]) for j in range(start + 1, end)]
-            found += [Command(section, number, cmd) for number, cmd in _split_commands(body)]
+            found += [Command(source, section, number, cmd) for number, cmd in _split_commands(body)]
         i = end + 1
     return found
 
 
-COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+def guide_pages() -> list[Path]:
+    """Every markdown page of the guide, in file-name order."""
+    return sorted(DOCS.rglob("*.md"))
+
+
+def all_commands() -> list[Command]:
+    """The README's selected commands, then every guide page's, each distinct text once."""
+    found = readme_commands(README.read_text(encoding="utf-8"))
+    for page in guide_pages():
+        found += readme_commands(page.read_text(encoding="utf-8"), str(page.relative_to(ROOT)), whole=True)
+    seen: set[str] = set()
+    return [c for c in found if not (c.text in seen or seen.add(c.text))]
+
+
+COMMANDS = all_commands()
 
 
 # -- the extraction itself ---------------------------------------------------------------------------
@@ -127,13 +146,13 @@ def test_extraction_rule_on_a_sample():
         "### Sub-section", "```bash", "# a comment", "", "A=1 first \\", "    --flag   # trailing", "second", "```",
         "```python", "not_a_command()", "```",
         "## Other section", "```bash", "not selected", "```",
-        "## Inference", "```", "# not a heading inside a fence", "```", "```bash", "infer", "```",
+        "## Quickstart", "```", "# not a heading inside a fence", "```", "```bash", "infer", "```",
     ])
     got = [(c.section, c.text) for c in readme_commands(sample)]
     assert got == [("Set-up and main job", "bash install.sh && ds-twolevel demo"),
                    ("Set-up and main job > Sub-section", "A=1 first --flag   # trailing"),
                    ("Set-up and main job > Sub-section", "second"),
-                   ("Inference", "infer")]
+                   ("Quickstart", "infer")]
 
 
 def test_every_section_has_commands_and_the_known_ones_are_found():
@@ -142,9 +161,19 @@ def test_every_section_has_commands_and_the_known_ones_are_found():
         assert any(c.section.startswith(name) or f"> {name}" in c.section for c in COMMANDS), name
     texts = [c.text for c in COMMANDS]
     assert texts[0] == "bash install.sh && ds-twolevel demo"
+    assert any("recipes/quickstart_hf.py" in t and t.startswith("OMP_NUM_THREADS=1 torchrun") for t in texts)
+    assert any("recipes/train_hf_trainer.py" in t for t in texts)
     assert any("recipes/train.py" in t and "--export" in t and t.startswith("DS_ACCELERATOR=cpu") for t in texts)
     assert any("recipes/infer_deepspeed.py" in t and "--model recipes/out/dense" in t for t in texts)
     assert not any("hostfile" in t or "--index-url" in t for t in texts), "GPU/multi-node commands are marked skip"
+
+
+def test_guide_pages_are_read_whole():
+    sample = "\n".join(["# Page", "```bash", "a", "```", "## Any heading", "```bash", "b", "a", "```"])
+    got = [(c.source, c.section, c.text) for c in readme_commands(sample, "docs/x.md", whole=True)]
+    assert got == [("docs/x.md", "", "a"), ("docs/x.md", "Any heading", "b"), ("docs/x.md", "Any heading", "a")]
+    assert [p.name for p in guide_pages()] == sorted(p.name for p in guide_pages()) and guide_pages()
+    assert len({c.text for c in COMMANDS}) == len(COMMANDS), "a repeated command runs once"
 
 
 def _ci_commands() -> list[str]:
@@ -167,7 +196,7 @@ def test_ci_runs_exactly_the_two_readme_commands():
 def test_install_sh_keeps_the_test_extras_out_of_the_user_install():
     script = (ROOT / "install.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "install.sh")]).returncode == 0
-    assert 'extras=""' in script and 'extras="[test]"' in script and '-e ".${extras}"' in script
+    assert 'extras=""' in script and 'extras="[test,docs]"' in script and '-e ".${extras}"' in script
     proc = subprocess.run(["bash", str(ROOT / "install.sh"), "--tests"], capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--test" in proc.stderr
 
@@ -201,7 +230,7 @@ class Runner:
                 proc = subprocess.run(["bash", "-o", "pipefail", "-c", COMMANDS[k].text], cwd=self.copy, env=self.env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
                 self.results[k] = (proc.returncode, proc.stdout, time.time() - t0)
-                print(f"\nREADME L{COMMANDS[k].line} ({time.time() - t0:.0f} s, exit {proc.returncode}): "
+                print(f"\n{COMMANDS[k].source}:{COMMANDS[k].line} ({time.time() - t0:.0f} s, exit {proc.returncode}): "
                       f"{shlex.join(['bash', '-c', COMMANDS[k].text])[:150]}")
         return self.results[index]
 
@@ -248,14 +277,14 @@ def runner(tmp_path_factory) -> Runner:
 def test_readme_command(runner: Runner, index: int):
     code, output, _ = runner.run_through(index)
     cmd = COMMANDS[index]
-    assert code == 0, f"README line {cmd.line} exited {code}:\n{cmd.text}\n...{output[-6000:]}"
+    assert code == 0, f"{cmd.source} line {cmd.line} exited {code}:\n{cmd.text}\n...{output[-6000:]}"
     noise = [n for n in NOISE if n in output]
-    assert not noise, f"README line {cmd.line} printed {noise}:\n{output[-6000:]}"
+    assert not noise, f"{cmd.source} line {cmd.line} printed {noise}:\n{output[-6000:]}"
     if "recipes/train.py" in cmd.text:  # --steps counts from step 1, resumed runs included; default 2 (above)
         steps = re.search(r"--steps (\d+)", cmd.text)
         assert f"done: {steps.group(1) if steps else 2} steps" in output, output[-3000:]
         assert ("--resume" not in cmd.text) or "resumed from step " in output, output[-3000:]
-    if "recipes/generate.py" in cmd.text and "--model" not in cmd.text:
+    if ("recipes/generate.py" in cmd.text and "--model" not in cmd.text) or "recipes/quickstart_hf.py" in cmd.text:
         assert "identical to the unpatched model: True" in output, output[-3000:]
     if "recipes/train.py" in cmd.text and "--export" in cmd.text:
         _export_matches_the_trained_model(runner.copy / "recipes" / "out")

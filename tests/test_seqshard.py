@@ -470,7 +470,7 @@ def _context_bytes_case(mesh, s_kv: int) -> dict:
 BF16_LAYOUTS = [(2, 2), (1, 4)]
 BF16_STRATEGIES = ("score_allreduce", "qk_allgather", "seq_rows")
 BF16_MAX_RATIO = 1.2
-"""issue 14: a strategy's bf16 error against the fp32 model is at most 1.2x HF's own bf16 error."""
+"""A strategy's bf16 error against the fp32 model is at most 1.2x HF's own bf16 error."""
 
 
 def _bf16_case(mesh) -> dict:

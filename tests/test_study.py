@@ -1,4 +1,4 @@
-"""Decode-vs-context study (issue 14 item 5): the grid, auto against the fixed strategies, Helix's memory
+"""Decode-vs-context study: the grid, auto against the fixed strategies, Helix's memory
 and traffic, AutoTP's model against head-wise TP, the crossovers (pure, no ranks)."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_grid_runs_every_family(cases):
 
 
 def test_auto_never_above_best_fixed_strategy(cases):
-    """Issue 14: over the grid, auto's modelled time is never above the best fixed strategy's."""
+    """Over the grid, auto's modelled time is never above the best fixed strategy's."""
     worse = []
     for case in cases[0]:
         by_layout = defaultdict(dict)
@@ -169,9 +169,9 @@ def test_front_end_writes_section_plot_and_grid(tmp_path):
 
 @pytest.mark.parametrize("profile", ["h100", "cpu"])
 def test_auto_never_above_best_fixed_strategy_over_the_planners_grid(profile):
-    """Issue 14's acceptance line on the planner itself: every feasible two-level row of ``plan`` (the
+    """The memory-bound acceptance line on the planner itself: every feasible two-level row of ``plan`` (the
     report's cases, 8..64 devices, both hardware profiles), auto's time <= the best fixed strategy's among
-    those "auto" may pick: the issue also bounds auto's activations by 2x the leanest strategy's, and on the
+    those "auto" may pick: the registry also bounds auto's activations by 2x the leanest strategy's, and on the
     H100 profile that bound is what keeps qk_allgather (its s^2 math-path scores) out of 7 prefill rows
     where it would be 0.1-2% faster than seq_rows (``test_memory_bound_costs_little_time`` below)."""
     from ds_twolevel.costmodel.hardware import get_profile

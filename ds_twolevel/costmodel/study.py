@@ -1,4 +1,4 @@
-"""Decode against context length (issue 14, item 5): every layout family on one cost model.
+"""Decode against context length: every layout family on one cost model.
 
 For each model, ranks per layer P, batch b and KV-cache length s_kv this module predicts one decode
 step (one new token per sequence) of four families, all from the same
@@ -45,7 +45,7 @@ REDUCE_SIZE = 0
 FAMILIES = ("two-level", "head-wise TP + KV replication", "DeepSpeed AutoTP", "Helix")
 BASELINE = "qk_allgather"
 """the attention of the head-wise baselines (m = 1: fused attention, no segment collectives)."""
-"""Issue 14's strategies, listed by :func:`two_level_strategies` once ``predict`` accepts them."""
+"""The sequence-sharded strategies, listed by :func:`two_level_strategies` once ``predict`` accepts them."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _accepts(strategy: str) -> bool:
 
 
 def two_level_strategies() -> tuple[str, ...]:
-    """The two-level strategies the study compares: the cost model's, plus issue 14's once predicted.
+    """The two-level strategies the study compares: the cost model's, plus the sequence-sharded ones once predicted.
 
     The ONE place the study takes them from: every registered strategy ``predict`` accepts.
 

@@ -159,7 +159,7 @@ def predicted_activation(call: AttentionCall, name: str, element_size: int | Non
 
 MEMORY_FACTOR = 2.0
 """"auto" leaves out a strategy whose predicted activations exceed the leanest able one's (a fused path)
-by more than this factor (issue 14); a user who names the strategy still gets it."""
+by more than this factor; a user who names the strategy still gets it."""
 
 
 def candidates(call: AttentionCall) -> list[str]:

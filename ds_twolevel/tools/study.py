@@ -78,7 +78,7 @@ def intro(hw: HardwareProfile, notes: list[str]) -> str:
     skipped = ("\n\nSkipped points (the cost model refused the strategy there):\n\n"
                + "\n".join(f"- {line}" for line in sorted(set(notes)))) if notes else ""
     return (
-        "## Decode against context length (issue 14)\n\n"
+        "## Decode against context length\n\n"
         "Regenerate with `python -m ds_twolevel.tools.study --out docs/` (this section, its plot and "
         f"`{JSON}`, the whole grid). One decode step (one new token for each of b sequences against a KV cache "
         f"of s_kv positions) on {hw.name} ({hw.peak_flops / 1e12:.0f} TFLOP/s, {hw.mem_bandwidth / 1e12:.2f} TB/s, "

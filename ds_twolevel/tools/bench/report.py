@@ -141,7 +141,7 @@ def _shard_section(results: dict) -> tuple[str, str]:
 
 
 DECODE_TARGET = 1.2
-"""the issue's bound on a decode shard at m*n = 4 with the preallocated cache (x ideal)."""
+"""the target bound on a decode shard at m*n = 4 with the preallocated cache (x ideal)."""
 
 
 def _decode_target_strategies() -> tuple[str, ...]:
