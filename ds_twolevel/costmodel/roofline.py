@@ -166,7 +166,7 @@ class Prediction:
     m: int
     dp: int
     strategy: str
-    """strategy used by the attention layers (after "auto")."""
+    """strategy used by the attention layers (after "cost_model")."""
     batch_per_replica: int
     flops: float
     """per rank, whole model, one step."""
@@ -224,18 +224,18 @@ def strategy_call(call: AttentionCall, strategy: str, eb: int) -> AttentionCall:
     """``call`` as ``strategy`` sees it: ``eb``-byte elements, and the KV-cache layout the strategy reads
     (a kv_shard request models a cache held by position: its prefill runs seq_rows, its decode kv_shard)."""
     call = dataclasses.replace(call, element_size=eb)
-    if strategy != registry.AUTO:
+    if registry.canonical(strategy) != registry.AUTO:
         layouts = registry.layouts(registry.get(strategy))
         if call.cache_layout not in layouts:
             call = dataclasses.replace(call, cache_layout=layouts[0])
     return call
 
 
-def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1, strategy: str = "auto",
+def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1, strategy: str = registry.AUTO,
             element_size: int | None = None, reduce_size: int = 4) -> Prediction:
     """Predicted cost of one inference step of ``model`` on a dp x n x m layout.
 
-    The global batch ``phase.batch`` is split over the dp replicas (it must divide). ``strategy="auto"``
+    The global batch ``phase.batch`` is split over the dp replicas (it must divide). ``strategy="cost_model"``
     plans as the layer does (the least predicted time on ``hw``, within the memory bound) and also picks
     the KV-cache layout (m > 1): where a strategy of another layout (kv_shard) predicts less time, that is the
     answer (build the cache with that layout: ``TwoLevelCache.for_model(model, layout="kv_shard")``).
@@ -249,6 +249,7 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
     if phase.batch % dp:
         raise ValueError(f"batch ({phase.batch}) is not divisible by dp={dp}; use a batch that is a multiple of {dp}")
     eb = element_size or hw.dtype_bytes
+    strategy = registry.canonical(strategy)
     if strategy != registry.AUTO:
         return _predict(model, n, m, phase, hw, dp, strategy, eb, reduce_size)
     options = [_predict(model, n, m, phase, hw, dp, registry.AUTO, eb, reduce_size)]

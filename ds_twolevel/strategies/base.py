@@ -2,7 +2,7 @@
 
 A strategy is one module of this package with
 
-* ``NAME`` (the config / CLI / ``strategy=`` spelling) and ``AUTO`` (whether ``"auto"`` may pick it);
+* ``NAME`` (the config / CLI / ``strategy=`` spelling) and ``AUTO`` (whether ``"cost_model"`` may pick it);
 * ``why_not(call) -> str | None``: why it cannot compute the call exactly (None: it can);
 * ``collectives(call) -> list[Collective]``: the forward collectives it issues over the segment axis
   (what :class:`~ds_twolevel.parallel.collectives.CommCounter` counts at run time);
@@ -11,7 +11,7 @@ A strategy is one module of this package with
 * ``attend(ctx, q, k, v, mask) -> (b, h/n, s, dv/m)``: the attention itself.
 
 Optionally ``BACKWARD = False`` (inference only) and ``PREFILL_ONLY = True`` (a requested strategy that
-splits query rows falls back to ``"auto"`` for decode's single row). :mod:`.registry` lists them and
+splits query rows falls back to ``"cost_model"`` for decode's single row). :mod:`.registry` lists them and
 :func:`~.registry.plan_call` is the one place that decides which strategy runs a call - for the layer
 and for the cost model.
 """

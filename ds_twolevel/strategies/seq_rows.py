@@ -37,10 +37,10 @@ if TYPE_CHECKING:
 
 NAME = "seq_rows"
 AUTO = True
-""""auto" picks it for a prefill when it predicts the least time (fused attention on 1/m of the rows)."""
+""""cost_model" picks it for a prefill when it predicts the least time (fused attention on 1/m of the rows)."""
 LAYOUTS = ("segments", "kv_shard")
 PREFILL_ONLY = True
-"""a requested seq_rows falls back to "auto" for decode's single row (nothing to split)."""
+"""a requested seq_rows falls back to "cost_model" for decode's single row (nothing to split)."""
 
 
 # -- registry: applicability and costs (pure) ------------------------------------------------------

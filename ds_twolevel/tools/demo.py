@@ -28,8 +28,8 @@ class DemoConfig:
     """head-dim segments."""
     dp: int = 1
     """data-parallel replicas (each gets its own batch)."""
-    strategy: str = "auto"
-    """attention strategy: "auto" or one of the registry's universal strategies (score_allreduce, qk_allgather)."""
+    strategy: str = "cost_model"
+    """attention strategy: "cost_model" or one of the registry's universal strategies (score_allreduce, qk_allgather)."""
     batch: int = 2
     seq: int = 16
     hidden: int = 128
@@ -117,7 +117,8 @@ _FLAG_HELP = {
     "n": "head groups: each rank holds h/n query heads (and g/n KV heads)",
     "m": "head-dim segments: each rank holds d/m dims of each of its heads",
     "dp": "data-parallel replicas of the n x m layer, each with its own batch",
-    "strategy": "score strategy: auto picks per call whichever sends fewer bytes",
+    "strategy": "score strategy: cost_model picks, per call, the strategy with the least predicted time on the "
+                "hardware profile of the tensors' device (the cost model's compute, memory and communication times)",
     "batch": "sequences per replica", "seq": "tokens per sequence", "hidden": "hidden size H",
     "heads": "query heads h", "kv_heads": "key/value heads g (h must be a multiple)",
     "head_dim": "dims per head d", "intermediate": "MLP intermediate size (a multiple of n*m)",
