@@ -107,10 +107,14 @@ input gradient and every parameter gradient, and the bytes each collective sends
 The layout: the h query heads are split into n head groups (h/n heads per rank, GQA groups kept
 whole) and each head's d dims into m segments (d/m dims per rank), so each of the n*m ranks of a
 layer holds one (group i, segment j) block of W_q, W_k, W_v and W_o; dp replicas of the layer each
-get their own batch. Example: --dp 2 --n 2 --m 2 on the default block (8 heads x 16 dims, 4 KV
+get their own batch. Example: --dp 2 -n 2 -m 2 on the default block (8 heads x 16 dims, 4 KV
 heads) starts 8 ranks; rank 2 = (dp, i, j) (0, 1, 0) holds query heads 4-7 (KV heads 2-3) and dims
 0-3 and 8-11 of each head (a rotate_half pair (t, t+8) never straddles two segments). A layout the
 shapes cannot take exits with status 2 and names the layouts that fit.
+
+--strategy cost_model (the default) picks, for every attention call, the strategy with the least
+predicted time (compute, memory traffic and the bytes each collective sends) on the hardware profile
+of the tensors' device; naming a strategy runs that one.
 """
 HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
 _FLAG_HELP = {
@@ -126,6 +130,11 @@ _FLAG_HELP = {
 }
 
 
+LAYOUT_FLAGS = ("n", "m")
+"""spelled ``-n``/``--n`` and ``-m``/``--m`` here and in the recipes (under torchrun or the deepspeed
+launcher write ``-n 2 -m 2``: the launchers read ``--n`` as an abbreviation of their own options)."""
+
+
 def seed_int(text: str) -> int:
     """argparse type: a seed torch.manual_seed takes (0 <= seed < 2**63)."""
     return int_in(text, 0, 2**63, "an int in [0, 2**63)")
@@ -134,14 +143,15 @@ def seed_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     choices = {"strategy": (registry.AUTO, *registry.universal()), "rope": ROPES}
     for name, value in asdict(DemoConfig()).items():
-        flag, text = "--" + name.replace("_", "-"), _FLAG_HELP[name]
+        text = _FLAG_HELP[name]
+        flags = (f"-{name}", f"--{name}") if name in LAYOUT_FLAGS else ("--" + name.replace("_", "-"),)
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help=f"{text} (default: off)")
+            parser.add_argument(*flags, action="store_true", help=f"{text} (default: off)")
         elif name in choices:
-            parser.add_argument(flag, choices=choices[name], default=value, help=f"{text} (default: {value})")
+            parser.add_argument(*flags, choices=choices[name], default=value, help=f"{text} (default: {value})")
         else:
             kind = seed_int if name == "seed" else positive_int
-            parser.add_argument(flag, type=kind, default=value, metavar="N", help=f"{text} (default: {value})")
+            parser.add_argument(*flags, type=kind, default=value, metavar="N", help=f"{text} (default: {value})")
 
 
 def check(cfg: DemoConfig) -> None:
