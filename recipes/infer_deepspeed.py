@@ -39,6 +39,9 @@ def check_paths(args: argparse.Namespace) -> None:
              "(`recipes/train.py --export` writes one to recipes/out/dense)")
     if not Path(args.deepspeed_config).is_file():
         fail(f"--deepspeed_config {args.deepspeed_config}: no such file (the shipped ones are in ds_configs/)")
+    from ds_twolevel.deepspeed.config import check_config_file
+
+    check_config_file(args.deepspeed_config, prog="recipes/infer_deepspeed.py", inference=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -199,6 +200,24 @@ def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any], *,
     tl = TwoLevelConfig.from_dict(ds.pop(SECTION))
     validate_deepspeed_dict(ds, inference=inference, strict=tl.strict_config)
     return tl, ds
+
+
+def check_config_file(config: str | os.PathLike, *, prog: str,
+                      inference: bool = False) -> tuple[TwoLevelConfig, dict[str, Any]]:
+    """:func:`load_deepspeed_config` for a script, called before it imports transformers or starts any
+    rank: a refusal is one line ``<prog>: error: <config>: <reason>`` from rank 0 (every rank would say
+    the same) and exit status 2.
+
+    Example:
+        >>> tl, ds = check_config_file(args.deepspeed_config, prog="recipes/train.py")
+    """
+    try:
+        return load_deepspeed_config(config, inference=inference)
+    except ValueError as err:
+        if os.environ.get("RANK", "0") == "0":
+            named = str(config) in str(err)
+            print(f"{prog}: error: {err if named else f'{config}: {err}'}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def save_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], path: str | os.PathLike) -> None:
