@@ -216,7 +216,7 @@ def test_import_sets_the_per_environment_extensions_dir_unless_the_user_set_one(
     assert mine.stdout.strip() == str(tmp_path)
 
 
-@pytest.mark.parametrize("recipe, flag", [("train.py", "--steps=0"), ("generate.py", "--groups=x"),
+@pytest.mark.parametrize("recipe, flag", [("train.py", "--steps=0"), ("generate.py", "--n=x"),
                                           ("infer_deepspeed.py", "--max_new_tokens=-1"),
                                           ("train_hf_trainer.py", "--bogus")])
 def test_recipe_usage_errors_are_one_line_and_said_by_rank_0_only(recipe, flag):

@@ -29,6 +29,73 @@ CACHE_LAYOUTS = ("segments", "kv_shard")
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of a decoder-only transformer, as the cost model needs them.
+
+    Example:
+        >>> ModelConfig("tiny", hidden=256, heads=8, kv_heads=2, head_dim=32, intermediate=512, layers=2)
+    """
+
+    name: str
+    hidden: int
+    """H."""
+    heads: int
+    """h: query heads."""
+    kv_heads: int
+    """g: key/value heads."""
+    head_dim: int
+    """d."""
+    intermediate: int
+    """MLP intermediate size I."""
+    layers: int
+    gated: bool = True
+    """gated MLP (gate, up, down: Llama) or plain (up, down: GPT)."""
+    qk_norm: bool = False
+    """RMSNorm of q and k (Qwen3, Gemma3: per head; OLMo2: over the whole projection)."""
+    qk_norm_scope: str = "head"
+    """"head" or "projection" (see :class:`AttentionCall`)."""
+    rope_style: str = "half"
+    vocab: int = 0
+    """vocabulary size (memory of the replicated embedding + LM head; 0: left out)."""
+    tied_embeddings: bool = False
+
+    def spec(self, name: str | None = None):
+        """The layer's :class:`~ds_twolevel.sharding.partition.AttentionSpec`."""
+        from ds_twolevel.sharding.partition import AttentionSpec
+
+        return AttentionSpec(self.heads, self.kv_heads, self.head_dim, rope_style=self.rope_style,
+                             name=name or self.name)
+
+    @classmethod
+    def from_hf_config(cls, config: dict, name: str = "model", *, gated: bool = True, qk_norm: bool = False,
+                       qk_norm_scope: str = "head", rope_style: str = "half") -> "ModelConfig":
+        """Read the shapes of a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen/GPT-2 key names).
+
+        What a config does not state - a gated MLP, q/k norms and their scope, the RoPE style - is
+        passed in: the Hugging Face integration's ``cost_model_config(config)`` reads it from the
+        model's ArchSpec (the core knows no architecture by name).
+
+        Example:
+            >>> ModelConfig.from_hf_config({"n_embd": 768, "n_head": 12}, "gpt2", gated=False, rope_style="none")
+        """
+        get = lambda *keys, default=None: next((config[k] for k in keys if config.get(k) is not None), default)
+        hidden = get("hidden_size", "n_embd", "d_model")
+        heads = get("num_attention_heads", "n_head")
+        if hidden is None or heads is None:
+            raise ValueError(f"{name}: config has no hidden_size/num_attention_heads; keys: {sorted(config)[:20]}")
+        return cls(
+            name=name, hidden=hidden, heads=heads,
+            kv_heads=get("num_key_value_heads", "n_head_kv", default=heads),
+            head_dim=get("head_dim", default=hidden // heads),
+            intermediate=get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+            layers=get("num_hidden_layers", "n_layer", default=1),
+            gated=gated, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_style=rope_style,
+            vocab=get("vocab_size", default=0),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+
+@dataclass(frozen=True)
 class Collective:
     """One predicted collective: op, mesh axis, payload tag, full-tensor elements, group size."""
 

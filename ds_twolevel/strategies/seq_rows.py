@@ -33,7 +33,7 @@ from ds_twolevel.strategies.row_masks import row_mask
 from ds_twolevel.strategies.rows import RowPlan, plan_rows
 
 if TYPE_CHECKING:
-    from ds_twolevel.costmodel.roofline import ModelConfig
+    from ds_twolevel.strategies.base import ModelConfig
 
 NAME = "seq_rows"
 AUTO = True
