@@ -82,8 +82,11 @@ def accelerator(config: str | os.PathLike | Mapping[str, Any], **accelerator_kwa
     """
     from accelerate import Accelerator
 
+    from ds_twolevel.deepspeed.env import quiet_launch
+
     handlers = kwargs_handlers(config) + list(accelerator_kwargs.pop("kwargs_handlers", []))
-    return Accelerator(deepspeed_plugin=deepspeed_plugin(config), kwargs_handlers=handlers, **accelerator_kwargs)
+    with quiet_launch():  # accelerate calls deepspeed.init_distributed: the shm op with a message, once per node
+        return Accelerator(deepspeed_plugin=deepspeed_plugin(config), kwargs_handlers=handlers, **accelerator_kwargs)
 
 
 def build_mesh(source: Any) -> TwoLevelMesh:

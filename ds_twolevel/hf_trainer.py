@@ -113,6 +113,17 @@ class TwoLevelTrainer(Trainer):
     two_level_saves = True
     """read by the guard: this Trainer saves with every rank."""
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, with DeepSpeed's gradient accumulation steps set now.
+
+        The Trainer accumulates itself and gives accelerate 1 step; under DeepSpeed, accelerate's
+        ``prepare`` then replaces it with the DeepSpeed config's value (which the Trainer fills from
+        ``gradient_accumulation_steps``) and warns "Gradient accumulation steps mismatch" on every
+        rank. Setting that same value here leaves nothing to replace."""
+        super().create_accelerator_and_postprocess()
+        if self.is_deepspeed_enabled:
+            self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Collective: every rank gathers, rank 0 writes ``output_dir`` (config, dense weights, args)."""
         from ds_twolevel.deepspeed.export import dense_state_dict

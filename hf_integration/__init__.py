@@ -3,7 +3,7 @@
 Stable entry points (other integrations, e.g. the DeepSpeed one, call these two; their
 signatures do not change):
 
-``patch_model(model, mesh, *, strict=True, strategy="auto", kv_replication=False) -> PatchReport``
+``patch_model(model, mesh, *, strict=True, strategy="cost_model", kv_replication=False) -> PatchReport``
     Partitions ``model`` in place on this rank (the object stays the same PreTrainedModel:
     forward, ``generate()``, ``save_pretrained`` keep working). ``mesh`` is a
     ``ds_twolevel.TwoLevelMesh`` (``TwoLevelLayout(n=, m=, dp=).build()``). Everything is

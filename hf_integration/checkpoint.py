@@ -206,7 +206,7 @@ def _open_checkpoint(directory: Path, model_class: type | None,
 
 
 def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_class: type | None = None,
-                     strict: bool = True, strategy: str = "auto", kv_replication: bool = False,
+                     strict: bool = True, strategy: str = "cost_model", kv_replication: bool = False,
                      dtype: torch.dtype | None = None, probe: bool = True, hardware: Any = None,
                      reduce_dtype: Any = torch.float32) -> tuple[nn.Module, PatchReport]:
     """Build ``model_class`` (default: ``config.architectures[0]``) from a ``save_pretrained``

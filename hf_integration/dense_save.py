@@ -88,8 +88,11 @@ def _write_dense(model: nn.Module, state: dict[str, torch.Tensor], final: Path, 
 
 
 def install_dense_save(model: nn.Module) -> None:
-    """Make ``model.save_pretrained(path, ...)`` write the gathered dense checkpoint (collective)."""
+    """Make ``model.save_pretrained(path, ...)`` write the gathered dense checkpoint (collective), and
+    give the model ``two_level_dense_state_dict()`` (:func:`dense_state_dict`), which the DeepSpeed
+    integration calls without importing this package."""
     def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
         return save_dense_pretrained(self, save_directory, **kwargs)
 
     model.save_pretrained = types.MethodType(save_pretrained, model)
+    model.two_level_dense_state_dict = types.MethodType(dense_state_dict, model)

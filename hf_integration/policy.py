@@ -54,7 +54,7 @@ class PatchReport:
     ``verify(model)`` gives."""
     params_local: int = 0
     params_dense: int = 0
-    strategy: str = "auto"
+    strategy: str = registry.AUTO
 
     @property
     def share(self) -> float:
@@ -276,7 +276,7 @@ def _install(owner: nn.Module, target: str, identity: tuple[str, ...], layer: nn
     return owner
 
 
-def injection_policy(model: nn.Module, mesh: TwoLevelMesh, *, strategy: str = "auto",
+def injection_policy(model: nn.Module, mesh: TwoLevelMesh, *, strategy: str = registry.AUTO,
                      kv_replication: bool = False, hardware: Any = None,
                      reduce_dtype: Any = torch.float32) -> dict[type[nn.Module], ReplaceFn]:
     """HF class -> DeepSpeed-style replacement function for ``model``'s architecture.
@@ -342,7 +342,7 @@ def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, strategy: str = "auto",
+def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, strategy: str = registry.AUTO,
                 kv_replication: bool = False, probe: bool = True, hardware: Any = None,
                 reduce_dtype: Any = torch.float32) -> PatchReport:
     """Partition ``model``'s attention and MLP layers over ``mesh`` in place; return a report.
@@ -367,7 +367,7 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
         >>> mesh = TwoLevelLayout(n=2, m=2).build()
         >>> report = patch_model(model, mesh)   # model is now partitioned on this rank
     """
-    registry.check_layer_strategy(strategy)
+    strategy = registry.check_layer_strategy(strategy)
     if hardware is not None:
         hw_profile(hardware)  # an unknown name fails here, before any module is touched
     check_reduce_dtype(reduce_dtype)

@@ -171,7 +171,7 @@ class TwoLevelCache(Cache):
 class HFSeqShardAttention(HFTwoLevelAttention):
     """An :class:`~hf_integration.modules.HFTwoLevelAttention` switched to the sequence-sharded strategies
     by :func:`use_seqshard`: its strategy is ``"seq_rows"`` (prefill by query rows; decode by the
-    registry's "auto", or by kv_shard with a kv_shard cache). Same parameters, state and forward."""
+    registry's "cost_model", or by kv_shard with a kv_shard cache). Same parameters, state and forward."""
 
 
 def use_seqshard(model: nn.Module, *, prefill: str | None = "seq_rows") -> int:

@@ -172,7 +172,7 @@ def dense_run(arch: str, *, seed: int = 0, new_tokens: int = 16, **overrides: An
     return DenseRun(dense, trained, ids, mask, logits, generated, new_tokens, cached)
 
 
-def compare_model(arch: str, mesh: TwoLevelMesh, *, strategy: str = "auto", kv_replication: bool = False,
+def compare_model(arch: str, mesh: TwoLevelMesh, *, strategy: str = "cost_model", kv_replication: bool = False,
                   new_tokens: int = 16, seed: int = 0, dense: DenseRun | None = None,
                   **overrides: Any) -> dict[str, Any]:
     """Dense vs patched on one rank: logits, greedy generate (single + batched left-padded), grads.

@@ -39,6 +39,9 @@ def check_paths(args: argparse.Namespace) -> None:
              "(`recipes/train.py --export` writes one to recipes/out/dense)")
     if not Path(args.deepspeed_config).is_file():
         fail(f"--deepspeed_config {args.deepspeed_config}: no such file (the shipped ones are in ds_configs/)")
+    from ds_twolevel.deepspeed.config import check_config_file
+
+    check_config_file(args.deepspeed_config, prog="recipes/infer_deepspeed.py", inference=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=positive_int, default=32)
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--out", default=None, help="write the generated ids as JSON here (rank 0)")
+    p.add_argument("--no_check", action="store_true",
+                   help="skip rank 0's comparison with the unpatched model (a model too large for one process)")
     args = p.parse_args(argv)
     check_paths(args)
     return args
@@ -75,7 +80,16 @@ def main(argv: list[str] | None = None) -> None:
                               max_new_tokens=args.max_new_tokens, do_sample=False)
     if dist.get_rank() == 0:
         text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
-        print(f"generated ({engine.two_level.mesh}): {text!r}", flush=True)
+        print(f"generated ({engine.two_level.mesh}; the weights of {args.model}, as trained there): {text!r}",
+              flush=True)
+        if not args.no_check:
+            dense = LlamaForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+            with torch.no_grad():
+                ref = dense.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                     max_new_tokens=args.max_new_tokens, do_sample=False)
+            same = torch.equal(out.cpu(), ref)
+            print(f"identical to the unpatched model (one process, same weights): {same} "
+                  f"({ref.shape[1] - prompt.shape[1]} new tokens compared)", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"ids": out[0].tolist()}))
     dist.barrier()

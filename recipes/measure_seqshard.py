@@ -207,7 +207,7 @@ def memory_rank(seq: int, strategies: tuple[str, ...]) -> dict:
     out = {}
     for strategy in strategies:
         model = tiny_model("llama", max_position_embeddings=seq)
-        patch_model(model, mesh, strategy="auto" if strategy == "seq_rows" else strategy)
+        patch_model(model, mesh, strategy="cost_model" if strategy == "seq_rows" else strategy)
         if strategy == "seq_rows":
             use_seqshard(model)
         out[strategy] = _forward_peaks(model, seq)

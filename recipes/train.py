@@ -23,10 +23,9 @@ from pathlib import Path
 from ds_twolevel.tools.cli import OneLineParser, positive_int
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM  # before deepspeed.zero.Init (CPU_NOTES)
 
 import ds_twolevel
-from ds_twolevel.deepspeed.config import load_deepspeed_config
+from ds_twolevel.deepspeed.config import check_config_file, load_deepspeed_config
 from ds_twolevel.sharding.partition import AttentionSpec, check_partition, feasible_layouts
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -34,8 +33,10 @@ HEADS, KV_HEADS, HEAD_DIM = 8, 4, 16
 MODEL = f"the recipe's Llama ({HEADS} heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM})"
 
 
-def model_config(seq: int) -> LlamaConfig:
+def model_config(seq: int):
     """8 query heads, 4 KV heads, head_dim 16: fits n in {1, 2, 4} x m in {1, 2, 4, 8}."""
+    from transformers import LlamaConfig
+
     return LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
                        max_position_embeddings=seq, tie_word_embeddings=False, rms_norm_eps=1e-6,
@@ -87,7 +88,7 @@ def check_launch(args: argparse.Namespace) -> None:
     """Refuse, before any rank talks, a config, world size or layout the recipe's model cannot take."""
     if not Path(args.deepspeed_config).is_file():
         fail(f"--deepspeed_config {args.deepspeed_config}: no such file (the shipped ones are in ds_configs/)")
-    tl, _ = load_deepspeed_config(args.deepspeed_config)
+    tl, _ = check_config_file(args.deepspeed_config, prog="recipes/train.py")
     spec = AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, rope_style="half", name=MODEL)
     check_partition(spec, tl.n, tl.m, kv_replication=tl.kv_replication)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,6 +102,8 @@ def check_launch(args: argparse.Namespace) -> None:
 
 def build(args: argparse.Namespace):
     """config -> mesh -> model (under zero.Init if asked) -> engine."""
+    from transformers import LlamaForCausalLM  # before deepspeed.zero.Init (CPU_NOTES)
+
     tl, _ = load_deepspeed_config(args.deepspeed_config)
     mesh = ds_twolevel.build_mesh(args.deepspeed_config)
     torch.manual_seed(args.seed)
@@ -221,8 +224,8 @@ def run(engine, mesh, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    try:  # everything ds_twolevel refuses (config, layout, model) it refuses here, before the first step
-        check_launch(args)
+    check_launch(args)  # the config and the layout, before transformers is imported or any rank talks
+    try:  # everything ds_twolevel refuses (layout, model) it refuses here, before the first step
         engine, mesh = build(args)
     except ValueError as err:
         fail(str(err))

@@ -18,11 +18,8 @@ from pathlib import Path
 from ds_twolevel.tools.cli import OneLineParser
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import ds_twolevel
-from ds_twolevel.hf_trainer import TwoLevelTrainer, training_arguments
-from hf_integration import patch_model
+from ds_twolevel.deepspeed.config import check_config_file
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -56,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_config_file(args.deepspeed_config, prog="recipes/train_hf_trainer.py")  # before any import below
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ds_twolevel
+    from ds_twolevel.hf_trainer import TwoLevelTrainer, training_arguments
+    from hf_integration import patch_model
+
     mesh = ds_twolevel.build_mesh(args.deepspeed_config)        # before TrainingArguments (gloo on CPU)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

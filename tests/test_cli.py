@@ -74,11 +74,14 @@ def _assert_one_line(code: int, out: str, err: str, *expected: str) -> None:
 
 
 DEMO_BAD = [
+    *[([flag, value], f"argument -{flag[2:]}/{flag}: must be an int >= 1, got {value!r}")
+      for flag in ("--n", "--m") for value in ("0", "-2", "x", "1.5")],
     *[([flag, value], f"argument {flag}: must be an int >= 1, got {value!r}")
-      for flag in ("--n", "--m", "--dp", "--batch", "--seq", "--hidden", "--heads", "--kv-heads", "--head-dim",
+      for flag in ("--dp", "--batch", "--seq", "--hidden", "--heads", "--kv-heads", "--head-dim",
                    "--intermediate") for value in ("0", "-2", "x", "1.5")],
-    (["--strategy", "bogus"], "argument --strategy: invalid choice: 'bogus' (choose from 'auto', 'score_allreduce', "
-                              "'qk_allgather')"),
+    (["--strategy", "bogus"], "argument --strategy: invalid choice: 'bogus' (choose from 'cost_model', "
+                              "'score_allreduce', 'qk_allgather')"),
+    (["-n", "3"], "num_heads (8) is not divisible by n=3"),
     (["--rope", "rotary"], "argument --rope: invalid choice: 'rotary' (choose from 'half', 'interleaved', 'none')"),
     (["--seed", "-1"], "argument --seed: must be an int in [0, 2**63), got '-1'"),
     (["--seed", "x"], "argument --seed: must be an int in [0, 2**63), got 'x'"),
@@ -168,18 +171,21 @@ def test_demo_help_explains_the_layout_and_lists_choices(capsys):
     text = " ".join(out.split())
     assert code == 0
     assert "n head groups" in text and "m segments" in text and "dp replicas" in text
-    assert "Example: --dp 2 --n 2 --m 2" in text and "holds query heads 4-7" in text
-    assert "{auto,score_allreduce,qk_allgather}" in text and "{half,interleaved,none}" in text
-    assert "(default: 16)" in text and "(default: auto)" in text
+    assert "Example: --dp 2 -n 2 -m 2" in text and "holds query heads 4-7" in text
+    assert "{cost_model,score_allreduce,qk_allgather}" in text and "{half,interleaved,none}" in text
+    assert "(default: 16)" in text and "(default: cost_model)" in text and "auto" not in text
+    assert "least predicted time" in text and "-n N, --n N" in text and "-m N, --m N" in text
 
 
 def test_plan_help_shows_defaults_and_choices(capsys):
     code, out, _ = _cli(capsys, "plan", "--help")
     text = " ".join(out.split())
     assert code == 0
-    for default in ("(default: 4096)", "(default: 8)", "(default: prefill)", "(default: h100)", "(default: auto)"):
+    for default in ("(default: 4096)", "(default: 8)", "(default: prefill)", "(default: h100)",
+                    "(default: cost_model)"):
         assert default in text, default
-    assert "{cpu,h100}" in text and "{auto,score_allreduce,qk_allgather,seq_rows,kv_shard}" in text and "nearest device counts" in text
+    assert "{cpu,h100}" in text and "{cost_model,score_allreduce,qk_allgather,seq_rows,kv_shard}" in text
+    assert "nearest device counts" in text and "auto" not in text
 
 
 def test_top_level_help_says_n_x_m_and_version_matches_pyproject(capsys):
@@ -211,7 +217,7 @@ def test_import_sets_the_per_environment_extensions_dir_unless_the_user_set_one(
     assert mine.stdout.strip() == str(tmp_path)
 
 
-@pytest.mark.parametrize("recipe, flag", [("train.py", "--steps=0"), ("generate.py", "--groups=x"),
+@pytest.mark.parametrize("recipe, flag", [("train.py", "--steps=0"), ("generate.py", "--n=x"),
                                           ("infer_deepspeed.py", "--max_new_tokens=-1"),
                                           ("train_hf_trainer.py", "--bogus")])
 def test_recipe_usage_errors_are_one_line_and_said_by_rank_0_only(recipe, flag):
@@ -222,3 +228,22 @@ def test_recipe_usage_errors_are_one_line_and_said_by_rank_0_only(recipe, flag):
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == lines, (rank, proc.stderr)
         assert not lines or proc.stderr.startswith(f"recipes/{recipe}: error: "), proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_neither_torch_distributed_nor_deepspeed(flag):
+    """What the console script runs, in a fresh interpreter: sys.modules afterwards, not a timing."""
+    code = ("import sys\nfrom ds_twolevel.tools.cli import main\ntry:\n    main([%r])\nfinally:\n"
+            "    print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers', "
+            "'accelerate')))" % flag)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+def test_a_sub_commands_help_imports_only_its_own_module():
+    code = ("import sys\nfrom ds_twolevel.tools.cli import main\ntry:\n    main(['plan', '--help'])\nfinally:\n"
+            "    print('ds_twolevel.tools.demo' in sys.modules, 'ds_twolevel.tools.bench' in sys.modules, "
+            "'deepspeed' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.stdout.strip().splitlines()[-1] == "False False False", proc.stdout[-500:]

@@ -33,7 +33,7 @@ def test_shipped_config_loads_through_dataclass_and_deepspeed(path):
     from deepspeed.inference.config import DeepSpeedInferenceConfig
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    tl, ds = load_deepspeed_config(path)
+    tl, ds = load_deepspeed_config(path, inference="inference" in path.name)
     assert "two_level" not in ds
     world = 2 * tl.n * tl.m
     layout = check_deepspeed_config(tl, ds, world, device_type="cuda" if path.name.startswith("gpu") else "cpu")
@@ -62,10 +62,18 @@ def test_shipped_config_has_no_auto_placeholder(path):
     assert '"auto"' not in path.read_text(), path
 
 
-def test_cost_model_is_the_json_spelling_of_auto(tmp_path):
-    assert TwoLevelConfig.from_dict({"n": 2, "m": 2, "strategy": "cost_model"}).strategy == "auto"
-    assert TwoLevelConfig.from_dict({"n": 2, "m": 2, "strategy": "auto"}).strategy == "auto"  # old spelling read
-    tl, ds = load_deepspeed_config(with_({}, strategy="auto"))
+def test_cost_model_is_the_one_name_of_the_chooser(tmp_path):
+    """"cost_model" in JSON and Python; "auto" only from Python (accelerate fills JSON "auto" strings)."""
+    from ds_twolevel.strategies import registry
+
+    assert registry.AUTO == "cost_model" and "auto" not in registry.choices()
+    assert TwoLevelConfig.from_dict({"n": 2, "m": 2}).strategy == "cost_model"
+    assert TwoLevelConfig(n=2, m=2, strategy="auto").strategy == "cost_model"  # Python's older spelling
+    assert registry.check_layer_strategy("auto") == "cost_model"
+    with pytest.raises(ValueError, match=r'^"two_level.strategy": "auto" is read by accelerate .* write "strategy": '
+                                         r'"cost_model"'):
+        load_deepspeed_config(with_({}, strategy="auto"))
+    tl, ds = load_deepspeed_config(with_({}))
     save_deepspeed_config(tl, ds, tmp_path / "c.json")
     assert json.loads((tmp_path / "c.json").read_text())["two_level"]["strategy"] == "cost_model"
     assert load_deepspeed_config(tmp_path / "c.json")[0] == tl
@@ -80,7 +88,9 @@ def test_missing_section_names_the_fix():
 
 @pytest.mark.parametrize("section,match", [
     ({"n": 2}, r'"two_level" needs \[\'m\'\]'),
-    ({"n": 2, "m": 2, "heads": 4}, r"unknown key\(s\) \['heads'\]"),
+    ({"n": 2, "m": 2, "heads": 4}, r'unknown key "heads" in "two_level" \(did you mean "probe"\?\)|unknown key "heads"'),
+    ({"n": 2, "m": 2, "stratgy": "qk_allgather"}, r'^unknown key "stratgy" in "two_level" \(did you mean "strategy"\?\); '
+                                                  r"its keys: n, m, dp, strategy,"),
     ({"n": 0, "m": 2}, r'^"two_level.n" must be an integer >= 1, got 0; e.g. "n": 2$'),
     ({"n": 2, "m": 2, "strategy": "fast"}, r'"two_level.strategy" must be one of'),
     ({"n": 2, "m": 2, "timeout_s": 0}, r'"two_level.timeout_s" must be a finite number in \[1, 604800\], got 0'),
@@ -105,7 +115,6 @@ def test_world_that_does_not_factor_lists_layouts():
     ({}, {"zero_init": True}, r'"two_level.zero_init" needs ZeRO stage 3 \(the config has stage 2\)'),
     ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, {},
      r'zero_hpz_partition_size" = 2 groups consecutive ranks.*set it to 1'),
-    ({"zero_optimization": {"stage": 3, "mics_shard_size": 2}}, {}, r'mics_shard_size" = 2 shards over consecutive'),
     ({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True}}, {},
      r"zero_quantized_gradients\" reduces gradients by all-to-all over the ranks of each node"),
     ({"train_batch_size": 16}, {}, r'"train_batch_size" = 16 != micro batch 2 x gradient_accumulation_steps 1 x dp 2 '
@@ -200,7 +209,7 @@ def _from_json_text(tmp_path, text: str):
     ('{"n": 2, "m": 2, "dist_backend": 7}',
      '"two_level.dist_backend" must be a non-empty string (or null), got 7; e.g. "dist_backend": "gloo"'),
     ('{"n": 2, "m": 2, "strategy": ["auto"]}',
-     '"two_level.strategy" must be one of "cost_model", "auto", "score_allreduce", "qk_allgather", "seq_rows", got ["auto"]; '
+     '"two_level.strategy" must be one of "cost_model", "score_allreduce", "qk_allgather", "seq_rows", got ["auto"]; '
      'e.g. "strategy": "cost_model"'),
 ])
 def test_two_level_values_are_type_and_range_checked(tmp_path, two_level, message):
@@ -211,42 +220,91 @@ def test_two_level_values_are_type_and_range_checked(tmp_path, two_level, messag
 
 
 @pytest.mark.parametrize("section,message", [
-    ('"fp16": true', '"fp16" must be a JSON object, got true; e.g. "fp16": {"enabled": true}'),
-    ('"zero_optimization": []', '"zero_optimization" must be a JSON object, got []; e.g. "zero_optimization": '
-                                '{"stage": 2}'),
-    ('"zero_optimization": true', '"zero_optimization" must be a JSON object, got true; e.g. "zero_optimization": '
-                                  '{"stage": 2}'),
-    ('"zero_optimization": {"stage": 4}', '"zero_optimization.stage" must be one of 0, 1, 2, 3, got 4; e.g. "stage": 2'),
-    ('"zero_optimization": {"stage": "2"}',
-     '"zero_optimization.stage" must be one of 0, 1, 2, 3, got "2"; e.g. "stage": 2'),
-    ('"bf16": {"enabled": 1}', '"bf16.enabled" must be true or false (or "auto"), got 1; e.g. "enabled": true'),
-    ('"tensor_parallel": [2]', '"tensor_parallel" must be a JSON object, got [2]; e.g. "tensor_parallel": {"tp_size": 1}'),
+    ('"fp16": true', '"fp16" must be a JSON object, got true; e.g. "fp16": {}'),
+    ('"zero_optimization": []', '"zero_optimization" must be a JSON object, got []; e.g. "zero_optimization": {}'),
+    ('"zero_optimization": {"stage": 4}',
+     '"zero_optimization.stage": Input should be 0, 1, 2, 3 or 3, got 4 (DeepSpeed\'s DeepSpeedZeroConfig)'),
+    ('"zero_optimization": {"stage": 2, "stagee": 2}',
+     '"zero_optimization.stagee": Extra inputs are not permitted, got 2 (DeepSpeed\'s DeepSpeedZeroConfig)'),
+    ('"zero_optimization": {"stage": "2"}', '"zero_optimization.stage" is the string "2"; DeepSpeed reads numbers as '
+                                            'JSON numbers: write "stage": 2 (no quotes)'),
+    ('"zero_optimization": {"stage": 2, "reduce_bucket_size": "5e7"}',
+     '"zero_optimization.reduce_bucket_size" is the string "5e7"; DeepSpeed reads numbers as JSON numbers: write '
+     '"reduce_bucket_size": 5e7 (no quotes)'),
+    ('"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}',
+     '"zero_optimization.offload_optimizer": Input should be a valid dictionary or instance of '
+     'DeepSpeedZeroOffloadOptimizerConfig, got "cpu" (DeepSpeed\'s DeepSpeedZeroConfig)'),
+    ('"optimizer": {"type": "AdamW", "params": {"lr": "1e-3"}}',
+     '"optimizer.params.lr" is the string "1e-3"; DeepSpeed reads numbers as JSON numbers: write "lr": 1e-3 (no quotes)'),
+    ('"optimizer": {"type": "AdamW", "params": {"betas": 0.9}}',
+     '"optimizer.params.betas" must be a list of 2 numbers, got 0.9; e.g. "betas": [0.9, 0.999]'),
+    ('"optimizer": {"type": "AdamW", "params": {"weight_decay": true}}',
+     '"optimizer.params.weight_decay" must be a finite number, got true; e.g. "weight_decay": 0.01'),
+    ('"optimizer": {"type": "AdamW", "params": {"torch_adam": "yes"}}',
+     '"optimizer.params.torch_adam" must be true or false, got "yes"; e.g. "torch_adam": false'),
     ('"tensor_parallel": {"autotp_size": Infinity}',
-     '"tensor_parallel.autotp_size" must be an integer >= 0, got Infinity; e.g. "autotp_size": 0'),
-    ('"checkpoint": "on"', '"checkpoint" must be a JSON object, got "on"; e.g. "checkpoint": '
-                           '{"use_node_local_storage": false}'),
+     '"tensor_parallel.autotp_size": Input should be a finite number, got Infinity (DeepSpeed\'s TPTrainingConfig)'),
     ('"train_micro_batch_size_per_gpu": 0',
      '"train_micro_batch_size_per_gpu" must be an integer >= 1 (or "auto" or null), got 0; e.g. "train_micro_batch_size_per_gpu": 2'),
     ('"gradient_accumulation_steps": 1.5',
-     '"gradient_accumulation_steps" must be an integer >= 1 (or "auto" or null), got 1.5; e.g. "gradient_accumulation_steps": 1'),
-    ('"gradient_clipping": NaN', '"gradient_clipping" must be a finite number >= 0 (or "auto"), got NaN; '
-                                 'e.g. "gradient_clipping": 1.0'),
-    ('"optimizer": {"type": "AdamW", "params": [0.001]}',
-     '"optimizer.params" must be a JSON object, got [0.001]; e.g. "params": {"lr": 0.001}'),
+     '"gradient_accumulation_steps" must be an integer >= 1 (or "auto" or null), got 1.5; e.g. "gradient_accumulation_steps": 2'),
+    ('"gradient_clipping": NaN', '"gradient_clipping" must be a finite number >= 0, got NaN; e.g. "gradient_clipping": 1.0'),
+    ('"gradient_clipping": true', '"gradient_clipping" must be a finite number >= 0, got true; e.g. "gradient_clipping": 1.0'),
+    ('"wall_clock_breakdown": "no"', '"wall_clock_breakdown" must be true or false, got "no"; e.g. "wall_clock_breakdown": false'),
+    ('"optimizer": {"type": "AdamW", "params": [0.001]}', '"optimizer.params" must be a JSON object, got [0.001]'),
     ('"scheduler": "WarmupLR"', '"scheduler" must be a JSON object, got "WarmupLR"; e.g. "scheduler": '
                                 '{"type": "WarmupLR", "params": {"warmup_num_steps": 100}}'),
-    ('"sequence_parallel_size": null', '"sequence_parallel_size" must be an integer >= 1, got null; '
-                                       'e.g. "sequence_parallel_size": 1'),
-    ('"dtype": "fp64"', '"dtype" must be one of "fp32", "float32", "float", "torch.float32", "fp16", "float16", "half", '
-                        '"torch.float16", "bf16", "bfloat16", "bfloat", "torch.bfloat16", "int8", "torch.int8", '
-                        'got "fp64"; e.g. "dtype": "fp32"'),
+    ('"fp16": {"enabled": true}, "bf16": {"enabled": true}',
+     '"fp16": DeepSpeed\'s config parser refused it: bfloat16 and fp16 modes cannot be simultaneously enabled'),
+    ('"zero_optimization": {"stage": 3, "mics_shard_size": 2}',
+     '"zero_optimization": DeepSpeed\'s config parser refused it: MiCS ZeRO-3 sharding has been removed; '
+     "'zero_optimization.mics_shard_size' is no longer supported. See https://github.com/deepspeedai/DeepSpeed/issues/8489."),
 ])
-def test_deepspeed_sections_are_type_and_range_checked(tmp_path, section, message):
-    """Objects where objects belong (`"fp16": true` was an AttributeError, `"zero_optimization": []` a
-    TypeError, both inside our checks), numbers in range, each with a valid example."""
+def test_deepspeed_sections_are_checked_by_deepspeeds_parser(tmp_path, section, message):
+    """DeepSpeed's own pydantic models (a section of the wrong type, a value out of range, a key a
+    section does not have), plus what its parser lets through but fails on later: numbers written as
+    strings, optimizer params of the wrong type, top-level values of another type than the default."""
     with pytest.raises(ValueError) as err:
         _from_json_text(tmp_path, "{" + section + ', "two_level": {"n": 2, "m": 2}}')
     assert str(err.value) == message
+
+
+def test_inference_configs_are_checked_by_deepspeeds_inference_model():
+    with pytest.raises(ValueError, match=r'^"dtype": .*got "fp64" \(DeepSpeed\'s DeepSpeedInferenceConfig\)'):
+        load_deepspeed_config({"dtype": "fp64", "two_level": {"n": 2, "m": 2}}, inference=True)
+    tl, ds = load_deepspeed_config({"dtype": "bf16", "replace_with_kernel_inject": False, "two_level": {"n": 2, "m": 2}},
+                                   inference=True)
+    assert ds == {"dtype": "bf16", "replace_with_kernel_inject": False}
+
+
+def test_unknown_top_level_key_warns_once_with_did_you_mean_or_fails_under_strict_config(capfd, monkeypatch):
+    from ds_twolevel.deepspeed import config_schema
+
+    monkeypatch.setattr(config_schema, "_warned", set())
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = with_({"gradient_clliping": 1.0})
+    load_deepspeed_config(cfg)
+    load_deepspeed_config(cfg)  # once per key and process
+    err = capfd.readouterr().err
+    assert err == ('ds-twolevel: warning: unknown key "gradient_clliping" in the DeepSpeed config (did you mean '
+                   '"gradient_clipping"?); DeepSpeed ignores it ("two_level": {"strict_config": true} makes this an '
+                   'error)\n')
+    with pytest.raises(ValueError, match=r'^unknown key "gradient_clliping" in the DeepSpeed config \(did you mean '
+                                         r'"gradient_clipping"\?\); DeepSpeed would ignore it'):
+        load_deepspeed_config(with_({"gradient_clliping": 1.0}, strict_config=True))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(config_schema, "_warned", set())
+    load_deepspeed_config(cfg)
+    assert capfd.readouterr().err == ""  # rank 0 says it for every rank
+
+
+def test_deepspeeds_key_list_is_read_from_deepspeed():
+    from ds_twolevel.deepspeed.config_schema import deepspeed_keys
+
+    keys = deepspeed_keys()
+    assert {"zero_optimization", "optimizer", "scheduler", "gradient_clipping", "bf16", "tensor_parallel"} <= set(keys)
+    assert keys["gradient_clipping"] == 1.0 and "two_level" not in keys
+    assert {"dtype", "replace_with_kernel_inject", "tensor_parallel"} <= set(deepspeed_keys(inference=True))
 
 
 def test_placeholders_accelerate_fills_are_accepted():
@@ -370,6 +428,5 @@ def test_steps_per_print_takes_accelerates_infinity_and_nothing_else_infinite(tm
     """accelerate's DeepSpeedPlugin writes ``steps_per_print = float("inf")`` (never print)."""
     tl, ds = _from_json_text(tmp_path, '{"two_level": {"n": 2, "m": 2}, "steps_per_print": Infinity}')
     assert ds["steps_per_print"] == float("inf")
-    with pytest.raises(ValueError, match=r'"steps_per_print" must be an integer >= 1 \(or null or Infinity\), '
-                                         r'got -Infinity'):
+    with pytest.raises(ValueError, match=r'"steps_per_print" must be an integer >= 0, got -Infinity'):
         _from_json_text(tmp_path, '{"two_level": {"n": 2, "m": 2}, "steps_per_print": -Infinity}')

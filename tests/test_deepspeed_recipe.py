@@ -241,3 +241,70 @@ def test_warmup_start_up_warning_is_dropped_and_nothing_else():
         assert [r.getMessage() for r in records] == ["another warning"]
     finally:
         logger.removeHandler(handler)
+
+
+# -- a bad config is refused (or warned about) before any collective ------------------------------------
+_BEFORE_RANKS = """
+import runpy, sys
+import torch.distributed as dist
+
+def _no_rendezvous(*args, **kwargs):  # the first collective of every launch path starts here
+    print("INIT_PROCESS_GROUP", "transformers" in sys.modules, file=sys.stderr, flush=True)
+    raise SystemExit(3)
+
+dist.init_process_group = _no_rendezvous
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _edited(tmp_path: Path, source: str, edit) -> str:
+    cfg = json.loads((REPO / source).read_text())
+    edit(cfg)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _before_ranks(recipe: str, *flags: str) -> subprocess.CompletedProcess:
+    """``recipe`` as rank 0 of 4 would run it, with ``init_process_group`` replaced by an exit (status 3)."""
+    proc, _ = _run([sys.executable, "-c", _BEFORE_RANKS, f"recipes/{recipe}", *flags], check=False,
+                   WORLD_SIZE="4", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="4", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT="29500")
+    return proc
+
+
+BAD_CONFIGS = [
+    ("train.py", "ds_configs/zero2_n2_m2.json", lambda c: c["two_level"].update(stratgy="qk_allgather"),
+     'unknown key "stratgy" in "two_level" (did you mean "strategy"?)'),
+    ("train.py", "ds_configs/zero2_n2_m2.json", lambda c: c["optimizer"]["params"].update(lr="1e-3"),
+     '"optimizer.params.lr" is the string "1e-3"'),
+    ("train_hf_trainer.py", "ds_configs/zero2_n2_m2.json", lambda c: c["zero_optimization"].update(offload_optimizer="cpu"),
+     '"zero_optimization.offload_optimizer": Input should be a valid dictionary'),
+    ("train.py", "ds_configs/zero2_n2_m2.json", lambda c: c.update(gradient_clliping=1.0) or c["two_level"].update(
+        strict_config=True), 'unknown key "gradient_clliping" in the DeepSpeed config (did you mean "gradient_clipping"?)'),
+]
+
+
+@pytest.mark.parametrize("recipe,source,edit,message", BAD_CONFIGS, ids=[f"{r}-{m[:24]}" for r, _, _, m in BAD_CONFIGS])
+def test_a_bad_config_is_refused_before_any_collective_and_before_transformers(tmp_path, recipe, source, edit, message):
+    proc = _before_ranks(recipe, "--deepspeed_config", _edited(tmp_path, source, edit))
+    line = _one_line_refusal(proc, f"recipes/{recipe}: error: ", message)
+    assert "INIT_PROCESS_GROUP" not in proc.stderr, line
+
+
+def test_a_bad_inference_config_is_refused_before_the_model_is_read(tmp_path, trained):
+    config = _edited(tmp_path, "ds_configs/inference_n2_m2.json", lambda c: c.update(dtype="fp64"))
+    proc = _before_ranks("infer_deepspeed.py", "--model", str(trained / "dense"), "--deepspeed_config", config)
+    _one_line_refusal(proc, "recipes/infer_deepspeed.py: error: ", '"dtype": ', "(DeepSpeed's DeepSpeedInferenceConfig)")
+
+
+def test_an_unknown_top_level_key_is_warned_about_before_any_collective(tmp_path):
+    config = _edited(tmp_path, "ds_configs/zero2_n2_m2.json", lambda c: c.update(gradient_clliping=1.0))
+    proc = _before_ranks("train.py", "--deepspeed_config", config)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    warning = [i for i, line in enumerate(lines) if line.startswith("ds-twolevel: warning: unknown key "
+                                                                    '"gradient_clliping" in the DeepSpeed config '
+                                                                    '(did you mean "gradient_clipping"?)')]
+    assert len(warning) == 1 and warning[0] < lines.index("INIT_PROCESS_GROUP True"), lines

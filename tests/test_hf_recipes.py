@@ -9,6 +9,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from tests.test_readme import NOISE
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "recipes" / "notebooks" / "two_level_accelerate.ipynb"
 
@@ -29,6 +31,8 @@ def test_accelerate_notebook_runs():
         os.environ.clear()
         os.environ.update(old)
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    noise = [n for n in NOISE if n in text]
+    assert not noise, (noise, text[-4000:])  # the README's rule, on every cell's stdout and stderr
     assert "MULTI_CPU with 4 processes" in text
     assert "greedy generation (16 new tokens, KV cache partitioned per rank): identical" in text
     assert "Launching training on 4 CPU processes (gloo)." in text and "CUDAs" not in text

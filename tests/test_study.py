@@ -50,7 +50,7 @@ def test_auto_never_above_best_fixed_strategy(cases):
             if p.family == "two-level":
                 by_layout[p.layout][p.strategy] = p
         for layout, strategies in by_layout.items():
-            auto = strategies.pop("auto")
+            auto = strategies.pop("cost_model")
             best = min(strategies.values(), key=lambda p: p.time)
             if auto.time > best.time * (1 + 1e-12):
                 worse.append(f"{case.model} P={case.devices} b={case.batch} s={case.s_kv} {layout}: auto "
@@ -131,7 +131,7 @@ def test_refused_strategy_is_skipped_with_a_note(monkeypatch):
     notes: list[str] = []
     pts = study.points(LLAMA8, 16, 16, 4096, H100_SXM, notes)
     assert notes and all("no_such_strategy" in line and "skipped" in line for line in notes)
-    assert {p.strategy for p in pts if p.family == "two-level"} == {"score_allreduce", "auto"}
+    assert {p.strategy for p in pts if p.family == "two-level"} == {"score_allreduce", "cost_model"}
 
 
 def test_crossover_is_where_the_margin_changes_sign():

@@ -100,7 +100,7 @@ def get_profile(name: str) -> HardwareProfile:
 
 
 def default_profile(device: torch.device | str | None = None) -> HardwareProfile:
-    """The profile "auto" plans with for tensors on ``device``: the accelerator profile (H100 SXM, the
+    """The profile "cost_model" plans with for tensors on ``device``: the accelerator profile (H100 SXM, the
     one GPU profile here) for an accelerator, the CPU profile for ``"cpu"``, ``"meta"`` or None."""
     kind = torch.device(device).type if device is not None else "cpu"
     return CPU_GLOO if kind in ("cpu", "meta") else H100_SXM

@@ -63,7 +63,7 @@ def infeasibility(model: ModelConfig, dp: int, n: int, m: int, phase: Phase) -> 
 
 
 def plan(model: ModelConfig, devices: int, phase: Phase, hw: HardwareProfile = H100_SXM, *,
-         strategy: str = "auto") -> list[PlanRow]:
+         strategy: str = "cost_model") -> list[PlanRow]:
     """Every dp x n x m factorisation of ``devices``: feasible ones sorted by predicted time, then the rest.
 
     Example:
@@ -186,7 +186,7 @@ def _best_layout(model: ModelConfig, devices: int, phase: Phase, hw: HardwarePro
 
 
 def nearest_feasible(model: ModelConfig, devices: int, phase: Phase, hw: HardwareProfile, *,
-                     strategy: str = "auto") -> list[tuple[int, str]]:
+                     strategy: str = "cost_model") -> list[tuple[int, str]]:
     """The nearest device counts below and above ``devices`` with a feasible layout: [(P, best dp x n x m)].
 
     Example:
@@ -204,7 +204,7 @@ def nearest_feasible(model: ModelConfig, devices: int, phase: Phase, hw: Hardwar
 
 
 def no_layout_message(model: ModelConfig, devices: int, phase: Phase, hw: HardwareProfile, rows: list[PlanRow], *,
-                      strategy: str = "auto", shown: int = 4) -> str:
+                      strategy: str = "cost_model", shown: int = 4) -> str:
     """One line: no layout of ``devices`` fits, why (the first ``shown`` reasons), the nearest counts that fit."""
     why = "; ".join(f"{r.dp} x {r.n} x {r.m}: {r.reason}" for r in rows[:shown])
     if len(rows) > shown:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ds_twolevel.costmodel.traffic import block_collectives, resolve
 from ds_twolevel.strategies import registry
-from ds_twolevel.strategies.base import AttentionCall, Collective, Op, comm_time, sum_size  # noqa: F401 (re-exported)
+from ds_twolevel.strategies.base import AttentionCall, Collective, ModelConfig, Op, comm_time, sum_size  # noqa: F401 (re-exported)
 
 # ==================================================================================================
 # Performance model: FLOPs, bytes, memory and time of a whole model on a layout
@@ -25,73 +25,6 @@ from ds_twolevel.strategies.base import AttentionCall, Collective, Op, comm_time
 #   * norms, RoPE, residual adds, embeddings and the LM head are left out of the time (they are
 #     replicated and the same for every layout); embeddings count in memory when vocab is known.
 PHASES = ("prefill", "decode")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shapes of a decoder-only transformer, as the cost model needs them.
-
-    Example:
-        >>> ModelConfig("tiny", hidden=256, heads=8, kv_heads=2, head_dim=32, intermediate=512, layers=2)
-    """
-
-    name: str
-    hidden: int
-    """H."""
-    heads: int
-    """h: query heads."""
-    kv_heads: int
-    """g: key/value heads."""
-    head_dim: int
-    """d."""
-    intermediate: int
-    """MLP intermediate size I."""
-    layers: int
-    gated: bool = True
-    """gated MLP (gate, up, down: Llama) or plain (up, down: GPT)."""
-    qk_norm: bool = False
-    """RMSNorm of q and k (Qwen3, Gemma3: per head; OLMo2: over the whole projection)."""
-    qk_norm_scope: str = "head"
-    """"head" or "projection" (see :class:`AttentionCall`)."""
-    rope_style: str = "half"
-    vocab: int = 0
-    """vocabulary size (memory of the replicated embedding + LM head; 0: left out)."""
-    tied_embeddings: bool = False
-
-    def spec(self, name: str | None = None):
-        """The layer's :class:`~ds_twolevel.sharding.partition.AttentionSpec`."""
-        from ds_twolevel.sharding.partition import AttentionSpec
-
-        return AttentionSpec(self.heads, self.kv_heads, self.head_dim, rope_style=self.rope_style,
-                             name=name or self.name)
-
-    @classmethod
-    def from_hf_config(cls, config: dict, name: str = "model", *, gated: bool = True, qk_norm: bool = False,
-                       qk_norm_scope: str = "head", rope_style: str = "half") -> "ModelConfig":
-        """Read the shapes of a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen/GPT-2 key names).
-
-        What a config does not state - a gated MLP, q/k norms and their scope, the RoPE style - is
-        passed in: the Hugging Face integration's ``cost_model_config(config)`` reads it from the
-        model's ArchSpec (the core knows no architecture by name).
-
-        Example:
-            >>> ModelConfig.from_hf_config({"n_embd": 768, "n_head": 12}, "gpt2", gated=False, rope_style="none")
-        """
-        get = lambda *keys, default=None: next((config[k] for k in keys if config.get(k) is not None), default)
-        hidden = get("hidden_size", "n_embd", "d_model")
-        heads = get("num_attention_heads", "n_head")
-        if hidden is None or heads is None:
-            raise ValueError(f"{name}: config has no hidden_size/num_attention_heads; keys: {sorted(config)[:20]}")
-        return cls(
-            name=name, hidden=hidden, heads=heads,
-            kv_heads=get("num_key_value_heads", "n_head_kv", default=heads),
-            head_dim=get("head_dim", default=hidden // heads),
-            intermediate=get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
-            layers=get("num_hidden_layers", "n_layer", default=1),
-            gated=gated, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_style=rope_style,
-            vocab=get("vocab_size", default=0),
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
 
 
 @dataclass(frozen=True)
@@ -166,7 +99,7 @@ class Prediction:
     m: int
     dp: int
     strategy: str
-    """strategy used by the attention layers (after "auto")."""
+    """strategy used by the attention layers (after "cost_model")."""
     batch_per_replica: int
     flops: float
     """per rank, whole model, one step."""
@@ -224,18 +157,18 @@ def strategy_call(call: AttentionCall, strategy: str, eb: int) -> AttentionCall:
     """``call`` as ``strategy`` sees it: ``eb``-byte elements, and the KV-cache layout the strategy reads
     (a kv_shard request models a cache held by position: its prefill runs seq_rows, its decode kv_shard)."""
     call = dataclasses.replace(call, element_size=eb)
-    if strategy != registry.AUTO:
+    if registry.canonical(strategy) != registry.AUTO:
         layouts = registry.layouts(registry.get(strategy))
         if call.cache_layout not in layouts:
             call = dataclasses.replace(call, cache_layout=layouts[0])
     return call
 
 
-def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1, strategy: str = "auto",
+def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1, strategy: str = registry.AUTO,
             element_size: int | None = None, reduce_size: int = 4) -> Prediction:
     """Predicted cost of one inference step of ``model`` on a dp x n x m layout.
 
-    The global batch ``phase.batch`` is split over the dp replicas (it must divide). ``strategy="auto"``
+    The global batch ``phase.batch`` is split over the dp replicas (it must divide). ``strategy="cost_model"``
     plans as the layer does (the least predicted time on ``hw``, within the memory bound) and also picks
     the KV-cache layout (m > 1): where a strategy of another layout (kv_shard) predicts less time, that is the
     answer (build the cache with that layout: ``TwoLevelCache.for_model(model, layout="kv_shard")``).
@@ -249,6 +182,7 @@ def predict(model: ModelConfig, n: int, m: int, phase: Phase, hw, *, dp: int = 1
     if phase.batch % dp:
         raise ValueError(f"batch ({phase.batch}) is not divisible by dp={dp}; use a batch that is a multiple of {dp}")
     eb = element_size or hw.dtype_bytes
+    strategy = registry.canonical(strategy)
     if strategy != registry.AUTO:
         return _predict(model, n, m, phase, hw, dp, strategy, eb, reduce_size)
     options = [_predict(model, n, m, phase, hw, dp, registry.AUTO, eb, reduce_size)]

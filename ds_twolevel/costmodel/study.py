@@ -61,7 +61,7 @@ class StudyPoint:
     layout: str
     """"n x m" (two-level, head-wise), "tp=P" (AutoTP) or "n x kvp" (Helix)."""
     strategy: str
-    """two-level strategy as asked ("auto" keeps its name; ``chosen`` says what it ran)."""
+    """two-level strategy as asked ("cost_model" keeps its name; ``chosen`` says what it ran)."""
     chosen: str
     time: float
     """seconds per step: compute + communication, not overlapped."""
@@ -107,7 +107,7 @@ def _from_prediction(family: str, layout: str, strategy: str, pred) -> StudyPoin
 
 def two_level_points(model: ModelConfig, devices: int, phase: Phase, hw: HardwareProfile,
                      notes: list[str]) -> list[StudyPoint]:
-    """Every feasible n x m (m > 1) layout of ``devices`` with every strategy and ``auto``.
+    """Every feasible n x m (m > 1) layout of ``devices`` with every strategy and ``cost_model``.
 
     A strategy ``predict`` refuses for a point is skipped and a line is added to ``notes``.
     """
@@ -116,7 +116,7 @@ def two_level_points(model: ModelConfig, devices: int, phase: Phase, hw: Hardwar
         n = devices // m
         if infeasibility(model, 1, n, m, phase):
             continue
-        for strategy in two_level_strategies() + ("auto",):
+        for strategy in two_level_strategies() + (registry.AUTO,):
             try:
                 pred = predict(model, n, m, phase, hw, strategy=strategy, reduce_size=REDUCE_SIZE)
             except (ValueError, KeyError, NotImplementedError) as err:
@@ -218,7 +218,7 @@ def best_of(pts: list[StudyPoint], family: str) -> StudyPoint | None:
     """The fastest point of ``family`` (ties: fewer bytes sent, then the layout's name, a fixed strategy
     before ``auto``, which ties with the strategy it chose)."""
     fam = [p for p in pts if p.family == family]
-    return min(fam, key=lambda p: (p.time, p.traffic_bytes, p.layout, p.strategy == "auto", p.strategy)) if fam else None
+    return min(fam, key=lambda p: (p.time, p.traffic_bytes, p.layout, p.strategy == registry.AUTO, p.strategy)) if fam else None
 
 
 @dataclass(frozen=True)

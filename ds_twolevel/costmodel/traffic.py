@@ -28,13 +28,13 @@ def score_strategy_collectives(call: AttentionCall, strategy: str) -> list[Colle
 
 
 def choose_strategy(call: AttentionCall, element_size: int = 4, hw=None) -> str:
-    """The strategy "auto" picks for this call on ``hw`` (default: the CPU profile, what a layer on
+    """The strategy "cost_model" picks for this call on ``hw`` (default: the CPU profile, what a layer on
     the CPU uses; :func:`~ds_twolevel.strategies.registry.auto_choice`)."""
     return registry.auto_choice(call, element_size, hw)
 
 
 def resolve(call: AttentionCall, strategy: str, element_size: int, hw=None) -> str:
-    """A fixed strategy, or the one "auto" picks on ``hw`` - what the layer runs
+    """A fixed strategy, or the one "cost_model" picks on ``hw`` - what the layer runs
     (:func:`~ds_twolevel.strategies.registry.plan_call`)."""
     return registry.plan_call(dataclasses.replace(call, element_size=element_size), strategy, hw).name
 

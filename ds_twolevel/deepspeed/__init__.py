@@ -10,9 +10,11 @@ One job per module:
 * ``checkpoint``: atomic ``save_checkpoint`` / checked, resharding ``load_checkpoint``; with
   ``engine_state``, ``zero_files`` and ``convert`` (``ds-twolevel convert``);
 * ``export``: ``dense_state_dict``, ``export_dense`` (a standard HF checkpoint);
-* ``engine_hooks``: DeepSpeedEngine's save/load methods made right for two-level engines;
+* ``engine_hooks``: DeepSpeedEngine's save/load methods made right for two-level engines
+  (``engine_patch``: DeepSpeed's own methods and the installer, for ``checkpoint`` below the hooks);
   ``import_hooks``: run code when a module gets imported;
-* ``config`` / ``config_schema``: the ``"two_level"`` section and the DeepSpeed dict, validated;
+* ``config`` / ``config_schema``: the ``"two_level"`` section and the DeepSpeed dict, validated (the
+  DeepSpeed dict by DeepSpeed's own parser);
 * ``env``: the CPU shm comm op's build and launch noise;
 * ``compat``: every private-API workaround of DeepSpeed, transformers, accelerate, torch, version-commented.
 """

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -211,9 +211,9 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     Example:
         >>> ds_twolevel.save_checkpoint(engine, "ckpt", client_state={"step": step})
     """
-    from ds_twolevel.deepspeed.engine_hooks import install
+    from ds_twolevel.deepspeed.engine_patch import ensure_installed
 
-    install()
+    ensure_installed()
     save_dir = Path(save_dir)
     tag = str(tag or f"global_step{engine.global_steps}")
     writer = is_writer(engine)
@@ -229,17 +229,16 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     return save_dir / tag
 
 
-def after_deepspeed_save(engine: Any, save_dir: Path, tag: str) -> None:
+def after_deepspeed_save(engine: Any, save_dir: Path, tag: str, *, write_scripts: Callable[[Path], None]) -> None:
     """What ``engine.save_checkpoint`` does after DeepSpeed's own save (engine_hooks): the
-    manifest in the tag directory and the conversion scripts beside it, in an agreement step (the
-    barrier every rank waits in, which also tells them if the writing rank failed)."""
-    from ds_twolevel.deepspeed.convert import write_recovery_scripts
-
+    manifest in the tag directory and the conversion scripts beside it (``write_scripts(save_dir)``,
+    ``convert.write_recovery_scripts``), in an agreement step (the barrier every rank waits in, which
+    also tells them if the writing rank failed)."""
     with agreement(None, what=f"recording the layout of {save_dir / tag}"):
         if is_writer(engine):
             _kill_point("written")
             write_manifest(engine, save_dir / tag)
-            write_recovery_scripts(save_dir)
+            write_scripts(save_dir)
             _kill_point("marked")
 
 
@@ -375,9 +374,9 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     Example:
         >>> _, client = ds_twolevel.load_checkpoint(engine, "ckpt")   # any layout of the same model
     """
-    from ds_twolevel.deepspeed.engine_hooks import install
+    from ds_twolevel.deepspeed.engine_patch import ensure_installed, original
 
-    install()
+    ensure_installed()
     load_dir = Path(load_dir)
     with agreement(None, what=f"loading checkpoint {load_dir}"):
         tag = find_checkpoint(load_dir, tag)
@@ -386,8 +385,6 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
         load_optimizer_states = load_lr_scheduler_states = False
     if plan == "native":
         if native_load is None:
-            from ds_twolevel.deepspeed.engine_hooks import original
-
             native_load = original("load_checkpoint")
         path, client = native_load(engine, str(load_dir), tag=tag, load_optimizer_states=load_optimizer_states,
                                    load_lr_scheduler_states=load_lr_scheduler_states,

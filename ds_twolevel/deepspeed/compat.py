@@ -158,8 +158,25 @@ def mark_autotp_parsed(model: Any) -> None:
     Undocumented: ``DeepSpeedEngine._apply_autotp_partitioning`` returns early when
     ``model.ds_autotp_parsed`` is set. If that changes, accelerate / the Trainer with
     ``tensor_parallel.autotp_size`` would re-partition our shards; the guard then refuses (loud).
+
+    The Trainer then calls ``deepspeed.tp_model_init`` on the marked model, which logs on every rank
+    that the attribute exists and that it only records its arguments: what this mark is for, so
+    that one record is dropped from DeepSpeed's logger (:class:`_DropAutotpRecord`).
     """
     model.ds_autotp_parsed = True
+    from deepspeed.utils import logger
+
+    if not any(isinstance(f, _DropAutotpRecord) for f in logger.filters):
+        logger.addFilter(_DropAutotpRecord())
+
+
+class _DropAutotpRecord:
+    """Drops deepspeed 0.19's ``tp_model_init`` record about an existing ``ds_autotp_parsed``."""
+
+    MESSAGE = "ds_autotp_parsed' attribute already exists in the model; tp_model_init is now record-only."
+
+    def filter(self, record: Any) -> bool:
+        return not (record.funcName == "tp_model_init" and record.getMessage() == self.MESSAGE)
 
 
 # -- accelerate 1.15 ----------------------------------------------------------------------------------

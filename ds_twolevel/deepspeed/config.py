@@ -10,11 +10,10 @@ A DeepSpeed config for this package is an ordinary DeepSpeed JSON with one extra
       "two_level": {"n": 2, "m": 2, "strategy": "cost_model", "timeout_s": 600}
     }
 
-``"strategy": "cost_model"`` is the JSON spelling of the Python API's ``strategy="auto"`` (choose per
-call with the cost model). A JSON value ``"auto"`` is still read, but accelerate's DeepSpeedPlugin
-and the Hugging Face Trainer treat every ``"auto"`` string in a DeepSpeed config as a placeholder
-to fill from their own arguments, and refuse a key they cannot fill; shipped configs and
-:func:`save_deepspeed_config` therefore write ``"cost_model"``.
+``"strategy": "cost_model"`` chooses, per call, the strategy with the least predicted time on the
+hardware profile. It is not spelled ``"auto"``: accelerate's DeepSpeedPlugin and the Hugging Face
+Trainer treat every ``"auto"`` string in a DeepSpeed config as a placeholder to fill from their own
+arguments, so a JSON ``"auto"`` is refused with the fix.
 
 :func:`load_deepspeed_config` splits it into a validated :class:`TwoLevelConfig` and the plain
 DeepSpeed dict (without ``"two_level"``) that ``deepspeed.initialize`` receives.
@@ -24,19 +23,40 @@ honour, each time with the numbers and the fix.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from ds_twolevel.deepspeed.config_schema import AUTO, check_key, check_object_keys, show, validate_deepspeed_dict
+from ds_twolevel.deepspeed.config_schema import (AUTO, MAX_TIMEOUT_S, Key, check_key, check_object_keys, show,
+                                                 unknown_key_message, validate_deepspeed_dict)
 from ds_twolevel.parallel.layout import TwoLevelLayout
 
 SECTION = "two_level"
 REQUIRED = ("n", "m")
 COST_MODEL = "cost_model"
-"""JSON spelling of ``strategy="auto"`` (accelerate fills every "auto" string of a DeepSpeed config)."""
+"""the strategy chooser: the least predicted time per call (``ds_twolevel.strategies.registry.AUTO``)."""
+
+
+def setting(default: Any, kind: str, example: str, **check: Any) -> Any:
+    """A ``TwoLevelConfig`` field and its check (:class:`~ds_twolevel.deepspeed.config_schema.Key`):
+    adding a ``"two_level"`` key is one ``name: type = setting(...)`` line plus its docstring."""
+    return field(default=default, metadata={"key": Key("", kind, example, **check)})
+
+
+def _strategies() -> tuple[str, ...]:
+    from ds_twolevel.strategies import registry
+
+    return tuple(registry.layer_choices())
+
+
+def _profiles() -> tuple[str, ...]:
+    from ds_twolevel.costmodel.hardware import PROFILES
+
+    return tuple(sorted(PROFILES))
 
 
 @dataclass(frozen=True)
@@ -49,43 +69,45 @@ class TwoLevelConfig:
         2
     """
 
-    n: int
+    n: int = setting(None, "int", "2", low=1)
     """head groups: each rank holds h/n query heads (and g/n KV heads). Required."""
-    m: int
+    m: int = setting(None, "int", "2", low=1)
     """head-dim segments: each rank holds d/m dims of each of its heads. Required."""
-    dp: int | None = None
+    dp: int | None = setting(None, "int", "2", low=1, nullable=True)
     """expected data-parallel replicas; optional check, dp is always world_size / (n*m)."""
-    strategy: str = "auto"
-    """attention across segments: "score_allreduce", "qk_allgather", "seq_rows" or "auto" (the least
-    predicted time per call; spelled "cost_model" in JSON, see the module docstring)."""
-    hardware: str | None = None
-    """cost-model profile "auto" plans with ("cpu", "h100"); None: the profile of the weights' device."""
-    reduce_dtype: str = "fp32"
+    strategy: str = setting(COST_MODEL, "str", '"cost_model"', choices=_strategies)
+    """attention across segments: "cost_model" (the least predicted time per call on the hardware
+    profile) or a strategy name: "score_allreduce", "qk_allgather", "seq_rows"."""
+    hardware: str | None = setting(None, "str", '"h100"', nullable=True, choices=_profiles)
+    """cost-model profile "cost_model" plans with ("cpu", "h100"); null: the profile of the weights' device."""
+    reduce_dtype: str = setting("fp32", "str", '"fp32"', choices=("fp32", "input"))
     """dtype of every sum over ranks (partial scores, the o_proj / down_proj all-reduces) of a bf16/fp16
     model: "fp32" (added in fp32, rounded once: the dense model's error) or "input" (in the model's
     dtype: half those bytes, what Megatron and AutoTP do)."""
-    kv_replication: bool = False
+    kv_replication: bool = setting(False, "bool", "false")
     """allow n > num_key_value_heads by replicating KV heads across head groups (costs memory)."""
-    strict: bool = True
+    strict: bool = setting(True, "bool", "true")
     """refuse a model with attention/MLP modules the injection policy does not know."""
-    timeout_s: float = 600.0
+    timeout_s: float = setting(600.0, "number", "600", low=1, high=MAX_TIMEOUT_S)
     """seconds a collective may wait for a peer before this rank fails with a clear message."""
-    dist_backend: str | None = None
-    """torch.distributed backend; None: "gloo" on CPU, the accelerator's own (nccl, ...) otherwise."""
-    zero_init: bool = False
+    dist_backend: str | None = setting(None, "str", '"gloo"', nullable=True)
+    """torch.distributed backend; null: "gloo" on CPU, the accelerator's own (nccl, ...) otherwise."""
+    zero_init: bool = setting(False, "bool", "false")
     """ZeRO stage 3 only: build the model under ``deepspeed.zero.Init`` (see ``ds_twolevel.zero_init``)."""
-    sync_init: bool = True
+    sync_init: bool = setting(True, "bool", "true")
     """broadcast the dense weights from tensor-parallel rank 0 before partitioning, so every rank of
     a replica starts from the same model even if seeding differed."""
-    probe: bool = True
+    probe: bool = setting(True, "bool", "true")
     """run the parity probe while patching (every layer vs its dense module on 8 tokens; a mismatch
     refuses the model on every rank); false skips it for huge models (hf_integration.probe)."""
+    strict_config: bool = setting(False, "bool", "false")
+    """a top-level DeepSpeed key DeepSpeed does not know is an error, not a warning."""
 
     def __post_init__(self) -> None:
-        for field in fields(self):  # type and range of every field: one line naming key, value, example
-            check_key(f"{SECTION}.{field.name}", getattr(self, field.name))
-        if self.strategy == COST_MODEL:
-            object.__setattr__(self, "strategy", "auto")
+        if self.strategy == "auto":  # Python callers' spelling; in JSON see from_dict
+            object.__setattr__(self, "strategy", COST_MODEL)
+        for key in keys():  # type and range of every field: one line naming key, value, example
+            check_key(key, getattr(self, key.path.split(".", 1)[1]))
 
     @property
     def tp_size(self) -> int:
@@ -105,10 +127,14 @@ class TwoLevelConfig:
     def from_dict(cls, section: Mapping[str, Any]) -> "TwoLevelConfig":
         """Validate a ``"two_level"`` section; unknown or missing keys are errors."""
         check_object_keys(section, '"two_level"')
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f'unknown key(s) {unknown} in "two_level"; known keys: {sorted(known)}')
+        known = [f.name for f in fields(cls)]
+        for key in section:
+            if key not in known:
+                message = unknown_key_message(key, known, '"two_level"')
+                raise ValueError(f"{message}; its keys: {', '.join(known)}")
+        if section.get("strategy") == "auto":
+            raise ValueError('"two_level.strategy": "auto" is read by accelerate and the Hugging Face Trainer as a '
+                             'placeholder to fill; write "strategy": "cost_model" (the least predicted time per call)')
         missing = [k for k in REQUIRED if k not in section]
         if missing:
             raise ValueError(f'"two_level" needs {missing}, e.g. "two_level": {{"n": 2, "m": 2}} '
@@ -116,11 +142,18 @@ class TwoLevelConfig:
         return cls(**dict(section))
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON section (``strategy="auto"`` written as ``"cost_model"``)."""
-        out = asdict(self)
-        if out["strategy"] == "auto":
-            out["strategy"] = COST_MODEL
-        return out
+        """The JSON section."""
+        return asdict(self)
+
+
+def keys() -> tuple[Key, ...]:
+    """The :class:`~ds_twolevel.deepspeed.config_schema.Key` of every ``"two_level"`` field, by dotted path.
+
+    Example:
+        >>> keys()[0].path
+        'two_level.n'
+    """
+    return tuple(dataclasses.replace(f.metadata["key"], path=f"{SECTION}.{f.name}") for f in fields(TwoLevelConfig))
 
 
 class ConfigNotFoundError(FileNotFoundError, ValueError):
@@ -149,8 +182,12 @@ def read_json(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any]) -> tuple[TwoLevelConfig, dict[str, Any]]:
-    """Split a DeepSpeed config into (``TwoLevelConfig``, the DeepSpeed dict without ``"two_level"``).
+def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any], *,
+                          inference: bool = False) -> tuple[TwoLevelConfig, dict[str, Any]]:
+    """Split a DeepSpeed config into (``TwoLevelConfig``, the DeepSpeed dict without ``"two_level"``),
+    both checked: ``"two_level"`` by its :func:`keys`, the rest by DeepSpeed's own parser (its
+    inference config's with ``inference``; see ``config_schema.validate_deepspeed_dict``). Needs no
+    process group: call it before any rank talks.
 
     Example:
         >>> tl, ds = load_deepspeed_config("ds_configs/zero2_n2_m2.json")
@@ -160,9 +197,27 @@ def load_deepspeed_config(config: str | os.PathLike | Mapping[str, Any]) -> tupl
         raise ValueError(
             'the DeepSpeed config has no "two_level" section; add e.g. "two_level": {"n": 2, "m": 2} '
             "(n head groups x m head-dim segments; dp = world size / (n*m))")
-    section = ds.pop(SECTION)
-    validate_deepspeed_dict(ds)
-    return TwoLevelConfig.from_dict(section), ds
+    tl = TwoLevelConfig.from_dict(ds.pop(SECTION))
+    validate_deepspeed_dict(ds, inference=inference, strict=tl.strict_config)
+    return tl, ds
+
+
+def check_config_file(config: str | os.PathLike, *, prog: str,
+                      inference: bool = False) -> tuple[TwoLevelConfig, dict[str, Any]]:
+    """:func:`load_deepspeed_config` for a script, called before it imports transformers or starts any
+    rank: a refusal is one line ``<prog>: error: <config>: <reason>`` from rank 0 (every rank would say
+    the same) and exit status 2.
+
+    Example:
+        >>> tl, ds = check_config_file(args.deepspeed_config, prog="recipes/train.py")
+    """
+    try:
+        return load_deepspeed_config(config, inference=inference)
+    except ValueError as err:
+        if os.environ.get("RANK", "0") == "0":
+            named = str(config) in str(err)
+            print(f"{prog}: error: {err if named else f'{config}: {err}'}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def save_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -188,12 +243,14 @@ def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size
                            device_type: str = "cpu") -> TwoLevelLayout:
     """Refuse what this package cannot honour, before any collective; return the layout.
 
+    ``tl`` and ``ds`` come from :func:`load_deepspeed_config` (which checked each key on its own);
+    this checks them against each other and against the world size.
+
     Checks: world size factors into dp*n*m; no second tensor/sequence-parallel scheme; ZeRO
     features whose groups span the world instead of the mpu's data-parallel group; batch sizes
     counted in data-parallel replicas; dtype supported on the device; ``zero_init`` only with
     stage 3.
     """
-    validate_deepspeed_dict(ds)  # idempotent; a dict that did not come through load_deepspeed_config
     layout = tl.layout(world_size)
     dp = layout.dp
     _check_autotp(tl, ds)

@@ -1,41 +1,46 @@
-"""Type and range of every config key this package reads, checked before DeepSpeed sees the dict.
+"""Config checks before DeepSpeed sees the dict: DeepSpeed's own parser for DeepSpeed's keys, a
+:class:`Key` per ``"two_level"`` key for the project's own section.
 
-One table (:data:`DEEPSPEED_KEYS`, :data:`TWO_LEVEL_KEYS`) says, per dotted key, what a valid value
-is and gives an example; :func:`check_key` turns a bad value into one line naming the key, the
-value and the example::
+:func:`validate_deepspeed_dict` runs DeepSpeed's parser (``DeepSpeedConfig``, whose sections are
+DeepSpeed's pydantic models, or ``DeepSpeedInferenceConfig``) outside any process group, and turns
+what it refuses into one line naming the key. Around it, what DeepSpeed's parser lets through but
+fails on later: a top-level key DeepSpeed does not know (a warning with a "did you mean" from
+DeepSpeed's own key list, :func:`deepspeed_keys`; an error under ``"two_level": {"strict_config":
+true}``), a number written as a string, a top-level value whose type is not DeepSpeed's default's,
+and ``optimizer.params`` whose types are not the optimizer's::
 
-    ValueError: "fp16" must be a JSON object, got true; e.g. "fp16": {"enabled": true}
+    ValueError: "optimizer.params.lr" is the string "1e-3"; DeepSpeed reads numbers as JSON numbers: write "lr": 1e-3 (no quotes)
 
-DeepSpeed sections are checked only where they are present (DeepSpeed fills the defaults), and
-only the keys this package or the DeepSpeed code paths it relies on read: a section given as a
-bool, a list or null would otherwise reach DeepSpeed as ``AttributeError: 'bool' object has no
-attribute 'get'`` or ``TypeError: argument after ** must be a mapping``. The string ``"auto"`` is
-accepted where accelerate and the Hugging Face Trainer fill it in (batch sizes, clipping,
-``fp16/bf16.enabled``).
+:func:`check_key` checks one value against a :class:`Key` (type, range, choices) and names the key,
+the value and a valid example; ``TwoLevelConfig`` declares a :class:`Key` per field.
 
 Example:
     >>> validate_deepspeed_dict({"zero_optimization": {"stage": 2}, "fp16": {"enabled": False}})
     >>> validate_deepspeed_dict({"fp16": True})
     Traceback (most recent call last):
-    ValueError: "fp16" must be a JSON object, got true; e.g. "fp16": {"enabled": true}
+    ValueError: "fp16" must be a JSON object, got true; e.g. "fp16": {}
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import difflib
+import functools
+import inspect
 import json
+import logging
 import math
+import os
+import re
+import sys
 from dataclasses import dataclass
-from typing import Callable, Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from ds_twolevel.costmodel.hardware import PROFILES
-from ds_twolevel.strategies import registry
 
 AUTO = "auto"
 """accelerate's / the HF Trainer's placeholder, filled from their own arguments."""
 MAX_TIMEOUT_S = 7 * 24 * 3600
 """longest accepted process-group timeout (one week): beyond it a stalled peer is a hang."""
-DTYPES = ("fp32", "float32", "float", "torch.float32", "fp16", "float16", "half", "torch.float16",
-          "bf16", "bfloat16", "bfloat", "torch.bfloat16", "int8", "torch.int8")
-"""inference ``"dtype"`` strings DeepSpeed 0.19.8 knows (``deepspeed.inference.config.DtypeEnum``)."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,7 @@ class Key:
     high: float | None = None
     """largest valid number (inclusive)."""
     choices: tuple | Callable[[], tuple] = ()
-    """allowed values (a callable: read when checked, e.g. the strategy registry)."""
-    """the only valid values, when the set is small."""
+    """the only valid values (a callable: read when checked, e.g. the strategy registry)."""
     auto: bool = False
     """the placeholder "auto" (filled by accelerate / the HF Trainer) is accepted."""
     nullable: bool = False
@@ -63,68 +67,8 @@ class Key:
     """+Infinity is accepted (accelerate sets ``steps_per_print`` to it: never print)."""
 
 
-def _k(path: str, kind: str, example: str, **kw: Any) -> Key:
-    return Key(path, kind, example, **kw)
-
-
-DEEPSPEED_KEYS: tuple[Key, ...] = (
-    _k("train_batch_size", "int", "8", low=1, auto=True, nullable=True),  # null: DeepSpeed computes it
-    _k("train_micro_batch_size_per_gpu", "int", "2", low=1, auto=True, nullable=True),
-    _k("gradient_accumulation_steps", "int", "1", low=1, auto=True, nullable=True),
-    _k("gradient_clipping", "number", "1.0", low=0, auto=True),
-    _k("steps_per_print", "int", "100", low=1, nullable=True, infinite=True),  # accelerate's DeepSpeedPlugin: inf
-    _k("wall_clock_breakdown", "bool", "false"),
-    _k("sequence_parallel_size", "int", "1", low=1),
-    _k("zero_optimization", "object", '{"stage": 2}'),
-    _k("zero_optimization.stage", "int", "2", choices=(0, 1, 2, 3)),
-    _k("zero_optimization.zero_hpz_partition_size", "int", "1", low=1),
-    _k("zero_optimization.mics_shard_size", "int", "-1", low=-1),
-    _k("zero_optimization.zero_quantized_gradients", "bool", "false"),
-    _k("fp16", "object", '{"enabled": true}'),
-    _k("fp16.enabled", "bool", "true", auto=True),
-    _k("bf16", "object", '{"enabled": true}'),
-    _k("bf16.enabled", "bool", "true", auto=True),
-    _k("bfloat16", "object", '{"enabled": true}'),
-    _k("bfloat16.enabled", "bool", "true", auto=True),
-    _k("tensor_parallel", "object", '{"tp_size": 1}'),
-    _k("tensor_parallel.autotp_size", "int", "0", low=0),
-    _k("tensor_parallel.tp_size", "int", "1", low=1),
-    _k("checkpoint", "object", '{"use_node_local_storage": false}'),
-    _k("checkpoint.use_node_local_storage", "bool", "false"),
-    _k("optimizer", "object", '{"type": "AdamW", "params": {"lr": 0.001}}'),
-    _k("optimizer.type", "str", '"AdamW"'),
-    _k("optimizer.params", "object", '{"lr": 0.001}'),
-    _k("scheduler", "object", '{"type": "WarmupLR", "params": {"warmup_num_steps": 100}}'),
-    _k("scheduler.type", "str", '"WarmupLR"'),
-    _k("scheduler.params", "object", '{"warmup_num_steps": 100}'),
-    _k("replace_with_kernel_inject", "bool", "false"),
-    _k("dtype", "dtype", '"fp32"', choices=DTYPES),
-)
-"""DeepSpeed keys read by this package or by the DeepSpeed code paths it relies on."""
-
-
 def _choices(key: Key) -> tuple:
     return key.choices() if callable(key.choices) else key.choices
-
-
-TWO_LEVEL_KEYS: tuple[Key, ...] = (
-    _k("two_level.n", "int", "2", low=1),
-    _k("two_level.m", "int", "2", low=1),
-    _k("two_level.dp", "int", "2", low=1, nullable=True),
-    _k("two_level.strategy", "str", '"cost_model"', choices=lambda: ("cost_model", *registry.layer_choices())),
-    _k("two_level.hardware", "str", '"h100"', nullable=True, choices=lambda: tuple(sorted(PROFILES))),
-    _k("two_level.reduce_dtype", "str", '"fp32"', choices=("fp32", "input")),
-    _k("two_level.kv_replication", "bool", "false"),
-    _k("two_level.strict", "bool", "true"),
-    _k("two_level.timeout_s", "number", "600", low=1, high=MAX_TIMEOUT_S),
-    _k("two_level.dist_backend", "str", '"gloo"', nullable=True),
-    _k("two_level.zero_init", "bool", "false"),
-    _k("two_level.sync_init", "bool", "true"),
-    _k("two_level.probe", "bool", "true"),
-)
-"""Every field of :class:`ds_twolevel.deepspeed.config.TwoLevelConfig`."""
-
-_BY_PATH = {key.path: key for key in (*DEEPSPEED_KEYS, *TWO_LEVEL_KEYS)}
 
 
 def show(value: Any, limit: int = 60) -> str:
@@ -176,15 +120,14 @@ def _expected(key: Key) -> str:
     return text + (f" (or {' or '.join(alternatives)})" if alternatives else "")
 
 
-def check_key(key: Key | str, value: Any) -> None:
+def check_key(key: Key, value: Any) -> None:
     """ValueError naming ``key``, ``value`` and a valid example unless ``value`` fits ``key``.
 
     Example:
-        >>> check_key("two_level.timeout_s", float("inf"))
+        >>> check_key(Key("two_level.timeout_s", "number", "600", low=1), 0)
         Traceback (most recent call last):
-        ValueError: "two_level.timeout_s" must be a finite number in [1, 604800], got Infinity; e.g. "timeout_s": 600
+        ValueError: "two_level.timeout_s" must be a finite number >= 1, got 0; e.g. "timeout_s": 600
     """
-    key = _BY_PATH[key] if isinstance(key, str) else key
     if (key.auto and value == AUTO) or (key.nullable and value is None) or (key.infinite and value == math.inf):
         return
     ok = _kind_ok(key, value)
@@ -208,21 +151,302 @@ def check_object_keys(section: Any, where: str) -> None:
         raise ValueError(f"{where} has non-string key(s) {show(bad)}; JSON object keys are strings")
 
 
-def _lookup(ds: Mapping[str, Any], path: str) -> tuple[bool, Any]:
-    """(present, value) of a dotted key whose parents were already checked to be objects."""
-    node: Any = ds
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
+# -- the DeepSpeed dict, checked by DeepSpeed's own parser ------------------------------------------
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+"""counted per data-parallel replica by DeepSpeed; checked here and against dp in ``config.py``."""
+_BATCH_KEY = Key("", "int", "2", low=1, auto=True, nullable=True)
+_FLOAT_TEXT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+_OPTIMIZER_FLAGS = ("torch_adam", "adam_w_mode")
+"""bool optimizer params DeepSpeed reads itself (``deepspeed.runtime.engine``), not the optimizer."""
+_ALSO_READ = {"sequence_parallel_size": 1}
+"""keys ``DeepSpeedConfig`` reads only inside a process group (so not while recording outside one)."""
+_TYPED = {"steps_per_print": 10}
+"""integer keys whose DeepSpeed default is null (so their type is not read from the default)."""
+_warned: set[str] = set()
 
 
-def validate_deepspeed_dict(ds: Any) -> None:
-    """Check the type and range of every DeepSpeed key in :data:`DEEPSPEED_KEYS` that ``ds`` has
-    (parents before children); ValueError with one line on the first problem."""
+class _Recorder(dict):
+    """A dict that records every key read from it, with the default the reader supplied."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        super().__init__(data)
+        self.defaults: dict[str, Any] = {}
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.defaults.setdefault(key, default)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.defaults.setdefault(key, None)
+        return super().__contains__(key)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.defaults.setdefault(key, None)
+        return super().__getitem__(key)
+
+    def keys(self) -> "_RecordedKeys":  # DeepSpeed asks ``KEY in param_dict.keys()`` too
+        return _RecordedKeys(self)
+
+
+class _RecordedKeys:
+    """``recorder.keys()``: membership tests recorded like the recorder's own."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.recorder
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(dict.keys(self.recorder))
+
+    def __len__(self) -> int:
+        return len(self.recorder)
+
+
+@contextlib.contextmanager
+def _quiet_deepspeed() -> Iterator[None]:
+    """DeepSpeed's logger at ERROR while its parser runs here (the engine says it all again later)."""
+    from deepspeed.utils import logger
+
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@functools.lru_cache(maxsize=None)
+def deepspeed_keys(inference: bool = False) -> dict[str, Any]:
+    """DeepSpeed's own top-level keys, each with DeepSpeed's default (None where it has none).
+
+    Training: every key ``deepspeed.runtime.config.DeepSpeedConfig`` reads (recorded while it parses a
+    minimal config). Inference: the fields (and aliases) of ``DeepSpeedInferenceConfig``.
+
+    Example:
+        >>> deepspeed_keys()["gradient_clipping"]
+        1.0
+    """
+    if inference:
+        from deepspeed.inference.config import DeepSpeedInferenceConfig
+
+        out: dict[str, Any] = {}
+        for name, info in DeepSpeedInferenceConfig.model_fields.items():
+            default = None if info.is_required() else info.get_default()
+            for key in (name, info.alias):
+                if key:
+                    out[key] = default if isinstance(default, (bool, int, float)) else None
+        return out
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    recorder = _Recorder({"train_micro_batch_size_per_gpu": 1})
+    with _quiet_deepspeed():
+        DeepSpeedConfig(recorder)
+    return {**_ALSO_READ, **{k: v for k, v in recorder.defaults.items() if isinstance(k, str)}}
+
+
+def unknown_key_message(key: str, known: Iterable[str], where: str) -> str:
+    """``unknown key "x" in <where> (did you mean "y"?)``, the suggestion from ``known`` (difflib)."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f' (did you mean "{close[0]}"?)' if close else ""
+    return f'unknown key "{key}" in {where}{hint}'
+
+
+def _check_unknown(ds: Mapping[str, Any], known: Mapping[str, Any], strict: bool) -> None:
+    """Warn once per key on rank 0 (or raise under ``strict_config``) about keys DeepSpeed ignores."""
+    for key in ds:
+        if key in known:
+            continue
+        message = unknown_key_message(key, known, "the DeepSpeed config")
+        if strict:
+            raise ValueError(f'{message}; DeepSpeed would ignore it ("two_level": {{"strict_config": true}})')
+        if key not in _warned and os.environ.get("RANK", "0") == "0":
+            _warned.add(key)
+            print(f'ds-twolevel: warning: {message}; DeepSpeed ignores it ("two_level": {{"strict_config": true}} '
+                  "makes this an error)", file=sys.stderr, flush=True)
+
+
+def _numeric_strings(node: Any, path: str) -> None:
+    """A number written as a string (``"5e7"``, ``"1e-3"``) anywhere: JSON numbers have no quotes."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            _numeric_strings(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _numeric_strings(value, f"{path}[{i}]")
+    elif isinstance(node, str) and _FLOAT_TEXT.match(node):
+        leaf = path.rsplit(".", 1)[-1]
+        raise ValueError(f'"{path}" is the string {show(node)}; DeepSpeed reads numbers as JSON numbers: write '
+                         f'"{leaf}": {node.strip()} (no quotes)')
+
+
+def _check_scalars(ds: Mapping[str, Any], known: Mapping[str, Any]) -> None:
+    """Top-level values against the type of DeepSpeed's default (bool, number) and the batch keys."""
+    for key, value in ds.items():
+        if key in BATCH_KEYS:
+            check_key(dataclasses.replace(_BATCH_KEY, path=key), value)
+            continue
+        default = _TYPED.get(key, known.get(key))
+        if value == AUTO or value is None or default is None or isinstance(default, (str, dict, list)):
+            continue
+        if isinstance(default, bool):
+            check_key(Key(key, "bool", json.dumps(default)), value)
+        elif isinstance(value, float) and value == math.inf and key == "steps_per_print":
+            continue  # accelerate's DeepSpeedPlugin: never print
+        else:
+            check_key(Key(key, "int" if isinstance(default, int) else "number", json.dumps(default), low=0), value)
+
+
+def _optimizer_class(name: str) -> type | None:
+    """The ``torch.optim`` class DeepSpeed's optimizer ``type`` names (case-insensitive), if any."""
+    import torch.optim
+
+    classes = {n.lower(): c for n, c in vars(torch.optim).items() if isinstance(c, type)}
+    return classes.get(name.lower()) if isinstance(name, str) else None
+
+
+def _check_optimizer(ds: Mapping[str, Any]) -> None:
+    """``optimizer.params`` against the signature of the optimizer DeepSpeed builds: a number where the
+    default is a number, a list of numbers where it is a tuple, true/false where it is a bool."""
+    for section, example in (("optimizer", '{"type": "AdamW", "params": {"lr": 0.001}}'),
+                             ("scheduler", '{"type": "WarmupLR", "params": {"warmup_num_steps": 100}}')):
+        value = ds.get(section)
+        if value is not None and not isinstance(value, Mapping):
+            raise ValueError(f'"{section}" must be a JSON object, got {show(value)}; e.g. "{section}": {example}')
+        if isinstance(value, Mapping) and "params" in value:
+            check_object_keys(value["params"], f'"{section}.params"')
+    optimizer = ds.get("optimizer")
+    if optimizer is None:
+        return
+    params = optimizer.get("params", {})
+    cls = _optimizer_class(optimizer.get("type"))
+    defaults = {} if cls is None else {
+        k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not inspect.Parameter.empty}
+    defaults.update({flag: False for flag in _OPTIMIZER_FLAGS})
+    for key, value in params.items():
+        default, path = defaults.get(key, inspect.Parameter.empty), f"optimizer.params.{key}"
+        if value == AUTO or default is inspect.Parameter.empty or default is None:
+            continue  # the HF Trainer fills "auto"; unknown params reach the optimizer, which names them
+        if isinstance(default, bool):
+            check_key(Key(path, "bool", json.dumps(default)), value)
+        elif isinstance(default, (int, float)):
+            check_key(Key(path, "number", json.dumps(default)), value)
+        elif isinstance(default, tuple):
+            ok = (isinstance(value, list) and len(value) == len(default)
+                  and all(_kind_ok(Key(path, "number", ""), v) for v in value))
+            if not ok:
+                raise ValueError(f'"{path}" must be a list of {len(default)} numbers, got {show(value)}; '
+                                 f'e.g. "{key}": {json.dumps(list(default))}')
+
+
+def _locate(ds: Mapping[str, Any], loc: tuple, value: Any) -> str:
+    """The dotted path of a pydantic error: ``loc`` is relative to the section DeepSpeed parsed."""
+    def at(node: Any, parts: tuple) -> tuple[bool, Any]:
+        for part in parts:
+            if not isinstance(node, Mapping) or part not in node:
+                return False, None
+            node = node[part]
+        return True, node
+
+    loc = tuple(str(p) for p in loc)
+    found, node = at(ds, loc)
+    if found and node is value:
+        return ".".join(loc)
+    for key, section in ds.items():
+        found, node = at(section, loc)
+        if found and (node is value or node == value):
+            return ".".join((key, *loc))
+    return ".".join(loc)
+
+
+def _parse(ds: Mapping[str, Any], inference: bool) -> None:
+    """DeepSpeed's own parser on ``ds`` (raises what it raises)."""
+    with _quiet_deepspeed():
+        if inference:
+            from deepspeed.inference.config import DeepSpeedInferenceConfig
+
+            DeepSpeedInferenceConfig(**ds)
+        else:
+            from deepspeed.runtime.config import DeepSpeedConfig
+
+            DeepSpeedConfig(_for_parser(ds))
+
+
+def _culprit(ds: Mapping[str, Any], inference: bool, err: Exception) -> str | None:
+    """The top-level key without which DeepSpeed's parser no longer raises ``err``'s message."""
+    for key in ds:
+        try:
+            _parse({k: v for k, v in ds.items() if k != key}, inference)
+            return key
+        except Exception as other:  # noqa: BLE001 - any other outcome: this key is not the cause
+            if str(other) != str(err):
+                return key
+    return None
+
+
+def _deepspeed_message(err: Exception, ds: Mapping[str, Any], inference: bool) -> str:
+    """One line from what DeepSpeed's parser raised, naming the key."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):  # pydantic.ValidationError
+        first = errors()[0]
+        path = _locate(ds, first.get("loc", ()), first.get("input"))
+        more = f" (and {len(errors()) - 1} more)" if len(errors()) > 1 else ""
+        return (f'"{path}": {first.get("msg")}, got {show(first.get("input"))} '
+                f"(DeepSpeed's {err.title}){more}")
+    text = " ".join(str(err).split()) or type(err).__name__
+    key = _culprit(ds, inference, err)
+    if key is not None and not isinstance(ds[key], Mapping) and "mapping" in text:
+        return f'"{key}" must be a JSON object, got {show(ds[key])}; e.g. "{key}": {{}}'
+    where = f'"{key}": ' if key is not None else ""
+    return f"{where}DeepSpeed's config parser refused it: {text}"
+
+
+_OBJECTS = ("zero_optimization", "tensor_parallel", "checkpoint")
+"""sections this package reads as objects (DeepSpeed also takes a legacy ``"zero_optimization": true``)."""
+
+
+def _sections(ds: Mapping[str, Any], known: Mapping[str, Any]) -> None:
+    """A section DeepSpeed reads as an object (its default is one) given as something else."""
+    for key, value in ds.items():
+        section = isinstance(known.get(key), dict) or key in _OBJECTS
+        if section and not isinstance(value, Mapping) and value is not None:
+            raise ValueError(f'"{key}" must be a JSON object, got {show(value)}; e.g. "{key}": {{}}')
+
+
+def _for_parser(ds: Mapping[str, Any]) -> dict[str, Any]:
+    """``ds`` as DeepSpeed's parser can read it outside a process group: the batch keys (checked here
+    and against dp in ``config.py``) replaced by a micro batch of 1."""
+    out = {k: v for k, v in ds.items() if k not in BATCH_KEYS}
+    out["train_micro_batch_size_per_gpu"] = 1
+    return out
+
+
+def validate_deepspeed_dict(ds: Any, *, inference: bool = False, strict: bool = False) -> None:
+    """Check a DeepSpeed dict (without ``"two_level"``) with DeepSpeed's own parser, before any rank talks.
+
+    Unknown top-level keys (not in :func:`deepspeed_keys`) get a one-line warning with a "did you mean",
+    an error when ``strict``. A number written as a string, a top-level value of another type than
+    DeepSpeed's default, ``optimizer.params`` of another type than the optimizer's signature, and what
+    DeepSpeed's pydantic models (``DeepSpeedConfig``, or ``DeepSpeedInferenceConfig`` for
+    ``inference``) refuse are ValueErrors with one line naming the key. ``"auto"`` (filled by
+    accelerate and the HF Trainer) passes where DeepSpeed's models accept it.
+
+    Example:
+        >>> validate_deepspeed_dict({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0})
+        >>> validate_deepspeed_dict({"zero_optimization": {"stage": 2, "reduce_bucket_size": "5e7"}})
+        Traceback (most recent call last):
+        ValueError: "zero_optimization.reduce_bucket_size" is the string "5e7"; DeepSpeed reads numbers as JSON \
+numbers: write "reduce_bucket_size": 5e7 (no quotes)
+    """
     check_object_keys(ds, "the DeepSpeed config")
-    for key in DEEPSPEED_KEYS:
-        present, value = _lookup(ds, key.path)
-        if present:
-            check_key(key, value)
+    known = deepspeed_keys(inference)
+    _check_unknown(ds, known, strict)
+    _numeric_strings(ds, "")
+    _sections(ds, known)
+    _check_scalars(ds, known)
+    _check_optimizer(ds)
+    try:
+        _parse(ds, inference)
+    except Exception as err:  # pydantic's ValidationError (a ValueError), asserts, TypeErrors: one line
+        raise ValueError(_deepspeed_message(err, ds, inference)) from None

@@ -39,10 +39,11 @@ import torch
 import torch.distributed as dist
 
 from ds_twolevel.deepspeed.compat import CONSOLIDATED, ZERO3_CONSOLIDATED, set_universal_checkpoint_info
+from ds_twolevel.deepspeed.engine_patch import MARK as _MARK
+from ds_twolevel.deepspeed.engine_patch import original, register_installer  # noqa: F401 (original re-exported)
 from ds_twolevel.deepspeed.import_hooks import when_imported
 
 logger = logging.getLogger("ds_twolevel")
-_MARK = "_ds_twolevel_originals"
 ENGINE_MODULE = "deepspeed.runtime.engine"
 
 
@@ -136,11 +137,12 @@ def _save_checkpoint(original: Callable, self: Any, save_dir: str, tag: Any = No
         return original(self, save_dir, tag, client_state if client_state is not None else {}, save_latest,
                         exclude_frozen_parameters)
     from ds_twolevel.deepspeed.checkpoint import after_deepspeed_save
+    from ds_twolevel.deepspeed.convert import write_recovery_scripts
 
     tag = str(tag if tag is not None else f"global_step{self.global_steps}")
     set_universal_checkpoint_info(self.module, _universal_reason(self))  # DeepSpeed saves it in the model states
     result = original(self, save_dir, tag, client_state or {}, save_latest, exclude_frozen_parameters)
-    after_deepspeed_save(self, Path(save_dir), tag)
+    after_deepspeed_save(self, Path(save_dir), tag, write_scripts=write_recovery_scripts)
     return result
 
 
@@ -206,14 +208,9 @@ def install() -> None:
     setattr(DeepSpeedEngine, _MARK, {**originals, "get_fp32_state_dict_from_zero_checkpoint": original_fp32})
 
 
-def original(name: str) -> Callable:
-    """DeepSpeed's own (unwrapped) ``DeepSpeedEngine`` method ``name``, or
-    ``"get_fp32_state_dict_from_zero_checkpoint"`` (``deepspeed.utils.zero_to_fp32``'s function)."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    return DeepSpeedEngine.__dict__.get(_MARK, {}).get(name) or getattr(DeepSpeedEngine, name)
-
-
 def install_when_imported() -> None:
     """:func:`install` now if DeepSpeed's engine is imported, else as soon as it is (patched models call this)."""
     when_imported(ENGINE_MODULE, lambda module: install())
+
+
+register_installer(install)  # checkpoint's save/load make sure the wrappers are in place

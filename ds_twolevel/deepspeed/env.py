@@ -130,6 +130,39 @@ def _wait_for(library: Path, timeout_s: float = SPEAKER_WAIT_S) -> None:
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def _stderr_fd_to_devnull() -> Iterator[None]:
+    """File descriptor 2 (what compiler subprocesses inherit) to /dev/null for a ``with`` block."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def compatible_ops() -> dict[str, bool]:
+    """``deepspeed.ops.__compatible_ops__``, probed once per process with the probes' compiler output
+    dropped. DeepSpeed probes every op on first access (a test compile and link each) and silences the
+    compiler by redirecting ``sys.stderr.fileno()``; in a Jupyter kernel (and the processes
+    ``notebook_launcher`` forks from it) that is not descriptor 2, so the async_io probe's
+    ``/usr/bin/ld: cannot find -laio`` and ``collect2: error`` reached the notebook from every rank.
+
+    Example:
+        >>> compatible_ops()["deepspeed_shm_comm"]
+        True
+    """
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        with _stderr_fd_to_devnull():
+            deepspeed.ops.__compatible_ops__  # noqa: B018 - computed and cached by DeepSpeed on access
+    return deepspeed.ops.__compatible_ops__
+
+
 def load_shm_comm_op() -> ModuleType | None:
     """DeepSpeed's CPU shared-memory comm op, loaded or compiled with a visible message.
 
@@ -139,12 +172,11 @@ def load_shm_comm_op() -> ModuleType | None:
     Example:
         >>> op = load_shm_comm_op()   # before deepspeed.init_distributed; it then reuses the loaded op
     """
-    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import installed_ops
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    if builder is None or not compatible_ops().get(builder.NAME, False):
         return None
     if installed_ops.get(builder.NAME, False):
         return builder.load(verbose=False)

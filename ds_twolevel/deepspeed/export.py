@@ -15,35 +15,40 @@ import torch
 from ds_twolevel.deepspeed.zero import gathered
 
 
+def _patched(engine_or_model: Any) -> Any:
+    """The partitioned model of an engine (or the model itself); ValueError if it was never patched."""
+    module = getattr(engine_or_model, "module", engine_or_model)
+    if not callable(getattr(module, "two_level_dense_state_dict", None)):
+        raise ValueError(f"{type(module).__name__} is not a two-level model (hf_integration.patch_model, "
+                         "load_partitioned or ds_twolevel.initialize patch one); nothing to gather")
+    return module
+
+
 def dense_state_dict(engine_or_model: Any) -> dict[str, torch.Tensor]:
     """The trained model's dense weights (names of the unpatched model), on every rank.
 
-    Collective over the whole world (ZeRO-3 gathers over dp, shards gather over tp through
-    ``hf_integration.dense_state_dict``).
+    Collective over the whole world (ZeRO-3 gathers over dp, shards gather over tp through the
+    model's ``two_level_dense_state_dict``, which ``hf_integration.patch_model`` installs).
 
     Example:
         >>> state = ds_twolevel.dense_state_dict(engine)   # every rank calls it
     """
-    from hf_integration import dense_state_dict as hf_dense_state_dict
-
-    module = getattr(engine_or_model, "module", engine_or_model)
+    module = _patched(engine_or_model)
     with gathered(module):
-        state = hf_dense_state_dict(module)
+        state = module.two_level_dense_state_dict()
         return {k: v.detach().clone() for k, v in state.items()}  # ZeRO-3 frees the gathered storage on exit
 
 
 def export_dense(engine_or_model: Any, out_dir: str | os.PathLike, **save_pretrained_kwargs: Any) -> Path:
     """Write the trained model as a standard dense Hugging Face checkpoint (``from_pretrained``-able).
 
-    Collective (every rank calls it): ZeRO-3 parameters are gathered over dp, shards over tp
-    (``hf_integration.save_dense_pretrained``); rank 0 writes into a temporary directory and
-    renames it, so a killed export never leaves half a checkpoint at ``out_dir``.
+    Collective (every rank calls it): ZeRO-3 parameters are gathered over dp, shards over tp (the
+    patched model's ``save_pretrained``: ``hf_integration.save_dense_pretrained``); rank 0 writes into
+    a temporary directory and renames it, so a killed export never leaves half a checkpoint at ``out_dir``.
 
     Example:
         >>> ds_twolevel.export_dense(engine, "out/dense")   # AutoModelForCausalLM.from_pretrained("out/dense")
     """
-    from hf_integration import save_dense_pretrained
-
-    module = getattr(engine_or_model, "module", engine_or_model)
+    module = _patched(engine_or_model)
     with gathered(module):
-        return save_dense_pretrained(module, out_dir, **save_pretrained_kwargs)
+        return Path(module.save_pretrained(out_dir, **save_pretrained_kwargs))

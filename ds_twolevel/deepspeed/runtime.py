@@ -146,7 +146,7 @@ def init_inference(model: nn.Module, config: str | os.PathLike | Mapping[str, An
     """
     import deepspeed
 
-    tl, ds = load_deepspeed_config(config)
+    tl, ds = load_deepspeed_config(config, inference=True)
     tp_size = int((ds.get("tensor_parallel") or {}).get("tp_size", 1) or 1)
     if tp_size > 1:
         raise ValueError(f'"tensor_parallel.tp_size" = {tp_size} contradicts "two_level" (n*m = {tl.tp_size} ranks '

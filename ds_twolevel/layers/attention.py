@@ -48,8 +48,8 @@ class TwoLevelAttention(nn.Module):
         qk_norm: the q/k RMSNorm in full (scope, weight formula, rounding); overrides ``qk_norm_eps``.
         softcap: if set, scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma2; no fused SDPA).
         causal: causal (decoder) or bidirectional (encoder) attention.
-        strategy: "auto" (least predicted time on ``hardware``) or one of ``registry.layer_choices()``.
-        hardware: profile (or its name) "auto" plans with; None: the input device's (``default_profile``).
+        strategy: "cost_model" (least predicted time on ``hardware``) or one of ``registry.layer_choices()``.
+        hardware: profile (or its name) "cost_model" plans with; None: the input device's (``default_profile``).
         reduce_dtype: dtype of every sum over ranks when wider than the activations' (bf16 partials added
             in fp32, rounded once; twice those bytes); "input"/None: the activations' (Megatron's, AutoTP's).
         dropout: attention-probability dropout (training only).
@@ -76,7 +76,7 @@ class TwoLevelAttention(nn.Module):
         qk_norm: QKNorm | None = None,
         softcap: float | None = None,
         causal: bool = True,
-        strategy: str = "auto",
+        strategy: str = registry.AUTO,
         hardware: Any = None,
         reduce_dtype: Any = torch.float32,
         dropout: float = 0.0,
@@ -91,7 +91,7 @@ class TwoLevelAttention(nn.Module):
         if isinstance(axes, TwoLevelMesh):  # validate before looking the layer's axes up
             AttentionPartition(spec, axes.layout.n, axes.layout.m, kv_replication=kv_replication)
             axes = axes.axes_for(spec.num_kv_heads)
-        registry.check_layer_strategy(strategy)
+        strategy = registry.check_layer_strategy(strategy)
         axes = axes.reducing_in(check_reduce_dtype(reduce_dtype))
         # validates h, g, d against (n, m) before any parameter or collective exists
         self.part = AttentionPartition(spec, axes.n, axes.m, kv_replication=kv_replication)
@@ -324,7 +324,7 @@ def _cache_state(layer: TwoLevelAttention, kv_cache: Any) -> tuple[str, int]:
 
 class SeqShardAttention(TwoLevelAttention):
     """A :class:`TwoLevelAttention` whose strategy defaults to ``"seq_rows"``: prefill and training by
-    query rows, decode (one row) by "auto", and kv_shard whenever the KV cache has the kv_shard layout.
+    query rows, decode (one row) by "cost_model", and kv_shard whenever the KV cache has the kv_shard layout.
 
     Example:
         >>> layer = SeqShardAttention.from_dense(dense_attn, mesh)

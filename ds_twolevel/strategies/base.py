@@ -2,7 +2,7 @@
 
 A strategy is one module of this package with
 
-* ``NAME`` (the config / CLI / ``strategy=`` spelling) and ``AUTO`` (whether ``"auto"`` may pick it);
+* ``NAME`` (the config / CLI / ``strategy=`` spelling) and ``AUTO`` (whether ``"cost_model"`` may pick it);
 * ``why_not(call) -> str | None``: why it cannot compute the call exactly (None: it can);
 * ``collectives(call) -> list[Collective]``: the forward collectives it issues over the segment axis
   (what :class:`~ds_twolevel.parallel.collectives.CommCounter` counts at run time);
@@ -11,7 +11,7 @@ A strategy is one module of this package with
 * ``attend(ctx, q, k, v, mask) -> (b, h/n, s, dv/m)``: the attention itself.
 
 Optionally ``BACKWARD = False`` (inference only) and ``PREFILL_ONLY = True`` (a requested strategy that
-splits query rows falls back to ``"auto"`` for decode's single row). :mod:`.registry` lists them and
+splits query rows falls back to ``"cost_model"`` for decode's single row). :mod:`.registry` lists them and
 :func:`~.registry.plan_call` is the one place that decides which strategy runs a call - for the layer
 and for the cost model.
 """
@@ -26,6 +26,73 @@ from ds_twolevel.parallel.layout import AxisGroup
 CACHE_LAYOUTS = ("segments", "kv_shard")
 """"segments": each rank caches (b, g/n, s, d/m) of every position (the dim split);
 "kv_shard": each rank of a segment group caches full-d K/V of its own positions (p % m == j)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of a decoder-only transformer, as the cost model needs them.
+
+    Example:
+        >>> ModelConfig("tiny", hidden=256, heads=8, kv_heads=2, head_dim=32, intermediate=512, layers=2)
+    """
+
+    name: str
+    hidden: int
+    """H."""
+    heads: int
+    """h: query heads."""
+    kv_heads: int
+    """g: key/value heads."""
+    head_dim: int
+    """d."""
+    intermediate: int
+    """MLP intermediate size I."""
+    layers: int
+    gated: bool = True
+    """gated MLP (gate, up, down: Llama) or plain (up, down: GPT)."""
+    qk_norm: bool = False
+    """RMSNorm of q and k (Qwen3, Gemma3: per head; OLMo2: over the whole projection)."""
+    qk_norm_scope: str = "head"
+    """"head" or "projection" (see :class:`AttentionCall`)."""
+    rope_style: str = "half"
+    vocab: int = 0
+    """vocabulary size (memory of the replicated embedding + LM head; 0: left out)."""
+    tied_embeddings: bool = False
+
+    def spec(self, name: str | None = None):
+        """The layer's :class:`~ds_twolevel.sharding.partition.AttentionSpec`."""
+        from ds_twolevel.sharding.partition import AttentionSpec
+
+        return AttentionSpec(self.heads, self.kv_heads, self.head_dim, rope_style=self.rope_style,
+                             name=name or self.name)
+
+    @classmethod
+    def from_hf_config(cls, config: dict, name: str = "model", *, gated: bool = True, qk_norm: bool = False,
+                       qk_norm_scope: str = "head", rope_style: str = "half") -> "ModelConfig":
+        """Read the shapes of a Hugging Face ``config.json`` dict (Llama/Mistral/Qwen/GPT-2 key names).
+
+        What a config does not state - a gated MLP, q/k norms and their scope, the RoPE style - is
+        passed in: the Hugging Face integration's ``cost_model_config(config)`` reads it from the
+        model's ArchSpec (the core knows no architecture by name).
+
+        Example:
+            >>> ModelConfig.from_hf_config({"n_embd": 768, "n_head": 12}, "gpt2", gated=False, rope_style="none")
+        """
+        get = lambda *keys, default=None: next((config[k] for k in keys if config.get(k) is not None), default)
+        hidden = get("hidden_size", "n_embd", "d_model")
+        heads = get("num_attention_heads", "n_head")
+        if hidden is None or heads is None:
+            raise ValueError(f"{name}: config has no hidden_size/num_attention_heads; keys: {sorted(config)[:20]}")
+        return cls(
+            name=name, hidden=hidden, heads=heads,
+            kv_heads=get("num_key_value_heads", "n_head_kv", default=heads),
+            head_dim=get("head_dim", default=hidden // heads),
+            intermediate=get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+            layers=get("num_hidden_layers", "n_layer", default=1),
+            gated=gated, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_style=rope_style,
+            vocab=get("vocab_size", default=0),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
 
 
 @dataclass(frozen=True)

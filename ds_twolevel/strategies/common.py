@@ -14,7 +14,7 @@ from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.strategies.base import AttendContext, AttentionCall, Op
 
 if TYPE_CHECKING:
-    from ds_twolevel.costmodel.roofline import ModelConfig
+    from ds_twolevel.strategies.base import ModelConfig
 
 
 def needs_no_mask(call: AttentionCall) -> bool:

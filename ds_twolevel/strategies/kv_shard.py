@@ -45,7 +45,7 @@ from ds_twolevel.strategies.row_masks import check_kv_len, position_mask
 from ds_twolevel.strategies.rows import owned_count
 
 if TYPE_CHECKING:
-    from ds_twolevel.costmodel.roofline import ModelConfig
+    from ds_twolevel.strategies.base import ModelConfig
     from ds_twolevel.layers.seq_cache import PositionShardedKV
 
 NAME = "kv_shard"

@@ -17,7 +17,7 @@ from ds_twolevel.strategies.base import AttendContext, AttentionCall, Collective
 from ds_twolevel.strategies.common import dropout, expand_kv, layer_mask, mlp_activation, projection_ops, softcap
 
 if TYPE_CHECKING:
-    from ds_twolevel.costmodel.roofline import ModelConfig
+    from ds_twolevel.strategies.base import ModelConfig
 
 NAME = "qk_allgather"
 AUTO = True

@@ -5,12 +5,12 @@ A strategy is a module with the interface of :class:`~ds_twolevel.strategies.bas
 one is one file plus one :func:`register` line (below, or in your own code); the config, the policy,
 the CLI, the cost model, the planner, the bench and the tests iterate :func:`names`.
 
-Optional module attributes read here: ``AUTO`` ("auto" may pick it), ``UNIVERSAL`` (it computes every
-call with a dimension-layout cache, mask, dropout and gradient included: the parity tests run it
+Optional module attributes read here: ``AUTO`` ("cost_model" may pick it), ``UNIVERSAL`` (it computes
+every call with a dimension-layout cache, mask, dropout and gradient included: the parity tests run it
 everywhere), ``LAYOUTS`` (KV-cache layouts it reads, default ``("segments",)``), ``PREFILL_ONLY`` (a
-request falls back to "auto" for decode's single row), ``BACKWARD`` (False: inference only) and
-``TIE_RANK`` (lower wins a tie in "auto"; default 1). "auto" chooses by predicted time on a hardware
-profile (:func:`auto_choice`).
+request falls back to "cost_model" for decode's single row), ``BACKWARD`` (False: inference only) and
+``TIE_RANK`` (lower wins a tie in "cost_model"; default 1). "cost_model" chooses by predicted time on a
+hardware profile (:func:`auto_choice`).
 """
 from __future__ import annotations
 
@@ -22,14 +22,17 @@ from typing import Iterator
 from ds_twolevel.strategies import kv_shard, qk_allgather, score_allreduce, seq_rows
 from ds_twolevel.strategies.base import AttentionCall, Strategy, comm_time, sum_size
 
-AUTO = "auto"
+AUTO = "cost_model"
+"""the chooser: per call, the strategy with the least predicted time on a hardware profile."""
+_ALIASES = {"auto": AUTO}
+"""older spellings ``strategy=`` still takes from Python (not in :func:`choices`)."""
 _REGISTRY: dict[str, ModuleType] = {}
 
 
 def register(strategy: ModuleType | Strategy, *, replace: bool = False) -> None:
     """Add a strategy module under its ``NAME``."""
     name = strategy.NAME
-    if name == AUTO or (name in _REGISTRY and not replace):
+    if name == AUTO or name in _ALIASES or (name in _REGISTRY and not replace):
         raise ValueError(f"strategy {name!r} is already registered (or reserved); pass replace=True to swap it")
     _REGISTRY[name] = strategy
 
@@ -60,7 +63,7 @@ def universal() -> tuple[str, ...]:
 
 
 def choices() -> tuple[str, ...]:
-    """What ``strategy=`` accepts: "auto" and every registered name."""
+    """What ``strategy=`` accepts: "cost_model" and every registered name."""
     return (AUTO, *_REGISTRY)
 
 
@@ -72,22 +75,28 @@ def get(name: str) -> ModuleType:
         raise ValueError(f"strategy must be one of {choices()}, got {name!r}") from None
 
 
+def canonical(name: str) -> str:
+    """``name`` with an older spelling ("auto") replaced by its name ("cost_model")."""
+    return _ALIASES.get(name, name) if isinstance(name, str) else name
+
+
 def check_name(name: str) -> str:
-    """``name`` if it is "auto" or a registered strategy, else a ValueError naming the choices."""
+    """``name`` (canonical) if it is "cost_model" or a registered strategy, else a ValueError naming the choices."""
+    name = canonical(name)
     if name != AUTO:
         get(name)
     return name
 
 
 def layer_choices() -> tuple[str, ...]:
-    """What a layer's (or patch_model's) ``strategy=`` accepts: "auto" and every strategy that reads a
+    """What a layer's (or patch_model's) ``strategy=`` accepts: "cost_model" and every strategy that reads a
     dimension-layout cache (a strategy of another cache layout is chosen by the cache itself)."""
     return (AUTO, *(n for n, s in _REGISTRY.items() if "segments" in layouts(s)))
 
 
 def check_layer_strategy(name: str) -> str:
-    """``name`` if a layer may default to it (see :func:`layer_choices`), else ValueError naming them."""
-    check_name(name)
+    """``name`` (canonical) if a layer may default to it (see :func:`layer_choices`), else ValueError naming them."""
+    name = check_name(name)
     if name not in layer_choices():
         raise ValueError(f"strategy {name!r} is chosen by the KV cache (a cache built with layout="
                          f"{layouts(_REGISTRY[name])[0]!r}), not set on the layer; the layer's strategy must be "
@@ -97,7 +106,7 @@ def check_layer_strategy(name: str) -> str:
 
 def cache_layout_strategies() -> tuple[str, ...]:
     """The strategies that read only a KV cache of another layout than the dimension split (kv_shard):
-    the cache, not "auto", selects them at run time; the cost model's "auto" weighs them too."""
+    the cache, not "cost_model", selects them at run time; "cost_model" weighs them too."""
     return tuple(n for n, s in _REGISTRY.items() if "segments" not in layouts(s))
 
 
@@ -158,7 +167,7 @@ def predicted_activation(call: AttentionCall, name: str, element_size: int | Non
 
 
 MEMORY_FACTOR = 2.0
-""""auto" leaves out a strategy whose predicted activations exceed the leanest able one's (a fused path)
+""""cost_model" leaves out a strategy whose predicted activations exceed the leanest able one's (a fused path)
 by more than this factor; a user who names the strategy still gets it."""
 
 
@@ -169,7 +178,7 @@ def candidates(call: AttentionCall) -> list[str]:
 
 
 def auto_choice(call: AttentionCall, element_size: int | None = None, hw=None) -> str:
-    """"auto": of the ``AUTO`` strategies that can compute the call and whose predicted activations stay
+    """"cost_model": of the ``AUTO`` strategies that can compute the call and whose predicted activations stay
     within :data:`MEMORY_FACTOR` of the leanest one's, the one with the least predicted time on ``hw``
     (default: the CPU profile; the layer passes its device's). Ties: the lower ``TIE_RANK``, then
     registration order. Every rank decides alike: the choice reads shapes and the profile only."""
@@ -186,15 +195,15 @@ def auto_choice(call: AttentionCall, element_size: int | None = None, hw=None) -
 
 
 def plan_call(call: AttentionCall, requested: str = AUTO, hw=None) -> Plan:
-    """The strategy that runs ``call`` when ``requested`` ("auto" or a name) is asked for.
+    """The strategy that runs ``call`` when ``requested`` ("cost_model" or a name) is asked for.
 
-    "auto" is :func:`auto_choice` on ``hw`` (a :class:`~ds_twolevel.costmodel.hardware.HardwareProfile`;
+    "cost_model" is :func:`auto_choice` on ``hw`` (a :class:`~ds_twolevel.costmodel.hardware.HardwareProfile`;
     default: the CPU profile). A named strategy that cannot compute the call raises ValueError with its
-    reason (before any collective); a prefill-only one falls back to "auto" for decode; with a cache in
-    another layout than the dimension split, a strategy that does not read it falls back to "auto" among
+    reason (before any collective); a prefill-only one falls back to "cost_model" for decode; with a cache
+    in another layout than the dimension split, a strategy that does not read it falls back to "cost_model" among
     those that do (the cache chose the layout).
     """
-    check_name(requested)
+    requested = check_name(requested)
     if requested != AUTO:
         strategy = _REGISTRY[requested]
         reason = strategy.why_not(call)

@@ -29,7 +29,7 @@ from ds_twolevel.strategies.common import (dropout, layer_mask, mlp_activation, 
                                            softcap, softmax)
 
 if TYPE_CHECKING:
-    from ds_twolevel.costmodel.roofline import ModelConfig
+    from ds_twolevel.strategies.base import ModelConfig
 
 NAME = "score_allreduce"
 AUTO = True

@@ -33,14 +33,14 @@ from ds_twolevel.strategies.row_masks import row_mask
 from ds_twolevel.strategies.rows import RowPlan, plan_rows
 
 if TYPE_CHECKING:
-    from ds_twolevel.costmodel.roofline import ModelConfig
+    from ds_twolevel.strategies.base import ModelConfig
 
 NAME = "seq_rows"
 AUTO = True
-""""auto" picks it for a prefill when it predicts the least time (fused attention on 1/m of the rows)."""
+""""cost_model" picks it for a prefill when it predicts the least time (fused attention on 1/m of the rows)."""
 LAYOUTS = ("segments", "kv_shard")
 PREFILL_ONLY = True
-"""a requested seq_rows falls back to "auto" for decode's single row (nothing to split)."""
+"""a requested seq_rows falls back to "cost_model" for decode's single row (nothing to split)."""
 
 
 # -- registry: applicability and costs (pure) ------------------------------------------------------

@@ -53,13 +53,24 @@ def positive_int(text: str) -> int:
     return int_in(text, 1, None, "an int >= 1")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="ds-twolevel", description=DESCRIPTION)
+def _chosen(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names (its first word that is one), if any."""
+    return next((word for word in argv if word in SUBCOMMANDS), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the sub-command ``argv`` names is imported (all of them when ``argv`` is None),
+    so ``ds-twolevel --help`` and ``--version`` import neither torch nor deepspeed."""
+    parser = OneLineParser(prog="ds-twolevel", description=DESCRIPTION, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    chosen = _chosen(argv) if argv is not None else None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if argv is not None and name != chosen:
+            sub.add_parser(name, help=help_text)  # listed in --help, its module not imported
+            continue
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=getattr(module, "HELP", help_text),
+        p = sub.add_parser(name, help=help_text, description=getattr(module, "HELP", help_text), allow_abbrev=False,
                            formatter_class=getattr(module, "HELP_FORMATTER", argparse.HelpFormatter))
         module.add_arguments(p)
         p.set_defaults(func=module.main)
@@ -69,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; the exit status (2: bad input, one line on stderr)."""
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(argv).parse_args(argv)
     except SystemExit as exit_:  # argparse: --help / --version (0) or a usage error (2), already printed
         return int(exit_.code or 0)
     try:

@@ -28,8 +28,8 @@ class DemoConfig:
     """head-dim segments."""
     dp: int = 1
     """data-parallel replicas (each gets its own batch)."""
-    strategy: str = "auto"
-    """attention strategy: "auto" or one of the registry's universal strategies (score_allreduce, qk_allgather)."""
+    strategy: str = "cost_model"
+    """attention strategy: "cost_model" or one of the registry's universal strategies (score_allreduce, qk_allgather)."""
     batch: int = 2
     seq: int = 16
     hidden: int = 128
@@ -107,22 +107,32 @@ input gradient and every parameter gradient, and the bytes each collective sends
 The layout: the h query heads are split into n head groups (h/n heads per rank, GQA groups kept
 whole) and each head's d dims into m segments (d/m dims per rank), so each of the n*m ranks of a
 layer holds one (group i, segment j) block of W_q, W_k, W_v and W_o; dp replicas of the layer each
-get their own batch. Example: --dp 2 --n 2 --m 2 on the default block (8 heads x 16 dims, 4 KV
+get their own batch. Example: --dp 2 -n 2 -m 2 on the default block (8 heads x 16 dims, 4 KV
 heads) starts 8 ranks; rank 2 = (dp, i, j) (0, 1, 0) holds query heads 4-7 (KV heads 2-3) and dims
 0-3 and 8-11 of each head (a rotate_half pair (t, t+8) never straddles two segments). A layout the
 shapes cannot take exits with status 2 and names the layouts that fit.
+
+--strategy cost_model (the default) picks, for every attention call, the strategy with the least
+predicted time (compute, memory traffic and the bytes each collective sends) on the hardware profile
+of the tensors' device; naming a strategy runs that one.
 """
 HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
 _FLAG_HELP = {
     "n": "head groups: each rank holds h/n query heads (and g/n KV heads)",
     "m": "head-dim segments: each rank holds d/m dims of each of its heads",
     "dp": "data-parallel replicas of the n x m layer, each with its own batch",
-    "strategy": "score strategy: auto picks per call whichever sends fewer bytes",
+    "strategy": "score strategy: cost_model picks, per call, the strategy with the least predicted time on the "
+                "hardware profile of the tensors' device (the cost model's compute, memory and communication times)",
     "batch": "sequences per replica", "seq": "tokens per sequence", "hidden": "hidden size H",
     "heads": "query heads h", "kv_heads": "key/value heads g (h must be a multiple)",
     "head_dim": "dims per head d", "intermediate": "MLP intermediate size (a multiple of n*m)",
     "rope": "rotary embedding style", "qk_norm": "per-head Q/K RMSNorm (Qwen3 style)", "seed": "weights and inputs seed",
 }
+
+
+LAYOUT_FLAGS = ("n", "m")
+"""spelled ``-n``/``--n`` and ``-m``/``--m`` here and in the recipes (under torchrun or the deepspeed
+launcher write ``-n 2 -m 2``: the launchers read ``--n`` as an abbreviation of their own options)."""
 
 
 def seed_int(text: str) -> int:
@@ -133,14 +143,15 @@ def seed_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     choices = {"strategy": (registry.AUTO, *registry.universal()), "rope": ROPES}
     for name, value in asdict(DemoConfig()).items():
-        flag, text = "--" + name.replace("_", "-"), _FLAG_HELP[name]
+        text = _FLAG_HELP[name]
+        flags = (f"-{name}", f"--{name}") if name in LAYOUT_FLAGS else ("--" + name.replace("_", "-"),)
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help=f"{text} (default: off)")
+            parser.add_argument(*flags, action="store_true", help=f"{text} (default: off)")
         elif name in choices:
-            parser.add_argument(flag, choices=choices[name], default=value, help=f"{text} (default: {value})")
+            parser.add_argument(*flags, choices=choices[name], default=value, help=f"{text} (default: {value})")
         else:
             kind = seed_int if name == "seed" else positive_int
-            parser.add_argument(flag, type=kind, default=value, metavar="N", help=f"{text} (default: {value})")
+            parser.add_argument(*flags, type=kind, default=value, metavar="N", help=f"{text} (default: {value})")
 
 
 def check(cfg: DemoConfig) -> None:

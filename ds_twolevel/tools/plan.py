@@ -89,8 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "two-level group), memory broken down (default: %(default)s)")
     parser.add_argument("--hardware", choices=sorted(PROFILES), default="h100",
                         help="hardware profile (default: %(default)s)")
-    parser.add_argument("--strategy", choices=registry.choices(), default="auto",
-                        help="attention strategy (the registry's names); auto: the cost model picks per layer; "
+    parser.add_argument("--strategy", choices=registry.choices(), default=registry.AUTO,
+                        help="attention strategy (the registry's names); cost_model: per call, the least predicted time on the "
+                             "hardware profile; "
                              "kv_shard: a KV cache held by position (prefill by seq_rows) (default: %(default)s)")
     train = parser.add_argument_group("training (--phase train)")
     train.add_argument("--zero", type=int, choices=ZERO_STAGES, default=3,

@@ -30,7 +30,7 @@ def _gb(x: float) -> str:
 
 def _label(p: study.StudyPoint) -> str:
     if p.family == "two-level":
-        return f"{p.layout}, {p.strategy}" + (f" ({p.chosen})" if p.strategy == "auto" else "")
+        return f"{p.layout}, {p.strategy}" + (f" ({p.chosen})" if p.strategy == "cost_model" else "")
     return p.layout
 
 
@@ -92,7 +92,7 @@ def intro(hw: HardwareProfile, notes: list[str]) -> str:
         f"{' and '.join(map(str, study.DEVICES))} (no data parallelism).\n\n"
         "Families (each row below is the family's fastest layout at that point):\n\n"
         f"- **two-level**: every n x m layout of P with m > 1, with each two-level strategy the cost model "
-        f"predicts today ({strategies}) and `auto`.\n"
+        f"predicts today ({strategies}) and `cost_model`.\n"
         "- **head-wise TP + KV replication**: n = P, m = 1; each KV head copied on P/g ranks (the planner's model).\n"
         "- **DeepSpeed AutoTP** at tp = P: it splits q/k/v/o in whole KV-head groups, so past g ranks the first g "
         "ranks hold h/g query heads and one KV head each and the rest only their MLP share; the busiest rank "

@@ -23,7 +23,7 @@ def bench_strategies() -> tuple[str, ...]:
 
 def prefill_strategies() -> tuple[str, ...]:
     """The registry's prefill-only strategies that read a dimension-layout cache (seq_rows): the bench
-    times their prefill shards beside the universal ones (a decode would fall back to "auto")."""
+    times their prefill shards beside the universal ones (a decode would fall back to "cost_model")."""
     from ds_twolevel.strategies import registry
 
     return tuple(n for n in registry.names() if getattr(registry.get(n), "PREFILL_ONLY", False)
