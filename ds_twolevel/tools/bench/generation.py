@@ -327,8 +327,9 @@ def _meta() -> dict:
                                 check=False).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {"when": time.strftime("%Y-%m-%d"), "commit": commit,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the start"}
 
 
 def write(out: Path, cfg: GenerationBenchConfig) -> list[Path]:
