@@ -123,7 +123,8 @@ def _measure(row: GenerationRow, generate: Callable[..., Any], ids: torch.Tensor
     row.seconds = min(row.times)
     row.prefill_seconds = min(_barrier_time(prefill, alone) for _ in range(repeats))
     row.tokens_per_s = row.batch * row.new_tokens / row.seconds
-    row.tpot_ms = 1e3 * max(row.seconds - row.prefill_seconds, 0.0) / max(row.new_tokens - 1, 1)
+    decode = row.seconds - row.prefill_seconds  # <= 0 only when other load swamps the run: no figure then
+    row.tpot_ms = 1e3 * decode / max(row.new_tokens - 1, 1) if decode > 0 else float("nan")
     tokens = out.get("tokens")
     if want is not None and tokens is not None:
         row.same_tokens = bool(torch.equal(tokens, want))
@@ -251,9 +252,10 @@ def run(cfg: GenerationBenchConfig, timeout: float = 3600) -> list[dict]:
 def _cell(row: dict) -> str:
     if row["error"]:
         return f"| {row['peer']} | failed: `{row['error']}` | | | |"
+    tpot = "n/a (load)" if row["tpot_ms"] != row["tpot_ms"] else f"{row['tpot_ms']:.2f}"
     same = {True: "yes", False: "**no**", None: "(reference)"}[row["same_tokens"]]
     layout = f" ({row['kv_layout']} cache)" if row["peer"].startswith("two-level") else ""
-    return (f"| {row['peer']}{layout} | {row['tokens_per_s']:,.0f} | {row['tpot_ms']:.2f} | "
+    return (f"| {row['peer']}{layout} | {row['tokens_per_s']:,.0f} | {tpot} | "
             f"{row['prefill_seconds'] * 1e3:,.0f} | {same} |")
 
 
@@ -261,7 +263,8 @@ def verdicts(rows: list[dict]) -> list[str]:
     """Per shape: the fastest peer by TPOT, and whether two-level's default beats the peers on 4 ranks."""
     out = []
     for key in sorted({(r["model"], r["batch"], r["prompt"]) for r in rows}):
-        ok = [r for r in rows if (r["model"], r["batch"], r["prompt"]) == key and not r["error"]]
+        ok = [r for r in rows if (r["model"], r["batch"], r["prompt"]) == key and not r["error"]
+              and r["tpot_ms"] == r["tpot_ms"]]  # NaN: no figure
         ranked = [r for r in ok if not r["peer"].startswith("dense")]
         if not ranked:
             continue
@@ -282,7 +285,8 @@ def long_context_verdict(rows: list[dict], cfg: GenerationBenchConfig) -> str:
     """At the longest prompt and largest batch: is two-level's default decode step (TPOT) at most AutoTP's and
     head-wise TP + KV replication's, measured in the same run?"""
     key = ("tiny Llama", max(cfg.batches), max(cfg.prompts))
-    sel = {r["peer"]: r for r in rows if (r["model"], r["batch"], r["prompt"]) == key and not r["error"]}
+    sel = {r["peer"]: r for r in rows if (r["model"], r["batch"], r["prompt"]) == key and not r["error"]
+           and r["tpot_ms"] == r["tpot_ms"]}
     ours = [r for name, r in sel.items() if name.startswith("two-level")]
     others = [r for name, r in sel.items() if "AutoTP" in name or "KV replication" in name]
     if not ours or not others:
@@ -332,21 +336,33 @@ def _meta() -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {load:.1f} at the start"}
 
 
-def write(out: Path, cfg: GenerationBenchConfig) -> list[Path]:
-    rows, meta = run(cfg), _meta()
+def write(out: Path, cfg: GenerationBenchConfig, results: Path | None = None) -> list[Path]:
+    """Run the bench (or read ``results``, a JSON it wrote) and write the page and the JSON into ``out``."""
+    if results is not None:
+        saved = json.loads(results.read_text())
+        rows, meta, cfg = saved["rows"], saved["meta"], _config_from(saved["config"])
+    else:
+        meta = _meta()
+        rows = run(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MD).write_text(report(rows, cfg, meta))
     (out / JSON).write_text(json.dumps({"meta": meta, "config": asdict(cfg), "rows": rows}, indent=1) + "\n")
+    (out / MD).write_text(report(rows, cfg, meta))
     return [out / MD, out / JSON]
+
+
+def _config_from(saved: dict) -> GenerationBenchConfig:
+    tuples = {k: tuple(v) for k, v in saved.items() if isinstance(v, list)}
+    return GenerationBenchConfig(**{**saved, **tuples})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ds_twolevel.tools.bench.generation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs"), help="folder to write into (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test)")
+    parser.add_argument("--from-json", type=Path, default=None, help="render a saved generation_bench.json again")
     args = parser.parse_args(argv)
     cfg = GenerationBenchConfig.quick() if args.quick else GenerationBenchConfig()
-    for path in write(args.out, cfg):
+    for path in write(args.out, cfg, args.from_json):
         print(path)
     return 0
 
