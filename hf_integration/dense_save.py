@@ -19,6 +19,7 @@ from torch import nn
 
 from ds_twolevel.sharding.gather import gather_dense_state
 
+from hf_integration.generation import plain_generation_config
 from hf_integration.partitioned import owner_path, partitioned_layers
 from hf_integration.weights import to_hf_tensors
 
@@ -81,7 +82,8 @@ def _write_dense(model: nn.Module, state: dict[str, torch.Tensor], final: Path, 
     tmp.mkdir()  # 0o777 minus the umask, like any directory (tempfile.mkdtemp would make it 0o700)
     try:
         kwargs = {k: v for k, v in save_kwargs.items() if k not in ("is_main_process", "state_dict")}
-        type(model).save_pretrained(model, tmp, state_dict=state, is_main_process=True, **kwargs)
+        with plain_generation_config(model):
+            type(model).save_pretrained(model, tmp, state_dict=state, is_main_process=True, **kwargs)
         _replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename

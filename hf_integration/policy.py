@@ -25,6 +25,7 @@ from ds_twolevel.sharding.partition import AttentionSpec, check_partition, feasi
 from ds_twolevel.strategies import registry
 
 from hf_integration.dense_save import install_dense_save
+from hf_integration.generation import install_fast_generation
 from hf_integration.modules import HFTwoLevelAttention, HFTwoLevelMLP
 from hf_integration.moe import HFTwoLevelExperts, experts_plan
 from hf_integration.partitioned import PARTITIONED, partitioned_layers
@@ -455,6 +456,7 @@ def _finish(model: nn.Module, mesh: TwoLevelMesh, report: PatchReport) -> PatchR
     model._twolevel_mesh = mesh
     model._twolevel_strategy = report.strategy
     install_dense_save(model)
+    install_fast_generation(model)
     _install_guard(model, mesh)
     counted = verify(model)
     report.replaced, report.params_local, report.params_dense = (counted.replaced, counted.params_local,

@@ -208,3 +208,23 @@ def test_gpu_recipe_small_on_cpu(tmp_path, capsys):
     section = _gpu_section(out)  # the report's section 8 renders whatever device the recipe ran on
     assert "Measured on cpu" in section and "| prefill | 1 | 256 | 2 x 2 | score_allreduce |" in section
     assert "No GPU results" in _gpu_section(tmp_path / "missing.json")
+
+
+def test_generation_bench_runs_every_peer_with_dense_tokens():
+    """The end-to-end generation bench at tiny shapes: dense, two-level at every n x m with m > 1, head-wise TP
+    with KV replication, DeepSpeed AutoTP and HF native TP (or its error) at every shape, plus the many-head
+    miniature; every distributed row that ran gives the dense model's tokens, and the report renders."""
+    from ds_twolevel.tools.bench import generation
+
+    cfg = generation.GenerationBenchConfig.quick()
+    rows = generation.run(cfg, timeout=900)
+    llama = [r for r in rows if r["model"] == "tiny Llama"]
+    peers = {r["peer"] for r in llama}
+    assert {"dense, 1 process", "two-level 2x2 (defaults)", "two-level 1x4 (defaults)",
+            "head-wise TP n=4 + KV replication", "DeepSpeed AutoTP tp=4", "HF native TP tp=4"} <= peers, peers
+    for r in rows:
+        if r["peer"].startswith(("two-level", "head-wise", "DeepSpeed")):
+            assert not r["error"] and r["same_tokens"] is True and r["seconds"] > 0, r
+    assert any(r["model"].startswith("2-layer MHA") and r["peer"].startswith("head-wise") for r in rows)
+    page = generation.report(rows, cfg, {"when": "today", "commit": "abc", "machine": "cpu"})
+    assert "long-context verdict" in page and page.count("| dense, 1 process |") == 1

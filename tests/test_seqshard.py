@@ -511,10 +511,44 @@ def _bf16_case(mesh) -> dict:
     return out
 
 
+class _CacheConcats(torch.overrides.TorchFunctionMode):
+    """Counts ``torch.cat`` calls that append to a 4-D (b, heads, positions, dim) tensor already holding at
+    least the prompt's positions: what Hugging Face's DynamicCache does to every layer's keys and values
+    at every decode step (a prefill's concatenation of row blocks holds fewer)."""
+
+    def __init__(self, prompt_len: int) -> None:
+        super().__init__()
+        self.prompt_len, self.count = prompt_len, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            if (len(tensors) == 2 and tensors[0].dim() == 4 and dim in (2, -2)
+                    and tensors[0].shape[2] >= self.prompt_len):
+                self.count += 1
+        return func(*args, **kwargs)
+
+
+def _default_generate_case(model, dense, args: dict, gen: dict) -> dict:
+    """generate() with no cache argument (the default path), with ``kv_layout`` forced both ways, and with
+    HF's ``cache_implementation="dynamic"``: tokens vs the unpatched model, the cache each built, and the
+    cache-growing concatenations each made."""
+    want, out = dense.generate(**args, **gen), {}
+    for label, kw in (("default", {}), ("kv_shard", {"kv_layout": "kv_shard"}),
+                      ("segments", {"kv_layout": "segments"}), ("dynamic", {"cache_implementation": "dynamic"})):
+        with _CacheConcats(args["input_ids"].shape[1]) as concats:
+            got = model.generate(**args, **gen, **kw, return_dict_in_generate=True)
+        out[label] = {"same": bool(torch.equal(got.sequences, want)), "cache": type(got.cache).__name__,
+                      "layout": getattr(got.cache, "kv_layout", None), "concats": concats.count}
+    return out
+
+
 def _hf_case(mesh, arch: str) -> dict:
     """Unpatched vs patched + use_seqshard: logits and every gradient (seq_rows prefill, padded batch),
-    greedy generate with the kv_shard cache (single and left-padded batch), beam search, and greedy
-    generate of a plain patched model with the preallocated "segments" cache."""
+    greedy generate with the kv_shard cache (single and left-padded batch), beam search, greedy
+    generate of a plain patched model with the preallocated "segments" cache, and plain
+    ``generate()`` (no cache argument) of the patched model: its default and forced layouts."""
     from hf_integration import patch_model
     from hf_integration.seqshard import TwoLevelCache, use_seqshard
     from hf_integration.testing import sample_batch, shard_grad_errors, tiny_model
@@ -535,6 +569,16 @@ def _hf_case(mesh, arch: str) -> dict:
             for label, args in (("single", dict(input_ids=single)), ("batch", dict(input_ids=ids, attention_mask=mask))):
                 got = mdl.generate(**args, cache=TwoLevelCache.for_model(mdl, layout=layout, chunk=4), **kw)
                 out[f"{name}_{label}"] = bool(torch.equal(got, dense.generate(**args, **kw)))
+        for label, args in (("single", dict(input_ids=single)), ("batch", dict(input_ids=ids, attention_mask=mask))):
+            out[f"default_path_{label}"] = _default_generate_case(plain, dense, args, gen)
+        if mesh.layout.m == 4:  # a long-context batch, where the cost model predicts kv_shard is faster
+            from hf_integration.generation import choose_kv_layout
+
+            long_ids = torch.randint(1, dense.config.vocab_size, (8, 1024), generator=torch.Generator().manual_seed(3))
+            out["long_choice"] = choose_kv_layout(plain, batch=8, prompt=1024, new_tokens=8)
+            want = dense.generate(input_ids=long_ids, **dict(gen, max_new_tokens=8))
+            got = plain.generate(input_ids=long_ids, **dict(gen, max_new_tokens=8), return_dict_in_generate=True)
+            out["long_default"] = (got.cache.kv_layout, bool(torch.equal(got.sequences, want)))
     dense.train(), model.train()
     for mdl in (dense, model):
         logits = mdl(input_ids=ids, attention_mask=mask).logits
@@ -652,6 +696,25 @@ def test_hf_generate_identical_with_kv_shard_and_preallocated_cache(rank_results
         flags = {k: v for k, v in case.items() if isinstance(v, bool)}
         assert len(flags) == 6 and all(flags.values()), f"rank {rank}: {flags}"
         assert case["logits_err"] <= TOL and case["grad_err"] <= TOL, f"rank {rank}: {case}"
+
+
+@pytest.mark.parametrize("layout,arch", HF_CASES, ids=lambda c: str(c))
+def test_plain_generate_runs_on_the_preallocated_cache(rank_results, layout, arch):
+    """``generate()`` with no cache argument: a TwoLevelCache (no per-step concatenation of the cache, which
+    HF's DynamicCache, asked for with cache_implementation="dynamic", makes at every step), in the layout
+    the cost model picks (short prompts: "segments") or the one ``kv_layout=`` forces; tokens identical to
+    the unpatched model's, single prompt and left-padded batch."""
+    for rank, res in enumerate(rank_results):
+        for label in ("single", "batch"):
+            runs = res[("hf", *layout, arch)][f"default_path_{label}"]
+            assert all(r["same"] for r in runs.values()), f"rank {rank} {label}: {runs}"
+            for name, want in (("default", "segments"), ("kv_shard", "kv_shard"), ("segments", "segments")):
+                assert (runs[name]["cache"], runs[name]["layout"], runs[name]["concats"]) == \
+                    ("TwoLevelCache", want, 0), f"rank {rank} {label} {name}: {runs[name]}"
+            assert runs["dynamic"]["cache"] == "DynamicCache" and runs["dynamic"]["concats"] > 0, runs["dynamic"]
+        if layout[1] == 4:
+            case = res[("hf", *layout, arch)]
+            assert case["long_choice"] == "kv_shard" and case["long_default"] == ("kv_shard", True), case
 
 
 @pytest.mark.parametrize("layout", BF16_LAYOUTS, ids=lambda l: f"n{l[0]}m{l[1]}")

@@ -311,3 +311,36 @@ def crossovers(hw: HardwareProfile, *, family: str = FAMILIES[0], other: str = F
     """:func:`crossover` for every model, ranks per layer and batch of the grid."""
     return [crossover(model, p, b, hw, family=family, other=other, contexts=contexts)
             for model in models.values() for p in devices for b in batches]
+
+
+@dataclass(frozen=True)
+class HelixGap:
+    """The best two-level layout against the best Helix layout at one grid case."""
+
+    model: str
+    devices: int
+    batch: int
+    s_kv: int
+    two_level: StudyPoint
+    helix: StudyPoint
+    layers: int
+    latency: float
+    """seconds per collective on the profile."""
+
+    @property
+    def ratio(self) -> float:
+        """two-level's step time / Helix's."""
+        return self.two_level.time / self.helix.time
+
+    @property
+    def latencies(self) -> float:
+        """The gap (two-level minus Helix) in collective latencies per layer: kv_shard issues one collective
+        more per layer than Helix (the all-gather of the new token's q/k/v dimension segments, which Helix
+        skips by replicating W_q, W_k, W_v over its KV shards)."""
+        return (self.two_level.time - self.helix.time) / (self.layers * self.latency)
+
+
+def helix_gaps(cases: list[GridCase], hw: HardwareProfile, models: dict[str, ModelConfig] = MODELS) -> list[HelixGap]:
+    """:class:`HelixGap` of every case of the grid."""
+    return [HelixGap(c.model, c.devices, c.batch, c.s_kv, c.best(FAMILIES[0]), c.best(FAMILIES[3]),
+                     models[c.model].layers, hw.collective_latency) for c in cases]
