@@ -199,16 +199,26 @@ def human(n: int) -> str:
 
 
 def free_bytes(path: Path) -> int | None:
-    """Free bytes on the file system of ``path`` (of its nearest existing parent)."""
+    """Free bytes on the file system of ``path`` (of its nearest existing parent); None when unknown."""
     for p in (path, *path.parents):
-        if p.exists():
+        try:
             return shutil.disk_usage(p).free
+        except OSError:  # missing, or not searchable by this user
+            continue
     return None
 
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 DENIED = (errno.EROFS, errno.EACCES, errno.EPERM)
 _TORCH_WRITE = ("unexpected pos", "iostream error", "failed writing file", "file write failed", "No space left")
+
+
+def _not_writable(path: Path) -> bool:
+    """``path`` exists and this process may not write into it."""
+    try:
+        return path.exists() and not os.access(path, os.W_OK)
+    except OSError:
+        return True
 
 
 def _size_limit() -> int | None:
@@ -230,13 +240,14 @@ def write_failure(err: BaseException, save_dir: Path, needed: int, free_before: 
     free = free_bytes(save_dir)
     need = f"the save needs about {human(needed)}"
     torch_write = code is None and any(s in text for s in _TORCH_WRITE)
-    if code in DENIED or (torch_write and save_dir.exists() and not os.access(save_dir, os.W_OK)):
-        cause = ("is on a read-only file system (EROFS)" if code in (errno.EROFS, None) else
-                 f"is not writable by this user ({errno.errorcode.get(code, 'EACCES')})")
-        return f"{save_dir} {cause}: {need}; save to a writable directory, or remount it read-write"
+    if code in DENIED or (torch_write and _not_writable(save_dir)):
+        if code in (errno.EROFS, None):
+            return f"{save_dir} is on a read-only file system (EROFS): {need}; save elsewhere, or remount it read-write"
+        return (f"{save_dir} is not writable by this user ({errno.errorcode.get(code, 'EACCES')}): {need}; give "
+                f"the user write permission there, or save elsewhere")
     if code == errno.EFBIG or (torch_write and _size_limit() is not None):
-        return (f"a file in {save_dir} exceeds this process's file-size limit (EFBIG, ulimit -f {_size_limit()} "
-                f"bytes): {need}; raise the limit or save elsewhere (nothing of this save is kept)")
+        return (f"a file in {save_dir} exceeds this process's file-size limit (EFBIG; the limit, ulimit -f, is "
+                f"{_size_limit()} bytes): {need}; raise the limit or save elsewhere (nothing of this save is kept)")
     if code in FULL or (torch_write and free is not None and free < needed):
         name = errno.errorcode.get(code, "ENOSPC")
         before = f", {human(free_before)} were free before it" if free_before is not None else ""
