@@ -10,11 +10,19 @@ when the tag already exists (the old directory is kept as a hard-linked ``<tag>.
 points there while ``<tag>/`` is replaced). A kill in any window leaves a loadable ``latest``; the
 next save removes what the killed one left.
 
-Resume (:func:`load_checkpoint`): on every rank, before any state is loaded, the saved manifest is
-compared with the running model (one agreement step): another model is refused; the same layout
-and ZeRO stage load through DeepSpeed's own ``load_checkpoint``; any other dp x n x m (or ZeRO
-stage) is resharded exactly: every rank reads the checkpoint's tensors, assembles the dense fp32
-weights and optimizer moments, and writes its own shards of them into the engine.
+The manifest also records every file of the tag with its size and CRC-32, a random ``save_id``
+and a digest of itself (:mod:`~ds_twolevel.deepspeed.integrity`). A save that the file system
+refuses (full, read-only, forbidden) ends with one line on every rank naming the directory and the
+bytes the save needs, and leaves no partial tag.
+
+Resume (:func:`load_checkpoint`): without ``tag=``, the tag ``latest`` names (as DeepSpeed does).
+On every rank, before any state is loaded, the saved manifest is checked (its digest and
+structure) and compared with the running model (one agreement step), and every file the rank
+will read is verified against the manifest's record: a file of another save, an edited manifest
+or another model is refused, naming the file or entry; the same layout and ZeRO stage load through
+DeepSpeed's own ``load_checkpoint``; any other dp x n x m (or ZeRO stage) is resharded exactly:
+every rank reads the checkpoint's tensors, assembles the dense fp32 weights and optimizer moments,
+and writes its own shards of them into the engine.
 """
 from __future__ import annotations
 
@@ -418,9 +426,10 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
                     native_load: Any = None, load_optimizer_states: bool = True,
                     load_lr_scheduler_states: bool = True, load_module_only: bool = False,
                     **kwargs: Any) -> tuple[str, dict]:
-    """Resume from the newest complete checkpoint (or ``tag``): refused with both layouts named when
-    it holds another model, resharded exactly when dp x n x m (or the ZeRO stage) changed (see the
-    module docstring). Returns (path, client_state).
+    """Resume from the tag ``latest`` names (or ``tag``), its files verified first: refused naming the
+    file or manifest entry that does not belong to it, or both layouts when it holds another model;
+    resharded exactly when dp x n x m (or the ZeRO stage) changed (see the module docstring).
+    Returns (path, client_state).
 
     ``native_load`` is DeepSpeed's own ``load_checkpoint`` (the unwrapped method; default: looked up).
 

@@ -157,7 +157,8 @@ def check_structure(manifest: ShardManifest, source: str) -> None:
                                      f"damaged, resume from another tag")
     orphans = sorted(set(manifest.dense) - {e.key for e in manifest.entries.values()})
     if orphans:
-        raise ValueError(f"{source}: dense tensor {orphans[0]!r}{f' (and {len(orphans) - 1} more)' if len(orphans) > 1 else ''} "
+        more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
+        raise ValueError(f"{source}: dense tensor {orphans[0]!r}{more} "
                          f"has no entry (an entry was deleted); the manifest is damaged, resume from another tag")
 
 
@@ -271,5 +272,5 @@ def probe_writable(save_dir: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-__all__ = ["CHUNK", "FILES_KEY", "check_structure", "coordinate_of", "estimate_save_bytes", "file_record", "free_bytes", "human",
-           "own_files", "probe_writable", "record_tag", "verify_file", "verify_files", "write_failure"]
+__all__ = ["CHUNK", "FILES_KEY", "check_structure", "coordinate_of", "estimate_save_bytes", "file_record", "free_bytes",
+           "human", "own_files", "probe_writable", "record_tag", "verify_file", "verify_files", "write_failure"]

@@ -332,5 +332,5 @@ def same_shards(saved: ShardManifest, current: ShardManifest) -> bool:
     return saved.layout == current.layout and saved.entries == current.entries
 
 
-__all__ = ["DIGEST", "FORMAT", "MANIFEST_NAME", "digest_matches", "ShardEntry", "ShardManifest", "assemble", "extract", "local_shape",
-           "is_partitioned", "manifest_for", "model_differences", "partitioned_modules", "runs_of", "same_shards"]
+__all__ = ["DIGEST", "FORMAT", "MANIFEST_NAME", "ShardEntry", "ShardManifest", "assemble", "digest_matches", "extract",
+           "local_shape", "is_partitioned", "manifest_for", "model_differences", "partitioned_modules", "runs_of", "same_shards"]
