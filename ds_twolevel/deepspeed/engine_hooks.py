@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from ds_twolevel.deepspeed.compat import CONSOLIDATED, ZERO3_CONSOLIDATED, set_universal_checkpoint_info
+from ds_twolevel.deepspeed.compat import (CONSOLIDATED, RECOVERY_SCRIPT_COPY, ZERO3_CONSOLIDATED,
+                                         set_universal_checkpoint_info)
 from ds_twolevel.deepspeed.import_hooks import when_imported
 
 logger = logging.getLogger("ds_twolevel")
@@ -191,7 +192,18 @@ def _write_failures(engine: Any, save_dir: Path, needed: int, free: int | None) 
             with contextlib.suppress(OSError):  # free the space a partial file holds
                 Path(path).unlink(missing_ok=True)
 
+    def copy_script(save_path: str) -> None:
+        if failures:
+            return
+        try:
+            original_copy(save_path)
+        except OSError as err:
+            failures.append(write_failure(err, save_dir, needed, free))
+
+    original_copy = getattr(engine, RECOVERY_SCRIPT_COPY, None)
     checkpoint_engine.save = save
+    if original_copy is not None:
+        setattr(engine, RECOVERY_SCRIPT_COPY, copy_script)
     try:
         yield failures
     finally:
@@ -199,6 +211,8 @@ def _write_failures(engine: Any, save_dir: Path, needed: int, free: int | None) 
             del checkpoint_engine.save
         else:
             checkpoint_engine.save = own
+        if original_copy is not None:
+            delattr(engine, RECOVERY_SCRIPT_COPY)  # the class's method again
 
 
 def _load_checkpoint(original: Callable, self: Any, load_dir: str, tag: Any = None, load_module_strict: bool = True,
