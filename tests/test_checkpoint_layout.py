@@ -6,7 +6,7 @@
   layout (bit for bit equal to that layout's own patch).
 * The save protocol: ``commit`` runs in a forked child that SIGKILLs itself at each window
   (``DS_TWOLEVEL_TEST_KILL_AT``); after every kill ``latest`` names a complete checkpoint, the
-  resume picks the newest complete one, and the next save leaves nothing stale behind.
+  resume (no ``tag=``) picks it, and the next save leaves nothing stale behind.
 """
 from __future__ import annotations
 
@@ -202,3 +202,19 @@ def test_no_checkpoint_is_one_line(tmp_path):
                               f"ds_twolevel.save_checkpoint, or pass tag=")
     with pytest.raises(ValueError, match="no 'latest' file; tags: none"):
         checkpointing.find_checkpoint(tmp_path / "empty")
+
+
+def test_resume_follows_latest_whatever_the_other_tags_say(tmp_path):
+    """``latest`` names global_step4: an older tag saved "later" (saved_at_ns) or with a truncated
+    record does not change the choice; without ``latest`` the tags are listed and ``tag=`` asked for."""
+    save(tmp_path, "global_step2", "v1", 1)
+    save(tmp_path, "global_step4", "v2", 2)
+    older = tmp_path / "global_step2" / "two_level.json"
+    checkpointing.write_atomic(older, ShardManifest((1, 1, 1), {}, {}, {"saved_at_ns": 10 ** 20}).to_json())
+    assert checkpointing.find_checkpoint(tmp_path) == "global_step4"
+    older.write_text(older.read_text()[:40])
+    assert checkpointing.find_checkpoint(tmp_path) == "global_step4"
+    (tmp_path / "latest").unlink()
+    with pytest.raises(ValueError, match=r"\(no 'latest' file; tags: global_step2, global_step4\); save one with "
+                                         r"ds_twolevel.save_checkpoint, or pass tag="):
+        checkpointing.find_checkpoint(tmp_path)
