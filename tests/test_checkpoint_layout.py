@@ -6,7 +6,7 @@
   layout (bit for bit equal to that layout's own patch).
 * The save protocol: ``commit`` runs in a forked child that SIGKILLs itself at each window
   (``DS_TWOLEVEL_TEST_KILL_AT``); after every kill ``latest`` names a complete checkpoint, the
-  resume picks the newest complete one, and the next save leaves nothing stale behind.
+  resume (no ``tag=``) picks it, and the next save leaves nothing stale behind.
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def commit_killed_at(save_dir: Path, tag: str, window: str) -> int:
 
 
 def check_resumable(save_dir: Path, expect: str) -> None:
-    """``latest`` names a complete checkpoint, and the resume picks the newest complete one."""
+    """``latest`` names a complete checkpoint, and the resume (no ``tag=``) picks it, as DeepSpeed does."""
     latest = checkpointing.read_latest(save_dir)
     version_of(save_dir / latest)
     assert version_of(save_dir / checkpointing.find_checkpoint(save_dir)) == expect
@@ -159,7 +159,8 @@ def test_resave_into_existing_tag_killed_in_every_window(tmp_path, window):
     """A finished run re-saved into the same tag (``--resume`` of a completed run), killed at ``window``."""
     save(tmp_path, "global_step2", "v1", 1)
     assert save(tmp_path, "global_step2", "v2", 2, window) == signal.SIGKILL
-    check_resumable(tmp_path, "v2" if window in ("replaced", "committed") else "v1")
+    # until ``latest`` names the new copy the save is not complete: the resume takes the old one
+    check_resumable(tmp_path, "v2" if window == "committed" else "v1")
     # the next save of the same tag (after the resume) succeeds and leaves nothing behind
     save(tmp_path, "global_step2", "v3", 3)
     check_resumable(tmp_path, "v3")
@@ -170,7 +171,7 @@ def test_resave_into_existing_tag_killed_in_every_window(tmp_path, window):
 def test_save_of_new_tag_killed_in_every_window(tmp_path, window):
     save(tmp_path, "global_step2", "v1", 1)
     assert save(tmp_path, "global_step4", "v2", 2, window) == signal.SIGKILL
-    check_resumable(tmp_path, "v2")  # committed before the kill: latest may lag, the resume does not
+    check_resumable(tmp_path, "v2" if window == "committed" else "v1")  # the resume follows ``latest``
     save(tmp_path, "global_step6", "v3", 3)
     check_resumable(tmp_path, "v3")
     check_clean(tmp_path, {"global_step2", "global_step4", "global_step6"})
@@ -201,3 +202,19 @@ def test_no_checkpoint_is_one_line(tmp_path):
                               f"ds_twolevel.save_checkpoint, or pass tag=")
     with pytest.raises(ValueError, match="no 'latest' file; tags: none"):
         checkpointing.find_checkpoint(tmp_path / "empty")
+
+
+def test_resume_follows_latest_whatever_the_other_tags_say(tmp_path):
+    """``latest`` names global_step4: an older tag saved "later" (saved_at_ns) or with a truncated
+    record does not change the choice; without ``latest`` the tags are listed and ``tag=`` asked for."""
+    save(tmp_path, "global_step2", "v1", 1)
+    save(tmp_path, "global_step4", "v2", 2)
+    older = tmp_path / "global_step2" / "two_level.json"
+    checkpointing.write_atomic(older, ShardManifest((1, 1, 1), {}, {}, {"saved_at_ns": 10 ** 20}).to_json())
+    assert checkpointing.find_checkpoint(tmp_path) == "global_step4"
+    older.write_text(older.read_text()[:40])
+    assert checkpointing.find_checkpoint(tmp_path) == "global_step4"
+    (tmp_path / "latest").unlink()
+    with pytest.raises(ValueError, match=r"\(no 'latest' file; tags: global_step2, global_step4\); save one with "
+                                         r"ds_twolevel.save_checkpoint, or pass tag="):
+        checkpointing.find_checkpoint(tmp_path)

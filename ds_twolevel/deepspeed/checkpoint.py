@@ -10,11 +10,19 @@ when the tag already exists (the old directory is kept as a hard-linked ``<tag>.
 points there while ``<tag>/`` is replaced). A kill in any window leaves a loadable ``latest``; the
 next save removes what the killed one left.
 
-Resume (:func:`load_checkpoint`): on every rank, before any state is loaded, the saved manifest is
-compared with the running model (one agreement step): another model is refused; the same layout
-and ZeRO stage load through DeepSpeed's own ``load_checkpoint``; any other dp x n x m (or ZeRO
-stage) is resharded exactly: every rank reads the checkpoint's tensors, assembles the dense fp32
-weights and optimizer moments, and writes its own shards of them into the engine.
+The manifest also records every file of the tag with its size and CRC-32, a random ``save_id``
+and a digest of itself (:mod:`~ds_twolevel.deepspeed.integrity`). A save that the file system
+refuses (full, read-only, forbidden) ends with one line on every rank naming the directory and the
+bytes the save needs, and leaves no partial tag.
+
+Resume (:func:`load_checkpoint`): without ``tag=``, the tag ``latest`` names (as DeepSpeed does).
+On every rank, before any state is loaded, the saved manifest is checked (its digest and
+structure) and compared with the running model (one agreement step), and every file the rank
+will read is verified against the manifest's record: a file of another save, an edited manifest
+or another model is refused, naming the file or entry; the same layout and ZeRO stage load through
+DeepSpeed's own ``load_checkpoint``; any other dp x n x m (or ZeRO stage) is resharded exactly:
+every rank reads the checkpoint's tensors, assembles the dense fp32 weights and optimizer moments,
+and writes its own shards of them into the engine.
 """
 from __future__ import annotations
 
@@ -23,14 +31,18 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from ds_twolevel.parallel.agreement import agreement
-from ds_twolevel.sharding.shard_manifest import MANIFEST_NAME, ShardManifest, assemble, extract, manifest_for, model_differences, same_shards
+from ds_twolevel.deepspeed.integrity import (FILES_KEY, check_structure, estimate_save_bytes, file_record, own_files,
+                                            record_tag, verify_files, write_failure)
+from ds_twolevel.parallel.agreement import AgreementError, agreement
+from ds_twolevel.sharding.shard_manifest import (MANIFEST_NAME, ShardManifest, assemble, digest_matches, extract,
+                                                 manifest_for, model_differences, same_shards)
 from ds_twolevel.deepspeed.zero_files import RankTensors, model_file, optim_file, read_checkpoint
 
 KILL_ENV = "DS_TWOLEVEL_TEST_KILL_AT"
@@ -146,15 +158,17 @@ def _model_info(module: Any) -> dict[str, Any]:
     return out
 
 
-def write_manifest(engine: Any, tag_dir: Path) -> None:
-    """Write ``two_level.json`` into ``tag_dir`` (call on the committing rank, after every rank saved)."""
+def write_manifest(engine: Any, tag_dir: Path, files: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write ``two_level.json`` into ``tag_dir`` (call on the committing rank, after every rank saved),
+    with ``files``: every file of the tag with its size and checksum (:mod:`~ds_twolevel.deepspeed.integrity`)."""
     import deepspeed
 
     from ds_twolevel import __version__
 
     manifest = current_manifest(engine, global_steps=int(engine.global_steps), saved_at_ns=time.time_ns(),
                                 ds_version=deepspeed.__version__, ds_twolevel_version=__version__,
-                                model=_model_info(engine.module))
+                                model=_model_info(engine.module), save_id=uuid.uuid4().hex,
+                                checksum="crc32", **({FILES_KEY: files} if files is not None else {}))
     write_atomic(tag_dir / MANIFEST_NAME, manifest.to_json())
 
 
@@ -217,10 +231,13 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     save_dir = Path(save_dir)
     tag = str(tag or f"global_step{engine.global_steps}")
     writer = is_writer(engine)
-    with agreement(None, what=f"preparing to save {save_dir / tag}"):  # every rank learns of a failure
+    with agreement(None, what=f"saving {save_dir / tag}"):  # every rank learns of a failure
         if writer:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            remove_checkpoint(save_dir / f"{tag}.partial")  # left by a save that was killed
+            try:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                remove_checkpoint(save_dir / f"{tag}.partial")  # left by a save that was killed
+            except OSError as err:  # read-only, forbidden: named with the bytes the save needs
+                raise OSError(write_failure(err, save_dir, estimate_save_bytes(engine), None)) from None
     engine.save_checkpoint(str(save_dir), tag=f"{tag}.partial", client_state=client_state or {},
                            save_latest=False, **kwargs)  # writes the manifest last (engine_hooks)
     with agreement(None, what=f"committing {save_dir / tag}"):
@@ -229,27 +246,48 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     return save_dir / tag
 
 
-def after_deepspeed_save(engine: Any, save_dir: Path, tag: str, *, write_scripts: Callable[[Path], None]) -> None:
-    """What ``engine.save_checkpoint`` does after DeepSpeed's own save (engine_hooks): the
-    manifest in the tag directory and the conversion scripts beside it (``write_scripts(save_dir)``,
-    ``convert.write_recovery_scripts``), in an agreement step (the barrier every rank waits in, which
-    also tells them if the writing rank failed)."""
-    with agreement(None, what=f"recording the layout of {save_dir / tag}"):
-        if is_writer(engine):
+def after_deepspeed_save(engine: Any, save_dir: Path, tag: str, *, write_scripts: Callable[[Path], None],
+                         failure: str | None = None) -> None:
+    """What ``engine.save_checkpoint`` does after DeepSpeed's own save (engine_hooks), in agreement
+    steps (every rank learns of any rank's failure): a write that failed on some rank (``failure``,
+    one line) is raised on every rank and the tag directory removed; else each rank records its own
+    files (size, CRC-32), and the writer writes the manifest with all records and the conversion
+    scripts beside the tag (``write_scripts(save_dir)``: ``convert.write_recovery_scripts``)."""
+    from ds_twolevel.deepspeed.engine_state import zero_stage
+
+    tag_dir, writer = save_dir / tag, is_writer(engine)
+    try:
+        with agreement(None, what=f"saving {save_dir / tag.removesuffix('.partial')}"):
+            if failure is not None:
+                raise OSError(failure)
+            axes = mesh_of(engine).axes
+            prefix = "bf16_" if engine.bfloat16_enabled() else ""
+            mine = own_files(tag_dir, zero_stage(engine), axes.tp.rank, axes.dp.rank, prefix)
+            records = {p.relative_to(tag_dir).as_posix(): file_record(p) for p in mine}
+    except AgreementError:
+        if writer:  # nothing half-written stays behind (DeepSpeed's barrier has passed: no rank writes)
+            try:
+                remove_checkpoint(tag_dir)
+            except OSError:  # a read-only directory: nothing was written into it either
+                pass
+        raise
+    gathered: list = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, records)
+    else:
+        gathered = [records]
+    with agreement(None, what=f"recording the layout of {tag_dir}"):
+        if writer:
             _kill_point("written")
-            write_manifest(engine, save_dir / tag)
+            write_manifest(engine, tag_dir, files=record_tag(tag_dir, gathered))
             write_scripts(save_dir)
             _kill_point("marked")
 
 
 # -- resume --------------------------------------------------------------------------------------------
-def _saved_at(tag_dir: Path) -> int:
-    return int(ShardManifest.read(tag_dir).info.get("saved_at_ns", 0))
-
-
 def find_checkpoint(load_dir: Path, tag: str | None = None) -> str:
-    """The tag to resume: ``tag``, else the newest complete checkpoint, which is the one ``latest``
-    names unless a save was killed after committing its directory (then that one).
+    """The tag to resume: ``tag``, else the one the ``latest`` file names (as DeepSpeed does); other
+    tags are never read, so a damaged or newer-looking older tag cannot change the choice.
 
     ValueError (one line, with what is there) when there is none.
     """
@@ -259,15 +297,8 @@ def find_checkpoint(load_dir: Path, tag: str | None = None) -> str:
                              f"{_tags(load_dir) or 'none'}")
         return tag
     latest = read_latest(load_dir) if load_dir.is_dir() else None
-    complete = [d for d in load_dir.iterdir() if d.is_dir() and not d.name.endswith(".partial") and is_complete(d)] \
-        if load_dir.is_dir() else []
-    if complete:
-        newest = max(complete, key=lambda d: (_saved_at(d), not d.name.endswith(".old")))
-        if latest is not None and is_complete(load_dir / latest) and _saved_at(load_dir / latest) >= _saved_at(newest):
-            return latest
-        return newest.name
     if latest is not None and (load_dir / latest).is_dir():
-        return latest  # no manifest anywhere: not written by ds_twolevel (refused with the reason later)
+        return latest
     where = f"'latest' names {latest!r}, which is missing" if latest else "no 'latest' file"
     raise ValueError(f"no checkpoint to resume in {str(load_dir)!r} ({where}; tags: {_tags(load_dir) or 'none'}); "
                      f"save one with ds_twolevel.save_checkpoint, or pass tag=")
@@ -341,33 +372,64 @@ def _probe_own_files(engine: Any, tag_dir: Path, saved: ShardManifest) -> None:
                              f"resume from another one") from None
 
 
-def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardManifest]:
-    """("native" | "reshard", saved manifest, current manifest), or ValueError naming both layouts.
+def files_read(engine: Any, tag_dir: Path, saved: ShardManifest, plan: str) -> list[Path]:
+    """The files this rank reads: those of its own tp rank (DeepSpeed's load, which reads every dp
+    rank's optimizer file of it), or every file (a resharded load)."""
+    files = _expected_files(tag_dir, saved)
+    if plan == "native":
+        mine = f"mp_rank_{mesh_of(engine).axes.tp.rank:02d}_"
+        files = [f for f in files if mine in f.name]
+    return files
 
-    Pure (no collective); the caller runs it inside an agreement step.
+
+def read_manifest(tag_dir: Path, current: ShardManifest) -> ShardManifest:
+    """The saved manifest, checked against its digest and its own structure; ValueError naming the
+    file and, for an edited one saved at the running layout, the first entry that differs from it."""
+    path = tag_dir / MANIFEST_NAME
+    saved = ShardManifest.read(tag_dir, check_digest=False)
+    if digest_matches(path.read_text()) is False:
+        differ = [k for k in sorted(set(saved.entries) | set(current.entries))
+                  if saved.entries.get(k) != current.entries.get(k)] if saved.layout == current.layout else []
+        entry = f" (entry {differ[0]!r} differs from what {saved.describe()} places)" if differ else ""
+        raise ValueError(f"{path}: its content does not match its digest{entry}: it was edited or damaged after the "
+                         f"save; resume from another tag")
+    check_structure(saved, str(path))
+    return saved
+
+
+def plan_resume(engine: Any, tag_dir: Path) -> tuple[str, ShardManifest, ShardManifest]:
+    """("native" | "reshard", saved manifest, current manifest), or ValueError naming both layouts,
+    or the file or manifest entry that does not belong to the checkpoint.
+
+    Every file this rank will read is verified against the manifest's record (size, CRC-32) here,
+    before any tensor is used. Pure (no collective); the caller runs it inside an agreement step.
     """
     if not is_complete(tag_dir):
         raise ValueError(f"{tag_dir} has no {MANIFEST_NAME}: it was not written by ds_twolevel (plain "
                          f"engine.save_checkpoint before ds_twolevel was imported, or an older version), so its "
                          f"layout cannot be checked; resume from a checkpoint saved by ds_twolevel.save_checkpoint")
-    saved, current = ShardManifest.read(tag_dir), current_manifest(engine)
+    current = current_manifest(engine)
+    saved = read_manifest(tag_dir, current)
     _check_loadable(engine, tag_dir, saved, current)
     same = (same_shards(saved, current) and saved.info.get("zero_stage") == current.info["zero_stage"]
             and saved.info.get("dtype") == current.info["dtype"])
+    plan = "native" if same else "reshard"
+    if not same:
+        _check_reshardable(engine, tag_dir, saved, current)
+    verify_files(tag_dir, saved, files_read(engine, tag_dir, saved, plan))
     if same:
         _probe_own_files(engine, tag_dir, saved)
-        return "native", saved, current
-    _check_reshardable(engine, tag_dir, saved, current)
-    return "reshard", saved, current
+    return plan, saved, current
 
 
 def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = None, *,
                     native_load: Any = None, load_optimizer_states: bool = True,
                     load_lr_scheduler_states: bool = True, load_module_only: bool = False,
                     **kwargs: Any) -> tuple[str, dict]:
-    """Resume from the newest complete checkpoint (or ``tag``): refused with both layouts named when
-    it holds another model, resharded exactly when dp x n x m (or the ZeRO stage) changed (see the
-    module docstring). Returns (path, client_state).
+    """Resume from the tag ``latest`` names (or ``tag``), its files verified first: refused naming the
+    file or manifest entry that does not belong to it, or both layouts when it holds another model;
+    resharded exactly when dp x n x m (or the ZeRO stage) changed (see the module docstring).
+    Returns (path, client_state).
 
     ``native_load`` is DeepSpeed's own ``load_checkpoint`` (the unwrapped method; default: looked up).
 
@@ -381,6 +443,9 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     with agreement(None, what=f"loading checkpoint {load_dir}"):
         tag = find_checkpoint(load_dir, tag)
         plan, saved, current = plan_resume(engine, load_dir / tag)
+    if FILES_KEY not in saved.info and dist.get_rank() == 0:
+        print(f"[ds_twolevel] warning: {load_dir / tag} records no file checksums (saved by an older ds_twolevel): "
+              f"its files are not verified; re-save it to add them", file=sys.stderr, flush=True)
     if load_module_only:
         load_optimizer_states = load_lr_scheduler_states = False
     if plan == "native":
@@ -430,6 +495,8 @@ def dense_from_checkpoint(tag_dir: str | os.PathLike, *, states: tuple[str, ...]
     """
     tag_dir = Path(tag_dir)
     manifest = ShardManifest.read(tag_dir)
+    check_structure(manifest, str(tag_dir / MANIFEST_NAME))
+    verify_files(tag_dir, manifest, _expected_files(tag_dir, manifest))
     ckpt = read_checkpoint(tag_dir, manifest)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for state in states:

@@ -42,6 +42,12 @@ transformers 5.24 ``Trainer.save_model`` call under ZeRO-3. If renamed, ``engine
 fails with AttributeError (loud), and those callers would get rank 0's shards if they called a new name."""
 CONSOLIDATED = "_consolidated_16bit_state_dict"
 """Private ``DeepSpeedEngine`` method, the ZeRO-0/1/2 counterpart of :data:`ZERO3_CONSOLIDATED`."""
+RECOVERY_SCRIPT_COPY = "_copy_recovery_script"
+"""Private ``DeepSpeedEngine`` method (0.19.8) that copies ``zero_to_fp32.py`` into the save directory
+on global rank 0 inside ``save_checkpoint``, outside its checkpoint engine's ``save``.
+``ds_twolevel.deepspeed.engine_hooks`` guards it during a save so that a full or read-only disk there
+is reported on every rank instead of taking rank 0 out of DeepSpeed's barrier; if it is renamed, the
+guard does nothing and a failed copy raises on rank 0 alone, as in DeepSpeed."""
 
 
 def ds_comm_backend() -> Any:

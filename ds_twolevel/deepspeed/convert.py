@@ -35,7 +35,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_tag_dir(checkpoint_dir: str | os.PathLike, tag: str | None = None) -> Path:
-    """A tag directory itself, or the checkpoint ``tag`` (default: the newest complete one) inside it."""
+    """A tag directory itself, or the checkpoint ``tag`` (default: the one ``latest`` names) inside it."""
     from ds_twolevel.deepspeed.checkpoint import find_checkpoint
 
     path = Path(checkpoint_dir)
@@ -125,7 +125,7 @@ def convert_checkpoint(checkpoint_dir: str | os.PathLike, output_dir: str | os.P
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory (holding 'latest') or one tag directory")
     parser.add_argument("output", help="output directory (a Hugging Face model directory)")
-    parser.add_argument("--tag", default=None, help="tag to convert (default: the newest complete checkpoint)")
+    parser.add_argument("--tag", default=None, help="tag to convert (default: the one the latest file names)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the written weights")
     parser.add_argument("--bin", action="store_true", help="write pytorch_model.bin instead of model.safetensors")
     parser.add_argument("--max_shard_size", default=None, help="split the weights into files of this size (e.g. 5GB)")

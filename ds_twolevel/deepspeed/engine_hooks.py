@@ -29,16 +29,18 @@ ZERO3_CONSOLIDATED`, :data:`~ds_twolevel.deepspeed.compat.CONSOLIDATED`,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from ds_twolevel.deepspeed.compat import CONSOLIDATED, ZERO3_CONSOLIDATED, set_universal_checkpoint_info
+from ds_twolevel.deepspeed.compat import (CONSOLIDATED, RECOVERY_SCRIPT_COPY, ZERO3_CONSOLIDATED,
+                                         set_universal_checkpoint_info)
 from ds_twolevel.deepspeed.engine_patch import MARK as _MARK
 from ds_twolevel.deepspeed.engine_patch import original, register_installer  # noqa: F401 (original re-exported)
 from ds_twolevel.deepspeed.import_hooks import when_imported
@@ -140,10 +142,80 @@ def _save_checkpoint(original: Callable, self: Any, save_dir: str, tag: Any = No
     from ds_twolevel.deepspeed.convert import write_recovery_scripts
 
     tag = str(tag if tag is not None else f"global_step{self.global_steps}")
+    needed, free = _before_save(self, Path(save_dir), tag)
     set_universal_checkpoint_info(self.module, _universal_reason(self))  # DeepSpeed saves it in the model states
-    result = original(self, save_dir, tag, client_state or {}, save_latest, exclude_frozen_parameters)
-    after_deepspeed_save(self, Path(save_dir), tag, write_scripts=write_recovery_scripts)
+    with _write_failures(self, Path(save_dir), needed, free) as failures:
+        result = original(self, save_dir, tag, client_state or {}, save_latest, exclude_frozen_parameters)
+    after_deepspeed_save(self, Path(save_dir), tag, write_scripts=write_recovery_scripts,
+                         failure=failures[0] if failures else None)
     return result
+
+
+def _before_save(engine: Any, save_dir: Path, tag: str) -> tuple[int, int | None]:
+    """(bytes the save needs, bytes free in ``save_dir``), after an agreement step in which the
+    writing rank creates ``save_dir`` and a small file in it and checks the free space: a read-only,
+    forbidden or too full directory is refused on every rank before DeepSpeed writes anything."""
+    import errno
+    import shutil
+
+    from ds_twolevel.deepspeed.checkpoint import is_writer
+    from ds_twolevel.deepspeed.integrity import estimate_save_bytes, free_bytes, probe_writable, write_failure
+    from ds_twolevel.parallel.agreement import agreement
+
+    needed, free = estimate_save_bytes(engine), free_bytes(save_dir)
+    with agreement(None, what=f"saving {save_dir / tag.removesuffix('.partial')}"):
+        if is_writer(engine):
+            try:
+                probe_writable(save_dir)
+                if shutil.disk_usage(save_dir).free < needed:
+                    raise OSError(errno.ENOSPC, "the save does not fit")
+            except OSError as err:
+                raise OSError(write_failure(err, save_dir, needed, free)) from None
+    return needed, free
+
+
+@contextlib.contextmanager
+def _write_failures(engine: Any, save_dir: Path, needed: int, free: int | None) -> Iterator[list[str]]:
+    """While DeepSpeed saves: a file its checkpoint engine fails to write (full disk, read-only) is
+    removed and recorded as one line in the yielded list instead of raised, and later writes are
+    skipped, so that this rank still reaches DeepSpeed's barriers; the caller raises it on every rank."""
+    from ds_twolevel.deepspeed.integrity import write_failure
+
+    checkpoint_engine, failures = engine.checkpoint_engine, []
+    own = checkpoint_engine.__dict__.get("save")
+    original_save = checkpoint_engine.save
+
+    def save(state_dict: Any, path: str) -> None:
+        if failures:
+            return
+        try:
+            original_save(state_dict, path)
+        except (OSError, RuntimeError) as err:
+            failures.append(write_failure(err, save_dir, needed, free))
+            with contextlib.suppress(OSError):  # free the space a partial file holds
+                Path(path).unlink(missing_ok=True)
+
+    def copy_script(save_path: str) -> None:
+        if failures:
+            return
+        try:
+            original_copy(save_path)
+        except OSError as err:
+            failures.append(write_failure(err, save_dir, needed, free))
+
+    original_copy = getattr(engine, RECOVERY_SCRIPT_COPY, None)
+    checkpoint_engine.save = save
+    if original_copy is not None:
+        setattr(engine, RECOVERY_SCRIPT_COPY, copy_script)
+    try:
+        yield failures
+    finally:
+        if own is None:
+            del checkpoint_engine.save
+        else:
+            checkpoint_engine.save = own
+        if original_copy is not None:
+            delattr(engine, RECOVERY_SCRIPT_COPY)  # the class's method again
 
 
 def _load_checkpoint(original: Callable, self: Any, load_dir: str, tag: Any = None, load_module_strict: bool = True,

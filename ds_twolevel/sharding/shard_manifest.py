@@ -16,6 +16,7 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,28 +79,70 @@ class ShardManifest:
         return f"dp={dp} x n={n} x m={m}"
 
     def to_json(self) -> str:
+        """The manifest as JSON, with ``info["digest"]``: a hash of everything else (see :func:`digest_matches`)."""
         entries = {k: {"key": e.key, "dim": e.dim, "transpose": e.transpose, "runs": [list(map(list, r)) for r in e.runs]}
                    for k, e in self.entries.items()}
-        return json.dumps({"format": FORMAT, "layout": dict(zip(("dp", "n", "m"), self.layout)),
-                           "dense": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.dense.items()},
-                           "entries": entries, "info": self.info}, indent=1)
+        info = {k: v for k, v in self.info.items() if k != DIGEST}
+        raw = {"format": FORMAT, "layout": dict(zip(("dp", "n", "m"), self.layout)),
+               "dense": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.dense.items()},
+               "entries": entries, "info": info}
+        raw = json.loads(json.dumps(raw))  # the digest is taken over what a reader will see (int keys -> str)
+        raw["info"][DIGEST] = _digest(raw)
+        return json.dumps(raw, indent=1)
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "manifest") -> "ShardManifest":
-        raw = json.loads(text)
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"{source}: format {raw.get('format')!r} is not {FORMAT!r}; it was written by another "
+    def from_json(cls, text: str, *, source: str = "manifest", check_digest: bool = True) -> "ShardManifest":
+        """Parse a manifest; ValueError naming ``source`` when it is not valid JSON, lacks a field, or
+        (``check_digest``) its content does not match its digest."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is damaged (not valid JSON: {err}); resume from another tag") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"{source}: format {found!r} is not {FORMAT!r}; it was written by another "
                              f"ds_twolevel version")
-        layout = tuple(int(raw["layout"][k]) for k in ("dp", "n", "m"))
-        dense = {k: (tuple(v["shape"]), v["dtype"]) for k, v in raw["dense"].items()}
-        entries = {k: ShardEntry(e["key"], e["dim"], e["transpose"], tuple(tuple(map(tuple, r)) for r in e["runs"]))
-                   for k, e in raw["entries"].items()}
-        return cls(layout, dense, entries, raw.get("info", {}))  # type: ignore[arg-type]
+        if check_digest and digest_matches(raw) is False:
+            raise ValueError(f"{source}: its content does not match its digest (edited or damaged after the save); "
+                             f"resume from another tag")
+        try:
+            layout = tuple(int(raw["layout"][k]) for k in ("dp", "n", "m"))
+            dense = {k: (tuple(v["shape"]), v["dtype"]) for k, v in raw["dense"].items()}
+            entries = {k: ShardEntry(e["key"], e["dim"], e["transpose"], tuple(tuple(map(tuple, r)) for r in e["runs"]))
+                       for k, e in raw["entries"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{source} is damaged (missing or malformed field: {type(err).__name__}: {err}); "
+                             f"resume from another tag") from None
+        info = {k: v for k, v in raw.get("info", {}).items() if k != DIGEST}
+        return cls(layout, dense, entries, info)  # type: ignore[arg-type]
 
     @classmethod
-    def read(cls, tag_dir: str | Path) -> "ShardManifest":
+    def read(cls, tag_dir: str | Path, *, check_digest: bool = True) -> "ShardManifest":
+        """The manifest of a tag directory; ValueError naming the file when it cannot be read or parsed."""
         path = Path(tag_dir) / MANIFEST_NAME
-        return cls.from_json(path.read_text(), source=str(path))
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); resume from another tag") from None
+        return cls.from_json(text, source=str(path), check_digest=check_digest)
+
+
+DIGEST = "digest"
+"""``info`` key of the manifest's own hash (blake2b of its canonical JSON without this key)."""
+
+
+def _digest(raw: dict) -> str:
+    body = {**raw, "info": {k: v for k, v in raw.get("info", {}).items() if k != DIGEST}}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def digest_matches(raw: dict | str) -> bool | None:
+    """True when a manifest (its JSON text or parsed dict) matches its digest, False when it was
+    edited after the save, None when it has none (written before manifests carried one)."""
+    raw = json.loads(raw) if isinstance(raw, str) else raw
+    stored = raw.get("info", {}).get(DIGEST)
+    return None if stored is None else stored == _digest(raw)
 
 
 # -- building one from a live (patched) model --------------------------------------------------------
@@ -289,5 +332,5 @@ def same_shards(saved: ShardManifest, current: ShardManifest) -> bool:
     return saved.layout == current.layout and saved.entries == current.entries
 
 
-__all__ = ["FORMAT", "MANIFEST_NAME", "ShardEntry", "ShardManifest", "assemble", "extract", "local_shape",
-           "is_partitioned", "manifest_for", "model_differences", "partitioned_modules", "runs_of", "same_shards"]
+__all__ = ["DIGEST", "FORMAT", "MANIFEST_NAME", "ShardEntry", "ShardManifest", "assemble", "digest_matches", "extract",
+           "local_shape", "is_partitioned", "manifest_for", "model_differences", "partitioned_modules", "runs_of", "same_shards"]
