@@ -175,6 +175,7 @@ def rank_cases(work: str) -> dict:
     import torch.distributed as dist
 
     import ds_twolevel
+    from ds_twolevel.deepspeed.checkpoint import mesh_of
     from ds_twolevel.deepspeed.integrity import estimate_save_bytes
 
     work, rank, out = Path(work), dist.get_rank(), {}
@@ -183,7 +184,7 @@ def rank_cases(work: str) -> dict:
         _step(engine, step)
         out[f"save_s_{step}"] = _timed(lambda: ds_twolevel.save_checkpoint(engine, ckpt, client_state={"step": step}))
     state2 = ds_twolevel.dense_state_dict(engine)
-    out["estimate"] = estimate_save_bytes(engine)
+    out["estimate"] = estimate_save_bytes(engine, mesh_of(engine).layout.tp_size)
     out["saved_bytes"] = sum(p.stat().st_size for p in (ckpt / "global_step2").iterdir())
     if rank == 0:
         out["names"] = _prepare_copies(work, ckpt)

@@ -237,7 +237,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
                 save_dir.mkdir(parents=True, exist_ok=True)
                 remove_checkpoint(save_dir / f"{tag}.partial")  # left by a save that was killed
             except OSError as err:  # read-only, forbidden: named with the bytes the save needs
-                raise OSError(write_failure(err, save_dir, estimate_save_bytes(engine), None)) from None
+                raise OSError(write_failure(err, save_dir, estimate_save_bytes(engine, mesh_of(engine).layout.tp_size), None)) from None
     engine.save_checkpoint(str(save_dir), tag=f"{tag}.partial", client_state=client_state or {},
                            save_latest=False, **kwargs)  # writes the manifest last (engine_hooks)
     with agreement(None, what=f"committing {save_dir / tag}"):

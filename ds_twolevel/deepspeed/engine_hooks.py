@@ -158,11 +158,11 @@ def _before_save(engine: Any, save_dir: Path, tag: str) -> tuple[int, int | None
     import errno
     import shutil
 
-    from ds_twolevel.deepspeed.checkpoint import is_writer
+    from ds_twolevel.deepspeed.checkpoint import is_writer, mesh_of
     from ds_twolevel.deepspeed.integrity import estimate_save_bytes, free_bytes, probe_writable, write_failure
     from ds_twolevel.parallel.agreement import agreement
 
-    needed, free = estimate_save_bytes(engine), free_bytes(save_dir)
+    needed, free = estimate_save_bytes(engine, mesh_of(engine).layout.tp_size), free_bytes(save_dir)
     with agreement(None, what=f"saving {save_dir / tag.removesuffix('.partial')}"):
         if is_writer(engine):
             try:

@@ -178,19 +178,18 @@ def _moments(engine: Any) -> int:
     return 2 if "adam" in type(base).__name__.lower() else 1
 
 
-def estimate_save_bytes(engine: Any) -> int:
-    """Bytes a save of ``engine`` writes, over all ranks: per tp rank, the model tensors in their dtype
+def estimate_save_bytes(engine: Any, tp_size: int) -> int:
+    """Bytes a save of ``engine`` writes, over all ranks: per tp rank (``tp_size`` of them), the model tensors in their dtype
     plus fp32 master weights (ZeRO 1-3, or fp16/bf16) and the optimizer's moments in fp32.
 
     An estimate (within a few % of the files for Adam; ``tests/test_checkpoint_integrity.py`` compares
     it with a real save): it leaves out the pickled metadata.
     """
-    from ds_twolevel.deepspeed.checkpoint import mesh_of
     from ds_twolevel.deepspeed.engine_state import zero_stage
 
     numel, elem = _params_numel(engine)
     master = 1 if zero_stage(engine) > 0 or elem != 4 else 0
-    return mesh_of(engine).layout.tp_size * numel * (elem + 4 * (master + _moments(engine)))
+    return tp_size * numel * (elem + 4 * (master + _moments(engine)))
 
 
 def human(n: int) -> str:
