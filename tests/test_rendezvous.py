@@ -1,0 +1,95 @@
+"""Two jobs started on one master port under the ``deepspeed`` launcher: the second is refused in one
+line on each of its ranks before it joins anything, and the first trains on unharmed.
+
+Job A (2 ranks) builds its mesh and holds the port; job B (2 ranks) starts on the same port: its rank 0
+cannot bind the port ("port P is in use by another job; pass --master_port"), its rank 1 reaches A's
+store and finds A's job token there instead of its own. Then A all-reduces over its 2 ranks: the sum
+is its own, nothing of B mixed in.
+
+This file is also the rank script (``--role hold|join``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
+          "two_level": {"n": 1, "m": 2, "timeout_s": 120}}
+
+
+def rank_main(role: str, work: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import ds_twolevel
+    from ds_twolevel.deepspeed.rendezvous import RendezvousError
+
+    rank = int(os.environ["RANK"])
+    try:
+        ds_twolevel.build_mesh(CONFIG)
+    except RendezvousError as err:
+        print(f"REFUSED {err}", flush=True)
+        return
+    if role == "join":
+        print("JOINED", flush=True)
+        return
+    (work / f"ready{rank}").write_text("1")
+    deadline = time.time() + 600
+    while not (work / "release").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    print(f"SUM {float(total):g} WORLD {dist.get_world_size()}", flush=True)
+
+
+def _launch(port: int, role: str, work: Path) -> subprocess.Popen:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("DS_TWOLEVEL_JOB_ID", None)
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
+           __file__, "--role", role, "--work", str(work)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def test_two_jobs_on_one_port(tmp_path):
+    from ds_twolevel.testing import free_port
+
+    port = free_port()
+    holder = _launch(port, "hold", tmp_path)
+    deadline = time.time() + 600
+    while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+        assert holder.poll() is None and time.time() < deadline, holder.communicate()[0][-4000:]
+        time.sleep(0.5)
+    try:
+        joiner = _launch(port, "join", tmp_path)
+        out_b = joiner.communicate(timeout=600)[0]
+    finally:
+        (tmp_path / "release").write_text("1")
+    out_a = holder.communicate(timeout=600)[0]
+    assert holder.returncode == 0 and "SUM 3 WORLD 2" in out_a, out_a[-4000:]
+    refused = [line for line in out_b.splitlines() if "REFUSED" in line]
+    assert len(refused) == 2 and "JOINED" not in out_b, out_b[-4000:]
+    busy = f"port {port} is in use by another job; pass --master_port"
+    assert any(f"REFUSED rank 0: {busy}" in line for line in refused), refused
+    assert any(f"REFUSED rank 1: {busy}" in line and "belongs to a job whose rank 0 runs under launcher pid" in line
+               for line in refused), refused
+    assert "Traceback" not in out_b and "EADDRINUSE" not in out_b, out_b[-4000:]
+    print("\n" + "\n".join(refused))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--role", required=True)
+    parser.add_argument("--work", required=True)
+    args = parser.parse_args()
+    rank_main(args.role, Path(args.work))
