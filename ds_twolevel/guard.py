@@ -134,6 +134,7 @@ class ModelGuard:
     def pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: the checks due at this call (collective over the layer's ranks)."""
         self.forwards += 1
+        declared, self.declared = self.declared, None  # for this forward only, checked or not
         opts = self.options
         if not self.active or (opts.check_inputs == "never" and not opts.check_shards):
             return
@@ -142,13 +143,9 @@ class ModelGuard:
         inputs = opts.check_inputs == "always" or (opts.check_inputs == "first" and not self.inputs_checked)
         inputs = inputs and self.mesh.axes.tp.size > 1  # data-parallel replicas may get different rows
         if shards or inputs:
-            bound = self._inputs(args, kwargs) if inputs else None
-            self.run(model, wrappers=wrappers if shards else None, bound=bound)
-
-    def _inputs(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """What the ranks of a layer must agree on: the declared tensors, else the forward's arguments."""
-        declared, self.declared = self.declared, None
-        return declared if declared is not None else fp.bind_arguments(self.arg_names, args, kwargs)
+            if inputs:  # what the ranks of a layer must agree on: the declared tensors, else the arguments
+                bound = declared if declared is not None else fp.bind_arguments(self.arg_names, args, kwargs)
+            self.run(model, wrappers=wrappers if shards else None, bound=bound if inputs else None)
 
     def run(self, model: nn.Module, *, wrappers: list[Any] | None, bound: dict[str, Any] | None,
             what: str | None = None) -> None:

@@ -381,6 +381,11 @@ def inputs(args, record: Run, kind: str, call: str, check: str | None = None) ->
             record.data["logits_shape"] = list(model(input_ids=ids, attention_mask=mask).logits.shape)
         elif call == "forward":
             record.data["logits_shape"] = list(model(input_ids=ids, attention_mask=mask).logits.shape)
+        elif call == "declared":  # what the ranks hold in common is declared: agreed, then not
+            guard.declare_inputs(model, {"input_ids": rows(3, seed=11)})
+            model(input_ids=ids, attention_mask=mask)
+            guard.declare_inputs(model, {"input_ids": ids})
+            model(input_ids=rows(3, seed=11), attention_mask=mask)
         else:
             processors = [_Diverge(rank=1, step=3)] if kind == "decode" else []
             tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
@@ -479,6 +484,7 @@ SCENARIOS = [
     ("inputs_ids_generate", inputs, ("ids", "generate")),
     ("inputs_ids_second", inputs, ("ids", "second")),
     ("inputs_ids_second_first", inputs, ("ids", "second", "first")),
+    ("inputs_declared", inputs, ("ids", "declared")),
     ("inputs_decode", inputs, ("decode", "generate")),
     ("inputs_replicas", inputs, ("replicas", "forward")),
     ("inputs_agree", inputs, ("same", "generate")),

@@ -305,6 +305,16 @@ def test_a_later_forward_with_other_ids_is_refused(runs, layout):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_declared_inputs_replace_the_arguments(runs, layout):
+    """guard.declare_inputs: ranks given different ids that declare the same batch pass (forward 1);
+    declaring their own different ids is refused (forward 2), whatever the arguments."""
+    out, dp, n, m = runs(layout)
+    others = ", ".join(str(r) for r in range(n * m) if r != 1)
+    check_refused(out, "inputs_declared", "at forward call 2", "input_ids: same shape (3, 12) int64, different "
+                  f"values on rank(s) {others} vs 1", tp=n * m)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_generate_checks_every_sampled_token(runs, layout):
     """Rank 1's 3rd generated token differs: its layer group is refused at forward call 4 under the
     default guard; the other group (2 x 1 x 2) generates on. Without differences every one of the 6
