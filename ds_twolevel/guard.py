@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import sys
+import types
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -270,23 +271,24 @@ def declare_inputs(model: nn.Module, tensors: dict[str, torch.Tensor | None]) ->
 
 def _check_generated(model: nn.Module) -> None:
     """Make ``model.generate`` check its output on the ranks of a layer (``check_inputs="always"``):
-    each decode step's forward checks the token sampled before it, this checks the last one."""
-    inner = getattr(model, "generate", None)
-    if inner is None or getattr(inner, "_twolevel_checked", False):
+    each decode step's forward checks the token sampled before it, this checks the last one. A bound
+    method on the instance (a deep copy of the model gets its own)."""
+    current = model.__dict__.get("generate")
+    if not hasattr(type(model), "generate") or getattr(current, "__func__", None) is _checked_generate:
         return
+    model.generate = types.MethodType(_checked_generate, model)
 
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        out = inner(*args, **kwargs)
-        guard = getattr(model, "_twolevel_guard", None)
-        sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
-        if guard is not None and guard.options.check_inputs == "always" and isinstance(sequences, torch.Tensor) \
-                and guard.mesh.axes.tp.size > 1:
-            with torch.no_grad():
-                guard.run(model, wrappers=None, bound={"input_ids": sequences}, what="the end of generate()")
-        return out
 
-    generate._twolevel_checked = True
-    model.generate = generate
+def _checked_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``type(model).generate``, then one more input check, of the returned sequences."""
+    out = type(model).generate(model, *args, **kwargs)
+    guard = getattr(model, "_twolevel_guard", None)
+    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    if guard is not None and guard.options.check_inputs == "always" and isinstance(sequences, torch.Tensor) \
+            and guard.mesh.axes.tp.size > 1:
+        with torch.no_grad():
+            guard.run(model, wrappers=None, bound={"input_ids": sequences}, what="the end of generate()")
+    return out
 
 
 def configure(model: nn.Module, *, check_inputs: str | None = None, check_shards: bool | None = None) -> GuardOptions:
