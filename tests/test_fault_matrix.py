@@ -30,6 +30,7 @@ This file is also the rank script of that test (``--scenario orphan``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -84,6 +85,7 @@ def _on_call(obj, name: str, n: int, action) -> None:
     when ``n`` is negative: -1 = after the first call)."""
     original, calls = getattr(obj, name), [0]
 
+    @functools.wraps(original)  # the same signature: generate() inspects forward's to choose its inputs
     def wrapped(*args, **kwargs):
         calls[0] += 1
         if calls[0] == n:

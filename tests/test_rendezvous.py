@@ -103,8 +103,8 @@ def test_two_jobs_on_one_port(tmp_path):
     assert len(refused) == 2 and "JOINED" not in out_b, out_b[-4000:]
     busy = f"port {port} is in use by another job; pass --master_port"
     assert any(f"REFUSED rank 0: {busy}" in line for line in refused), refused
-    assert any(f"REFUSED rank 1: {busy}" in line and "belongs to a job whose rank 0 runs under id job-a, this rank "
-               "under launcher pid" in line for line in refused), refused
+    assert any(f"REFUSED rank 1: {busy}" in line and "belongs to a job of 2 ranks whose rank 0 runs under id job-a, "
+               "this rank (of 2) under launcher pid" in line for line in refused), refused
     assert "Traceback" not in out_b and "EADDRINUSE" not in out_b, out_b[-4000:]
     print("\n" + "\n".join(refused))
 

@@ -74,8 +74,8 @@ JOB_ENV = "DS_TWOLEVEL_JOB_ID"
 def job_token() -> str | None:
     """What every rank of this job shares and another job's ranks do not: ``DS_TWOLEVEL_JOB_ID`` when
     set; else, for a job whose ranks all run on this host, the host and the launcher process that
-    started them (their common parent: the ``deepspeed`` launcher's ``launch``, torchrun's agent); None
-    for a multi-node job without an explicit id (then only the busy port is detected)."""
+    started them (rank 0's parent: the ``deepspeed`` launcher's ``launch``, ``srun``'s step daemon, a
+    shell); None for a multi-node job without an explicit id."""
     explicit = os.environ.get(JOB_ENV)
     if explicit:
         return f"id {explicit}"
@@ -83,6 +83,33 @@ def job_token() -> str | None:
     if local is None or local != os.environ.get("WORLD_SIZE"):
         return None
     return f"launcher pid {os.getppid()} on {socket.gethostname()}"
+
+
+def _ancestors() -> set[int]:
+    """This process's ancestors' pids (Linux /proc; the parent only elsewhere)."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return found
+
+
+def foreign(theirs: str, mine: str | None, world: int) -> bool:
+    """Whether rank 0's published ``"<world> <token>"`` is another job's: another world size, another
+    explicit id, or (one host, no id) a rank 0 whose launcher is not among this rank's ancestors."""
+    their_world, _, token = theirs.partition(" ")
+    if their_world != str(world):
+        return True
+    if mine is None or not token:
+        return bool(token) != bool(mine)
+    if token.startswith("launcher pid ") and mine.startswith("launcher pid "):
+        pid, _, host = token[len("launcher pid "):].partition(" on ")
+        return host != socket.gethostname() or int(pid) not in _ancestors()
+    return token != mine
 
 
 def _busy(err: BaseException) -> bool:
@@ -121,14 +148,15 @@ def join_own_job(backend: str | None, timeout: datetime.timedelta) -> None:
             raise RendezvousError(f"rank 0: {_port_in_use(port)}") from None
         raise
     if rank == 0:
-        store.set(JOB_KEY, token or "")
+        store.set(JOB_KEY, f"{world} {token or ''}")
     else:
         store.wait([JOB_KEY], timeout)
         theirs = store.get(JOB_KEY).decode()
-        if token is not None and theirs != token:
+        if foreign(theirs, token, world):
+            their_world, _, their_token = theirs.partition(" ")
             raise RendezvousError(f"rank {rank}: {_port_in_use(port)}: the rendezvous store at {host}:{port} belongs "
-                                  f"to a job whose rank 0 runs under {theirs or 'no job token'}, this rank under "
-                                  f"{token}")
+                                  f"to a job of {their_world} ranks whose rank 0 runs under {their_token or 'no job id'}"
+                                  f", this rank (of {world}) under {token or 'no job id'}")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
@@ -165,6 +193,8 @@ def build_mesh(config: str | os.PathLike | Mapping[str, Any]) -> TwoLevelMesh:
     # default) so that the agreement can tell every rank
     try:
         init_distributed(tl or _fallback_two_level(config))
+    except RendezvousError:  # another job's port or store: nothing of this job can be agreed on
+        raise
     except Exception:
         if error is not None:  # the rendezvous failed too: this rank's own problem comes first
             raise error from None
