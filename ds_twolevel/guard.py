@@ -14,30 +14,40 @@ adds a forward pre-hook to the model. Before anything shape-dependent runs, the 
 2. check the shards (:mod:`ds_twolevel.sharding.fingerprint`): ranks that own the same dense slice hold
    equal values (replicated tensors: embeddings, norms, LM head, output biases), and ranks that own
    different slices do not hold the same non-constant values (what a broadcast leaves behind);
-3. compare the inputs (ids, mask, positions, embeddings, labels, ... : shape, dtype, exact hash).
+3. compare the inputs (ids, mask, positions, embeddings, labels, ... : shape, dtype, exact hash) on
+   every forward, and ``generate()``'s output (each decode step's forward already compared the token
+   sampled before it).
 
 A Hugging Face Trainer of a patched model whose ``args.world_size`` is not torch.distributed's (plain
 ``TrainingArguments(deepspeed=...)`` on CPU: accelerate's state without a backend) is refused earlier,
 at the end of ``Trainer.__init__`` (:func:`check_trainer`, added by :func:`watch_trainers`).
 
-All three go in fixed-size int64 vectors, all-gathered over the tensor-parallel group, so ranks with
-different batch shapes cannot deadlock or crash the backend. The verdict, the same on every rank,
-then goes through :func:`ds_twolevel.parallel.agreement.agree` (the world in training mode, otherwise the
-layer's group), so every rank raises the same :class:`GuardError`.
+Every check is one all-gather of a fixed-size int64 row: 4 plan lanes (shard check due, input check
+due, parameter count, tp group) and :data:`~ds_twolevel.sharding.fingerprint.LANES` input digests
+(:func:`~ds_twolevel.sharding.fingerprint.input_lanes`, hashed on the inputs' device). It goes over the
+world in training mode (every rank must stop before the gradient all-reduce) and over the tp group
+otherwise (a decode step of one layer group), so ranks with different batch shapes cannot deadlock or
+crash the backend; every rank of that group computes the same verdict from the same table and raises
+the same :class:`GuardError`. Data-parallel replicas are compared only with their own layer group.
 
-Cost: checks 1-2 on the first forward and whenever a new wrapper appears (one all-gather of
-3 int64 per parameter tensor plus 80 int64 per rank over the n*m ranks, and one hash pass over this
-rank's parameters); check 3 on the first forward (``check_inputs="first"``), on every forward
-(``"always"``: one all-gather of 80 int64 per rank per forward, generate's decode steps included)
-or never. Plus one 4-byte all-reduce (:func:`~ds_twolevel.parallel.agreement.agree`) per check.
+Cost per forward with the default ``check_inputs="always"``: one all-gather of 12 int64 (96 bytes) per
+rank and one hash pass over the inputs; docs/guard.md has the measured share of a step. A mismatch costs
+one more all-gather (80 int64 per rank) for the message. ``"first"`` checks the first forward only,
+``"never"`` never. Checks 1-2 run on the first forward and whenever a new wrapper appears (one
+all-gather of 3 int64 per parameter tensor over the n*m ranks, one hash pass over this rank's
+parameters, and :func:`~ds_twolevel.parallel.agreement.agree`'s 4-byte all-reduce). A caller whose ranks
+of a layer legitimately get different tensors (a sequence-parallel split) declares what they must
+agree on with :func:`declare_inputs`.
 
 Example:
-    >>> install(model, mesh, check_inputs="always")     # patch_model does install(model, mesh)
+    >>> install(model, mesh)                             # patch_model does this; check_inputs="always"
+    >>> configure(model, check_inputs="first")          # opt out: only the first forward's inputs
     >>> configure(model, check_shards=False)            # opt out of the shard check
 """
 from __future__ import annotations
 
 import sys
+import types
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +60,8 @@ from ds_twolevel.deepspeed.compat import accelerate_state_initialized
 from ds_twolevel.deepspeed.import_hooks import when_imported
 from ds_twolevel.sharding import fingerprint as fp
 from ds_twolevel.parallel.agreement import AgreementError, _flag_device, agree
-from ds_twolevel.parallel.layout import TwoLevelMesh
+from ds_twolevel.parallel.collectives import _ALL_GATHER
+from ds_twolevel.parallel.layout import AxisGroup, TwoLevelMesh
 
 CHECK_INPUTS = ("first", "always", "never")
 INPUTS = "inputs differ between the ranks"
@@ -85,8 +96,9 @@ class GuardOptions:
         >>> GuardOptions(check_inputs="always", check_shards=True)
     """
 
-    check_inputs: str = "first"
-    """compare the inputs of the ranks of a layer on the "first" forward, "always", or "never"."""
+    check_inputs: str = "always"
+    """compare the inputs of the ranks of a layer on every forward ("always", and generate's output),
+    on the "first" forward only, or "never"."""
     check_shards: bool = True
     """check wrappers and shards on the first forward and whenever a new wrapper appears."""
 
@@ -110,6 +122,10 @@ class ModelGuard:
         self.shards_checked = self.inputs_checked = False
         self.seen: set[int] = set()
         """ids of the wrappers already checked."""
+        self.declared: dict[str, Any] | None = None
+        """tensors the next check agrees on instead of the forward's arguments (:func:`declare_inputs`)."""
+        self.leader = _tp_ranks(mesh)[0]
+        """global rank of the first rank of this rank's layer group (names the group in a world table)."""
         self.handle = model.register_forward_pre_hook(self.pre_forward, with_kwargs=True)
 
     @property
@@ -119,42 +135,72 @@ class ModelGuard:
     def pre_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: the checks due at this call (collective over the layer's ranks)."""
         self.forwards += 1
+        declared, self.declared = self.declared, None  # for this forward only, checked or not
         opts = self.options
         if not self.active or (opts.check_inputs == "never" and not opts.check_shards):
             return
         wrappers = _stack_objects(model) if opts.check_shards else []
         shards = opts.check_shards and (not self.shards_checked or any(id(w) not in self.seen for w in wrappers))
         inputs = opts.check_inputs == "always" or (opts.check_inputs == "first" and not self.inputs_checked)
+        inputs = inputs and self.mesh.axes.tp.size > 1  # data-parallel replicas may get different rows
         if shards or inputs:
-            bound = fp.bind_arguments(self.arg_names, args, kwargs) if inputs else None
-            self.run(model, wrappers=wrappers if shards else None, bound=bound)
+            if inputs:  # what the ranks of a layer must agree on: the declared tensors, else the arguments
+                bound = declared if declared is not None else fp.bind_arguments(self.arg_names, args, kwargs)
+            self.run(model, wrappers=wrappers if shards else None, bound=bound if inputs else None)
 
-    def run(self, model: nn.Module, *, wrappers: list[Any] | None, bound: dict[str, Any] | None) -> None:
-        """One check: a fixed-size all-gather of what each rank checks (and its inputs) over the tp
-        group, then the shard fingerprints if any rank checks them; raise :class:`GuardError` on
-        every rank (world in training mode, else the tp group) when anything is wrong."""
+    def run(self, model: nn.Module, *, wrappers: list[Any] | None, bound: dict[str, Any] | None,
+            what: str | None = None) -> None:
+        """One check: a fixed-size all-gather of what each rank checks and the digest of its inputs
+        (over the world in training, where every rank must stop together, else over the tp group), then
+        the shard fingerprints if any rank checks them; raise :class:`GuardError` on every rank of
+        that group when anything is wrong."""
         self.checks += 1
-        tp = self.mesh.axes.tp
-        layers = _two_level_layers(model)
-        count = sum(1 for _ in model.parameters())
-        plan = torch.tensor([int(wrappers is not None), int(bound is not None), count], dtype=torch.int64)
-        table = _gather(torch.cat([plan, fp.input_descriptor(bound or {})]), tp)
-        problems = [p for w in wrappers or [] for p in wrapper_problems(w, self.mesh)]
+        training = model.training and torch.is_grad_enabled()
+        axis = _world_axis() if training else self.mesh.axes.tp
+        device = _flag_device(axis.group) if axis.size > 1 else torch.device("cpu")
+        count = sum(1 for _ in model.parameters()) if wrappers is not None else 0  # compared by the shard check
+        plan = torch.tensor([int(wrappers is not None), int(bound is not None), count, self.leader],
+                            dtype=torch.int64, device=device)
+        lanes = fp.input_lanes(bound or {}, device)
+        table = _gather(torch.cat([plan, lanes]), axis)  # (ranks of axis, 4 + LANES): the only host read
+        problems: list[str] = []
         if bool(table[:, 1].any()):
-            problems += _input_problems(table[:, 3:], _tp_ranks(self.mesh), self.forwards)
+            problems += self._input_problems(table, axis, bound or {}, what or f"forward call {self.forwards}")
             self.inputs_checked = True
-        if bool(table[:, 0].any()):
-            problems += self._shard_problems(model, layers, table[:, 2])
-            self.seen.update(id(w) for w in wrappers or [])
-            self.shards_checked = True
-        group = None if model.training and torch.is_grad_enabled() else tp
+        if not bool(table[:, 0].any()):  # inputs only: every rank of the axis holds the same table and verdict
+            if problems:
+                ranks = _axis_ranks(axis, self.mesh)
+                raise GuardError(f"the two-level guard ({self.model_name})", {r: problems[0] for r in ranks})
+            return
+        tp_table = table if not training else table[table[:, 3] == self.leader]
+        problems += [p for w in wrappers or [] for p in wrapper_problems(w, self.mesh)]
+        problems += self._shard_problems(model, _two_level_layers(model), tp_table[:, 2])
+        self.seen.update(id(w) for w in wrappers or [])
+        self.shards_checked = True
         message = None
         if problems:
             message = "; ".join(problems) + ("" if all(p.startswith(INPUTS) for p in problems) else ". " + TABLE)
         try:
-            agree(message, group, what=f"the two-level guard ({self.model_name})")
+            agree(message, None if training else self.mesh.axes.tp, what=f"the two-level guard ({self.model_name})")
         except AgreementError as err:
             raise GuardError(err.what, err.failures) from None
+
+    def _input_problems(self, table: torch.Tensor, axis: Any, bound: dict[str, Any], call: str) -> list[str]:
+        """One message naming every layer group whose input digests differ, and what differs; [] when
+        all agree. Only on a mismatch (seen by every rank of ``axis``): an all-gather of each rank's
+        full input descriptor, for the shapes and names in the message."""
+        lanes, leaders = table[:, 4:], table[:, 3]
+        bad = [int(g) for g in leaders.unique().tolist()
+               if bool((lanes[leaders == g] != lanes[leaders == g][0]).any())]
+        if not bad:
+            return []
+        descriptors = _gather(fp.input_descriptor(bound).to(_flag_device(axis.group) if axis.size > 1 else "cpu"), axis)
+        ranks = _axis_ranks(axis, self.mesh)
+        parts = []
+        for leader in bad:
+            rows = (leaders == leader).nonzero().flatten().tolist()
+            parts += _input_problems(descriptors[rows], [ranks[r] for r in rows], call)
+        return ["; ".join(parts)] if parts else [f"{INPUTS} at {call}"]
 
     def _shard_problems(self, model: nn.Module, layers: list[nn.Module], counts: torch.Tensor) -> list[str]:
         if bool((counts != counts[0]).any()):
@@ -165,6 +211,18 @@ class ModelGuard:
         return shard_problems(names, table, _tp_ranks(self.mesh))
 
 
+def _world_axis() -> AxisGroup:
+    """The whole job as an axis (group None: the default process group)."""
+    if not dist.is_initialized():
+        return AxisGroup.single("world")
+    return AxisGroup(name="world", size=dist.get_world_size(), rank=dist.get_rank(), group=None)
+
+
+def _axis_ranks(axis: AxisGroup, mesh: TwoLevelMesh) -> list[int]:
+    """Global ranks of the rows of a table gathered over ``axis`` (the world, or the tp group)."""
+    return list(range(axis.size)) if axis.name == "world" and axis.size > 1 else _tp_ranks(mesh)
+
+
 def _two_level_layers(model: nn.Module) -> list[nn.Module]:
     from ds_twolevel.sharding.shard_manifest import partitioned_modules
 
@@ -172,7 +230,7 @@ def _two_level_layers(model: nn.Module) -> list[nn.Module]:
 
 
 # -- installing ------------------------------------------------------------------------------------
-def install(model: nn.Module, mesh: TwoLevelMesh, *, check_inputs: str = "first",
+def install(model: nn.Module, mesh: TwoLevelMesh, *, check_inputs: str = "always",
             check_shards: bool = True) -> ModelGuard:
     """Add the guard's forward pre-hook to ``model`` (replacing an earlier guard); return its state.
 
@@ -184,8 +242,53 @@ def install(model: nn.Module, mesh: TwoLevelMesh, *, check_inputs: str = "first"
     if old is not None:
         old.handle.remove()
     model._twolevel_guard = ModelGuard(model, mesh, options)
+    _check_generated(model)
     watch_trainers()
+    from ds_twolevel.accelerate import watch_accelerators
+
+    watch_accelerators()
     return model._twolevel_guard
+
+
+def declare_inputs(model: nn.Module, tensors: dict[str, torch.Tensor | None]) -> None:
+    """The next forward's input check compares ``tensors`` instead of the forward's arguments.
+
+    For callers whose ranks of a layer legitimately receive different tensors (a sequence-parallel
+    split gives each rank its own token shard): declare the whole batch (or anything every rank of the
+    layer holds identically) just before the forward. Names of :data:`~ds_twolevel.sharding.fingerprint.INPUT_SLOTS`
+    get their own digest lane and are named in the message; other names share one lane.
+
+    Example:
+        >>> declare_inputs(model, {"input_ids": batch_ids, "labels": batch_labels})   # the unsharded batch
+        >>> model(input_ids=my_shard_ids, labels=my_shard_labels)                   # agreement on the batch
+    """
+    guard = getattr(model, "_twolevel_guard", None)
+    if guard is None:
+        raise ValueError(f"{type(model).__name__} has no two-level guard; patch it with hf_integration.patch_model "
+                         "or call ds_twolevel.guard.install(model, mesh)")
+    guard.declared = dict(tensors)
+
+
+def _check_generated(model: nn.Module) -> None:
+    """Make ``model.generate`` check its output on the ranks of a layer (``check_inputs="always"``):
+    each decode step's forward checks the token sampled before it, this checks the last one. A bound
+    method on the instance (a deep copy of the model gets its own)."""
+    current = model.__dict__.get("generate")
+    if not hasattr(type(model), "generate") or getattr(current, "__func__", None) is _checked_generate:
+        return
+    model.generate = types.MethodType(_checked_generate, model)
+
+
+def _checked_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``type(model).generate``, then one more input check, of the returned sequences."""
+    out = type(model).generate(model, *args, **kwargs)
+    guard = getattr(model, "_twolevel_guard", None)
+    sequences = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    if guard is not None and guard.options.check_inputs == "always" and isinstance(sequences, torch.Tensor) \
+            and guard.mesh.axes.tp.size > 1:
+        with torch.no_grad():
+            guard.run(model, wrappers=None, bound={"input_ids": sequences}, what="the end of generate()")
+    return out
 
 
 def configure(model: nn.Module, *, check_inputs: str | None = None, check_shards: bool | None = None) -> GuardOptions:
@@ -254,9 +357,9 @@ def _gather(row: torch.Tensor, axis: Any) -> torch.Tensor:
     if axis.size == 1:
         return row.view(1, -1)
     device = _flag_device(axis.group)
-    parts = [torch.empty_like(row, device=device) for _ in range(axis.size)]
-    dist.all_gather(parts, row.to(device), group=axis.group)
-    return torch.stack(parts).cpu()
+    table = torch.empty(axis.size * row.numel(), dtype=row.dtype, device=device)
+    _ALL_GATHER(table, row.to(device).contiguous(), group=axis.group)
+    return table.view(axis.size, -1).cpu()
 
 
 def _group_ranks(axis: Any) -> list[int]:
@@ -507,7 +610,7 @@ def shard_problems(names: list[str], table: torch.Tensor, ranks: list[int]) -> l
     return out
 
 
-def _input_problems(table: torch.Tensor, ranks: list[int], call: int) -> list[str]:
+def _input_problems(table: torch.Tensor, ranks: list[int], call: str) -> list[str]:
     """Which arguments differ between the ranks of a layer ((tp, DESCRIPTOR_SIZE) table)."""
     out = []
     for k, name in enumerate(fp.INPUT_SLOTS + ("other arguments",)):
@@ -525,6 +628,6 @@ def _input_problems(table: torch.Tensor, ranks: list[int], call: int) -> list[st
                                                 for row, rs in groups.items()))
     if not out:
         return []
-    return [f"{INPUTS} {ranks} of one layer at forward call {call} ({' | '.join(out)}); "
+    return [f"{INPUTS} {ranks} of one layer at {call} ({' | '.join(out)}); "
             "every rank of a layer must get the same batch (ds_twolevel.replica_rows(batch, mesh), or accelerate / "
             "the Trainer with tensor_parallel.autotp_size = n*m); check_inputs='never' turns this check off"]

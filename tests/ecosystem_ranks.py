@@ -174,13 +174,18 @@ def _recording_watchdog_start(record: Run, build: Callable) -> Any:
 
 
 @scenario
-def accelerate_deepspeed(args, record: Run, stage: int, autotp: bool = True) -> dict:
-    """Accelerator + DeepSpeedPlugin (ds_twolevel.accelerate helpers), ZeRO ``stage``."""
+def accelerate_deepspeed(args, record: Run, stage: int, autotp: bool = True, gloo: bool = True) -> dict:
+    """Accelerator + DeepSpeedPlugin (ds_twolevel.accelerate helpers), ZeRO ``stage``; or without
+    ``autotp`` (the two-level JSON as it is), or without the gloo handler."""
     import ds_twolevel
     from ds_twolevel import accelerate as two_level_accelerate
 
     cfg = ds_config(stage, args.n, args.m, autotp=autotp)
-    if autotp:
+    if not gloo:  # the helper's plugin, but accelerate's own process state: no backend on CPU
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(deepspeed_plugin=two_level_accelerate.deepspeed_plugin(cfg))
+    elif autotp:
         accelerator = two_level_accelerate.accelerator(cfg)
     else:  # what a user without the helper does: the config as it is, the gloo handler from CPU_NOTES
         from accelerate import Accelerator
@@ -360,17 +365,27 @@ def _my_rows(mesh, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @scenario
-def inputs(args, record: Run, kind: str, call: str, check: str = "first") -> dict:
-    """A patched model (eval) given inputs that differ between the ranks of one layer."""
+def inputs(args, record: Run, kind: str, call: str, check: str | None = None) -> dict:
+    """A patched model (eval) given inputs that differ between the ranks of one layer (the default
+    guard unless ``check`` says otherwise)."""
     from ds_twolevel import guard
 
     mesh = mesh_for(args)
     model = patched(mesh).eval()
-    guard.configure(model, check_inputs="never" if NO_GUARD else check)
+    if NO_GUARD or check is not None:
+        guard.configure(model, check_inputs="never" if NO_GUARD else check)
     ids, mask = _my_rows(mesh, kind)
     with torch.no_grad():
-        if call == "forward":
+        if call == "second":  # the same first forward everywhere, then other ids on one rank
+            model(input_ids=rows(3, seed=11), attention_mask=torch.ones(3, SEQ, dtype=torch.long))
             record.data["logits_shape"] = list(model(input_ids=ids, attention_mask=mask).logits.shape)
+        elif call == "forward":
+            record.data["logits_shape"] = list(model(input_ids=ids, attention_mask=mask).logits.shape)
+        elif call == "declared":  # what the ranks hold in common is declared: agreed, then not
+            guard.declare_inputs(model, {"input_ids": rows(3, seed=11)})
+            model(input_ids=ids, attention_mask=mask)
+            guard.declare_inputs(model, {"input_ids": ids})
+            model(input_ids=rows(3, seed=11), attention_mask=mask)
         else:
             processors = [_Diverge(rank=1, step=3)] if kind == "decode" else []
             tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
@@ -378,6 +393,35 @@ def inputs(args, record: Run, kind: str, call: str, check: str = "first") -> dic
             record.data["tokens"] = tokens.tolist()
     record.data["guard"] = [model._twolevel_guard.forwards, model._twolevel_guard.checks]
     return {}
+
+
+@scenario
+def diverging_training(args, record: Run) -> dict:
+    """``ds_twolevel.initialize`` (ZeRO-2), default guard: at step 3 the rank with tp rank 1 in the
+    first layer group trains on other rows than its layer group (a dataloader bug on one node)."""
+    import ds_twolevel
+
+    mesh = mesh_for(args)
+    model = build_model()
+    config = {**ds_config(2, args.n, args.m), "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}}
+    engine, *_ = ds_twolevel.initialize(model=model, config=config, mesh=mesh)
+    if NO_GUARD:
+        from ds_twolevel import guard
+
+        guard.configure(engine.module, check_inputs="never")
+    data = rows(STEPS * MICRO * mesh.layout.dp)
+    for step in range(1, STEPS + 1):
+        start = (step - 1) * MICRO * mesh.layout.dp
+        batch = ds_twolevel.replica_rows(data[start:start + MICRO * mesh.layout.dp], mesh)
+        if step == 3 and mesh.axes.dp.rank == 0 and mesh.axes.tp.rank == 1:
+            batch = torch.roll(batch, 1, dims=0) if batch.shape[0] > 1 else batch.flip(-1)
+        loss = engine(input_ids=batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+        record.data["batches"].append(batch.tolist())
+        record.data["losses"].append(float(loss))
+    return None
 
 
 @scenario
@@ -421,6 +465,7 @@ def recipe(args, record: Run) -> None:
 SCENARIOS = [
     # before any engine made DeepSpeed's global TP groups (a later engine without autotp would reuse them)
     ("accelerate_ds_noautotp", accelerate_deepspeed, (2, False)),
+    ("accelerate_ds_nogloo", accelerate_deepspeed, (2, True, False)),
     ("accelerate_ds_z2", accelerate_deepspeed, (2,)),
     ("accelerate_ds_z3", accelerate_deepspeed, (3,)),
     ("accelerate_ddp", accelerate_ddp, ()),
@@ -437,9 +482,13 @@ SCENARIOS = [
     ("inputs_ids", inputs, ("ids", "forward")),
     ("inputs_mask", inputs, ("mask", "forward")),
     ("inputs_ids_generate", inputs, ("ids", "generate")),
-    ("inputs_decode_always", inputs, ("decode", "generate", "always")),
+    ("inputs_ids_second", inputs, ("ids", "second")),
+    ("inputs_ids_second_first", inputs, ("ids", "second", "first")),
+    ("inputs_declared", inputs, ("ids", "declared")),
+    ("inputs_decode", inputs, ("decode", "generate")),
     ("inputs_replicas", inputs, ("replicas", "forward")),
-    ("inputs_agree_always", inputs, ("same", "generate", "always")),
+    ("inputs_agree", inputs, ("same", "generate")),
+    ("inputs_training_step3", diverging_training, ()),
     ("shards_broadcast", shards, ("broadcast",)),
     ("shards_seeds", shards, ("seeds",)),
     ("shards_settings", shards, ("settings",)),
@@ -467,7 +516,7 @@ def main() -> None:
     extra = [(f"accelerate_ds_z{s}", accelerate_deepspeed, (s,)) for s in (0, 1)
              if f"accelerate_ds_z{s}" in args.extra.split(",")]
     wanted = args.cases.split(",")
-    for case, fn, extra_args in SCENARIOS[:3] + extra + SCENARIOS[3:]:
+    for case, fn, extra_args in SCENARIOS[:4] + extra + SCENARIOS[4:]:
         if args.cases == "all" or case in wanted:
             fn(args, case, *extra_args)
 

@@ -165,10 +165,22 @@ def test_accelerate_deepspeed_plugin_matches_dense(runs, layout, stage):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_accelerate_deepspeed_without_autotp_is_refused(runs, layout):
+    """The two-level JSON given to DeepSpeedPlugin as it is: refused by prepare(), before it wraps the model."""
     out, dp, n, m = runs(layout)
-    message = check_refused(out, "accelerate_ds_noautotp", "DeepSpeedEngine (made by accelerate's Accelerator.prepare) "
-                            "averages gradients over ranks [0, 1, 2, 3]", f'"autotp_size": {n * m}')
+    message = check_refused(out, "accelerate_ds_noautotp", "refused Accelerator.prepare", "a two-level DeepSpeed "
+                            f"config reached accelerate with tensor_parallel.autotp_size = None, not n*m = {n}*{m} = "
+                            f"{n * m}", "DeepSpeedPlugin(hf_ds_config=ds_twolevel.accelerate.deepspeed_config(cfg))")
     print(f"\n{layout}: {message[:600]}")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_accelerate_without_the_gloo_handler_is_refused(runs, layout):
+    """On CPU without InitProcessGroupKwargs(backend="gloo") every process believes it is rank 0 of 1:
+    refused by prepare() with the fix, instead of DeepSpeed's assertion or a modulo by zero."""
+    out, *_ = runs(layout)
+    assert records(out, "accelerate_ds_nogloo")[0]["accelerator"][1] == 1
+    check_refused(out, "accelerate_ds_nogloo", "refused Accelerator.prepare", "accelerate counts 1 process(es)",
+                  f"torch.distributed has {WORLD} ranks", 'kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]')
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -282,14 +294,54 @@ def test_inputs_that_differ_within_a_layer_are_refused(runs, layout, case, fragm
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_always_checks_every_decode_step(runs, layout):
-    """Rank 1's 3rd generated token differs: its layer group is refused at forward call 4 ("always");
-    the other group (2 x 1 x 2) generates on. Without differences every one of the 6 forwards is checked."""
+def test_a_later_forward_with_other_ids_is_refused(runs, layout):
+    """The default guard compares every forward: the 2nd forward, other ids on tp rank 1, is refused on
+    every rank of that layer; ``check_inputs="first"`` (the opt-out) lets it through."""
     out, dp, n, m = runs(layout)
-    check_refused(out, "inputs_decode_always", "at forward call 4", "input_ids: same shape (3, 1) int64",
+    others = ", ".join(str(r) for r in range(n * m) if r != 1)
+    check_refused(out, "inputs_ids_second", "at forward call 2", "input_ids: same shape (3, 12) int64, different "
+                  f"values on rank(s) {others} vs 1", tp=n * m)
+    assert all(rec["error"] is None for rec in records(out, "inputs_ids_second_first"))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_declared_inputs_replace_the_arguments(runs, layout):
+    """guard.declare_inputs: ranks given different ids that declare the same batch pass (forward 1);
+    declaring their own different ids is refused (forward 2), whatever the arguments."""
+    out, dp, n, m = runs(layout)
+    others = ", ".join(str(r) for r in range(n * m) if r != 1)
+    check_refused(out, "inputs_declared", "at forward call 2", "input_ids: same shape (3, 12) int64, different "
+                  f"values on rank(s) {others} vs 1", tp=n * m)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_generate_checks_every_sampled_token(runs, layout):
+    """Rank 1's 3rd generated token differs: its layer group is refused at forward call 4 under the
+    default guard; the other group (2 x 1 x 2) generates on. Without differences every one of the 6
+    forwards is checked, and generate()'s output once more (the last token)."""
+    out, dp, n, m = runs(layout)
+    check_refused(out, "inputs_decode", "at forward call 4", "input_ids: same shape (3, 1) int64",
                   tp=n * m, refused=list(range(n * m)))
-    agree = records(out, "inputs_agree_always")
-    assert all(rec["error"] is None and rec["guard"] == [6, 6] for rec in agree), agree[0]
+    agree = records(out, "inputs_agree")
+    assert all(rec["error"] is None and rec["guard"] == [6, 7] for rec in agree), agree[0]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_with_one_rank_fed_other_rows_at_step_3_is_refused(runs, layout):
+    """``ds_twolevel.initialize`` + ZeRO-2 under the default guard: tp rank 1 of the first layer group
+    trains on other rows at step 3. Every rank of the job (the data-parallel replicas too) raises the
+    same GuardError at that forward, before its backward: 2 steps done, none after."""
+    out, dp, n, m = runs(layout)
+    recs = records(out, "inputs_training_step3")
+    errors = [rec["error"] for rec in recs]
+    assert all(e is not None and e["type"] == "GuardError" for e in errors), [e and e["trace"] for e in errors]
+    assert len({e["message"] for e in errors}) == 1, "ranks disagree"
+    others = ", ".join(str(r) for r in range(n * m) if r != 1)
+    for fragment in ("inputs differ between the ranks", "at forward call 3",
+                     f"input_ids: same shape (2, 12) int64, different values on rank(s) {others} vs 1",
+                     "labels: same shape"):
+        assert fragment in errors[0]["message"], (fragment, errors[0]["message"])
+    assert all(len(rec["losses"]) == 2 for rec in recs)
 
 
 def test_replicas_may_get_different_inputs(runs):
@@ -397,6 +449,40 @@ def test_fingerprints_are_exact_and_fixed_size():
     rows = [fp.input_descriptor({"input_ids": torch.zeros(s, dtype=torch.long), "use_cache": True}) for s in shapes]
     assert {r.shape for r in rows} == {(fp.DESCRIPTOR_SIZE,)} and len({tuple(r.tolist()) for r in rows}) == len(rows)
     assert fp.describe_slot(rows[1][:fp.SLOT_WIDTH].tolist()) == "(3, 12) int64"
+
+
+def test_input_lanes_are_fixed_size_and_tell_every_argument_apart():
+    """One int64 lane per argument slot (+ one for the rest): equal for equal inputs, and a change in
+    any value, shape or dtype of any argument changes that argument's lane only."""
+    from ds_twolevel.sharding import fingerprint as fp
+
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    base = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "use_cache": False}
+    lanes = fp.input_lanes(base, torch.device("cpu"))
+    assert lanes.shape == (fp.LANES,) and lanes.dtype == torch.int64
+    assert torch.equal(lanes, fp.input_lanes({k: v.clone() if torch.is_tensor(v) else v for k, v in base.items()},
+                                             torch.device("cpu")))
+    one_token = ids.clone()
+    one_token[1, 7] += 1
+    changes = {"input_ids": one_token, "attention_mask": torch.ones(2, 11, dtype=torch.long),
+               "labels": ids.to(torch.int32), "use_cache": True}
+    for name, value in changes.items():
+        other = fp.input_lanes({**base, name: value}, torch.device("cpu"))
+        slot = fp.INPUT_SLOTS.index(name) if name in fp.INPUT_SLOTS else fp.LANES - 1
+        assert (other != lanes).nonzero().flatten().tolist() == [slot], name
+
+
+def test_accelerate_and_hf_trainer_resolve_lazily_after_import_ds_twolevel():
+    """``import ds_twolevel`` imports neither accelerate nor transformers; the attributes resolve on use."""
+    code = ("import sys, ds_twolevel\n"
+            "assert not {'accelerate', 'transformers'} & set(sys.modules), sorted({'accelerate', 'transformers'} & set(sys.modules))\n"
+            "assert callable(ds_twolevel.accelerate.accelerator) and callable(ds_twolevel.accelerate.deepspeed_config)\n"
+            "assert ds_twolevel.hf_trainer.TwoLevelTrainer.__name__ == 'TwoLevelTrainer'\n"
+            "try:\n    ds_twolevel.no_such_module\nexcept AttributeError as err:\n    print('ok', err)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok module 'ds_twolevel' has no attribute 'no_such_module'" in proc.stdout, \
+        proc.stdout + proc.stderr[-3000:]
 
 
 def test_plain_trainer_save_refuses_at_once_and_two_level_trainer_saves_dense(tmp_path, fresh_accelerate_state):

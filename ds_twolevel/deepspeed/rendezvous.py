@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from typing import Any, Mapping
 
 import torch.distributed as dist
@@ -48,6 +49,7 @@ def init_distributed(tl: TwoLevelConfig) -> None:
     from ds_twolevel.deepspeed.env import quiet_launch
 
     backend = tl.dist_backend or ("gloo" if device_type() == "cpu" else None)
+    join_own_job(backend, datetime.timedelta(seconds=tl.timeout_s))
     with quiet_launch():  # the CPU shm op: per-environment build dir, a message while it compiles
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=tl.timeout_s),
                                    verbose=False)
@@ -57,6 +59,105 @@ def init_distributed(tl: TwoLevelConfig) -> None:
         from deepspeed.accelerator import get_accelerator
 
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class RendezvousError(RuntimeError):
+    """This rank would join another job's rendezvous (its master port is taken): refused before joining."""
+
+
+JOB_KEY = "ds_twolevel/job"
+"""store key under which rank 0 publishes its job token before any rank joins the process group."""
+JOB_ENV = "DS_TWOLEVEL_JOB_ID"
+"""an explicit job id (the same on every node of a job): the token every rank compares, multi-node included."""
+
+
+def job_token() -> str | None:
+    """What every rank of this job shares and another job's ranks do not: ``DS_TWOLEVEL_JOB_ID`` when
+    set; else, for a job whose ranks all run on this host, the host and the launcher process that
+    started them (rank 0's parent: the ``deepspeed`` launcher's ``launch``, ``srun``'s step daemon, a
+    shell); None for a multi-node job without an explicit id."""
+    explicit = os.environ.get(JOB_ENV)
+    if explicit:
+        return f"id {explicit}"
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    if local is None or local != os.environ.get("WORLD_SIZE"):
+        return None
+    return f"launcher pid {os.getppid()} on {socket.gethostname()}"
+
+
+def _ancestors() -> set[int]:
+    """This process's ancestors' pids (Linux /proc; the parent only elsewhere)."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return found
+
+
+def foreign(theirs: str, mine: str | None, world: int) -> bool:
+    """Whether rank 0's published ``"<world> <token>"`` is another job's: another world size, another
+    explicit id, or (one host, no id) a rank 0 whose launcher is not among this rank's ancestors."""
+    their_world, _, token = theirs.partition(" ")
+    if their_world != str(world):
+        return True
+    if mine is None or not token:
+        return bool(token) != bool(mine)
+    if token.startswith("launcher pid ") and mine.startswith("launcher pid "):
+        pid, _, host = token[len("launcher pid "):].partition(" on ")
+        return host != socket.gethostname() or int(pid) not in _ancestors()
+    return token != mine
+
+
+def _busy(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "eaddrinuse" in text or "address already in use" in text
+
+
+def _port_in_use(port: str) -> str:
+    return (f"port {port} is in use by another job; pass --master_port (e.g. deepspeed --master_port {int(port) + 1} "
+            f"..., torchrun --master_port {int(port) + 1} ..., or MASTER_PORT={int(port) + 1})")
+
+
+def join_own_job(backend: str | None, timeout: datetime.timedelta) -> None:
+    """``init_process_group`` through a store this job owns, or a one-line :class:`RendezvousError`.
+
+    Under an env:// launcher (``deepspeed``, or any that sets MASTER_ADDR/PORT, RANK, WORLD_SIZE and no
+    torchrun agent store) rank 0 creates the rendezvous store itself: when the master port is taken it
+    says so. It then publishes :func:`job_token`; every other rank reads it before joining and refuses a
+    store whose token is another job's, so two jobs started on one port never mix their collectives.
+    No-op when torch.distributed is initialised or the variables are missing (torchrun's agent hosts
+    its own store: a second agent on a busy port fails in torchrun itself).
+
+    Example:
+        >>> join_own_job("gloo", datetime.timedelta(seconds=600))   # init_distributed does this
+    """
+    env = os.environ
+    if dist.is_initialized() or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or \
+            not all(env.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
+        return
+    host, port, rank, world = env["MASTER_ADDR"], env["MASTER_PORT"], int(env["RANK"]), int(env["WORLD_SIZE"])
+    token = job_token()
+    try:
+        store = dist.TCPStore(host, int(port), world, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
+    except Exception as err:  # noqa: BLE001 - the bind of a busy port, said in one line
+        if rank == 0 and _busy(err):
+            raise RendezvousError(f"rank 0: {_port_in_use(port)}") from None
+        raise
+    if rank == 0:
+        store.set(JOB_KEY, f"{world} {token or ''}")
+    else:
+        store.wait([JOB_KEY], timeout)
+        theirs = store.get(JOB_KEY).decode()
+        if foreign(theirs, token, world):
+            their_world, _, their_token = theirs.partition(" ")
+            raise RendezvousError(f"rank {rank}: {_port_in_use(port)}: the rendezvous store at {host}:{port} belongs "
+                                  f"to a job of {their_world} ranks whose rank 0 runs under {their_token or 'no job id'}"
+                                  f", this rank (of {world}) under {token or 'no job id'}")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def _validate_on_rank(config: str | os.PathLike | Mapping[str, Any],
@@ -92,6 +193,8 @@ def build_mesh(config: str | os.PathLike | Mapping[str, Any]) -> TwoLevelMesh:
     # default) so that the agreement can tell every rank
     try:
         init_distributed(tl or _fallback_two_level(config))
+    except RendezvousError:  # another job's port or store: nothing of this job can be agreed on
+        raise
     except Exception:
         if error is not None:  # the rendezvous failed too: this rank's own problem comes first
             raise error from None

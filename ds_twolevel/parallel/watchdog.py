@@ -156,7 +156,7 @@ class Watchdog(threading.Thread):
         """why the store host's process is gone ("exited", "stopped ..."), once seen."""
         self.stopping = threading.Event()
         if store is not None:
-            self._store_op(lambda s: s.set(f"{WHO}{rank}", f"{socket.gethostname()} {os.getpid()}"))
+            self._store_op(lambda s: s.set(f"{WHO}{rank}", f"{socket.gethostname()} {os.getpid()} {node_rank()}"))
 
     def _store_host(self) -> tuple[int | None, int | None]:
         """(pid of the store's host process when on this host, its rank or None for an agent)."""
@@ -169,8 +169,8 @@ class Watchdog(threading.Thread):
         if self.host_pid is None and self.host_rank == 0 and self.store is not None:
             try:  # rank 0 publishes "<host> <pid>" when its watchdog starts
                 if self.store.check([f"{WHO}0"]):
-                    host, pid = self.store.get(f"{WHO}0").decode().rsplit(" ", 1)
-                    self.host_pid = int(pid) if host == socket.gethostname() else -1
+                    host, pid, _ = _who(self.store.get(f"{WHO}0"))
+                    self.host_pid = pid if host == socket.gethostname() else -1
             except Exception:  # noqa: BLE001 - treated like any failed store operation
                 return False
         if self.host_pid is not None and self.host_pid > 0 and self.host_pid != os.getpid():
@@ -231,10 +231,24 @@ class Watchdog(threading.Thread):
         who = self._store_op(lambda s: s.get(f"{WHO}{rank}") if s.check([f"{WHO}{rank}"]) else None)
         if not who:
             return "never started its heartbeat"
-        host, pid = who.decode().rsplit(" ", 1)
+        host, pid, node = _who(who)
+        node = f" (node {node})" if node else ""
         if host != socket.gethostname():
-            return f"pid {pid} on {host}"
-        return f"pid {pid} on this host, {_state_text(int(pid))}"
+            return f"pid {pid} on {host}{node}"
+        return f"pid {pid} on this host{node}, {_state_text(pid)}"
+
+
+def node_rank() -> str:
+    """This rank's node (torchrun's ``GROUP_RANK``, the ``deepspeed`` launcher's ``CROSS_RANK``) in a
+    multi-node job, else ""."""
+    nodes = os.environ.get("GROUP_WORLD_SIZE") or os.environ.get("CROSS_SIZE") or "1"
+    return "" if nodes == "1" else os.environ.get("GROUP_RANK") or os.environ.get("CROSS_RANK") or ""
+
+
+def _who(value: bytes) -> tuple[str, int, str]:
+    """(host, pid, node rank or "") of a ``WHO`` record."""
+    host, pid, *node = value.decode().split(" ")
+    return host, int(pid), node[0] if node else ""
 
 
 _WATCHDOG: Watchdog | None = None

@@ -109,6 +109,50 @@ def input_descriptor(bound: Mapping[str, Any]) -> torch.Tensor:
     return torch.stack([v.cpu() if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.int64) for v in row])
 
 
+LANES = len(INPUT_SLOTS) + 1
+"""int64 lanes of :func:`input_lanes`: one per slot of :data:`INPUT_SLOTS`, one for every other argument."""
+
+
+def _wrap(value: int) -> int:
+    """A Python int folded into the int64 range (two's complement wrap)."""
+    return ((value + (1 << 63)) % (1 << 64)) - (1 << 63)
+
+
+def _meta(tensor: torch.Tensor) -> int:
+    """Presence, dtype and shape of a tensor as one int64 (host-side: no device work)."""
+    value = 1000003 * _dtype_code(tensor.dtype) + 7 * tensor.dim()
+    for k, size in enumerate(tensor.shape):
+        value = _wrap(value * 1000033 + (k + 3) * size)
+    return value
+
+
+def input_lanes(bound: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+    """(LANES,) int64 on ``device``: one exact digest per forward argument of :data:`INPUT_SLOTS`
+    (shape, dtype and the bits of its values) and one for all other arguments together.
+
+    The fixed-size, every-forward form of :func:`input_descriptor`: the values are hashed where they
+    live and nothing is read back to the host (the guard all-gathers these lanes, then compares).
+
+    Example:
+        >>> input_lanes({"input_ids": ids, "attention_mask": mask}, torch.device("cpu")).shape
+        torch.Size([8])
+    """
+    lanes: list[torch.Tensor] = []
+    for name in INPUT_SLOTS:
+        value = bound.get(name)
+        if isinstance(value, torch.Tensor):
+            lanes.append(tensor_hash(value).to(device) + _meta(value))
+        else:
+            lanes.append(torch.zeros((), dtype=torch.int64, device=device))
+    other = torch.zeros((), dtype=torch.int64, device=device)
+    names = sorted(k for k, v in bound.items() if k not in INPUT_SLOTS and v is not None)
+    for position, name in enumerate(names):
+        value, salt = bound[name], _wrap(_scalar_hash(name) * (position + 1) * 31)
+        part = tensor_hash(value).to(device) + _meta(value) if isinstance(value, torch.Tensor) else _scalar_hash(value)
+        other = other + salt + part
+    return torch.stack(lanes + [other + len(names)])
+
+
 def describe_slot(values: list[int]) -> str:
     """'(2, 16) int64' for a slot of :func:`input_descriptor` (or 'absent')."""
     present, dtype, ndim, *sizes = values[:SLOT_WIDTH - 1]
