@@ -55,15 +55,3 @@ def __dir__() -> list[str]:
 from ds_twolevel.deepspeed.env import use_environment_extensions_dir as _use_environment_extensions_dir  # noqa: E402
 
 _use_environment_extensions_dir()
-
-_LAZY = ("accelerate", "hf_trainer")
-"""Submodules that import accelerate / transformers: loaded on first attribute access, not at import."""
-
-
-def __getattr__(name: str):
-    """``ds_twolevel.accelerate`` and ``ds_twolevel.hf_trainer`` after a plain ``import ds_twolevel``."""
-    if name in _LAZY:
-        import importlib
-
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
