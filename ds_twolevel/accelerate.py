@@ -116,55 +116,6 @@ def build_mesh(source: Any) -> TwoLevelMesh:
 
 
 # -- the check at prepare() ---------------------------------------------------------------------------
-def watch_accelerators() -> None:
-    """Check every ``Accelerator.prepare`` of a two-level model before it wraps anything (installed
-    once, when ``accelerate.accelerator`` is imported; :func:`prepare_problem`).
-
-    Example:
-        >>> watch_accelerators()      # ds_twolevel.guard.install (so patch_model) does this
-    """
-    from ds_twolevel.deepspeed.import_hooks import when_imported
-
-    when_imported("accelerate.accelerator", _wrap_prepare)
-
-
-def _wrap_prepare(module: Any) -> None:
-    import functools
-
-    cls = getattr(module, "Accelerator", None)
-    if cls is None or "_twolevel_checked_prepare" in cls.__dict__:
-        return
-    original = cls.prepare
-
-    @functools.wraps(original)
-    def prepare(self: Any, *args: Any, **kwargs: Any) -> Any:
-        check_prepare(self, args)
-        return original(self, *args, **kwargs)
-
-    cls.prepare = prepare
-    cls._twolevel_checked_prepare = True
-
-
-def check_prepare(accelerator: Any, objects: tuple) -> None:
-    """Refuse, on every rank (4-byte all-reduce over the world), an ``Accelerator.prepare`` of a two-level
-    model whose accelerate setup would train it wrongly (:func:`prepare_problem`). No-op otherwise.
-
-    Example:
-        >>> check_prepare(accelerator, (model, optimizer))   # GuardError naming the fix
-    """
-    from ds_twolevel.guard import GuardError
-    from ds_twolevel.parallel.agreement import AgreementError, agree
-
-    guard = next((getattr(o, "_twolevel_guard", None) for o in objects if hasattr(o, "_twolevel_guard")), None)
-    if guard is None or not guard.active:
-        return
-    problem = prepare_problem(accelerator, guard.mesh)
-    try:
-        agree(problem, None, what=f"the two-level guard ({guard.model_name})")
-    except AgreementError as err:
-        raise GuardError(err.what, err.failures, refused="Accelerator.prepare") from None
-
-
 def prepare_problem(accelerator: Any, mesh: TwoLevelMesh) -> str | None:
     """Why ``accelerator`` cannot train a model partitioned on ``mesh`` (None when it can): accelerate
     counting another number of processes than torch.distributed (on CPU without the gloo handler every

@@ -244,8 +244,6 @@ def install(model: nn.Module, mesh: TwoLevelMesh, *, check_inputs: str = "always
     model._twolevel_guard = ModelGuard(model, mesh, options)
     _check_generated(model)
     watch_trainers()
-    from ds_twolevel.accelerate import watch_accelerators
-
     watch_accelerators()
     return model._twolevel_guard
 
@@ -509,6 +507,54 @@ def _trainer_world_problem(trainer: Any) -> str | None:
 
 
 # -- the Trainer, when it is made -------------------------------------------------------------------
+def watch_accelerators() -> None:
+    """Check every ``Accelerator.prepare`` of a two-level model before it wraps anything (installed
+    once, when ``accelerate.accelerator`` is imported; :func:`ds_twolevel.accelerate.prepare_problem`).
+
+    Example:
+        >>> watch_accelerators()      # install (so patch_model) does this
+    """
+    when_imported("accelerate.accelerator", _wrap_prepare)
+
+
+def _wrap_prepare(module: Any) -> None:
+    import functools
+
+    cls = getattr(module, "Accelerator", None)
+    if cls is None or "_twolevel_checked_prepare" in cls.__dict__:
+        return
+    original = cls.prepare
+
+    @functools.wraps(original)
+    def prepare(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check_prepare(self, args)
+        return original(self, *args, **kwargs)
+
+    cls.prepare = prepare
+    cls._twolevel_checked_prepare = True
+
+
+def check_prepare(accelerator: Any, objects: tuple) -> None:
+    """Refuse, on every rank (4-byte all-reduce over the world), an ``Accelerator.prepare`` of a two-level
+    model whose accelerate setup would train it wrongly (:func:`ds_twolevel.accelerate.prepare_problem`). No-op otherwise.
+
+    Example:
+        >>> check_prepare(accelerator, (model, optimizer))   # GuardError naming the fix
+    """
+    from ds_twolevel.parallel.agreement import AgreementError, agree
+
+    guard = next((getattr(o, "_twolevel_guard", None) for o in objects if hasattr(o, "_twolevel_guard")), None)
+    if guard is None or not guard.active:
+        return
+    from ds_twolevel.accelerate import prepare_problem
+
+    problem = prepare_problem(accelerator, guard.mesh)
+    try:
+        agree(problem, None, what=f"the two-level guard ({guard.model_name})")
+    except AgreementError as err:
+        raise GuardError(err.what, err.failures, refused="Accelerator.prepare") from None
+
+
 def watch_trainers() -> None:
     """Check every ``transformers.Trainer`` at the end of its ``__init__`` (installed once, when
     ``transformers.trainer`` is imported; :func:`check_trainer`)."""
