@@ -66,6 +66,9 @@ class TwoLevelConfig:
     dtype: half those bytes, what Megatron and AutoTP do)."""
     kv_replication: bool = False
     """allow n > num_key_value_heads by replicating KV heads across head groups (costs memory)."""
+    vocab_parallel: bool = False
+    """split the input embedding and the LM head by vocab rows over the n*m ranks of a layer, with the
+    causal-LM loss computed from the shards (no rank holds full-vocab logits in training)."""
     strict: bool = True
     """refuse a model with attention/MLP modules the injection policy does not know."""
     timeout_s: float = 600.0
