@@ -127,6 +127,8 @@ class ModelGuard:
         inputs = opts.check_inputs == "always" or (opts.check_inputs == "first" and not self.inputs_checked)
         if shards or inputs:
             bound = fp.bind_arguments(self.arg_names, args, kwargs) if inputs else None
+            if bound is not None and getattr(getattr(model, "_twolevel_sequence_parallel", None), "active", False):
+                bound = _sequence_shards_by_shape(bound)
             self.run(model, wrappers=wrappers if shards else None, bound=bound)
 
     def run(self, model: nn.Module, *, wrappers: list[Any] | None, bound: dict[str, Any] | None) -> None:
@@ -163,6 +165,17 @@ class ModelGuard:
         names, local = fp.shard_fingerprint(model, fp.slice_ids(model, layers))
         table = _gather(local.flatten(), self.mesh.axes.tp).view(counts.shape[0], -1, 3)
         return shard_problems(names, table, _tp_ranks(self.mesh))
+
+
+SEQUENCE_SHARDED = ("input_ids", "inputs_embeds", "labels", "shift_labels")
+"""inputs that hold this rank's tokens under sequence parallelism: the ranks of a layer agree on their
+shapes and dtypes, not their values (the positions, the mask and ``num_items_in_batch`` still agree)."""
+
+
+def _sequence_shards_by_shape(bound: dict[str, Any]) -> dict[str, Any]:
+    """``bound`` with each sequence-sharded tensor replaced by zeros of its shape and dtype."""
+    return {k: torch.zeros_like(v) if k in SEQUENCE_SHARDED and isinstance(v, torch.Tensor) else v
+            for k, v in bound.items()}
 
 
 def _two_level_layers(model: nn.Module) -> list[nn.Module]:

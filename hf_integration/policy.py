@@ -345,7 +345,7 @@ def _on_meta(model: nn.Module) -> bool:
 
 def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, strategy: str = "auto",
                 kv_replication: bool = False, probe: bool = True, hardware: Any = None,
-                reduce_dtype: Any = torch.float32, vocab_parallel: bool = False) -> PatchReport:
+                reduce_dtype: Any = torch.float32, sequence_parallel: bool = False, vocab_parallel: bool = False) -> PatchReport:
     """Partition ``model``'s attention and MLP layers over ``mesh`` in place; return a report.
 
     Validates everything (architecture, layout, config settings, and every layer's tensors against
@@ -365,6 +365,10 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     ``generate()`` and ``save_pretrained`` (which then gathers and writes a dense checkpoint) work. ``vocab_parallel``:
     also split the input embedding and the LM head by vocab rows over the layer's n*m ranks, with the causal-LM loss
     computed from the shards (:mod:`hf_integration.vocab_parallel`: with ``labels``, the output's ``logits`` is None).
+
+    ``sequence_parallel``: between sublayers each rank of a layer holds s/(n*m) tokens; the forward then
+    takes this rank's shard of the batch (:mod:`hf_integration.sequence_parallel`,
+    :func:`hf_integration.sequence_data.shard_batch`).
 
     Example:
         >>> mesh = TwoLevelLayout(n=2, m=2).build()
@@ -393,18 +397,27 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     if not attn_paths:
         _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
     check_layers(model, arch, attn_paths, mlp_paths)
+    if sequence_parallel:
+        from hf_integration.sequence_parallel import check_supported
+
+        check_supported(model, arch, attention_spec(model, arch), [] if strict else find_attention_like(model))
     vocab = vocab_plan(model, mesh, name=model_name(model)) if vocab_parallel else None
     from ds_twolevel.guard import check_same_settings
 
     check_same_settings(mesh, {"strategy": strategy, "hardware": None if hardware is None else hw_profile(hardware).name,
-                               "reduce_dtype": check_reduce_dtype(reduce_dtype), "kv_replication": kv_replication,
+                               "reduce_dtype": check_reduce_dtype(reduce_dtype), "kv_replication": kv_replication, **({"sequence_parallel": True} if sequence_parallel else {}),
                                **({"vocab_parallel": True} if vocab_parallel else {})},
                         name=model_name(model))
     _replace_and_probe(model, mesh, arch, attn_paths, mlp_paths, strategy=strategy, kv_replication=kv_replication,
                        probe=probe and not _on_meta(model), hardware=hardware, reduce_dtype=reduce_dtype)
     if vocab is not None:
         install_vocab_parallel(model, mesh, vocab, reduce_dtype=reduce_dtype)
-    return _finish(model, mesh, report)
+    report = _finish(model, mesh, report)
+    if sequence_parallel:
+        from hf_integration.sequence_parallel import enable
+
+        enable(model, mesh)
+    return report
 
 
 def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, attn_paths: list[str],

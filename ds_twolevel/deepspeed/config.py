@@ -66,6 +66,10 @@ class TwoLevelConfig:
     dtype: half those bytes, what Megatron and AutoTP do)."""
     kv_replication: bool = False
     """allow n > num_key_value_heads by replicating KV heads across head groups (costs memory)."""
+    sequence_parallel: bool = False
+    """between sublayers each of a layer's n*m ranks holds s/(n*m) tokens (Megatron-style sequence
+    parallelism); the model then takes each rank's shard of the batch
+    (``hf_integration.sequence_data.shard_batch``)."""
     vocab_parallel: bool = False
     """split the input embedding and the LM head by vocab rows over the n*m ranks of a layer, with the
     causal-LM loss computed from the shards (no rank holds full-vocab logits in training)."""

@@ -115,6 +115,7 @@ TWO_LEVEL_KEYS: tuple[Key, ...] = (
     _k("two_level.hardware", "str", '"h100"', nullable=True, choices=lambda: tuple(sorted(PROFILES))),
     _k("two_level.reduce_dtype", "str", '"fp32"', choices=("fp32", "input")),
     _k("two_level.kv_replication", "bool", "false"),
+    _k("two_level.sequence_parallel", "bool", "false"),
     _k("two_level.vocab_parallel", "bool", "false"),
     _k("two_level.strict", "bool", "true"),
     _k("two_level.timeout_s", "number", "600", low=1, high=MAX_TIMEOUT_S),
