@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_twolevel.layers.vocab_parallel import IGNORE_INDEX, VocabParallelEmbedding, VocabParallelLMHead, token_losses
+from ds_twolevel.parallel.collectives import copy_to_axis
 from ds_twolevel.parallel.layout import TwoLevelMesh
+from ds_twolevel.parallel.sequence import gather_tokens_no_grad, local_range
 
 from hf_integration.specs import get_path, set_path
 from hf_integration.weights import TensorMap
@@ -68,6 +70,14 @@ class HFVocabEmbedding(VocabParallelEmbedding):
     def dense_numel(self) -> int:
         """Parameters of the dense embedding."""
         return self.num_embeddings * self.embedding_dim
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(b, s) ids -> (b, s, H); with ``sequence_parallel`` (set for a sharded call by the sequence-parallel
+        model) this rank's (b, s/p) ids -> its (b, s/p, H): the ids of the whole sequence are all-gathered
+        (integers, tag "embed_ids"), looked up, and reduce-scattered along s."""
+        if self.sequence_parallel:
+            input_ids = gather_tokens_no_grad(input_ids, self.tp, "embed_ids", dim=1)  # (b, s)
+        return super().forward(input_ids)
 
 
 class HFVocabHead(VocabParallelLMHead):
@@ -146,7 +156,6 @@ def install_vocab_parallel(model: nn.Module, mesh: TwoLevelMesh, plan: dict[str,
     set_path(model, plan["embedding"], emb)
     set_path(model, plan["head"], head)
     model.loss_function = VocabParallelCausalLoss(head)
-    model._twolevel_vocab_head = head
     model._twolevel_vocab_hooks = (model.register_forward_pre_hook(_enter_loss_mode, with_kwargs=True),
                                    model.register_forward_hook(_leave_loss_mode, with_kwargs=True))
 
@@ -154,9 +163,15 @@ def install_vocab_parallel(model: nn.Module, mesh: TwoLevelMesh, plan: dict[str,
 def retie(model: nn.Module) -> None:
     """Point a tied head at the embedding's (new) shard parameter again: after loading replaced a
     meta parameter by a real one."""
-    head = getattr(model, "_twolevel_vocab_head", None)
+    head = vocab_head(model)
     if head is not None and head.tied:
         head.weight = model.get_input_embeddings().weight
+
+
+def vocab_head(model: nn.Module) -> HFVocabHead | None:
+    """The model's vocab-parallel head, None when it has none."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if isinstance(head, HFVocabHead) else None
 
 
 def vocab_layers(model: nn.Module) -> list[nn.Module]:
@@ -187,15 +202,25 @@ class VocabParallelCausalLoss:
                              f"or use ds_twolevel.layers.vocab_parallel.vocab_parallel_cross_entropy on head shards")
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # tokens < n predict n
+        mine = slice(None)
+        if head.sequence_parallel:  # the head's logits cover the whole sequence; this rank's share: its tokens
+            shift_labels = gather_tokens_no_grad(shift_labels, head.tp, "labels", dim=1)  # (b, s)
+            mine = slice(*local_range(shift_labels.shape[1], head.tp))
+        count = (shift_labels != ignore_index).sum()  # the whole batch's counted tokens
         losses = token_losses(logits, shift_labels.to(logits.device), vocab_start=head.start, tp=head.tp,
                               ignore_index=ignore_index, reduce_dtype=head.reduce_dtype or torch.float32,
                               vocab_size=vocab_size)
+        if head.sequence_parallel:
+            # every rank holds every token's loss but backpropagates only its own tokens' share: the
+            # per-token gradients are summed over tp (backward all-reduce of b*s numbers), so each vocab
+            # shard gets the gradient of the whole batch's loss
+            losses = copy_to_axis(losses, head.tp, "loss_grad")[:, mine]  # (b, s/p)
         total = losses.sum()
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(total.device)
             return total / num_items_in_batch
-        return total / (shift_labels != ignore_index).sum()
+        return total / count.to(total.device)
 
 
 def _labels_given(model: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -206,11 +231,11 @@ def _labels_given(model: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _enter_loss_mode(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    model._twolevel_vocab_head.loss_mode = _labels_given(model, args, kwargs)
+    vocab_head(model).loss_mode = _labels_given(model, args, kwargs)
 
 
 def _leave_loss_mode(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    head = model._twolevel_vocab_head
+    head = vocab_head(model)
     if not head.loss_mode:
         return output
     head.loss_mode = False
@@ -221,4 +246,4 @@ def _leave_loss_mode(model: nn.Module, args: tuple, kwargs: dict, output: Any) -
 
 
 __all__ = ["HFVocabEmbedding", "HFVocabHead", "VocabParallelCausalLoss", "install_vocab_parallel", "retie",
-           "vocab_layers", "vocab_plan"]
+           "vocab_head", "vocab_layers", "vocab_plan"]

@@ -38,6 +38,8 @@ the weight by lr x that error: at lr 1e-4 the weights after 4 steps stay ~1e-8 o
 from dense while the steps move them ~6e-4 of it (a wrong gradient or a doubly-stepped tied weight shows)."""
 STEPS = 4
 NEW_TOKENS = 8
+SP_CASES = [("llama", "2x2"), ("qwen3_v98", "1x4")]
+"""(model, layout) run with sequence_parallel=True as well."""
 
 
 # -- core layers ----------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def _hf_case(arch: str, overrides: dict, mesh) -> dict:
         opt_d.step(), opt_p.step(), opt_d.zero_grad(), opt_p.zero_grad()
     handle.remove()
     out.update(loss_err=max(losses), weights_err=_shard_value_errors(dense, patched), head_out_shapes=shapes,
-               moved=max(float((p - q).abs().max()) for p, q in zip(dense.parameters(), initial.parameters()))
+               moved=max(float((p - q).detach().abs().max()) for p, q in zip(dense.parameters(), initial.parameters()))
                / max(float(p.detach().abs().max()) for p in dense.parameters()),
                still_tied=patched.get_output_embeddings().weight is patched.get_input_embeddings().weight)
     return out
@@ -198,7 +200,10 @@ def _roundtrip(arch: str, overrides: dict, mesh, root: Path) -> dict:
     patch_model(patched, mesh, vocab_parallel=True, probe=False)
     dst = root / f"{arch}_vocab_saved"
     patched.save_pretrained(dst)
-    out: dict = {}
+    inner = tuple(path + "." for path, layer in partitioned_layers(patched)
+                  if not isinstance(layer, (HFVocabEmbedding, HFVocabHead)))  # core names inside attention / MLP
+    extra = sorted(k for k in set(patched.state_dict()) - set(dense.state_dict()) if not k.startswith(inner))
+    out: dict = {"extra_names": extra}
     if dist.get_rank() == 0:
         back = type(dense).from_pretrained(dst).eval()
         ref = dense.state_dict()
@@ -217,6 +222,87 @@ def _roundtrip(arch: str, overrides: dict, mesh, root: Path) -> dict:
     return out
 
 
+VOCAB_TAGS = ("embed", "embed_ids", "head_in", "labels", "ce_max", "ce_sums", "loss_grad")
+"""the collectives of the embedding, the head and the loss."""
+
+
+def _sp_case(arch: str, overrides: dict, mesh) -> dict:
+    """vocab_parallel with sequence_parallel: each rank feeds its shard of the batch (shard_batch); the ranks'
+    loss shares add up to the dense loss, and every gradient is the dense one."""
+    try:
+        from hf_integration.sequence_data import shard_batch, whole_loss
+    except ImportError as err:  # reported by the test as a failure, not skipped
+        return {"error": f"sequence parallelism is not importable: {err}"}
+
+    dense = tiny_model(arch, seed=5, **overrides)
+    vocab = dense.config.vocab_size
+    ids, mask = sample_batch(11, seq=14)  # 14 tokens on 4 ranks: shard_batch pads to 16
+    ids = ids % vocab
+    labels = _labels(ids, mask)
+    patched = copy.deepcopy(dense)
+    patch_model(patched, mesh, sequence_parallel=True, vocab_parallel=True)
+    dense.train(), patched.train()
+    loss_d = dense(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss_d.backward()
+    head = patched.get_output_embeddings()
+    shapes: list = []
+    handle = head.register_forward_hook(lambda mod, args, result: shapes.append(tuple(result.shape)))
+    shard = shard_batch({"input_ids": ids, "attention_mask": mask, "labels": labels}, mesh)
+    with CommCounter() as comm:
+        share = patched(**shard).loss
+        share.backward()
+    handle.remove()
+    counted = {(op, tag, bwd): sent for (op, _, tag, bwd), (_, sent) in comm.summary().items() if tag in VOCAB_TAGS}
+    modelled = modelled_bytes(tokens=ids.shape[0] * 16, hidden=dense.config.hidden_size, vocab_size=vocab,
+                              tp=mesh.axes.tp.size, sequence_parallel=True)
+    out = {"loss_err": rel_err(whole_loss(share, mesh), loss_d), "grad_err": shard_grad_errors(dense, patched),
+           "head_out_shapes": shapes, "my_rows": head.rows, "bytes_counted": counted, "bytes_modelled": modelled}
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out["gen_batched_equal"] = bool(torch.equal(patched.eval().generate(ids, attention_mask=mask, **gen),
+                                                    dense.eval().generate(ids, attention_mask=mask, **gen)))
+    return out
+
+
+CLIP = 0.05
+"""gradient clipping of the DeepSpeed case, below the gradient norm: the engine computes the global norm
+(vocab shards counted as shards, the tied parameter once), compared with the dense one."""
+
+
+def _deepspeed_case(mesh, stage: int) -> dict:
+    """ds_twolevel.initialize with two_level.vocab_parallel, ZeRO ``stage``: 2 clipped AdamW steps vs dense."""
+    import ds_twolevel
+
+    arch, overrides = MODELS["llama"]
+    dense = tiny_model(arch, seed=6, **overrides).train()
+    patched = copy.deepcopy(dense)
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
+           "zero_optimization": {"stage": stage}, "two_level": {"n": mesh.layout.n, "m": mesh.layout.m,
+                                                                "vocab_parallel": True}}
+    engine, *_ = ds_twolevel.initialize(model=patched, config=cfg, mesh=mesh)
+    opt = torch.optim.AdamW(dense.parameters(), lr=LR, weight_decay=0.01)
+    losses, norms, engine_norms = [], [], []
+    for step in range(2):
+        ids, mask = sample_batch(30 + step)
+        loss_d = dense(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss
+        loss_d.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(dense.parameters(), CLIP)))
+        opt.step(), opt.zero_grad()
+        loss = engine(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(rel_err(loss, loss_d))
+        engine_norms.append(float(engine.get_global_grad_norm()))
+    module = engine.module
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=stage == 3):
+        weights = _shard_value_errors(dense, module)
+    return {"loss_err": max(losses), "weights_err": weights, "dense_norms": norms, "engine_norms": engine_norms,
+            "vocab": type(module.get_output_embeddings()).__name__}
+
+
 def _all_cases(root: str) -> dict:
     out: dict = {}
     meshes = {name: TwoLevelLayout(**kw).build() for name, kw in LAYOUTS.items()}
@@ -230,6 +316,11 @@ def _all_cases(root: str) -> dict:
     for case in ("llama", "gpt_neox"):
         arch, overrides = MODELS[case]
         out[f"roundtrip_{case}"] = _roundtrip(arch, overrides, meshes["2x2"], Path(root))
+    for stage in (2, 3):
+        out[f"deepspeed_zero{stage}"] = _deepspeed_case(meshes["2x2"], stage)
+    for case, layout in SP_CASES:
+        arch, overrides = MODELS[case]
+        out[f"sp_{case}_{layout}"] = _sp_case(arch, overrides, meshes[layout])
     return out
 
 
@@ -313,8 +404,29 @@ def test_save_and_load_partitioned_round_trip(results, case):
     assert results[0][f"roundtrip_{case}"]["saved_exact"]
     for res in results:
         r = res[f"roundtrip_{case}"]
-        assert r["loaded_exact"] and r["loaded_logits_equal"], r
+        assert r["extra_names"] == [] and r["loaded_exact"] and r["loaded_logits_equal"], r
         assert r["loaded_tied"] == (case == "llama")
+
+
+@pytest.mark.parametrize("case,layout", SP_CASES)
+def test_with_sequence_parallel_matches_dense(results, case, layout):
+    for res in results:
+        r = res[f"sp_{case}_{layout}"]
+        assert "error" not in r, r.get("error")
+        assert r["loss_err"] < TOL and r["grad_err"] < TOL, r
+        assert r["gen_batched_equal"]
+        assert r["head_out_shapes"] == [(2, 16, r["my_rows"])]  # V/p columns of the whole sequence, never V
+        assert r["bytes_counted"] == r["bytes_modelled"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_initialize_with_vocab_parallel(results, stage):
+    for res in results:
+        r = res[f"deepspeed_zero{stage}"]
+        assert r["vocab"] == "HFVocabHead"
+        assert min(r["dense_norms"]) > CLIP  # clipping acted on every step
+        assert rel_err(torch.tensor(r["engine_norms"]), torch.tensor(r["dense_norms"])) < TOL, r
+        assert r["loss_err"] < TOL and r["weights_err"] < TOL, r
 
 
 # -- single process: errors ------------------------------------------------------------------------

@@ -361,8 +361,10 @@ class VocabParallelLMHead(_VocabShard):
         return self.local_logits(x)
 
     def full_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, s, H) -> (b, s, V): all-gathered full-vocab logits (for the few positions sampled from)."""
-        return gather_logits(self.local_logits(x), self.tp, self.vocab_size, self.start)
+        """(b, s, H) -> (b, s, V): all-gathered full-vocab logits of the tokens given (for the few positions
+        sampled from; with ``sequence_parallel``, of this rank's tokens, without gathering the sequence)."""
+        local = F.linear(copy_to_axis(x, self.tp, "head_in"), self.weight, self.bias)  # (b, s, V_r)
+        return gather_logits(local, self.tp, self.vocab_size, self.start)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rows=[{self.start}, {self.stop}) "
@@ -375,7 +377,9 @@ def modelled_bytes(*, tokens: int, hidden: int, vocab_size: int, tp: int, elemen
     """Bytes one rank sends, by (op, tag, backward), for one forward + backward of embedding -> head -> loss.
 
     ``tokens``: b*s of the whole sequence; ``full_logit_tokens``: tokens whose full-vocab logits are
-    gathered (0 in training). Ring algorithm (see ``collectives.ring_bytes``).
+    gathered (0 in training). Ring algorithm (see ``collectives.ring_bytes``). With ``sequence_parallel``
+    each rank's inputs are its s/p tokens (``hf_integration.vocab_parallel``): the int64 ids and labels of
+    the whole sequence are all-gathered, and the per-token loss gradient is summed over tp.
 
     Example:
         >>> modelled_bytes(tokens=32, hidden=64, vocab_size=96, tp=4)[("all_reduce", "embed", False)]
@@ -392,6 +396,9 @@ def modelled_bytes(*, tokens: int, hidden: int, vocab_size: int, tp: int, elemen
         out[("all_gather", "embed", True)] = ring_bytes("all_gather", act, tp)
         out[("all_gather", "head_in", False)] = ring_bytes("all_gather", act, tp)
         out[("reduce_scatter", "head_in", True)] = ring_bytes("reduce_scatter", act, tp)
+        for tag in ("embed_ids", "labels"):
+            out[("all_gather", tag, False)] = ring_bytes("all_gather", tokens * 8, tp)
+        out[("all_reduce", "loss_grad", True)] = ring_bytes("all_reduce", tokens * loss_element_size, tp)
     else:
         out[("all_reduce", "embed", False)] = ring_bytes("all_reduce", act, tp)
         out[("all_reduce", "head_in", True)] = ring_bytes("all_reduce", act, tp)
