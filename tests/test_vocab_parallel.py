@@ -269,18 +269,23 @@ CLIP = 0.05
 (vocab shards counted as shards, the tied parameter once), compared with the dense one."""
 
 
-def _deepspeed_case(mesh, stage: int) -> dict:
-    """ds_twolevel.initialize with two_level.vocab_parallel, ZeRO ``stage``: 2 clipped AdamW steps vs dense."""
+def _deepspeed_case(meshes: dict, stage: int, root: Path) -> dict:
+    """ds_twolevel.initialize with two_level.vocab_parallel, ZeRO ``stage``: 2 clipped AdamW steps vs dense;
+    the checkpoint resumed at the same layout, and refused at another."""
+    mesh = meshes["2x2"]
     import ds_twolevel
 
     arch, overrides = MODELS["llama"]
     dense = tiny_model(arch, seed=6, **overrides).train()
     patched = copy.deepcopy(dense)
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
-           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
-           "zero_optimization": {"stage": stage}, "two_level": {"n": mesh.layout.n, "m": mesh.layout.m,
-                                                                "vocab_parallel": True}}
-    engine, *_ = ds_twolevel.initialize(model=patched, config=cfg, mesh=mesh)
+
+    def config(mesh) -> dict:
+        return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+                "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
+                "zero_optimization": {"stage": stage}, "two_level": {"n": mesh.layout.n, "m": mesh.layout.m,
+                                                                     "vocab_parallel": True}}
+
+    engine, *_ = ds_twolevel.initialize(model=patched, config=config(mesh), mesh=mesh)
     opt = torch.optim.AdamW(dense.parameters(), lr=LR, weight_decay=0.01)
     losses, norms, engine_norms = [], [], []
     for step in range(2):
@@ -299,8 +304,23 @@ def _deepspeed_case(mesh, stage: int) -> dict:
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=stage == 3):
         weights = _shard_value_errors(dense, module)
-    return {"loss_err": max(losses), "weights_err": weights, "dense_norms": norms, "engine_norms": engine_norms,
-            "vocab": type(module.get_output_embeddings()).__name__}
+    out = {"loss_err": max(losses), "weights_err": weights, "dense_norms": norms, "engine_norms": engine_norms,
+           "vocab": type(module.get_output_embeddings()).__name__}
+    ckpt = root / f"ds_zero{stage}"
+    ds_twolevel.save_checkpoint(engine, ckpt)
+    resumed, *_ = ds_twolevel.initialize(model=tiny_model(arch, seed=9, **overrides).train(), config=config(mesh),
+                                         mesh=mesh)
+    ds_twolevel.load_checkpoint(resumed, ckpt)
+    with deepspeed.zero.GatheredParameters(list(resumed.module.parameters()), enabled=stage == 3):
+        out["resumed_err"] = _shard_value_errors(dense, resumed.module)
+    other, *_ = ds_twolevel.initialize(model=tiny_model(arch, seed=9, **overrides).train(),
+                                       config=config(meshes["1x4"]), mesh=meshes["1x4"])
+    try:
+        ds_twolevel.load_checkpoint(other, ckpt)
+        out["other_layout"] = "loaded"
+    except ValueError as err:
+        out["other_layout"] = str(err)
+    return out
 
 
 def _all_cases(root: str) -> dict:
@@ -317,7 +337,7 @@ def _all_cases(root: str) -> dict:
         arch, overrides = MODELS[case]
         out[f"roundtrip_{case}"] = _roundtrip(arch, overrides, meshes["2x2"], Path(root))
     for stage in (2, 3):
-        out[f"deepspeed_zero{stage}"] = _deepspeed_case(meshes["2x2"], stage)
+        out[f"deepspeed_zero{stage}"] = _deepspeed_case(meshes, stage, Path(root))
     for case, layout in SP_CASES:
         arch, overrides = MODELS[case]
         out[f"sp_{case}_{layout}"] = _sp_case(arch, overrides, meshes[layout])
@@ -427,6 +447,9 @@ def test_deepspeed_initialize_with_vocab_parallel(results, stage):
         assert min(r["dense_norms"]) > CLIP  # clipping acted on every step
         assert rel_err(torch.tensor(r["engine_norms"]), torch.tensor(r["dense_norms"])) < TOL, r
         assert r["loss_err"] < TOL and r["weights_err"] < TOL, r
+        assert r["resumed_err"] < TOL, r  # same layout: the saved shards come back
+        assert "resuming vocab-parallel embedding rows at other shards is not supported" in r["other_layout"]
+        assert "dp=1 x n=2 x m=2 with vocab_parallel" in r["other_layout"]
 
 
 # -- single process: errors ------------------------------------------------------------------------
