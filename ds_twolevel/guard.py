@@ -146,6 +146,8 @@ class ModelGuard:
         if shards or inputs:
             if inputs:  # what the ranks of a layer must agree on: the declared tensors, else the arguments
                 bound = declared if declared is not None else fp.bind_arguments(self.arg_names, args, kwargs)
+                if declared is None and getattr(getattr(model, "_twolevel_sequence_parallel", None), "active", False):
+                    bound = _sequence_shards_by_shape(bound)
             self.run(model, wrappers=wrappers if shards else None, bound=bound if inputs else None)
 
     def run(self, model: nn.Module, *, wrappers: list[Any] | None, bound: dict[str, Any] | None,
@@ -221,6 +223,17 @@ def _world_axis() -> AxisGroup:
 def _axis_ranks(axis: AxisGroup, mesh: TwoLevelMesh) -> list[int]:
     """Global ranks of the rows of a table gathered over ``axis`` (the world, or the tp group)."""
     return list(range(axis.size)) if axis.name == "world" and axis.size > 1 else _tp_ranks(mesh)
+
+
+SEQUENCE_SHARDED = ("input_ids", "inputs_embeds", "labels", "shift_labels")
+"""inputs that hold this rank's tokens under sequence parallelism: the ranks of a layer agree on their
+shapes and dtypes, not their values (the positions, the mask and ``num_items_in_batch`` still agree)."""
+
+
+def _sequence_shards_by_shape(bound: dict[str, Any]) -> dict[str, Any]:
+    """``bound`` with each sequence-sharded tensor replaced by zeros of its shape and dtype."""
+    return {k: torch.zeros_like(v) if k in SEQUENCE_SHARDED and isinstance(v, torch.Tensor) else v
+            for k, v in bound.items()}
 
 
 def _two_level_layers(model: nn.Module) -> list[nn.Module]:

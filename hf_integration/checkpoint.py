@@ -30,6 +30,7 @@ from hf_integration.fused_sources import FusedReader, fused_tensors
 from hf_integration.partitioned import owner_path, partitioned_layers
 from hf_integration.policy import PatchReport, dense_copies, model_name, patch_model
 from hf_integration.probe import probe_loaded
+from hf_integration.vocab_parallel import retie
 from hf_integration.weights import ROW_BLOCK_BYTES, SafetensorsReader, assign_tensor, load_shards
 
 
@@ -208,7 +209,7 @@ def _open_checkpoint(directory: Path, model_class: type | None,
 def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_class: type | None = None,
                      strict: bool = True, strategy: str = "cost_model", kv_replication: bool = False,
                      dtype: torch.dtype | None = None, probe: bool = True, hardware: Any = None,
-                     reduce_dtype: Any = torch.float32) -> tuple[nn.Module, PatchReport]:
+                     reduce_dtype: Any = torch.float32, vocab_parallel: bool = False) -> tuple[nn.Module, PatchReport]:
     """Build ``model_class`` (default: ``config.architectures[0]``) from a ``save_pretrained``
     directory with each rank reading only its slices; return (patched model in eval mode, report).
 
@@ -217,7 +218,8 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     REPORT for checkpoint tensors the model does not use. A rank that fails (a file only it reads is
     truncated, ...) makes every rank raise the same ``AgreementError`` naming that rank and file.
 
-    ``strategy``, ``kv_replication``, ``hardware`` and ``reduce_dtype`` are :func:`patch_model`'s.
+    ``strategy``, ``kv_replication``, ``hardware``, ``reduce_dtype`` and ``vocab_parallel`` are :func:`patch_model`'s
+    (with ``vocab_parallel`` each rank reads only its vocab rows of the embedding and the LM head).
     ``probe``: the parity probe (:func:`hf_integration.probe.probe_loaded`): the first attention and MLP
     layer are gathered into dense HF modules and compared with the partitioned ones on 8 tokens;
     a mismatch raises ``ProbeError`` on every rank (collective).
@@ -231,11 +233,14 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     try:
         copies = dense_copies(model) if probe else {}  # meta: no memory until the probe fills them
         report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication,
-                             probe=False, hardware=hardware, reduce_dtype=reduce_dtype)
+                             probe=False, hardware=hardware, reduce_dtype=reduce_dtype, vocab_parallel=vocab_parallel)
         with _agreed("reading checkpoint slices (load_partitioned)"):
             for path, layer in partitioned_layers(model):
+                if getattr(layer, "tied", False):
+                    continue  # a tied vocab head: its rows are the embedding's (retie below)
                 owner = owner_path(path, layer)
                 load_shards(layer, layer.tensor_maps, reader, prefix=(owner + ".") if owner else "")
+            retie(model)
             _untie_different(model, reader)
             _materialize_rest(model, reader)
     finally:

@@ -54,6 +54,10 @@ class HFTwoLevelAttention(TwoLevelAttention):
                  target: str = "", sliding_window: int | None = None,
                  cache_args: tuple[str, ...] = DEFAULT_CACHE_ARGS, **kwargs: Any) -> None:
         super().__init__(hidden_size, spec, axes, **kwargs)
+        self.sequence_mask: torch.Tensor | None = None
+        """with ``sequence_parallel``: the (b, s) padding mask of the whole sequence (None: none), set by
+        the patched model per call (:mod:`hf_integration.sequence_parallel`); HF's mask, built from
+        local shapes, is not used."""
         self.signature, self.post_dropout, self.tensor_maps = signature, post_dropout, tensor_maps
         self.owner_class, self.target, self.sliding_window = owner_class, target, sliding_window
         self.cache_args = cache_args
@@ -79,6 +83,8 @@ class HFTwoLevelAttention(TwoLevelAttention):
                              f"with strict=False to keep cross-attention layers dense")
         cache = self.bound_cache(bound)
         mask = bound.get("attention_mask")
+        if self.sequence_parallel and self.axes.tp.size > 1:
+            return self._sequence_parallel_forward(hidden_states, bound), None
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise ValueError(f"{self.owner_class}: attention_mask of type {type(mask).__name__} is not supported; "
                              f"use attn_implementation='sdpa' or 'eager'")
@@ -90,6 +96,18 @@ class HFTwoLevelAttention(TwoLevelAttention):
         if self.post_dropout is not None:
             out = self.post_dropout(out)
         return out, None
+
+    def _sequence_parallel_forward(self, hidden_states: torch.Tensor, bound: dict[str, Any]) -> torch.Tensor:
+        """(b, s/p, H) local tokens -> (b, s/p, H), with the whole sequence's padding mask."""
+        whole = hidden_states.shape[1] * self.axes.tp.size
+        if self.sliding_window is not None and whole > self.sliding_window:
+            raise ValueError(f"{self.owner_class}: sequence_parallel does not apply a sliding window "
+                             f"({self.sliding_window} < {whole} positions); train this model with sequence_parallel "
+                             f"off, or on sequences of at most {self.sliding_window} tokens")
+        rope = bound.get("position_embeddings") if self.spec.rot_dim else None
+        out = TwoLevelAttention.forward(self, hidden_states, position_embeddings=rope,
+                                        attention_mask=self.sequence_mask)
+        return out if self.post_dropout is None else self.post_dropout(out)
 
     def _check_window(self, q_len: int, cache: Any) -> None:
         """Without a mask this layer attends causally to every key: refuse if the window cuts some."""
@@ -126,6 +144,7 @@ class HFTwoLevelMLP(TwoLevelMLP):
         return dense_numel(self.tensor_maps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, s, H) replicated -> (b, s, H) replicated, then the HF module's output dropout."""
+        """(b, s, H) replicated -> (b, s, H) replicated (with ``sequence_parallel``: (b, s/p, H) local
+        tokens), then the HF module's output dropout."""
         y = super().forward(x)
         return y if self.dropout is None else self.dropout(y)

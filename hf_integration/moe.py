@@ -24,6 +24,7 @@ from torch import nn
 from ds_twolevel.deepspeed import compat
 from ds_twolevel.layers.attention import tag_parallel
 from ds_twolevel.parallel.collectives import copy_to_axis, reduce_dtype as check_reduce_dtype, reduce_from_axis
+from ds_twolevel.parallel.sequence import gather_sequence, gather_tokens_no_grad, scatter_sequence
 from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.sharding.partition import even_chunk
 
@@ -104,7 +105,15 @@ class HFTwoLevelExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        """(tokens, H) replicated, routing replicated -> (tokens, H) replicated."""
+        """(tokens, H) replicated, routing replicated -> (tokens, H) replicated. With
+        ``sequence_parallel``: this rank's tokens and their routing -> this rank's tokens (the experts
+        act per token, so the gathered tokens are in rank order, not sequence order)."""
+        if getattr(self, "sequence_parallel", False) and self.tp.size > 1:
+            x = gather_sequence(hidden_states, self.tp, "moe_in", dim=0)  # (tokens of every rank, H)
+            index = gather_tokens_no_grad(top_k_index, self.tp, "moe_index", dim=0)
+            weights = gather_sequence(top_k_weights, self.tp, "moe_weights", dim=0)  # backward: each rank's rows
+            partial = self._hf_forward(self, x, index, weights)
+            return scatter_sequence(partial, self.tp, "moe_out", dim=0)  # (this rank's tokens, H)
         x = copy_to_axis(hidden_states, self.tp, "moe_in")
         weights = copy_to_axis(top_k_weights, self.tp, "moe_weights")  # router gradient: sum over ranks
         partial = self._hf_forward(self, x, top_k_index, weights)  # (tokens, H): this rank's features only

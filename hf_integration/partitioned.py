@@ -10,8 +10,9 @@ from torch import nn
 
 from hf_integration.modules import HFTwoLevelAttention, HFTwoLevelMLP
 from hf_integration.moe import HFTwoLevelExperts
+from hf_integration.vocab_parallel import HFVocabEmbedding, HFVocabHead
 
-PARTITIONED = (HFTwoLevelAttention, HFTwoLevelMLP, HFTwoLevelExperts)
+PARTITIONED = (HFTwoLevelAttention, HFTwoLevelMLP, HFTwoLevelExperts, HFVocabEmbedding, HFVocabHead)
 """The layer classes patch_model installs."""
 
 

@@ -30,6 +30,7 @@ from hf_integration.modules import HFTwoLevelAttention, HFTwoLevelMLP
 from hf_integration.moe import HFTwoLevelExperts, experts_plan
 from hf_integration.partitioned import PARTITIONED, partitioned_layers
 from hf_integration.probe import check_parity, record_calls, require_calls
+from hf_integration.vocab_parallel import install_vocab_parallel, vocab_plan
 from hf_integration.specs import ArchSpec, AttentionLayout, MoELayout, get_path, set_path, spec_for, supported_architectures
 from hf_integration.weights import (StateDictReader, TensorMap, attention_tensor_maps, check_tensor_shapes, load_shards,
                       mlp_tensor_maps, unplaced_parameters)
@@ -345,7 +346,7 @@ def _on_meta(model: nn.Module) -> bool:
 
 def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, strategy: str = registry.AUTO,
                 kv_replication: bool = False, probe: bool = True, hardware: Any = None,
-                reduce_dtype: Any = torch.float32) -> PatchReport:
+                reduce_dtype: Any = torch.float32, sequence_parallel: bool = False, vocab_parallel: bool = False) -> PatchReport:
     """Partition ``model``'s attention and MLP layers over ``mesh`` in place; return a report.
 
     Validates everything (architecture, layout, config settings, and every layer's tensors against
@@ -362,7 +363,13 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     (collective: every rank must call patch_model). ``probe=False`` skips it (huge models; meta models
     are never probed here, ``load_partitioned`` probes them after loading). It creates no process group
     (the mesh built the KV-replication sub-groups). The model stays the same PreTrainedModel object: forward,
-    ``generate()`` and ``save_pretrained`` (which then gathers and writes a dense checkpoint) work.
+    ``generate()`` and ``save_pretrained`` (which then gathers and writes a dense checkpoint) work. ``vocab_parallel``:
+    also split the input embedding and the LM head by vocab rows over the layer's n*m ranks, with the causal-LM loss
+    computed from the shards (:mod:`hf_integration.vocab_parallel`: with ``labels``, the output's ``logits`` is None).
+
+    ``sequence_parallel``: between sublayers each rank of a layer holds s/(n*m) tokens; the forward then
+    takes this rank's shard of the batch (:mod:`hf_integration.sequence_parallel`,
+    :func:`hf_integration.sequence_data.shard_batch`).
 
     Example:
         >>> mesh = TwoLevelLayout(n=2, m=2).build()
@@ -391,14 +398,27 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     if not attn_paths:
         _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
     check_layers(model, arch, attn_paths, mlp_paths)
+    if sequence_parallel:
+        from hf_integration.sequence_parallel import check_supported
+
+        check_supported(model, arch, attention_spec(model, arch), [] if strict else find_attention_like(model))
+    vocab = vocab_plan(model, mesh, name=model_name(model)) if vocab_parallel else None
     from ds_twolevel.guard import check_same_settings
 
     check_same_settings(mesh, {"strategy": strategy, "hardware": None if hardware is None else hw_profile(hardware).name,
-                               "reduce_dtype": check_reduce_dtype(reduce_dtype), "kv_replication": kv_replication},
+                               "reduce_dtype": check_reduce_dtype(reduce_dtype), "kv_replication": kv_replication, **({"sequence_parallel": True} if sequence_parallel else {}),
+                               **({"vocab_parallel": True} if vocab_parallel else {})},
                         name=model_name(model))
     _replace_and_probe(model, mesh, arch, attn_paths, mlp_paths, strategy=strategy, kv_replication=kv_replication,
                        probe=probe and not _on_meta(model), hardware=hardware, reduce_dtype=reduce_dtype)
-    return _finish(model, mesh, report)
+    if vocab is not None:
+        install_vocab_parallel(model, mesh, vocab, reduce_dtype=reduce_dtype)
+    report = _finish(model, mesh, report)
+    if sequence_parallel:
+        from hf_integration.sequence_parallel import enable
+
+        enable(model, mesh)
+    return report
 
 
 def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, attn_paths: list[str],

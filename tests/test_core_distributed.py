@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ds_twolevel.layers.attention import TwoLevelAttention
 from ds_twolevel.layers.block import TwoLevelBlock
 from ds_twolevel.layers.cache import KVCache
+from ds_twolevel.costmodel import block_collectives, replicated_grad_collectives
 from ds_twolevel.parallel.collectives import CommCounter
 from ds_twolevel.sharding.gather import gather_dense_state
 from ds_twolevel.parallel.layout import TwoLevelLayout
@@ -239,6 +240,72 @@ def _block_case(mesh, gated: bool) -> dict:
     return {"errors": errors, "comm": {}}
 
 
+SP_STRATEGIES = ("score_allreduce", "qk_allgather", "seq_rows")
+SP_SEQ = 16
+"""tokens of the sequence-parallel block cases: 16/p local tokens on p = 2, 4 or 8 ranks."""
+
+
+def sp_cases() -> list[tuple[tuple[int, int], str, bool]]:
+    """(layout, strategy, padded) of the sequence-parallel block cases (layouts with n*m > 1)."""
+    return [(lay, strategy, padded) for lay in LAYOUTS if lay[0] * lay[1] > 1
+            for strategy in SP_STRATEGIES for padded in (False, True)]
+
+
+def sp_case_id(case) -> str:
+    (m, n), strategy, padded = case
+    return f"sp-m{m}n{n}-{strategy}-{'padded' if padded else 'causal'}"
+
+
+def _records(counter: CommCounter) -> list[tuple]:
+    return sorted((r.op, r.axis, r.tag, r.numel, r.ranks, r.backward) for r in counter.records)
+
+
+def _sp_block_case(mesh, strategy: str, padded: bool) -> dict:
+    """A sequence-parallel block (rank r holds tokens [r*s/p, (r+1)*s/p)) vs the dense block on the
+    whole sequence: output, input gradient, every gradient; counted == modelled records; bytes vs
+    the same block with sequence parallelism off."""
+    spec = AttentionSpec(8, 4, 8, rope_style="half")
+    torch.manual_seed(77)
+    dense = DenseBlock(HIDDEN, spec, 64, o_bias=True)
+    with torch.no_grad():
+        for p in dense.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    block = TwoLevelBlock.from_dense(dense, mesh, sequence_parallel=True, strategy=strategy)
+    plain = TwoLevelBlock.from_dense(dense, mesh, strategy=strategy)
+    tp = mesh.axes.tp
+    x, rope = _inputs(Attn("sp", 8, 4), spec, seed=400 + mesh.axes.dp.rank, seq=SP_SEQ, batch=2)
+    mask = None
+    if padded:  # right padding of one row (lengths that do not fill the sequence)
+        mask = torch.ones(2, SP_SEQ, dtype=torch.long)
+        mask[1, -5:] = 0
+    weight = torch.linspace(-1, 1, HIDDEN) * (1.0 if mask is None else mask.unsqueeze(-1))
+    per = SP_SEQ // tp.size
+    mine = slice(tp.rank * per, (tp.rank + 1) * per)
+    x_ref, x_par = x.clone().requires_grad_(), x[:, mine].clone().requires_grad_()
+    (dense(x_ref, position_embeddings=rope, attention_mask=mask) * weight).sum().backward()
+    y_ref = dense(x_ref.detach(), position_embeddings=rope, attention_mask=mask)
+    with CommCounter() as comm:
+        y = block(x_par, position_embeddings=rope, attention_mask=mask)
+        (y * weight[:, mine] if padded else y * weight).sum().backward()
+    x_plain = x.clone().requires_grad_()
+    with CommCounter() as comm_plain:
+        (plain(x_plain, position_embeddings=rope, attention_mask=mask) * weight).sum().backward()
+    errors = {"output": rel_err(y, y_ref[:, mine]), "input_grad": rel_err(x_par.grad, x_ref.grad[:, mine])}
+    errors.update(_grad_errors(block.mlp, {n: p.grad for n, p in dense.mlp.named_parameters()}, "mlp."))
+    errors.update(_grad_errors(block.attn, dense.attn.grad_state(), "attn."))
+    errors["grad:o_bias"] = rel_err(block.attn.o_bias.grad, dense.attn.o_proj.bias.grad)
+    for norm in ("attn_norm", "mlp_norm"):
+        errors[f"grad:{norm}"] = rel_err(getattr(block, norm).weight.grad, getattr(dense, norm).weight.grad)
+    call = block.attn.attention_call(x, mask, None)
+    cols = block_collectives(call, block.attn.resolve_strategy(call), backward=True, sequence_parallel=True)
+    cols += replicated_grad_collectives([HIDDEN] * 3, tp.size)  # the norms' weights and o_bias
+    predicted = sorted((c.op, c.axis, c.tag, c.numel, c.ranks, c.backward) for c in cols)
+    return {"errors": errors, "comm": {}, "counted": _records(comm), "predicted": predicted,
+            "bytes": (comm.bytes_sent() - comm.bytes_sent(tag="replicated_grad"), comm_plain.bytes_sent()),
+            "replicated_grad_bytes": comm.bytes_sent(tag="replicated_grad")}
+
+
 def _all_cases_on_rank() -> dict[str, dict]:
     results: dict[str, dict] = {}
     meshes = {}
@@ -251,6 +318,8 @@ def _all_cases_on_rank() -> dict[str, dict]:
         results[case_id(case)] = run(meshes[layout], attn, strategy)
     for (m, n), gated in itertools.product(LAYOUTS, (True, False)):
         results[f"block-m{m}n{n}-{'gated' if gated else 'plain'}"] = _block_case(meshes[(m, n)], gated)
+    for case in sp_cases():
+        results[sp_case_id(case)] = _sp_block_case(meshes[case[0]], case[1], case[2])
     kv_rep = {(m, n, g): mesh.axes_for(g).kv_rep.size for (m, n), mesh in meshes.items() for g in range(1, 5)}
     results["groups"] = {"created_by_layers": dist.distributed_c10d._world.group_count - groups, "kv_rep": kv_rep}
     return results
@@ -325,6 +394,23 @@ def test_block_matches_dense(rank_results, layout, mlp):
     errors = _worst(rank_results, f"block-m{layout[0]}n{layout[1]}-{mlp}")
     bad = {k: v for k, v in errors.items() if not v[0] <= TOL}
     assert not bad, f"relative errors above {TOL} (error, rank): {bad}"
+
+
+@pytest.mark.parametrize("case", sp_cases(), ids=sp_case_id)
+def test_sequence_parallel_block_matches_dense(rank_results, case):
+    """Each rank holds s/(n*m) tokens between sublayers: exact against the dense block on the whole
+    sequence (output, input gradient, every gradient); the records counted are the cost model's; the
+    residual stream's gather + reduce-scatter pairs send exactly the bytes of the all-reduces they
+    replace. The one addition is the sum over tp of the replicated weights' gradients (norms, o_bias:
+    3*H elements here, independent of s)."""
+    errors = _worst(rank_results, sp_case_id(case))
+    bad = {k: v for k, v in errors.items() if not v[0] <= TOL}
+    assert not bad, f"relative errors above {TOL} (error, rank): {bad}"
+    for rank, res in enumerate(rank_results):
+        got = res[sp_case_id(case)]
+        assert got["counted"] == got["predicted"], f"rank {rank}"
+        sp, plain = got["bytes"]
+        assert sp == plain, f"rank {rank}: {sp} bytes with sequence parallelism, {plain} without"
 
 
 def test_layers_and_axes_for_create_no_process_group(rank_results):

@@ -19,7 +19,7 @@ from ds_twolevel.strategies.causal_blocks import scores_numel as causal_block_nu
 from ds_twolevel.strategies.score_allreduce import split_softmax, values_gathered
 
 __all__ = ["AttentionCall", "Collective", "attention_collectives", "block_collectives", "causal_block_numel",
-           "causal_block_owner", "causal_block_rows", "choose_strategy", "mlp_collectives", "resolve",
+           "causal_block_owner", "causal_block_rows", "choose_strategy", "mlp_collectives", "replicated_grad_collectives", "resolve",
            "score_strategy_collectives", "split_softmax", "values_gathered"]
 
 def score_strategy_collectives(call: AttentionCall, strategy: str) -> list[Collective]:
@@ -44,11 +44,16 @@ _BACKWARD_OF = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter", "red
 
 
 def attention_collectives(
-    call: AttentionCall, strategy: str, *, backward: bool = False, input_grad: bool = True
+    call: AttentionCall, strategy: str, *, backward: bool = False, input_grad: bool = True,
+    sequence_parallel: bool = False,
 ) -> list[Collective]:
     """Every collective one TwoLevelAttention call issues (forward, plus backward if asked).
 
     ``input_grad``: whether the input needs a gradient (the backward input all-reduce).
+    ``sequence_parallel``: the layer holds s/(n*m) tokens between sublayers
+    (:mod:`ds_twolevel.parallel.sequence`): the input all-gather and output reduce-scatter along s
+    replace the output all-reduce (and, backward, the input all-reduce); ``call.q_len`` is the whole
+    sequence.
     """
     c = call
     if backward and not getattr(registry.get(strategy), "BACKWARD", True):
@@ -63,9 +68,12 @@ def attention_collectives(
         ]
     if whole and tp > 1:  # one sum of squares per token over every rank of the layer
         fwd += [Collective("all_reduce", "tp", f"{t}_sumsq", c.batch * c.q_len, tp) for t in ("q", "k")]
+    stream = c.batch * c.q_len * c.hidden  # elements of the (b, s, H) residual stream
+    if sequence_parallel and tp > 1:
+        fwd.insert(0, Collective("all_gather", "tp", "attn_in", stream, tp))
     fwd += score_strategy_collectives(c, strategy)
     if tp > 1:
-        fwd.append(Collective("all_reduce", "tp", "attn_out", c.batch * c.q_len * c.hidden, tp))
+        fwd.append(Collective("reduce_scatter" if sequence_parallel else "all_reduce", "tp", "attn_out", stream, tp))
     if not backward:
         return fwd
     bwd = [
@@ -84,25 +92,53 @@ def attention_collectives(
             bwd.append(Collective("all_reduce", "kv_rep", f"{t}_weight", kv_out * c.hidden, c.kv_rep, True))
             if c.qkv_bias:
                 bwd.append(Collective("all_reduce", "kv_rep", f"{t}_bias", kv_out, c.kv_rep, True))
-    if tp > 1 and input_grad:
-        bwd.append(Collective("all_reduce", "tp", "attn_in", c.batch * c.q_len * c.hidden, tp, True))
+    if sequence_parallel and tp > 1:  # the output's all-gather; the input's reduce-scatter if it needs one
+        bwd.insert(0, Collective("all_gather", "tp", "attn_out", stream, tp, True))
+        if input_grad:
+            bwd.append(Collective("reduce_scatter", "tp", "attn_in", stream, tp, True))
+    elif tp > 1 and input_grad:
+        bwd.append(Collective("all_reduce", "tp", "attn_in", stream, tp, True))
     return fwd + bwd
 
 
 def mlp_collectives(
-    *, batch: int, seq: int, hidden: int, tp: int, backward: bool = False, input_grad: bool = True
+    *, batch: int, seq: int, hidden: int, tp: int, backward: bool = False, input_grad: bool = True,
+    sequence_parallel: bool = False,
 ) -> list[Collective]:
-    """Collectives of one TwoLevelMLP call: output all-reduce (+ input-gradient all-reduce)."""
+    """Collectives of one TwoLevelMLP call: output all-reduce (+ input-gradient all-reduce); with
+    ``sequence_parallel`` (``seq`` the whole sequence), input all-gather and output reduce-scatter
+    along s (backward: the output's all-gather, the input's reduce-scatter)."""
     if tp == 1:
         return []
-    out = [Collective("all_reduce", "tp", "mlp_out", batch * seq * hidden, tp)]
+    stream = batch * seq * hidden
+    if sequence_parallel:
+        out = [Collective("all_gather", "tp", "mlp_in", stream, tp),
+               Collective("reduce_scatter", "tp", "mlp_out", stream, tp)]
+        if backward:
+            out.append(Collective("all_gather", "tp", "mlp_out", stream, tp, True))
+            if input_grad:
+                out.append(Collective("reduce_scatter", "tp", "mlp_in", stream, tp, True))
+        return out
+    out = [Collective("all_reduce", "tp", "mlp_out", stream, tp)]
     if backward and input_grad:
-        out.append(Collective("all_reduce", "tp", "mlp_in", batch * seq * hidden, tp, True))
+        out.append(Collective("all_reduce", "tp", "mlp_in", stream, tp, True))
     return out
 
 
-def block_collectives(call: AttentionCall, strategy: str, *, backward: bool = False) -> list[Collective]:
-    """Collectives of one TwoLevelBlock call (attention then MLP; the block input needs a grad)."""
-    out = attention_collectives(call, strategy, backward=backward, input_grad=True)
-    return out + mlp_collectives(batch=call.batch, seq=call.q_len, hidden=call.hidden,
-                                 tp=call.m * call.n, backward=backward, input_grad=True)
+def block_collectives(call: AttentionCall, strategy: str, *, backward: bool = False,
+                      sequence_parallel: bool = False) -> list[Collective]:
+    """Collectives of one TwoLevelBlock call (attention then MLP; the block input needs a grad).
+    With ``sequence_parallel`` the block's norms hold replicated weights that see this rank's tokens only:
+    their gradients are summed over tp (:func:`replicated_grad_collectives`), counted apart."""
+    out = attention_collectives(call, strategy, backward=backward, input_grad=True, sequence_parallel=sequence_parallel)
+    return out + mlp_collectives(batch=call.batch, seq=call.q_len, hidden=call.hidden, tp=call.m * call.n,
+                                 backward=backward, input_grad=True, sequence_parallel=sequence_parallel)
+
+
+def replicated_grad_collectives(numels: list[int], tp: int) -> list[Collective]:
+    """Backward all-reduces over tp of replicated parameters (norm weights, biases added after the
+    reduce-scatter, a replicated embedding / LM head) under sequence parallelism: each rank's gradient
+    covers its own tokens, so the ranks of a layer sum them (one per parameter, in elements)."""
+    if tp == 1:
+        return []
+    return [Collective("all_reduce", "tp", "replicated_grad", numel, tp, True) for numel in numels]

@@ -86,6 +86,13 @@ class TwoLevelConfig:
     dtype: half those bytes, what Megatron and AutoTP do)."""
     kv_replication: bool = setting(False, "bool", "false")
     """allow n > num_key_value_heads by replicating KV heads across head groups (costs memory)."""
+    sequence_parallel: bool = setting(False, "bool", "false")
+    """between sublayers each of a layer's n*m ranks holds s/(n*m) tokens (Megatron-style sequence
+    parallelism); the model then takes each rank's shard of the batch
+    (``hf_integration.sequence_data.shard_batch``)."""
+    vocab_parallel: bool = setting(False, "bool", "false")
+    """split the input embedding and the LM head by vocab rows over the n*m ranks of a layer, with the
+    causal-LM loss computed from the shards (no rank holds full-vocab logits in training)."""
     strict: bool = setting(True, "bool", "true")
     """refuse a model with attention/MLP modules the injection policy does not know."""
     timeout_s: float = setting(600.0, "number", "600", low=1, high=MAX_TIMEOUT_S)

@@ -46,7 +46,8 @@ def default_policy(model: nn.Module, mesh: TwoLevelMesh, tl: TwoLevelConfig) -> 
             f"no two-level injection policy for {type(model).__name__}: hf_integration.patch_model is not "
             f"importable ({err}); pass policy=... or a model ds_twolevel knows") from err
     out = patch_model(model, mesh, strict=tl.strict, strategy=tl.strategy, kv_replication=tl.kv_replication,
-                      probe=tl.probe, hardware=tl.hardware, reduce_dtype=tl.reduce_dtype)
+                      probe=tl.probe, hardware=tl.hardware, reduce_dtype=tl.reduce_dtype, sequence_parallel=tl.sequence_parallel,
+                      vocab_parallel=tl.vocab_parallel)
     return model if out is None or not isinstance(out, nn.Module) else out
 
 

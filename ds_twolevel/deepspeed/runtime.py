@@ -25,6 +25,7 @@ Data: the dp replicas get different batches, the n*m ranks of one replica the SA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def _mesh_for(config: Any, tl: TwoLevelConfig, ds: dict[str, Any], mesh: TwoLeve
 
 def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mapping[str, Any] | None = None, *,
                args: Any = None, mesh: TwoLevelMesh | None = None, policy: Policy | None = None,
-               **deepspeed_kwargs: Any) -> tuple[Any, Any, Any, Any]:
+               vocab_parallel: bool | None = None, **deepspeed_kwargs: Any) -> tuple[Any, Any, Any, Any]:
     """Partition ``model`` m x n and wrap it in a DeepSpeed engine; returns DeepSpeed's own tuple
     ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
@@ -95,6 +96,7 @@ def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mappi
         args: as for ``deepspeed.initialize`` (``local_rank``, ``deepspeed_config``).
         mesh: a mesh from :func:`build_mesh` to reuse; built from the config otherwise.
         policy: ``policy(model, mesh, two_level_config) -> model``; default :func:`default_policy`.
+        vocab_parallel: overrides the config's ``two_level.vocab_parallel`` (None: the config's).
         **deepspeed_kwargs: passed to ``deepspeed.initialize`` (optimizer, model_parameters,
             training_data, lr_scheduler, collate_fn, ...). ``mpu`` is ours.
 
@@ -110,6 +112,8 @@ def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mappi
         raise ValueError("mpu= is set by ds_twolevel.initialize (the two-level mesh); do not pass it")
     config, args = _resolve_config(config, args)
     tl, ds = load_deepspeed_config(config)
+    if vocab_parallel is not None:
+        tl = dataclasses.replace(tl, vocab_parallel=bool(vocab_parallel))
     mesh = _mesh_for(config, tl, ds, mesh)
     if is_zero_partitioned(model) and zero_stage(ds) != 3:
         raise ValueError(f"the model was built under deepspeed.zero.Init but the config has ZeRO stage {zero_stage(ds)};"

@@ -22,6 +22,7 @@ from ds_twolevel.layers.rope import apply_rope_segment, segment_cos_sin
 from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
 from ds_twolevel.parallel.collectives import reduce_dtype as check_reduce_dtype
 from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
+from ds_twolevel.parallel.sequence import gather_sequence, scatter_sequence
 from ds_twolevel.sharding.partition import AttentionPartition, AttentionSpec, shard_dim
 from ds_twolevel.strategies import registry
 from ds_twolevel.strategies.base import AttendContext, AttentionCall
@@ -57,6 +58,10 @@ class TwoLevelAttention(nn.Module):
         scaling: score scale; default ``1/sqrt(d)`` of the full head dim.
         kv_replication: allow n > g by replicating KV heads across head groups.
         layer_idx: index used with the KV cache.
+        sequence_parallel: the input and output are this rank's s/(n*m) tokens of the residual stream
+            (:mod:`ds_twolevel.parallel.sequence`): all-gathered before the projections,
+            reduce-scattered after o_proj. No KV cache (a call with one is refused); an attribute, so a
+            model can switch it per call.
 
     Example:
         >>> mesh = TwoLevelLayout(n=2, m=2).build()
@@ -84,10 +89,12 @@ class TwoLevelAttention(nn.Module):
         scaling: float | None = None,
         kv_replication: bool = False,
         layer_idx: int = 0,
+        sequence_parallel: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         if isinstance(axes, TwoLevelMesh):  # validate before looking the layer's axes up
             AttentionPartition(spec, axes.layout.n, axes.layout.m, kv_replication=kv_replication)
             axes = axes.axes_for(spec.num_kv_heads)
@@ -220,7 +227,9 @@ class TwoLevelAttention(nn.Module):
         kv_cache: Any = None,
         strategy: str | None = None,
     ) -> torch.Tensor:
-        """(b, s, H) replicated input -> (b, s, H) replicated output.
+        """(b, s, H) replicated input -> (b, s, H) replicated output; with ``sequence_parallel``,
+        (b, s/p, H) local tokens -> (b, s/p, H), p = n*m (``position_embeddings`` and
+        ``attention_mask`` then cover the whole sequence).
 
         Project -> q/k norm and RoPE -> KV cache -> ``plan.strategy.attend`` -> o_proj. The plan is
         made before any collective, so a strategy that cannot run the call is refused first.
@@ -229,11 +238,20 @@ class TwoLevelAttention(nn.Module):
         object with ``update(k, v, layer_idx)`` (this rank's slice is stored), or a cache in the
         kv_shard layout (``position_store``).
         """
-        b, s, _ = hidden_states.shape
-        call = self.attention_call(hidden_states, attention_mask, kv_cache)
+        sp = self._sequence_parallel_call(hidden_states, position_embeddings, kv_cache)
+        if sp:  # (b, s/p, H) local tokens: plan for the whole sequence they belong to
+            b, s_local, hidden = hidden_states.shape
+            whole = torch.empty((b, s_local * self.axes.tp.size, hidden), dtype=hidden_states.dtype, device="meta")
+            call = self.attention_call(whole, attention_mask, kv_cache)
+        else:
+            call = self.attention_call(hidden_states, attention_mask, kv_cache)
         plan = self._plan(call, strategy, hidden_states.device)
-        key = self.dropout_keys.key(hidden_states) if self._dropping else None
-        x = copy_to_axis(hidden_states, self.axes.tp, "attn_in")
+        if sp:
+            x = gather_sequence(hidden_states, self.axes.tp, "attn_in")  # (b, s, H)
+        else:
+            x = copy_to_axis(hidden_states, self.axes.tp, "attn_in")
+        b, s, _ = x.shape
+        key = self.dropout_keys.key(x) if self._dropping else None  # the whole sequence: one key per layer call
         q, k, v = self._project(x, position_embeddings)
         store = None
         if call.cache_layout != "segments":
@@ -246,8 +264,27 @@ class TwoLevelAttention(nn.Module):
         out = plan.strategy.attend(self._context(call, store, key), q, k, v, attention_mask)
         out = zero_unattended_rows(out, attention_mask, causal=self.causal, heads=self.part.q_heads(self.axes.i))
         out = out.transpose(1, 2).reshape(b, s, -1)  # (b, s, hl*dvl)
-        y = reduce_from_axis(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s, H)
-        return y if self.o_bias is None else y + self.o_bias
+        if not sp:
+            y = reduce_from_axis(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s, H)
+            return y if self.o_bias is None else y + self.o_bias
+        y = scatter_sequence(self.o_proj(out), self.axes.tp, "attn_out")  # (b, s/p, H)
+        # the bias meets this rank's tokens only: its gradient is summed over the layer's ranks
+        return y if self.o_bias is None else y + copy_to_axis(self.o_bias, self.axes.tp, "replicated_grad")
+
+    def _sequence_parallel_call(self, hidden_states: torch.Tensor, position_embeddings: Any, kv_cache: Any) -> bool:
+        """Whether this call runs sequence-parallel; its inputs checked (before any collective)."""
+        if not self.sequence_parallel or self.axes.tp.size == 1:
+            return False
+        p, s_local = self.axes.tp.size, hidden_states.shape[1]
+        if kv_cache is not None:
+            raise ValueError(f"layer {self.layer_idx}: sequence_parallel runs training and prefill without a KV "
+                             f"cache; generate with sequence_parallel off (a patched model switches it off for "
+                             f"calls with a cache)")
+        if position_embeddings is not None and position_embeddings[0].shape[-2] != p * s_local:
+            raise ValueError(f"layer {self.layer_idx}: sequence_parallel over {p} ranks: {s_local} local tokens "
+                             f"belong to a sequence of {p * s_local}, but the RoPE tables cover "
+                             f"{position_embeddings[0].shape[-2]} positions; pass (cos, sin) of the whole sequence")
+        return True
 
     def _project(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's q (b, hl, s, dl), k (b, gl, s, dl), v (b, gl, s, dvl), normed and rotated."""

@@ -10,6 +10,7 @@ from torch import nn
 from ds_twolevel.layers.attention import tag_parallel
 from ds_twolevel.parallel.collectives import copy_to_axis, reduce_dtype as check_reduce_dtype, reduce_from_axis
 from ds_twolevel.parallel.layout import AxisGroup
+from ds_twolevel.parallel.sequence import gather_sequence, scatter_sequence
 from ds_twolevel.sharding.partition import even_chunk, shard_dim
 from ds_twolevel.layers.activations import ACTIVATIONS
 
@@ -26,12 +27,16 @@ class TwoLevelMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, tp: AxisGroup, *, gated: bool = True,
                  activation: str | Callable[[torch.Tensor], torch.Tensor] = "silu", bias: bool = False,
-                 reduce_dtype: Any = torch.float32, device=None, dtype=None) -> None:
+                 reduce_dtype: Any = torch.float32, sequence_parallel: bool = False, device=None,
+                 dtype=None) -> None:
         """``activation``: a name in ``ACTIVATIONS`` or the callable itself (e.g. a Hugging Face
         module's own ``act_fn``, so its exact GELU/SiLU variant is used). ``reduce_dtype``: dtype of
         the output (and input-gradient) all-reduce when wider than the activations' (see
-        :class:`~ds_twolevel.layers.attention.TwoLevelAttention`; "input"/None: the activations')."""
+        :class:`~ds_twolevel.layers.attention.TwoLevelAttention`; "input"/None: the activations').
+        ``sequence_parallel``: input and output are this rank's s/p tokens (b, s/p, H): all-gathered
+        before gate/up, reduce-scattered after down (:mod:`ds_twolevel.parallel.sequence`)."""
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         if isinstance(activation, str) and activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}")
         self.act_fn = ACTIVATIONS[activation] if isinstance(activation, str) else activation
@@ -82,8 +87,14 @@ class TwoLevelMLP(nn.Module):
         return mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.act_fn
-        x = copy_to_axis(x, self.tp, "mlp_in")
+        """(b, s, H) replicated -> (b, s, H) replicated; with ``sequence_parallel`` (b, s/p, H) -> (b, s/p, H)."""
+        act, sp = self.act_fn, self.sequence_parallel and self.tp.size > 1
+        x = gather_sequence(x, self.tp, "mlp_in") if sp else copy_to_axis(x, self.tp, "mlp_in")  # (b, s, H)
         inner = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))  # (b, s, I/p)
-        y = reduce_from_axis(self.down_proj(inner), self.tp, "mlp_out")  # (b, s, H)
-        return y if self.down_bias is None else y + self.down_bias
+        partial = self.down_proj(inner)  # (b, s, H) this rank's share of the sum
+        if not sp:
+            y = reduce_from_axis(partial, self.tp, "mlp_out")  # (b, s, H)
+            return y if self.down_bias is None else y + self.down_bias
+        y = scatter_sequence(partial, self.tp, "mlp_out")  # (b, s/p, H)
+        # the bias meets this rank's tokens only: its gradient is summed over the layer's ranks
+        return y if self.down_bias is None else y + copy_to_axis(self.down_bias, self.tp, "replicated_grad")

@@ -18,6 +18,8 @@ def gather_dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
     Example:
         >>> dense = gather_dense_state(attn)   # {"q_proj.weight": (h*d, H), ...}
     """
+    if callable(getattr(layer, "gather_dense", None)):  # vocab shards: uneven row counts, padded gather
+        return layer.gather_dense()
     tp = layer.tp if hasattr(layer, "tp") else layer.axes.tp
     out: dict[str, torch.Tensor] = {}
     indices = [layer.shard_index(r) for r in range(tp.size)]

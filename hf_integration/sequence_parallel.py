@@ -1,0 +1,150 @@
+"""Sequence parallelism for a patched Hugging Face decoder: each rank of a layer's n*m ranks holds
+s/(n*m) tokens between sublayers (DESIGN.md section 8).
+
+:func:`enable` (``patch_model(..., sequence_parallel=True)`` calls it) makes the model's forward take
+this rank's shard of every sequence, as :func:`hf_integration.sequence_data.shard_batch` cuts it:
+
+- ``input_ids`` (b, s/p), ``position_ids`` (b, s/p) global positions (required), an optional 2-D
+  ``attention_mask`` (b, s/p), ``labels``/``shift_labels`` shifted before the cut, and
+  ``num_items_in_batch`` (the group's count of real label tokens).
+- A pre-hook gathers the positions and the padding mask of the whole sequence (one all-gather of
+  (b, s) integers, tag "positions"): Hugging Face computes RoPE's (cos, sin) for every position, and
+  the attention layers apply the whole sequence's causal + padding mask (HF's own mask, built from
+  local shapes, is replaced by a placeholder its mask functions return as is).
+- Embedding, norms, residual adds and the LM head act on local tokens; the loss is this rank's share
+  ``sum of its token losses / num_items_in_batch``; the shares add up to the loss of the whole batch,
+  and each rank backpropagates its own (no gradient is scaled by the group size).
+- Replicated parameters (embedding, norms, LM head, router) see this rank's tokens only: a gradient
+  hook sums them over tp (:func:`~ds_twolevel.parallel.sequence.sum_replicated_grads`).
+- A call with a KV cache (``generate``) runs with sequence parallelism off: every rank passes the
+  whole prompt, as without it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_twolevel.parallel import collectives as comm
+from ds_twolevel.parallel.layout import TwoLevelMesh
+from ds_twolevel.parallel.sequence import gather_tokens_no_grad, sum_replicated_grads
+
+from hf_integration.modules import HFTwoLevelAttention
+from hf_integration.partitioned import PARTITIONED
+
+CACHE_KWARGS = ("cache", "past_key_values")
+SHARDED_INPUTS = ("input_ids", "inputs_embeds", "labels", "shift_labels")
+"""per-token inputs whose values differ between the ranks of a layer (shapes agree)."""
+
+
+@dataclass
+class SequenceParallelState:
+    """``model._twolevel_sequence_parallel``: the mesh and whether the current call is sharded."""
+
+    mesh: TwoLevelMesh
+    active: bool = False
+    """the last forward ran sequence-parallel (read again by the gradient hooks in its backward)."""
+    layers: list[nn.Module] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+
+
+def check_supported(model: nn.Module, arch: Any, spec: Any, left_dense: list[str]) -> None:
+    """ValueError naming what cannot run sequence-parallel exactly (before any module is touched)."""
+    name = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+    if not arch.causal or not spec.rot_dim:
+        raise ValueError(f"{name}: sequence_parallel supports causal decoders with rotary positions (Llama, Qwen, "
+                         f"Mistral, GPT-NeoX, ...); this model {'is an encoder' if not arch.causal else 'adds learned position embeddings'}; "
+                         f"patch it with sequence_parallel=False")
+    if left_dense:
+        raise ValueError(f"{name}: sequence_parallel needs every attention layer partitioned; left dense: "
+                         f"{', '.join(left_dense[:4])}; patch with strict=True")
+
+
+def enable(model: nn.Module, mesh: TwoLevelMesh) -> SequenceParallelState:
+    """Switch a patched model to sequence-parallel training and prefill (see the module docstring).
+
+    Example:
+        >>> patch_model(model, mesh, sequence_parallel=True)   # calls enable(model, mesh)
+        >>> out = model(**shard_batch(batch, mesh))             # this rank's tokens
+    """
+    state = SequenceParallelState(mesh)
+    layers = [mod for mod in model.modules() if isinstance(mod, PARTITIONED)]
+    state.layers = layers
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    replicated = [p for p in model.parameters()
+                  if id(p) not in inside and not getattr(p, "tensor_model_parallel", False)]
+    state.handles = sum_replicated_grads(replicated, mesh.axes.tp, when=lambda: state.active)
+    state.handles.append(model.register_forward_pre_hook(
+        lambda module, args, kwargs: _pre_forward(state, module, args, kwargs), with_kwargs=True, prepend=True))
+    model._twolevel_sequence_parallel = state
+    return state
+
+
+def _set_active(state: SequenceParallelState, active: bool, mask: torch.Tensor | None = None) -> None:
+    state.active = active
+    for layer in state.layers:
+        layer.sequence_parallel = active
+        if isinstance(layer, HFTwoLevelAttention):
+            layer.sequence_mask = mask if active else None
+
+
+def _pre_forward(state: SequenceParallelState, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Decide whether this call is sharded; gather the whole sequence's positions and mask."""
+    tp = state.mesh.axes.tp
+    if tp.size == 1 or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
+        _set_active(state, False)  # generation: the whole prompt on every rank
+        return args, kwargs
+    kwargs = dict(kwargs)
+    if args:  # input_ids given by position
+        kwargs["input_ids"], args = args[0], args[1:]
+    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    _check_call(model, kwargs, tokens, positions, mask, tp.size)
+    local = positions.expand(tokens.shape[0], -1).long()  # (b, s/p)
+    stacked = local.unsqueeze(0) if mask is None else torch.stack([local, mask.long()])  # (1|2, b, s/p)
+    whole = gather_tokens_no_grad(stacked, tp, "positions", dim=2)  # (1|2, b, s)
+    chunks = whole[0].chunk(tp.size, dim=1)
+    if all(torch.equal(c, chunks[0]) for c in chunks[1:]):
+        raise ValueError(f"{type(model).__name__}: sequence_parallel: every rank of the layer passed the same "
+                         f"position_ids {tuple(local.shape)}; pass each rank its shard of the sequence "
+                         f"(hf_integration.sequence_data.shard_batch), or a KV cache to run the whole sequence")
+    full_mask = None if mask is None or bool(whole[1].all()) else whole[1].bool()  # (b, s)
+    _set_active(state, True, full_mask)
+    kwargs["position_ids"] = whole[0]
+    # HF's mask functions return a 4-D mask as is; the partitioned layers apply ``full_mask`` instead
+    kwargs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=tokens.device)
+    kwargs["use_cache"] = False
+    if kwargs.get("labels") is not None and kwargs.get("num_items_in_batch") is None:
+        kwargs["num_items_in_batch"] = _count_labels(kwargs["shift_labels"], tp)
+    return args, kwargs
+
+
+def _check_call(model: nn.Module, kwargs: dict, tokens: Any, positions: Any, mask: Any, p: int) -> None:
+    """ValueError (same on every rank of a well-formed call) before any collective."""
+    name = type(model).__name__
+    if tokens is None:
+        raise ValueError(f"{name}: pass input_ids or inputs_embeds")
+    if positions is None:
+        raise ValueError(f"{name}: sequence_parallel: pass position_ids, the global positions of this rank's "
+                         f"{tokens.shape[1]} tokens (hf_integration.sequence_data.shard_batch gives them), or a KV "
+                         f"cache to run the whole sequence on every rank")
+    if positions.shape[-1] != tokens.shape[1]:
+        raise ValueError(f"{name}: sequence_parallel: position_ids cover {positions.shape[-1]} tokens, the input "
+                         f"{tokens.shape[1]}; both are this rank's shard")
+    if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(tokens.shape[:2])):
+        raise ValueError(f"{name}: sequence_parallel takes a 2-D padding mask of this rank's tokens "
+                         f"{tuple(tokens.shape[:2])}, got {tuple(mask.shape)}; the whole sequence's causal mask is "
+                         f"built from it")
+    if kwargs.get("labels") is not None and kwargs.get("shift_labels") is None:
+        raise ValueError(f"{name}: sequence_parallel: labels must be shifted before the sequence is cut (a shard's "
+                         f"last token predicts the next shard's first); pass shift_labels "
+                         f"(hf_integration.sequence_data.shard_batch gives them)")
+
+
+def _count_labels(shift_labels: torch.Tensor, tp: Any, ignore_index: int = -100) -> torch.Tensor:
+    """Real label tokens of the whole sequence: an all-reduce of this rank's count (tag "loss_count")."""
+    count = (shift_labels != ignore_index).sum().to(torch.float32).reshape(1)
+    with torch.no_grad():
+        return comm.reduce_from_axis(count, tp, "loss_count").reshape(())
