@@ -344,6 +344,39 @@ def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
+def _check_arguments(model: nn.Module, strategy: str, hardware: Any, reduce_dtype: Any) -> str:
+    """:func:`patch_model`'s arguments checked (the canonical strategy name returned); a model already
+    partitioned is refused."""
+    strategy = registry.check_layer_strategy(strategy)
+    if hardware is not None:
+        hw_profile(hardware)  # an unknown name fails here, before any module is touched
+    check_reduce_dtype(reduce_dtype)
+    if partitioned_layers(model):
+        raise ValueError(f"{model_name(model)} is already partitioned (verify(model) says what); patch a fresh "
+                         f"model, or use save_pretrained + load_partitioned to change the layout")
+    return strategy
+
+
+def _check_modules(model: nn.Module, arch: ArchSpec, mesh: TwoLevelMesh, *, strict: bool, kv_replication: bool,
+                   sequence_parallel: bool) -> tuple[list[str], list[str]]:
+    """(attention paths, MLP paths) of ``model``, after checking the layout, the modules the spec finds
+    and every layer's tensors against it (and what sequence parallelism needs)."""
+    check_model_layout(model, arch, mesh.layout.n, mesh.layout.m, kv_replication=kv_replication)
+    attn_paths, mlp_paths, refused = find_owners(model, arch)
+    if refused:
+        _refuse_or_warn(strict, f"{model_name(model)}: cannot partition {len(refused)} attention module(s) "
+                                f"({', '.join(refused[:4])}); supported: self-attention of "
+                                f"{', '.join(supported_architectures())}")
+    if not attn_paths:
+        _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
+    check_layers(model, arch, attn_paths, mlp_paths)
+    if sequence_parallel:
+        from hf_integration.sequence_parallel import check_supported
+
+        check_supported(model, arch, attention_spec(model, arch), [] if strict else find_attention_like(model))
+    return attn_paths, mlp_paths
+
+
 def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, strategy: str = registry.AUTO,
                 kv_replication: bool = False, probe: bool = True, hardware: Any = None,
                 reduce_dtype: Any = torch.float32, sequence_parallel: bool = False, vocab_parallel: bool = False) -> PatchReport:
@@ -351,7 +384,7 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
 
     Validates everything (architecture, layout, config settings, and every layer's tensors against
     the spec: shapes, biases, parameters the spec leaves out) before any module is touched or any
-    collective issued. ``strategy="auto"`` picks, per call, the strategy with the least predicted time
+    collective issued. ``strategy="cost_model"`` picks, per call, the strategy with the least predicted time
     on ``hardware`` (a cost-model profile or its name, e.g. "h100"; None: the profile of the weights'
     device). ``reduce_dtype``: the dtype every sum over ranks runs in when wider than the model's
     (default fp32: a bf16 model's partial outputs are added in fp32 and rounded once, as its dense matmul
@@ -375,40 +408,24 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
         >>> mesh = TwoLevelLayout(n=2, m=2).build()
         >>> report = patch_model(model, mesh)   # model is now partitioned on this rank
     """
-    strategy = registry.check_layer_strategy(strategy)
-    if hardware is not None:
-        hw_profile(hardware)  # an unknown name fails here, before any module is touched
-    check_reduce_dtype(reduce_dtype)
+    strategy = _check_arguments(model, strategy, hardware, reduce_dtype)
     layout = mesh.layout
-    if partitioned_layers(model):
-        raise ValueError(f"{model_name(model)} is already partitioned (verify(model) says what); patch a fresh "
-                         f"model, or use save_pretrained + load_partitioned to change the layout")
     report = PatchReport(model_name(model), (layout.dp, layout.n, layout.m), strategy=strategy)
     try:
         arch = spec_for(model.config, model_name=model_name(model))
     except ValueError as err:
         _refuse_or_warn(strict, str(err))
         return _finish(model, mesh, report)
-    check_model_layout(model, arch, layout.n, layout.m, kv_replication=kv_replication)
-    attn_paths, mlp_paths, refused = find_owners(model, arch)
-    if refused:
-        _refuse_or_warn(strict, f"{model_name(model)}: cannot partition {len(refused)} attention module(s) "
-                                f"({', '.join(refused[:4])}); supported: self-attention of "
-                                f"{', '.join(supported_architectures())}")
-    if not attn_paths:
-        _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
-    check_layers(model, arch, attn_paths, mlp_paths)
-    if sequence_parallel:
-        from hf_integration.sequence_parallel import check_supported
-
-        check_supported(model, arch, attention_spec(model, arch), [] if strict else find_attention_like(model))
+    attn_paths, mlp_paths = _check_modules(model, arch, mesh, strict=strict, kv_replication=kv_replication,
+                                           sequence_parallel=sequence_parallel)
     vocab = vocab_plan(model, mesh, name=model_name(model)) if vocab_parallel else None
     from ds_twolevel.guard import check_same_settings
 
-    check_same_settings(mesh, {"strategy": strategy, "hardware": None if hardware is None else hw_profile(hardware).name,
-                               "reduce_dtype": check_reduce_dtype(reduce_dtype), "kv_replication": kv_replication, **({"sequence_parallel": True} if sequence_parallel else {}),
-                               **({"vocab_parallel": True} if vocab_parallel else {})},
-                        name=model_name(model))
+    settings = {"strategy": strategy, "hardware": None if hardware is None else hw_profile(hardware).name,
+                "reduce_dtype": check_reduce_dtype(reduce_dtype), "kv_replication": kv_replication,
+                **({"sequence_parallel": True} if sequence_parallel else {}),
+                **({"vocab_parallel": True} if vocab_parallel else {})}
+    check_same_settings(mesh, settings, name=model_name(model))
     _replace_and_probe(model, mesh, arch, attn_paths, mlp_paths, strategy=strategy, kv_replication=kv_replication,
                        probe=probe and not _on_meta(model), hardware=hardware, reduce_dtype=reduce_dtype)
     if vocab is not None:

@@ -94,7 +94,6 @@ class TwoLevelAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.sequence_parallel = sequence_parallel
         if isinstance(axes, TwoLevelMesh):  # validate before looking the layer's axes up
             AttentionPartition(spec, axes.layout.n, axes.layout.m, kv_replication=kv_replication)
             axes = axes.axes_for(spec.num_kv_heads)
@@ -106,7 +105,7 @@ class TwoLevelAttention(nn.Module):
             raise ValueError(f"{spec.name}: each KV head is replicated on {axes.n // spec.num_kv_heads} head groups, "
                              f"whose gradients must be summed: pass the TwoLevelMesh, or mesh.axes_for({spec.num_kv_heads})")
         self.spec, self.axes, self.hidden_size, self.reduce_dtype = spec, axes, hidden_size, axes.tp.reduce_dtype
-        self.causal, self.strategy, self.layer_idx = causal, strategy, layer_idx
+        self.causal, self.strategy, self.layer_idx, self.sequence_parallel = causal, strategy, layer_idx, sequence_parallel
         self.hardware = None if hardware is None else hw_profile(hardware)
         self.dropout, self.dropout_seed, self.dropout_keys = dropout, dropout_seed, DropoutKeys()
         self.scaling = scaling if scaling is not None else 1.0 / math.sqrt(spec.head_dim)
@@ -126,11 +125,13 @@ class TwoLevelAttention(nn.Module):
             self.q_norm_weight = nn.Parameter(torch.ones(hl * dl if whole else dl, **kw))
             self.k_norm_weight = nn.Parameter(torch.ones(gl * dl if whole else dl, **kw))
         self._tag_parameters()
-        cos_index, partner, sign = self.part.rope_tables(axes.j)
+        self._register_rope_tables(device)
+
+    def _register_rope_tables(self, device: torch.device | str | None) -> None:
+        """Buffers that apply RoPE to this segment's local dims (``AttentionPartition.rope_tables``)."""
         buffer_device = None if device is None or torch.device(device).type == "meta" else device
-        self.register_buffer("rope_cos_index", cos_index.to(buffer_device), persistent=False)
-        self.register_buffer("rope_partner", partner.to(buffer_device), persistent=False)
-        self.register_buffer("rope_sign", sign.to(buffer_device), persistent=False)
+        for name, table in zip(("rope_cos_index", "rope_partner", "rope_sign"), self.part.rope_tables(self.axes.j)):
+            self.register_buffer(name, table.to(buffer_device), persistent=False)
 
     def _tag_parameters(self) -> None:
         for p in self.q_proj.parameters():
@@ -188,20 +189,6 @@ class TwoLevelAttention(nn.Module):
         return layer
 
     # -- forward ---------------------------------------------------------------------------------
-    def _qk_norms(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RMSNorm of q and k (:mod:`ds_twolevel.layers.qk_norm`): per head, the sums of squares are
-        all-reduced over segments; over the whole projection, over the tensor-parallel axis."""
-        norm, s, axes = self.qk_norm, self.spec, self.axes
-        if norm.scope == "head":
-            kw = dict(sumsq_axis=axes.seg, features=s.head_dim, copies=1)
-            return (rms_norm_partition(q, self.q_norm_weight, norm, weight_axis=axes.heads, tag="q", **kw),
-                    rms_norm_partition(k, self.k_norm_weight, norm, weight_axis=axes.heads, tag="k", **kw))
-        single = AxisGroup.single("q_norm")  # each q feature lives on one rank: no gradient sum
-        return (rms_norm_partition(q, self.q_norm_weight, norm, sumsq_axis=axes.tp, weight_axis=single,
-                                   features=s.num_heads * s.head_dim, copies=1, tag="q"),
-                rms_norm_partition(k, self.k_norm_weight, norm, sumsq_axis=axes.tp, weight_axis=axes.kv_rep,
-                                   features=s.num_kv_heads * s.head_dim, copies=axes.kv_rep.size, tag="k"))
-
     def resolve_strategy(self, call: AttentionCall, strategy: str | None = None, device: Any = None) -> str:
         """The strategy that runs ``call`` on ``device`` (:func:`~ds_twolevel.strategies.registry.plan_call`)."""
         return self._plan(call, strategy, device).name
@@ -238,7 +225,7 @@ class TwoLevelAttention(nn.Module):
         object with ``update(k, v, layer_idx)`` (this rank's slice is stored), or a cache in the
         kv_shard layout (``position_store``).
         """
-        sp = self._sequence_parallel_call(hidden_states, position_embeddings, kv_cache)
+        sp = sequence_parallel_call(self, hidden_states, position_embeddings, kv_cache)
         if sp:  # (b, s/p, H) local tokens: plan for the whole sequence they belong to
             b, s_local, hidden = hidden_states.shape
             whole = torch.empty((b, s_local * self.axes.tp.size, hidden), dtype=hidden_states.dtype, device="meta")
@@ -271,30 +258,15 @@ class TwoLevelAttention(nn.Module):
         # the bias meets this rank's tokens only: its gradient is summed over the layer's ranks
         return y if self.o_bias is None else y + copy_to_axis(self.o_bias, self.axes.tp, "replicated_grad")
 
-    def _sequence_parallel_call(self, hidden_states: torch.Tensor, position_embeddings: Any, kv_cache: Any) -> bool:
-        """Whether this call runs sequence-parallel; its inputs checked (before any collective)."""
-        if not self.sequence_parallel or self.axes.tp.size == 1:
-            return False
-        p, s_local = self.axes.tp.size, hidden_states.shape[1]
-        if kv_cache is not None:
-            raise ValueError(f"layer {self.layer_idx}: sequence_parallel runs training and prefill without a KV "
-                             f"cache; generate with sequence_parallel off (a patched model switches it off for "
-                             f"calls with a cache)")
-        if position_embeddings is not None and position_embeddings[0].shape[-2] != p * s_local:
-            raise ValueError(f"layer {self.layer_idx}: sequence_parallel over {p} ranks: {s_local} local tokens "
-                             f"belong to a sequence of {p * s_local}, but the RoPE tables cover "
-                             f"{position_embeddings[0].shape[-2]} positions; pass (cos, sin) of the whole sequence")
-        return True
-
     def _project(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's q (b, hl, s, dl), k (b, gl, s, dl), v (b, gl, s, dvl), normed and rotated."""
         b, s, _ = x.shape
         hl, gl, dl, dvl = self.part.local_heads, self.part.local_kv_heads, self.part.local_dim, self.part.local_v_dim
         q = self.q_proj(x).view(b, s, hl, dl).transpose(1, 2)
-        k = self._kv_linear(x, self.k_proj, "k").view(b, s, gl, dl).transpose(1, 2)
-        v = self._kv_linear(x, self.v_proj, "v").view(b, s, gl, dvl).transpose(1, 2)
+        k = kv_linear(self, x, self.k_proj, "k").view(b, s, gl, dl).transpose(1, 2)
+        v = kv_linear(self, x, self.v_proj, "v").view(b, s, gl, dvl).transpose(1, 2)
         if self.qk_norm is not None:
-            q, k = self._qk_norms(q, k)
+            q, k = qk_norms(self, q, k)
         if self.spec.rot_dim:
             if position_embeddings is None:
                 raise ValueError("this layer uses RoPE: pass position_embeddings=(cos, sin)")
@@ -310,17 +282,50 @@ class TwoLevelAttention(nn.Module):
                              q_heads=self.part.q_heads(self.axes.i), store=store, call=call, softcap=self.softcap,
                              dropout=drop)
 
-    def _kv_linear(self, x: torch.Tensor, proj: nn.Linear, tag: str) -> torch.Tensor:
-        """K/V projection; a KV head replicated on n/g head groups sums its weight gradients."""
-        rep = self.axes.kv_rep
-        if rep.size == 1:
-            return proj(x)
-        bias = None if proj.bias is None else copy_to_axis(proj.bias, rep, f"{tag}_bias")
-        return F.linear(x, copy_to_axis(proj.weight, rep, f"{tag}_weight"), bias)
-
     @property
     def _dropping(self) -> bool:
         return self.training and self.dropout > 0
+
+
+def qk_norms(layer: TwoLevelAttention, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of q and k (:mod:`ds_twolevel.layers.qk_norm`): per head, the sums of squares are
+    all-reduced over segments; over the whole projection, over the tensor-parallel axis."""
+    norm, s, axes = layer.qk_norm, layer.spec, layer.axes
+    if norm.scope == "head":
+        kw = dict(sumsq_axis=axes.seg, features=s.head_dim, copies=1)
+        return (rms_norm_partition(q, layer.q_norm_weight, norm, weight_axis=axes.heads, tag="q", **kw),
+                rms_norm_partition(k, layer.k_norm_weight, norm, weight_axis=axes.heads, tag="k", **kw))
+    single = AxisGroup.single("q_norm")  # each q feature lives on one rank: no gradient sum
+    return (rms_norm_partition(q, layer.q_norm_weight, norm, sumsq_axis=axes.tp, weight_axis=single,
+                               features=s.num_heads * s.head_dim, copies=1, tag="q"),
+            rms_norm_partition(k, layer.k_norm_weight, norm, sumsq_axis=axes.tp, weight_axis=axes.kv_rep,
+                               features=s.num_kv_heads * s.head_dim, copies=axes.kv_rep.size, tag="k"))
+
+
+def sequence_parallel_call(layer: TwoLevelAttention, hidden_states: torch.Tensor, position_embeddings: Any,
+                           kv_cache: Any) -> bool:
+    """Whether this call of ``layer`` runs sequence-parallel; its inputs checked (before any collective)."""
+    if not layer.sequence_parallel or layer.axes.tp.size == 1:
+        return False
+    p, s_local = layer.axes.tp.size, hidden_states.shape[1]
+    if kv_cache is not None:
+        raise ValueError(f"layer {layer.layer_idx}: sequence_parallel runs training and prefill without a KV "
+                         f"cache; generate with sequence_parallel off (a patched model switches it off for "
+                         f"calls with a cache)")
+    if position_embeddings is not None and position_embeddings[0].shape[-2] != p * s_local:
+        raise ValueError(f"layer {layer.layer_idx}: sequence_parallel over {p} ranks: {s_local} local tokens "
+                         f"belong to a sequence of {p * s_local}, but the RoPE tables cover "
+                         f"{position_embeddings[0].shape[-2]} positions; pass (cos, sin) of the whole sequence")
+    return True
+
+
+def kv_linear(layer: TwoLevelAttention, x: torch.Tensor, proj: nn.Linear, tag: str) -> torch.Tensor:
+    """K/V projection; a KV head replicated on n/g head groups sums its weight gradients."""
+    rep = layer.axes.kv_rep
+    if rep.size == 1:
+        return proj(x)
+    bias = None if proj.bias is None else copy_to_axis(proj.bias, rep, f"{tag}_bias")
+    return F.linear(x, copy_to_axis(proj.weight, rep, f"{tag}_weight"), bias)
 
 
 def attention_call(layer: TwoLevelAttention, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
