@@ -43,13 +43,14 @@ def experts_plan(owner: nn.Module, config: Any, lay: MoELayout, *, where: str) -
             raise ValueError(f"{where}.{lay.target} ({type(experts).__name__}): {flag}={getattr(experts, flag)!r}, "
                              f"the MoELayout partitions {flag}={want!r} only (Mixtral's fused layout)")
     num = int(getattr(config, lay.num_experts_attr))
-    maps = moe_tensor_maps(lay, config.hidden_size, config.intermediate_size, num)
+    inter = int(getattr(config, lay.intermediate_attr))
+    maps = moe_tensor_maps(lay, config.hidden_size, inter, num)
     check_tensor_shapes(maps, StateDictReader(dict(owner.state_dict(keep_vars=True))), where=where)
     left = unplaced_parameters(owner, maps, lay.target, lay.identity)
     if left:
         raise ValueError(f"{where} ({type(owner).__name__}): parameters {', '.join(left)} are not described by the "
                          f"MoELayout, so a partitioned layer would drop them; fix the spec")
-    return dict(intermediate_size=config.intermediate_size, num_experts=num, experts=experts, tensor_maps=maps,
+    return dict(intermediate_size=inter, num_experts=num, experts=experts, tensor_maps=maps,
                 owner_class=type(owner).__name__, target=lay.target, act_fn=get_path(owner, lay.act))
 
 

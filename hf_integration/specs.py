@@ -114,6 +114,10 @@ class AttentionLayout:
     arrives through HF's mask; the layer refuses a call without a mask that the window would cut."""
     layer_idx: str = "layer_idx"
     """attribute holding the layer index used with the KV cache."""
+    use_rope: str | None = None
+    """attribute of the owner saying whether this layer rotates q/k (SmolLM3 ``use_rope``, from
+    ``config.no_rope_layers``): a false value builds that layer without RoPE (NoPE). None: every layer
+    rotates as ``rope_style`` says."""
     cache_args: tuple[str, ...] = DEFAULT_CACHE_ARGS
     """names the HF forward's KV-cache argument goes by, positional or keyword (the first one bound
     and not None is the cache; transformers 5.x renames ``past_key_values`` to ``cache``)."""
@@ -153,6 +157,9 @@ class MLPLayout:
     """weights stored (in, out) (GPT-2 Conv1D)."""
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (BERT's BertOutput.dense runs inside the partitioned MLP)."""
+    width: str | None = None
+    """attribute of the owner holding its intermediate size I (Qwen2-MoE's shared expert and dense
+    layers: ``intermediate_size``); None: the config's (``intermediate_size``, GPT-2's ``n_inner``)."""
 
     @property
     def gated(self) -> bool:
@@ -180,6 +187,8 @@ class MoELayout:
     """(E, H, I) down weights."""
     num_experts_attr: str = "num_local_experts"
     """config attribute with E."""
+    intermediate_attr: str = "intermediate_size"
+    """config attribute with each expert's I (Qwen2-MoE, Qwen3-MoE: ``moe_intermediate_size``)."""
     act: str = "experts.act_fn"
     """the experts' activation (reused as is)."""
     identity: tuple[str, ...] = ()
@@ -201,8 +210,9 @@ class ArchSpec:
     """``config.model_type``."""
     attention: AttentionLayout
     mlp: MLPLayout | MoELayout
-    rope_style: Literal["none", "half", "interleaved"] = "half"
-    """RoPE pairing; partial rotary comes from ``rope_parameters["partial_rotary_factor"]``."""
+    rope_style: Literal["none", "half", "interleaved", "interleaved_half"] = "half"
+    """RoPE pairing and cos/sin table layout (:class:`~ds_twolevel.sharding.partition.AttentionSpec`);
+    partial rotary comes from ``rope_parameters["partial_rotary_factor"]``."""
     num_kv_heads_attr: str | None = "num_key_value_heads"
     """config attribute with g (None: MHA, g = h)."""
     qkv_bias: BoolOrAttr = False
@@ -217,6 +227,18 @@ class ArchSpec:
     """(config attribute, value or :class:`Predicate`) pairs this integration refuses (e.g. BERT as a
     decoder, ``("use_qk_norm", TRUTHY)``)."""
     notes: str = ""
+    dense_mlp: MLPLayout | None = None
+    """a second MLP kind of an MoE model: its dense layers (``mlp_only_layers``) and shared experts
+    (Qwen2-MoE ``shared_expert``; its sigmoid gate stays replicated in the MoE block)."""
+
+    @property
+    def mlp_layouts(self) -> tuple[MLPLayout | MoELayout, ...]:
+        """Every MLP kind of the architecture (``mlp``, then ``dense_mlp``)."""
+        return (self.mlp,) if self.dense_mlp is None else (self.mlp, self.dense_mlp)
+
+    def mlp_layout(self, owner_class: str) -> MLPLayout | MoELayout:
+        """The MLP layout whose owner is ``owner_class``."""
+        return next(lay for lay in self.mlp_layouts if lay.owner == owner_class)
 
     # -- derived from a config -----------------------------------------------------------------
     def head_dim(self, config: Any) -> int:
@@ -267,7 +289,7 @@ def _llama_like(model_type: str, prefix: str, *, qkv_bias: BoolOrAttr = "attenti
     ``spec_fields``: ArchSpec fields (rope_style, unsupported, ...) and AttentionLayout fields
     (softcap, sliding_window, ...), told apart by name.
     """
-    layout_keys = {"softcap", "sliding_window", "o", "signature"}
+    layout_keys = {"softcap", "sliding_window", "o", "signature", "use_rope"}
     layout_kw = {k: spec_fields.pop(k) for k in list(spec_fields) if k in layout_keys}
     attention = AttentionLayout(
         owner=f"{prefix}Attention", signature=layout_kw.pop("signature", LLAMA_SIGNATURE),
@@ -313,6 +335,41 @@ SPECS: dict[str, ArchSpec] = {
     "cohere": _llama_like("cohere", "Cohere", mlp_bias=False, rope_style="interleaved",
                           unsupported=(("use_qk_norm", TRUTHY),),
                           notes="interleaved RoPE; parallel attention + MLP residual (outside the layers)"),
+    "starcoder2": ArchSpec(
+        "starcoder2",
+        AttentionLayout(owner="Starcoder2Attention", signature=LLAMA_SIGNATURE, sliding_window="config.sliding_window"),
+        MLPLayout(owner="Starcoder2MLP", up="c_fc", down="c_proj", act="act"),
+        qkv_bias="use_bias", o_bias="use_bias", mlp_bias="use_bias", unsupported=(("residual_dropout", TRUTHY),),
+        notes="GQA, biases (use_bias), plain GELU MLP; residual dropout refused (applied inside HF's modules)",
+    ),
+    "olmo3": _llama_like("olmo3", "Olmo3", mlp_bias=False, qk_norm=True, norm_style=OLMO2_NORM,
+                         sliding_window="sliding_window",
+                         notes="OLMo2's projection-wide q/k norms; sliding and full layers through HF's masks"),
+    "smollm3": _llama_like("smollm3", "SmolLM3", use_rope="use_rope", sliding_window="sliding_window",
+                           notes="per-layer NoPE (no_rope_layers): those layers are built without RoPE"),
+    "glm4": _llama_like("glm4", "Glm4", o_bias=False, mlp_bias=False, rope_style="interleaved_half",
+                        mlp=MLPLayout(owner="Glm4MLP", up=None, gate_up="gate_up_proj", down="down_proj",
+                                      act="activation_fn"),
+                        notes="interleaved RoPE from a half-layout table, partial rotary (0.5); fused gate_up; "
+                              "post-attention/post-MLP norms stay replicated"),
+    "helium": _llama_like("helium", "Helium", o_bias=False, rope_style="interleaved_half",
+                          notes="interleaved RoPE from a half-layout table"),
+    "qwen2_moe": _llama_like(
+        "qwen2_moe", "Qwen2Moe", qkv_bias="qkv_bias", o_bias=False, mlp_bias=False,
+        mlp=MoELayout(owner="Qwen2MoeSparseMoeBlock", num_experts_attr="num_experts",
+                      intermediate_attr="moe_intermediate_size"),
+        dense_mlp=MLPLayout(owner="Qwen2MoeMLP", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn",
+                            width="intermediate_size"),
+        unsupported=(("use_sliding_window", TRUTHY),),
+        notes="MoE (experts of moe_intermediate_size) with a shared expert split like a dense MLP and its sigmoid "
+              "gate replicated; mlp_only_layers dense"),
+    "qwen3_moe": _llama_like(
+        "qwen3_moe", "Qwen3Moe", mlp_bias=False, qk_norm=True, sliding_window="sliding_window",
+        mlp=MoELayout(owner="Qwen3MoeSparseMoeBlock", num_experts_attr="num_experts",
+                      intermediate_attr="moe_intermediate_size"),
+        dense_mlp=MLPLayout(owner="Qwen3MoeMLP", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn",
+                            width="intermediate_size"),
+        notes="MoE (experts of moe_intermediate_size), per-head q/k norms; mlp_only_layers dense"),
     "phi3": ArchSpec(
         "phi3",
         AttentionLayout(owner="Phi3Attention", q=None, k=None, v=None, fused="qkv_proj", fused_layout="concat",

@@ -53,6 +53,18 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "phi": ("PhiConfig", dict(_LLAMA_LIKE, **_NO_DROPOUT, partial_rotary_factor=0.5)),
     "stablelm": ("StableLmConfig", dict(_LLAMA_LIKE, partial_rotary_factor=0.5, use_qkv_bias=True,
                                         hidden_dropout=0.0, attention_dropout=0.0)),
+    "starcoder2": ("Starcoder2Config", dict(_LLAMA_LIKE, use_bias=True, residual_dropout=0.0, embedding_dropout=0.0,
+                                            sliding_window=None)),
+    "olmo3": ("Olmo3Config", dict(_LLAMA_LIKE, sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+    # layer 1 is a NoPE layer: a spec wrong only there is what the every-layer probes must catch
+    "smollm3": ("SmolLM3Config", dict(_LLAMA_LIKE, no_rope_layers=[1, 0])),
+    "glm4": ("Glm4Config", dict(_LLAMA_LIKE, head_dim=16, partial_rotary_factor=0.5)),
+    "helium": ("HeliumConfig", dict(_LLAMA_LIKE, head_dim=16)),
+    # layer 0: MoE block (experts of moe_intermediate_size + a gated shared expert), layer 1: dense MLP
+    "qwen2_moe": ("Qwen2MoeConfig", dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, mlp_only_layers=[1], qkv_bias=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_LLAMA_LIKE, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, mlp_only_layers=[1])),
     "bert": ("BertConfig", dict(_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)),
 }
 """model_type -> (transformers config class, its arguments): a 2-layer model, hidden 64, 4 heads x 16

@@ -28,7 +28,7 @@ LAYOUTS = [
     ("n2_m4", dict(n=2, m=4, dp=1), "score_allreduce", False),
     ("n4_m2_kvrep", dict(n=4, m=2, dp=1), "qk_allgather", True),
 ]
-SHARDED = ("llama", "gpt2", "bert", "mixtral")
+SHARDED = ("llama", "gpt2", "bert", "mixtral", "qwen2_moe")
 """architectures whose round trip starts from a sharded checkpoint (model.safetensors.index.json)."""
 EXTRA = [  # (case, arch, layout, strategy, overrides)
     ("llama_eager_n2_m4", "llama", dict(n=2, m=4, dp=1), "auto", dict(attn_implementation="eager")),
@@ -106,11 +106,20 @@ WRONG_SPECS = {  # the parity probe's cases: specs no shape check can fault
     "gemma3_norm_w": ("gemma3_text", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
         s.attention, norm_style=dataclasses.replace(s.attention.norm_style, formula="w")))),
     "llama_rope_interleaved": ("llama", lambda s: dataclasses.replace(s, rope_style="interleaved")),
+    # llama-style: every layer rotated; wrong only on SmolLM3's NoPE layer 1
+    "smollm3_rope_everywhere": ("smollm3", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, use_rope=None))),
+    # GLM4's pairs read from an interleaved table: the half-layout table is what HF passes
+    "glm4_interleaved_table": ("glm4", lambda s: dataclasses.replace(s, rope_style="interleaved")),
 }
+REFUSED_AT = {"smollm3_rope_everywhere": "model.layers.1.self_attn"}
+"""the layer each wrong spec's refusal names (default: the first attention layer)."""
+LOAD_REFUSALS = ("llama_rope_interleaved", "smollm3_rope_everywhere")
+"""wrong specs that load_partitioned (every layer gathered and probed) must refuse as well."""
 
 
 def _refused(case: str, mesh, root: Path) -> dict:
-    """A wrong spec registered for one call: patch_model (and, for the RoPE case, load_partitioned)
+    """A wrong spec registered for one call: patch_model (and, for LOAD_REFUSALS, load_partitioned)
     must refuse on every rank with the same ProbeError and leave the model as it was."""
     arch, wrong = WRONG_SPECS[case]
     good = SPECS[arch]
@@ -126,7 +135,7 @@ def _refused(case: str, mesh, root: Path) -> dict:
             out["patch"] = "not refused"
         except ValueError as err:
             out["patch"] = f"{type(err).__name__}: {err}"
-        if case == "llama_rope_interleaved":
+        if case in LOAD_REFUSALS:
             out["load"] = _refused_load(arch, mesh, root)
     finally:
         SPECS[arch] = good
@@ -234,10 +243,20 @@ def test_kv_cache_stays_partitioned(results, arch, layout):
         assert r[(arch, layout)]["cache_shape"] == r[(arch, layout)]["local_kv_shape"]
 
 
+EXPECTED_LAYERS = {
+    "qwen2_moe": {"Qwen2MoeAttention": 2, "Qwen2MoeSparseMoeBlock": 1, "Qwen2MoeMLP": 2},  # shared expert + dense
+    "qwen3_moe": {"Qwen3MoeAttention": 2, "Qwen3MoeSparseMoeBlock": 1, "Qwen3MoeMLP": 1},  # layer 1 dense
+}
+"""partitioned modules per class where they are not 2 attention + 2 MLP layers."""
+
+
 @pytest.mark.parametrize("arch,layout", CASES)
 def test_every_layer_partitioned(results, arch, layout):
     case = results[0][(arch, layout)]
-    assert sorted(case["replaced"].values()) == [2, 2]  # 2 attention + 2 MLP layers
+    if arch in EXPECTED_LAYERS:
+        assert case["replaced"] == EXPECTED_LAYERS[arch]
+    else:
+        assert sorted(case["replaced"].values()) == [2, 2]  # 2 attention + 2 MLP layers
     assert case["share"] < 0.75  # this rank holds 1/(n*m) of every attention and MLP weight
 
 
@@ -284,11 +303,16 @@ def test_probe_refuses_wrong_spec_on_every_rank(results, case):
     assert len(messages) == 1, messages  # the same refusal on every rank (errors max-reduced first)
     msg = messages.pop()
     assert msg.startswith("ProbeError: ") and "parity probe refuses" in msg and "nothing was partitioned" in msg
-    assert "model.layers.0.self_attn" in msg and "relative error" in msg, msg
+    layer = REFUSED_AT.get(case, "model.layers.0.self_attn")
+    assert f"{layer} (" in msg and "relative error" in msg, msg
+    if case in REFUSED_AT:  # the layers before it agree with the spec: only the wrong layer is named
+        assert "model.layers.0.self_attn (" not in msg, msg
     assert all(o["untouched"] for o in outcomes)  # the dense modules were put back: same logits as before
-    if case == "llama_rope_interleaved":  # load_partitioned gathers the first layers and refuses too
+    if case in LOAD_REFUSALS:  # load_partitioned gathers and probes every layer: it refuses too, naming it
         loads = {o["load"] for o in outcomes}
-        assert len(loads) == 1 and "ProbeError" in loads.pop()
+        assert len(loads) == 1, loads
+        load = loads.pop()
+        assert load.startswith("ProbeError: ") and f"{layer} (" in load and "the model was not returned" in load, load
 
 
 def test_verify_reports_counts():
