@@ -102,9 +102,14 @@ def check_model_layout(model: nn.Module, arch: ArchSpec, n: int, m: int, *, kv_r
 def mlp_widths(config: Any, arch: ArchSpec) -> dict[str, int]:
     """Config attribute -> every MLP width the config states (the dense MLP's, each expert's); a width
     read from a module (``MLPLayout.width``) is checked per layer by :func:`check_layers`."""
-    widths = {"intermediate_size": intermediate_size(config)}
-    if isinstance(arch.mlp, MoELayout):
-        widths[arch.mlp.intermediate_attr] = int(getattr(config, arch.mlp.intermediate_attr))
+    widths: dict[str, int] = {}
+    for lay in arch.mlp_layouts:
+        if isinstance(lay, MoELayout):
+            widths[lay.intermediate_attr] = int(getattr(config, lay.intermediate_attr))
+        elif lay.width is None:
+            widths["intermediate_size"] = intermediate_size(config)
+        elif lay.width.startswith("config."):
+            widths[lay.width[len("config."):]] = int(getattr(config, lay.width[len("config."):]))
     return widths
 
 

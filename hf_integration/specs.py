@@ -9,6 +9,8 @@ Packed QKV layouts (``fused_layout``), as rows of the fused weight (h heads, d d
 
     "concat"   (GPT-2 c_attn, Phi3 qkv_proj): [ q: h*d | k: g*d | v: g*dv ]   feature = block + head*d + t
     "per_head" (GPT-NeoX):      [ q0 k0 v0 | q1 k1 v1 | ... ]  (d each) feature = head*3d + block + t
+    "grouped"  (Falcon, new decoder architecture): per KV group c, its h/g query heads, then k_c, v_c:
+               [ q_0 .. q_{h/g-1} k_0 v_0 | q_{h/g} .. k_1 v_1 | ... ]  (d each)
 
 Packed MLP input (``MLPLayout.gate_up``, Phi3 ``gate_up_proj``; MoE experts ``gate_up_proj``)::
 
@@ -29,7 +31,7 @@ import torch
 from ds_twolevel.costmodel.roofline import ModelConfig
 from ds_twolevel.sharding.partition import AttentionSpec
 
-FusedLayout = Literal["concat", "per_head"]
+FusedLayout = Literal["concat", "per_head", "grouped"]
 BoolOrAttr = bool | str
 DEFAULT_CACHE_ARGS = ("cache", "past_key_values", "layer_past")
 """``AttentionLayout.cache_args`` unless a spec says otherwise."""
@@ -413,6 +415,20 @@ SPECS: dict[str, ArchSpec] = {
         num_kv_heads_attr=None, qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=True,
         notes="per-head interleaved fused QKV; partial rotary (rotary_pct)",
     ),
+    "falcon": ArchSpec(
+        "falcon",
+        AttentionLayout(owner="FalconAttention", q=None, k=None, v=None, fused="query_key_value",
+                        fused_layout="grouped", o="dense", scaling="inv_norm_factor",
+                        signature=("alibi", "attention_mask", "position_ids", "layer_past", "use_cache",
+                                   "output_attentions", "position_embeddings")),
+        MLPLayout(owner="FalconMLP", up="dense_h_to_4h", down="dense_4h_to_h", act="act",
+                  width="config.ffn_hidden_size"),
+        num_kv_heads_attr="num_kv_heads", qkv_bias="bias", o_bias="bias", mlp_bias="bias",
+        unsupported=(("new_decoder_architecture", False), ("alibi", TRUTHY), ("attention_dropout", TRUTHY)),
+        notes="new decoder architecture: fused QKV packed per KV group [q x h/g | k | v] (GQA); MLP width "
+              "ffn_hidden_size; ALiBi and the older packings refused; attention_dropout refused (HF's rotary path "
+              "applies none)",
+    ),
     "bert": ArchSpec(
         "bert",
         AttentionLayout(owner="BertAttention", target="self", q="self.query", k="self.key", v="self.value",
@@ -445,9 +461,9 @@ def spec_for(config: Any, *, model_name: str | None = None) -> ArchSpec:
     return SPECS[model_type]
 
 
-COST_MODEL_FAMILIES: dict[str, str] = {"qwen3": "qwen3", "olmo2": "olmo2", "olmo3": "olmo2", "gemma3": "gemma3_text"}
+COST_MODEL_FAMILIES: dict[str, str] = {"qwen3": "qwen3", "olmo2": "olmo2", "olmo3": "olmo3", "gemma3": "gemma3_text"}
 """model_type prefix -> the spec whose cost-model facts a variant without a spec of its own shares
-(qwen3_moe, olmo3, the multimodal gemma3 config)."""
+(qwen3_next, the multimodal gemma3 config)."""
 COST_MODEL_ONLY: dict[str, dict[str, Any]] = {"opt": dict(gated=False, rope_style="none"), "gptj": dict(gated=False)}
 """cost-model facts of architectures without a spec (the planner models them; ``patch_model`` refuses them)."""
 
@@ -478,7 +494,14 @@ def cost_model_config(config: Any, name: str = "model") -> ModelConfig:
         >>> cost_model_config({"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16}).qk_norm
         True
     """
-    data = config if isinstance(config, dict) else config.to_dict()
+    data = dict(config if isinstance(config, dict) else config.to_dict())
+    spec = SPECS.get(str(data.get("model_type") or ""))
+    if spec is not None:  # shapes under the spec's own names (Falcon: num_kv_heads, ffn_hidden_size)
+        if spec.num_kv_heads_attr and data.get(spec.num_kv_heads_attr) is not None:
+            data.setdefault("num_key_value_heads", data[spec.num_kv_heads_attr])
+        width = getattr(spec.mlp, "width", None) or ""
+        if width.startswith("config.") and data.get(width[len("config."):]) is not None:
+            data["intermediate_size"] = data[width[len("config."):]]
     return ModelConfig.from_hf_config(data, name, **_facts_for(str(data.get("model_type") or "")))
 
 

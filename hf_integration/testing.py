@@ -65,6 +65,9 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
                                          shared_expert_intermediate_size=48, mlp_only_layers=[1], qkv_bias=True)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(_LLAMA_LIKE, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=32, mlp_only_layers=[1])),
+    "falcon": ("FalconConfig", dict(_COMMON, num_kv_heads=2, new_decoder_architecture=True, ffn_hidden_size=96,
+                                    bias=True, alibi=False, hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+                                    tie_word_embeddings=False)),
     "bert": ("BertConfig", dict(_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)),
 }
 """model_type -> (transformers config class, its arguments): a 2-layer model, hidden 64, 4 heads x 16

@@ -61,6 +61,14 @@ def fused_feature_map(layout: str, kind: str, spec: AttentionSpec) -> torch.Tens
     feat = torch.arange(width)
     if layout == "concat":  # [q | k | v]
         return feat + {"q": 0, "k": h * d, "v": h * d + g * d}[kind]
+    if layout == "grouped":  # [q_{c*h/g} .. q_{(c+1)*h/g - 1} k_c v_c] per KV group c (Falcon)
+        per = h // g  # query heads per KV group
+        group_rows = (per + 2) * d  # assumes dv == d (Falcon)
+        if kind == "q":
+            head, t = feat // d, feat % d
+            return (head // per) * group_rows + (head % per) * d + t
+        group, t = feat // d, feat % d
+        return group * group_rows + (per if kind == "k" else per + 1) * d + t
     assert layout == "per_head" and g == h, "per_head packing needs g == h (checked in validation)"
     size = d if kind != "v" else dv
     head, t = feat // size, feat % size

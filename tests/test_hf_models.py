@@ -100,6 +100,61 @@ def _bad_layout() -> str:
     return "no error"
 
 
+def _spec_less_model(arch: str) -> torch.nn.Module:
+    """A tiny seeded model of an architecture with no ArchSpec (GPT-J; GPT-OSS: attention sinks, biased
+    clamped-SwiGLU experts)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if arch == "gptj":
+        config = transformers.GPTJConfig(vocab_size=96, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=64,
+                                         bos_token_id=None, eos_token_id=None)
+    else:
+        config = transformers.GptOssConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=16, intermediate_size=64, num_local_experts=4,
+                                           num_experts_per_tok=2, num_hidden_layers=2, sliding_window=6,
+                                           pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+NO_SPEC = ("gptj", "gpt_oss")
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all_single",
+                "barrier", "broadcast", "broadcast_object_list", "reduce_scatter_tensor", "send", "recv")
+
+
+def _refused_without_spec(arch: str, mesh) -> dict:
+    """patch_model(strict=True) on an architecture with no spec: every call into torch.distributed during the
+    call is counted (zero expected), and the model must be left as it was."""
+    import torch.distributed.distributed_c10d as c10d
+
+    model = _spec_less_model(arch)
+    ids = torch.randint(1, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    calls: list[str] = []
+
+    def counting(name: str, fn):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return call
+
+    originals = [(ns, name, getattr(ns, name)) for ns in (dist, c10d) for name in _COLLECTIVES if hasattr(ns, name)]
+    for ns, name, fn in originals:
+        setattr(ns, name, counting(name, fn))
+    try:
+        patch_model(model, mesh, strict=True)
+        message = "not refused"
+    except ValueError as err:
+        message = f"{type(err).__name__}: {err}"
+    finally:
+        for ns, name, fn in originals:
+            setattr(ns, name, fn)
+    with torch.no_grad():
+        untouched = not verify(model).replaced and torch.equal(model(input_ids=ids).logits, before)
+    return {"message": message, "collectives": calls, "untouched": untouched}
+
+
 WRONG_SPECS = {  # the parity probe's cases: specs no shape check can fault
     "gemma2_no_softcap": ("gemma2", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
         s.attention, softcap=None))),
@@ -185,7 +240,9 @@ def _rank_body(root: str) -> dict:
     lap("extra, minilm, bad layout")
     for case in WRONG_SPECS:
         out[("refused", case)] = _refused(case, meshes[0][1], Path(root))
-    lap("probe refusals")
+    for arch in NO_SPEC:
+        out[("no_spec", arch)] = _refused_without_spec(arch, meshes[0][1])
+    lap("probe refusals, no spec")
     return out
 
 
@@ -313,6 +370,18 @@ def test_probe_refuses_wrong_spec_on_every_rank(results, case):
         assert len(loads) == 1, loads
         load = loads.pop()
         assert load.startswith("ProbeError: ") and f"{layer} (" in load and "the model was not returned" in load, load
+
+
+@pytest.mark.parametrize("arch", NO_SPEC)
+def test_strict_refuses_an_architecture_without_spec_on_every_rank(results, arch):
+    outcomes = [r[("no_spec", arch)] for r in results]
+    messages = {o["message"] for o in outcomes}
+    assert len(messages) == 1, messages  # the same refusal on every rank
+    msg = messages.pop()
+    assert msg.startswith("ValueError: ") and f"architecture {arch!r} has no two-level spec" in msg, msg
+    assert "strict=False" in msg and "falcon" in msg and "qwen3_moe" in msg  # the supported list names the new ones
+    assert all(o["collectives"] == [] for o in outcomes), [o["collectives"] for o in outcomes]  # zero collectives
+    assert all(o["untouched"] for o in outcomes)
 
 
 def test_verify_reports_counts():
