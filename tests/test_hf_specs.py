@@ -191,3 +191,48 @@ def test_attention_dropout_is_read_where_the_spec_says(arch, attr):
     rates = {layer.dropout for _, layer in partitioned_layers(model) if hasattr(layer, "part")}
     assert rates == {0.25}, (arch, rates)
     assert SPECS[arch].attention.attention_dropout == f"config.{attr}"
+
+
+DRAFTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "mixtral", "granite", "cohere", "phi",
+           "starcoder2", "glm4", "helium", "qwen2_moe", "qwen3_moe")
+"""architectures whose base_model_tp_plan, plus the RoPE style and norm formula, makes an exact spec."""
+
+
+def _patch_with(arch: str, spec) -> None:
+    """patch_model (n = m = 1, parity probe on) of the tiny model with ``spec`` registered for the call."""
+    good = SPECS[arch]
+    SPECS[arch] = spec
+    try:
+        patch_model(tiny_model(arch), TwoLevelLayout(n=1, m=1).build())
+    finally:
+        SPECS[arch] = good
+
+
+@pytest.mark.parametrize("arch", DRAFTED)
+def test_spec_drafted_from_the_tp_plan_is_exact(arch):
+    """draft_spec reads q/k/v/o, gate/up/down (or packed gate_up, experts), per-head norms from the plan and
+    owners, signature, biases from the model; given what the plan cannot say, the parity probe accepts it."""
+    from hf_integration.tp_plan import draft_spec
+
+    good = SPECS[arch]
+    draft = draft_spec(tiny_model(arch), rope_style=good.rope_style, norm_style=good.attention.norm_style)
+    assert (draft.attention.owner, draft.mlp.owner) == (good.attention.owner, good.mlp.owner)
+    assert (draft.attention.q, draft.attention.fused, draft.attention.o) == (good.attention.q, good.attention.fused,
+                                                                             good.attention.o)
+    _patch_with(arch, draft)  # raises ProbeError / ValueError if the draft describes the model wrongly
+
+
+def test_glm4_draft_with_the_default_rope_is_refused_by_the_probe():
+    """What the plan cannot say: GLM4's rotation. The draft's default rope_style="half" is refused by name."""
+    from hf_integration.probe import ProbeError
+    from hf_integration.tp_plan import draft_spec
+
+    with pytest.raises(ProbeError, match=r"model\.layers\.0\.self_attn \(Glm4Attention\): relative error"):
+        _patch_with("glm4", draft_spec(tiny_model("glm4")))
+
+
+def test_draft_without_a_tp_plan_is_refused():
+    from hf_integration.tp_plan import draft_spec
+
+    with pytest.raises(ValueError, match="names no attention projections.*write the ArchSpec by hand"):
+        draft_spec(tiny_model("falcon"))
