@@ -216,7 +216,7 @@ def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attentio
     lay = arch.attention
     qkv_bias, o_bias = arch.flag(config, arch.qkv_bias), arch.flag(config, arch.o_bias)
     maps = attention_tensor_maps(lay, spec, config.hidden_size, qkv_bias=qkv_bias, o_bias=o_bias,
-                                 qk_norm=lay.q_norm is not None)
+                                 qk_norm=lay.q_norm is not None, sinks=lay.sinks is not None)
     _check_placed(owner, maps, lay.target, lay.identity, where)
     _check_bias(owner, lay.fused or lay.q, qkv_bias, "qkv", where)
     _check_bias(owner, lay.o, o_bias, "output", where)
@@ -234,7 +234,7 @@ def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attentio
         sliding_window=None if window is None else int(window), causal=arch.causal,
         dropout=float(read(lay.attention_dropout, "attention_dropout") or 0.0),
         scaling=float(read(lay.scaling, "scaling")), layer_idx=int(read(lay.layer_idx, "layer_idx") or 0),
-        cache_args=lay.cache_args,
+        cache_args=lay.cache_args, sinks=lay.sinks is not None,
     )
 
 

@@ -116,6 +116,10 @@ class AttentionLayout:
     arrives through HF's mask; the layer refuses a call without a mask that the window would cut."""
     layer_idx: str = "layer_idx"
     """attribute holding the layer index used with the KV cache."""
+    sinks: str | None = None
+    """parameter of the owner holding one sink logit per query head (GPT-OSS ``sinks``): it joins each
+    row's softmax as an extra key and is dropped after it. Computed by score_allreduce and qk_allgather
+    (explicit scores); seq_rows and kv_shard (fused attention) refuse the call by name."""
     use_rope: str | None = None
     """attribute of the owner saying whether this layer rotates q/k (SmolLM3 ``use_rope``, from
     ``config.no_rope_layers``): a false value builds that layer without RoPE (NoPE). None: every layer
@@ -191,8 +195,16 @@ class MoELayout:
     """config attribute with E."""
     intermediate_attr: str = "intermediate_size"
     """config attribute with each expert's I (Qwen2-MoE, Qwen3-MoE: ``moe_intermediate_size``)."""
-    act: str = "experts.act_fn"
-    """the experts' activation (reused as is)."""
+    transposed: bool = False
+    """experts stored (E, H, 2I) / (E, I, H) (GPT-OSS) rather than (E, 2I, H) / (E, H, I)."""
+    packing: Literal["concat", "interleaved"] = "concat"
+    """gate/up features of ``gate_up``: [gate: I | up: I] (Mixtral) or interleaved [g0 u0 g1 u1 ...] (GPT-OSS)."""
+    bias: bool = False
+    """experts have ``gate_up_proj_bias`` (E, 2I), sliced like gate_up, and ``down_proj_bias`` (E, H), added
+    once (on tensor-parallel rank 0) before the all-reduce (GPT-OSS)."""
+    act: str | None = "experts.act_fn"
+    """the experts' activation (reused as is); None where the experts' own gate computes it (GPT-OSS's
+    clamped SwiGLU ``_apply_gate`` runs as is on each rank's [gate, up] pairs)."""
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (none for Mixtral)."""
 
@@ -291,7 +303,7 @@ def _llama_like(model_type: str, prefix: str, *, qkv_bias: BoolOrAttr = "attenti
     ``spec_fields``: ArchSpec fields (rope_style, unsupported, ...) and AttentionLayout fields
     (softcap, sliding_window, ...), told apart by name.
     """
-    layout_keys = {"softcap", "sliding_window", "o", "signature", "use_rope"}
+    layout_keys = {"softcap", "sliding_window", "o", "signature", "use_rope", "sinks"}
     layout_kw = {k: spec_fields.pop(k) for k in list(spec_fields) if k in layout_keys}
     attention = AttentionLayout(
         owner=f"{prefix}Attention", signature=layout_kw.pop("signature", LLAMA_SIGNATURE),
@@ -372,6 +384,13 @@ SPECS: dict[str, ArchSpec] = {
         dense_mlp=MLPLayout(owner="Qwen3MoeMLP", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn",
                             width="intermediate_size"),
         notes="MoE (experts of moe_intermediate_size), per-head q/k norms; mlp_only_layers dense"),
+    "gpt_oss": _llama_like(
+        "gpt_oss", "GptOss", mlp_bias=False, sinks="sinks", sliding_window="sliding_window",
+        mlp=MoELayout(owner="GptOssMLP", num_experts_attr="num_local_experts", act=None, transposed=True,
+                      packing="interleaved", bias=True),
+        notes="attention sinks (a logit per head, split with the head groups; score_allreduce and qk_allgather, "
+              "fused strategies refuse); experts stored transposed with interleaved gate_up, biases and HF's "
+              "clamped SwiGLU; RoPE table of r/2 frequencies; sliding and full layers"),
     "phi3": ArchSpec(
         "phi3",
         AttentionLayout(owner="Phi3Attention", q=None, k=None, v=None, fused="qkv_proj", fused_layout="concat",

@@ -101,8 +101,7 @@ def _bad_layout() -> str:
 
 
 def _spec_less_model(arch: str) -> torch.nn.Module:
-    """A tiny seeded model of an architecture with no ArchSpec (GPT-J; GPT-OSS: attention sinks, biased
-    clamped-SwiGLU experts)."""
+    """A tiny seeded model of an architecture with no ArchSpec (GPT-J, OPT)."""
     import transformers
 
     torch.manual_seed(0)
@@ -110,14 +109,13 @@ def _spec_less_model(arch: str) -> torch.nn.Module:
         config = transformers.GPTJConfig(vocab_size=96, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=64,
                                          bos_token_id=None, eos_token_id=None)
     else:
-        config = transformers.GptOssConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                           head_dim=16, intermediate_size=64, num_local_experts=4,
-                                           num_experts_per_tok=2, num_hidden_layers=2, sliding_window=6,
-                                           pad_token_id=0, bos_token_id=None, eos_token_id=None)
+        config = transformers.OPTConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                        ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64,
+                                        pad_token_id=0, bos_token_id=None, eos_token_id=None)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-NO_SPEC = ("gptj", "gpt_oss")
+NO_SPEC = ("gptj", "opt")
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all_single",
                 "barrier", "broadcast", "broadcast_object_list", "reduce_scatter_tensor", "send", "recv")
 
@@ -379,7 +377,7 @@ def test_strict_refuses_an_architecture_without_spec_on_every_rank(results, arch
     assert len(messages) == 1, messages  # the same refusal on every rank
     msg = messages.pop()
     assert msg.startswith("ValueError: ") and f"architecture {arch!r} has no two-level spec" in msg, msg
-    assert "strict=False" in msg and "falcon" in msg and "qwen3_moe" in msg  # the supported list names the new ones
+    assert "strict=False" in msg and "falcon" in msg and "gpt_oss" in msg  # the supported list names the new ones
     assert all(o["collectives"] == [] for o in outcomes), [o["collectives"] for o in outcomes]  # zero collectives
     assert all(o["untouched"] for o in outcomes)
 
