@@ -22,7 +22,8 @@ signatures do not change):
 Also: ``load_partitioned(dir, mesh, ...)`` (each rank reads only its slices of a
 ``save_pretrained`` directory into a meta-device model), ``verify(model)`` (what was swapped,
 per-rank parameter share), ``injection_policy(model, mesh)`` (HF class -> DeepSpeed-style
-``replace_fn``), ``SPECS`` (one declarative ``ArchSpec`` per architecture).
+``replace_fn``), ``SPECS`` (one declarative ``ArchSpec`` per architecture), ``draft_spec(model, ...)`` (an
+``ArchSpec`` drafted from the config's ``base_model_tp_plan``; docs/adding_an_architecture.md).
 
 Example:
     >>> mesh = TwoLevelLayout(n=2, m=2).build()          # inside 4 ranks (torchrun, deepspeed, accelerate)
@@ -32,9 +33,11 @@ Example:
 """
 from hf_integration.checkpoint import dense_state_dict, load_partitioned, save_dense_pretrained
 from hf_integration.policy import PatchReport, injection_policy, patch_model, verify
-from hf_integration.specs import SPECS, ArchSpec, AttentionLayout, MLPLayout, supported_architectures
+from hf_integration.specs import SPECS, ArchSpec, AttentionLayout, MLPLayout, MoELayout, supported_architectures
+from hf_integration.tp_plan import draft_spec
 
 __all__ = [
-    "ArchSpec", "AttentionLayout", "MLPLayout", "PatchReport", "SPECS", "dense_state_dict", "injection_policy",
+    "ArchSpec", "AttentionLayout", "MLPLayout", "MoELayout", "PatchReport", "SPECS", "dense_state_dict", "draft_spec",
+    "injection_policy",
     "load_partitioned", "patch_model", "save_dense_pretrained", "supported_architectures", "verify",
 ]

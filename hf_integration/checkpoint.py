@@ -220,9 +220,9 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
 
     ``strategy``, ``kv_replication``, ``hardware``, ``reduce_dtype`` and ``vocab_parallel`` are :func:`patch_model`'s
     (with ``vocab_parallel`` each rank reads only its vocab rows of the embedding and the LM head).
-    ``probe``: the parity probe (:func:`hf_integration.probe.probe_loaded`): the first attention and MLP
-    layer are gathered into dense HF modules and compared with the partitioned ones on 8 tokens;
-    a mismatch raises ``ProbeError`` on every rank (collective).
+    ``probe``: the parity probe (:func:`hf_integration.probe.probe_loaded`): every attention and MLP
+    layer, one at a time, is gathered into a dense HF module and compared with the partitioned one on
+    8 tokens; a mismatch raises ``ProbeError`` on every rank (collective).
 
     Example:
         >>> model, report = load_partitioned("ckpt/", TwoLevelLayout(n=2, m=2).build())

@@ -9,12 +9,13 @@ activation (bit-identical GELU/SiLU variant) and optional trailing dropout.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from ds_twolevel.layers.attention import TwoLevelAttention
+from ds_twolevel.layers.attention import TwoLevelAttention, tag_parallel
 from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
 from ds_twolevel.layers.mlp import TwoLevelMLP
 from ds_twolevel.sharding.partition import AttentionSpec
@@ -43,6 +44,8 @@ class HFTwoLevelAttention(TwoLevelAttention):
         sliding_window: this layer's sliding window (None: full attention). The window arrives
             through HF's mask; a call without a mask whose keys the window would cut is refused.
         cache_args: names of the HF forward's KV-cache argument (``AttentionLayout.cache_args``).
+        sinks: the layer has attention sinks (GPT-OSS): a (h/n,) parameter ``sinks`` holds this head
+            group's sink logits (replicated over segments), passed to the strategy's softmax.
 
     Example:
         >>> out, _ = layer(hidden_states, position_embeddings=(cos, sin), attention_mask=mask)
@@ -52,7 +55,7 @@ class HFTwoLevelAttention(TwoLevelAttention):
                  signature: tuple[str, ...],
                  post_dropout: nn.Module | None, tensor_maps: dict[str, TensorMap], owner_class: str,
                  target: str = "", sliding_window: int | None = None,
-                 cache_args: tuple[str, ...] = DEFAULT_CACHE_ARGS, **kwargs: Any) -> None:
+                 cache_args: tuple[str, ...] = DEFAULT_CACHE_ARGS, sinks: bool = False, **kwargs: Any) -> None:
         super().__init__(hidden_size, spec, axes, **kwargs)
         self.sequence_mask: torch.Tensor | None = None
         """with ``sequence_parallel``: the (b, s) padding mask of the whole sequence (None: none), set by
@@ -61,6 +64,29 @@ class HFTwoLevelAttention(TwoLevelAttention):
         self.signature, self.post_dropout, self.tensor_maps = signature, post_dropout, tensor_maps
         self.owner_class, self.target, self.sliding_window = owner_class, target, sliding_window
         self.cache_args = cache_args
+        self.sinks = None
+        if sinks:
+            weight = self.q_proj.weight
+            self.sinks = nn.Parameter(torch.zeros(self.part.local_heads, device=weight.device, dtype=weight.dtype))
+            tag_parallel(self.sinks, sharded=self.axes.j == 0, partition_dim=0)  # replicated over segments
+
+    def shard_index(self, tp_rank: int | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+        """:meth:`TwoLevelAttention.shard_index`, plus the sinks of this head group's query heads."""
+        out = super().shard_index(tp_rank)
+        if self.sinks is not None:
+            i = self.axes.i if tp_rank is None else tp_rank // self.axes.m
+            out["sinks"] = (torch.tensor(list(self.part.q_heads(i))), 0)
+        return out
+
+    def attention_call(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kv_cache: Any,
+                       kv_len: int | None = None):
+        """The layer's :class:`AttentionCall`, marked ``sinks`` when it has them (fused strategies refuse)."""
+        call = super().attention_call(hidden_states, attention_mask, kv_cache, kv_len)
+        return call if self.sinks is None else dataclasses.replace(call, sinks=True)
+
+    def _context(self, call: Any, store: Any, key: int | None) -> Any:
+        ctx = super()._context(call, store, key)
+        return ctx if self.sinks is None else dataclasses.replace(ctx, sinks=self.sinks)
 
     def bound_cache(self, bound: dict[str, Any]) -> Any:
         """The KV cache among the bound forward arguments (the first of ``cache_args`` not None), or None."""
@@ -89,6 +115,8 @@ class HFTwoLevelAttention(TwoLevelAttention):
             raise ValueError(f"{self.owner_class}: attention_mask of type {type(mask).__name__} is not supported; "
                              f"use attn_implementation='sdpa' or 'eager'")
         rope = bound.get("position_embeddings") if self.spec.rot_dim else None
+        if rope is not None and self.spec.rope_style == "half" and rope[0].shape[-1] * 2 == self.spec.rot_dim:
+            rope = tuple(torch.cat((t, t), dim=-1) for t in rope)  # GPT-OSS passes the r/2 frequencies once
         if mask is None and self.sliding_window is not None:
             self._check_window(bound.get("hidden_states", hidden_states).shape[1], cache)
         out = TwoLevelAttention.forward(self, hidden_states, position_embeddings=rope, attention_mask=mask,

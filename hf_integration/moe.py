@@ -33,25 +33,33 @@ from hf_integration.weights import StateDictReader, TensorMap, check_tensor_shap
 
 EXPECTED_FLAGS = {"is_transposed": False, "is_concatenated": True, "has_bias": False, "has_gate": True,
                   "has_post_expert_norm": False}
-"""Layout flags of transformers' experts modules this integration partitions (Mixtral's)."""
+"""Layout flags of transformers' experts modules for the default MoELayout (Mixtral's); :func:`expected_flags`
+gives a layout's own."""
+
+
+def expected_flags(lay: MoELayout) -> dict[str, bool]:
+    """The transformers experts flags the layout ``lay`` describes (transposed, packing, biases)."""
+    return dict(EXPECTED_FLAGS, is_transposed=lay.transposed, is_concatenated=lay.packing == "concat",
+                has_bias=lay.bias)
 
 
 def experts_plan(owner: nn.Module, config: Any, lay: MoELayout, *, where: str) -> dict[str, Any]:
     """Validated constructor options of the partitioned experts of one MoE block (nothing touched)."""
     experts = get_path(owner, lay.target)
-    for flag, want in EXPECTED_FLAGS.items():
+    for flag, want in expected_flags(lay).items():
         if getattr(experts, flag, want) != want:
             raise ValueError(f"{where}.{lay.target} ({type(experts).__name__}): {flag}={getattr(experts, flag)!r}, "
-                             f"the MoELayout partitions {flag}={want!r} only (Mixtral's fused layout)")
+                             f"the MoELayout says {flag}={want!r} (MoELayout.transposed / packing / bias)")
     num = int(getattr(config, lay.num_experts_attr))
-    maps = moe_tensor_maps(lay, config.hidden_size, config.intermediate_size, num)
+    inter = int(getattr(config, lay.intermediate_attr))
+    maps = moe_tensor_maps(lay, config.hidden_size, inter, num)
     check_tensor_shapes(maps, StateDictReader(dict(owner.state_dict(keep_vars=True))), where=where)
     left = unplaced_parameters(owner, maps, lay.target, lay.identity)
     if left:
         raise ValueError(f"{where} ({type(owner).__name__}): parameters {', '.join(left)} are not described by the "
                          f"MoELayout, so a partitioned layer would drop them; fix the spec")
-    return dict(intermediate_size=config.intermediate_size, num_experts=num, experts=experts, tensor_maps=maps,
-                owner_class=type(owner).__name__, target=lay.target, act_fn=get_path(owner, lay.act))
+    return dict(intermediate_size=inter, num_experts=num, experts=experts, tensor_maps=maps,
+                owner_class=type(owner).__name__, target=lay.target, act_fn=None if lay.act is None else get_path(owner, lay.act), layout=lay)
 
 
 class HFTwoLevelExperts(nn.Module):
@@ -63,8 +71,8 @@ class HFTwoLevelExperts(nn.Module):
 
     def __init__(self, hidden_size: int, *, tp: AxisGroup, intermediate_size: int, num_experts: int,
                  experts: nn.Module, tensor_maps: dict[str, TensorMap], owner_class: str, target: str,
-                 act_fn: Any, reduce_dtype: Any = torch.float32, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 act_fn: Any, layout: MoELayout = MoELayout(owner=""), reduce_dtype: Any = torch.float32,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.reduce_dtype = check_reduce_dtype(reduce_dtype)  # the output (and input-gradient) all-reduce
         tp = replace(tp, reduce_dtype=self.reduce_dtype)
@@ -73,13 +81,20 @@ class HFTwoLevelExperts(nn.Module):
         self.hidden_dim, self.intermediate_dim, self.num_experts = hidden_size, stop - start, num_experts
         self.tensor_maps, self.owner_class, self.target, self.act_fn = tensor_maps, owner_class, target, act_fn
         kw = {"device": device, "dtype": dtype}
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * (stop - start), hidden_size, **kw))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, stop - start, **kw))
-        tag_parallel(self.gate_up_proj, sharded=True, partition_dim=1)
-        tag_parallel(self.down_proj, sharded=True, partition_dim=2)
-        # what the HF experts functions read from ``self`` (transformers.integrations.moe)
+        self.layout, local = layout, stop - start
+        for name, tmap in tensor_maps.items():  # this rank's slice of each (dense-shaped) expert tensor
+            shape = list(tmap.hf_shape)
+            if tmap.core_dim is not None:
+                shape[tmap.core_dim] = shape[tmap.core_dim] // intermediate_size * local
+            setattr(self, name, nn.Parameter(torch.empty(*shape, **kw)))
+            tag_parallel(getattr(self, name), sharded=tmap.core_dim is not None, partition_dim=tmap.core_dim)
+        # what the HF experts functions read from ``self`` (transformers.integrations.moe), and the
+        # scalars its gate reads (GPT-OSS: alpha, limit)
         self.config = experts.config
-        for flag, value in EXPECTED_FLAGS.items():
+        for name, value in vars(experts).items():
+            if isinstance(value, (bool, int, float)) and not name.startswith("_") and not hasattr(self, name):
+                setattr(self, name, value)
+        for flag, value in expected_flags(layout).items():
             setattr(self, flag, value)
         compat.hf_experts_not_expert_parallel(self)
         # act(gate) * up of the [gate | up] halves; forward dispatches on config._experts_implementation
@@ -89,11 +104,19 @@ class HFTwoLevelExperts(nn.Module):
         """Dense tensor name -> (index, dim) of this rank's slice: [gate f | up I + f] rows, f columns."""
         rank = self.tp.rank if tp_rank is None else tp_rank
         feats = torch.arange(*even_chunk(self.intermediate_size, self.tp.size, rank))
-        return {"gate_up_proj": (torch.cat([feats, feats + self.intermediate_size]), 1), "down_proj": (feats, 2)}
+        if self.layout.packing == "interleaved":  # [g0 u0 g1 u1 ...]: each feature's gate/up pair stays together
+            gate_up = torch.stack([2 * feats, 2 * feats + 1], dim=-1).flatten()
+        else:  # [gate: I | up: I]
+            gate_up = torch.cat([feats, feats + self.intermediate_size])
+        maps = self.tensor_maps
+        out = {"gate_up_proj": (gate_up, maps["gate_up_proj"].core_dim), "down_proj": (feats, maps["down_proj"].core_dim)}
+        if "gate_up_proj_bias" in maps:
+            out["gate_up_proj_bias"] = (gate_up, 1)
+        return out
 
     def replicated_tensors(self) -> dict[str, str]:
-        """Core name -> attribute of tensors every rank holds whole (none)."""
-        return {}
+        """Core name -> attribute of tensors every rank holds whole (the down bias, if any)."""
+        return {"down_proj_bias": "down_proj_bias"} if "down_proj_bias" in self.tensor_maps else {}
 
     def dense_numel(self) -> int:
         """Parameters of the dense experts this partition came from."""
@@ -116,5 +139,20 @@ class HFTwoLevelExperts(nn.Module):
             return scatter_sequence(partial, self.tp, "moe_out", dim=0)  # (this rank's tokens, H)
         x = copy_to_axis(hidden_states, self.tp, "moe_in")
         weights = copy_to_axis(top_k_weights, self.tp, "moe_weights")  # router gradient: sum over ranks
-        partial = self._hf_forward(self, x, top_k_index, weights)  # (tokens, H): this rank's features only
+        experts: Any = self
+        if "down_proj_bias" in self.tensor_maps:  # added once over the ranks: rank 0's copy, the others' zeroed
+            bias = copy_to_axis(self.down_proj_bias, self.tp, "moe_down_bias")  # gradient: summed over ranks
+            experts = _WithDownBias(self, bias if self.tp.rank == 0 else bias * 0)  # in the graph on every rank
+        partial = self._hf_forward(experts, x, top_k_index, weights)  # (tokens, H): this rank's features only
         return reduce_from_axis(partial, self.tp, "moe_out")
+
+
+class _WithDownBias:
+    """The experts module as HF's experts functions read it, with ``down_proj_bias`` replaced (rank 0: the
+    bias, other ranks: zeros, so the all-reduce adds it once)."""
+
+    def __init__(self, experts: HFTwoLevelExperts, down_proj_bias: torch.Tensor) -> None:
+        self._experts, self.down_proj_bias = experts, down_proj_bias
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._experts, name)

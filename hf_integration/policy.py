@@ -7,6 +7,7 @@ handed to DeepSpeed as well as applied by :func:`patch_model`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -94,10 +95,24 @@ def check_model_layout(model: nn.Module, arch: ArchSpec, n: int, m: int, *, kv_r
         raise ValueError(f"{spec.name}: per-head fused QKV needs num_kv_heads == num_heads, got "
                          f"{spec.num_kv_heads} and {spec.num_heads}")
     check_partition(spec, n, m, kv_replication=kv_replication)
-    inter = intermediate_size(config)
-    if inter % (n * m):
-        raise ValueError(f"{spec.name}: intermediate_size ({inter}) is not divisible by n*m = {n}*{m} = {n * m} "
-                         f"MLP ranks; layouts that fit this model: {fitting_layouts(spec, inter, kv_replication)}")
+    for attr, inter in mlp_widths(config, arch).items():
+        if inter % (n * m):
+            raise ValueError(f"{spec.name}: {attr} ({inter}) is not divisible by n*m = {n}*{m} = {n * m} "
+                             f"MLP ranks; layouts that fit this model: {fitting_layouts(spec, inter, kv_replication)}")
+
+
+def mlp_widths(config: Any, arch: ArchSpec) -> dict[str, int]:
+    """Config attribute -> every MLP width the config states (the dense MLP's, each expert's); a width
+    read from a module (``MLPLayout.width``) is checked per layer by :func:`check_layers`."""
+    widths: dict[str, int] = {}
+    for lay in arch.mlp_layouts:
+        if isinstance(lay, MoELayout):
+            widths[lay.intermediate_attr] = int(getattr(config, lay.intermediate_attr))
+        elif lay.width is None:
+            widths["intermediate_size"] = intermediate_size(config)
+        elif lay.width.startswith("config."):
+            widths[lay.width[len("config."):]] = int(getattr(config, lay.width[len("config."):]))
+    return widths
 
 
 def fitting_layouts(spec: AttentionSpec, inter: int, kv_replication: bool, max_devices: int = 16) -> str:
@@ -128,7 +143,7 @@ def find_owners(model: nn.Module, arch: ArchSpec) -> tuple[list[str], list[str],
         if name == arch.attention.owner:
             (refused if _unreplaceable(module) else attn).append(path)
             covered.append(path + ".")
-        elif name == arch.mlp.owner:
+        elif any(name == lay.owner for lay in arch.mlp_layouts):
             mlp.append(path)
     # safety net for strict mode: an attention module the spec does not cover (e.g. a second kind
     # of attention in a multimodal model) must not be left dense silently
@@ -140,14 +155,19 @@ def find_owners(model: nn.Module, arch: ArchSpec) -> tuple[list[str], list[str],
 
 
 # -- replacement functions ----------------------------------------------------------------------
-def check_layers(model: nn.Module, arch: ArchSpec, attn_paths: list[str], mlp_paths: list[str]) -> None:
+def check_layers(model: nn.Module, arch: ArchSpec, attn_paths: list[str], mlp_paths: list[str],
+                 ranks: int = 1) -> None:
     """Every layer agrees with the spec (tensor shapes, unplaced parameters, biases, the attributes it
-    reads), checked on all of them before anything is replaced: ValueError naming the module path."""
+    reads, an MLP width that ``ranks`` = n*m divides), checked on all of them before anything is
+    replaced: ValueError naming the module path."""
     spec = attention_spec(model, arch)
     for path in attn_paths:
         attention_plan(model.get_submodule(path), model.config, arch, spec, where=path)
     for path in mlp_paths:
-        mlp_plan(model.get_submodule(path), model.config, arch, where=path)
+        inter = mlp_plan(model.get_submodule(path), model.config, arch, where=path)["intermediate_size"]
+        if inter % ranks:
+            raise ValueError(f"{path} ({type(model.get_submodule(path)).__name__}): intermediate size {inter} is not "
+                             f"divisible by n*m = {ranks} MLP ranks; choose n*m dividing {inter}")
 
 
 def _check_bias(owner: nn.Module, path: str, expected: bool, what: str, where: str) -> None:
@@ -198,7 +218,7 @@ def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attentio
     lay = arch.attention
     qkv_bias, o_bias = arch.flag(config, arch.qkv_bias), arch.flag(config, arch.o_bias)
     maps = attention_tensor_maps(lay, spec, config.hidden_size, qkv_bias=qkv_bias, o_bias=o_bias,
-                                 qk_norm=lay.q_norm is not None)
+                                 qk_norm=lay.q_norm is not None, sinks=lay.sinks is not None)
     _check_placed(owner, maps, lay.target, lay.identity, where)
     _check_bias(owner, lay.fused or lay.q, qkv_bias, "qkv", where)
     _check_bias(owner, lay.o, o_bias, "output", where)
@@ -209,13 +229,14 @@ def attention_plan(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attentio
 
     softcap, window = read(lay.softcap, "softcap"), read(lay.sliding_window, "sliding_window")
     return dict(
+        rope=lay.use_rope is None or bool(read(lay.use_rope, "use_rope")),
         signature=lay.signature, post_dropout=read(lay.post_dropout, "post_dropout"), tensor_maps=maps,
         owner_class=type(owner).__name__, target=lay.target, qkv_bias=qkv_bias, o_bias=o_bias,
         qk_norm=_qk_norm(owner, lay, where), softcap=None if softcap is None else float(softcap),
         sliding_window=None if window is None else int(window), causal=arch.causal,
         dropout=float(read(lay.attention_dropout, "attention_dropout") or 0.0),
         scaling=float(read(lay.scaling, "scaling")), layer_idx=int(read(lay.layer_idx, "layer_idx") or 0),
-        cache_args=lay.cache_args,
+        cache_args=lay.cache_args, sinks=lay.sinks is not None,
     )
 
 
@@ -224,6 +245,8 @@ def build_attention(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attenti
                     hardware: Any = None, reduce_dtype: Any = torch.float32) -> HFTwoLevelAttention:
     """This rank's partition of one HF attention module (its weights sliced unless on meta)."""
     plan = attention_plan(owner, config, arch, spec, where=where or type(owner).__name__)
+    if not plan.pop("rope"):  # a NoPE layer (SmolLM3's no_rope_layers): its dims need no RoPE pairing
+        spec = dataclasses.replace(spec, rope_style="none", rotary_dim=None)
     weight = get_path(owner, arch.attention.fused or arch.attention.q).weight
     layer = HFTwoLevelAttention(config.hidden_size, spec, mesh, strategy=strategy, kv_replication=kv_replication,
                                 hardware=hardware, reduce_dtype=reduce_dtype, device=weight.device, dtype=weight.dtype,
@@ -236,11 +259,12 @@ def build_attention(owner: nn.Module, config: Any, arch: ArchSpec, spec: Attenti
 
 def mlp_plan(owner: nn.Module, config: Any, arch: ArchSpec, *, where: str) -> dict[str, Any]:
     """Validated constructor options of one HF MLP's (or MoE block's) partitioned layer."""
-    lay = arch.mlp
+    lay = arch.mlp_layout(type(owner).__name__)
     if isinstance(lay, MoELayout):
         return experts_plan(owner, config, lay, where=where)
     bias = arch.flag(config, arch.mlp_bias)
-    inter = intermediate_size(config)
+    inter = intermediate_size(config) if lay.width is None else int(
+        read_attribute(owner, config, lay.width, field_name="MLPLayout.width", where=where))
     maps = mlp_tensor_maps(lay, config.hidden_size, inter, bias=bias)
     _check_placed(owner, maps, lay.target, lay.identity, where)
     _check_bias(owner, lay.up or lay.gate_up, bias, "MLP", where)
@@ -260,7 +284,7 @@ def build_mlp(owner: nn.Module, config: Any, arch: ArchSpec, mesh: TwoLevelMesh,
     plan = mlp_plan(owner, config, arch, where=where or type(owner).__name__)
     maps = plan["tensor_maps"]
     weight = get_path(owner, next(iter(maps.values())).key)
-    cls = HFTwoLevelExperts if isinstance(arch.mlp, MoELayout) else HFTwoLevelMLP
+    cls = HFTwoLevelExperts if isinstance(arch.mlp_layout(type(owner).__name__), MoELayout) else HFTwoLevelMLP
     layer = cls(config.hidden_size, tp=mesh.axes.tp, reduce_dtype=reduce_dtype, device=weight.device,
                 dtype=weight.dtype, **plan)
     if not weight.is_meta:
@@ -302,13 +326,15 @@ def injection_policy(model: nn.Module, mesh: TwoLevelMesh, *, strategy: str = re
     def replace_mlp(child: nn.Module, _policy: Any = None, layer_id: int = 0, *, prefix: str = "",
                     state_dict: Any = None) -> nn.Module:
         layer = build_mlp(child, config, arch, mesh, where=prefix or None, reduce_dtype=reduce_dtype)
-        return _install(child, arch.mlp.target, arch.mlp.identity, layer)
+        lay = arch.mlp_layout(type(child).__name__)
+        return _install(child, lay.target, lay.identity, layer)
 
     policy: dict[type[nn.Module], ReplaceFn] = {}
     if arch.attention.owner in classes:
         policy[classes[arch.attention.owner]] = replace_attention
-    if arch.mlp.owner in classes:
-        policy[classes[arch.mlp.owner]] = replace_mlp
+    for lay in arch.mlp_layouts:
+        if lay.owner in classes:
+            policy[classes[lay.owner]] = replace_mlp
     return policy
 
 
@@ -369,7 +395,7 @@ def _check_modules(model: nn.Module, arch: ArchSpec, mesh: TwoLevelMesh, *, stri
                                 f"{', '.join(supported_architectures())}")
     if not attn_paths:
         _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
-    check_layers(model, arch, attn_paths, mlp_paths)
+    check_layers(model, arch, attn_paths, mlp_paths, ranks=mesh.layout.n * mesh.layout.m)
     if sequence_parallel:
         from hf_integration.sequence_parallel import check_supported
 
@@ -457,10 +483,12 @@ def _replace_and_probe(model: nn.Module, mesh: TwoLevelMesh, arch: ArchSpec, att
     undo: list[Callable[[], None]] = []
     try:
         # MLP owners first: BERT's MLP owner (BertLayer) contains the attention owner
-        _apply(model, mlp_paths, by_name.get(arch.mlp.owner), arch.mlp, undo)
+        kinds = {p: type(model.get_submodule(p)).__name__ for p in mlp_paths + attn_paths}
+        for lay in arch.mlp_layouts:
+            paths = [p for p in mlp_paths if kinds[p] == lay.owner]
+            _apply(model, paths, by_name.get(lay.owner), lay, undo)
         _apply(model, attn_paths, by_name.get(arch.attention.owner), arch.attention, undo)
         if probe:
-            kinds = {p: arch.attention.owner for p in attn_paths} | {p: arch.mlp.owner for p in mlp_paths}
             check_parity(model, records, name=name, kinds=kinds)
     except BaseException:
         _revert(undo)
@@ -534,15 +562,19 @@ def verify(model: nn.Module) -> PatchReport:
 
 
 def dense_copies(model: nn.Module) -> dict[str, nn.Module]:
-    """Deep copies of the first attention and the first MLP module of ``model`` (on the meta device:
-    free), for ``load_partitioned``'s probe; {} for an architecture without a spec."""
+    """Deep copies of every attention and MLP module of ``model`` (on the meta device: free), for
+    ``load_partitioned``'s probe; {} for an architecture without a spec.
+
+    Every layer, not one of each kind: layers of one class can differ in what a spec must say (a NoPE
+    layer, a sliding window, a dense MLP among MoE blocks), and a spec wrong on one layer only must be
+    refused as :func:`patch_model`'s probe refuses it."""
     from hf_integration.specs import SPECS
 
     arch = SPECS.get(getattr(model.config, "model_type", None))
     if arch is None:
         return {}
     attn, mlp, _ = find_owners(model, arch)
-    return {paths[0]: copy.deepcopy(model.get_submodule(paths[0])) for paths in (attn, mlp) if paths}
+    return {path: copy.deepcopy(model.get_submodule(path)) for path in mlp + attn}
 
 
 __all__ = ["PatchReport", "check_layers", "check_model_layout", "dense_leftovers", "injection_policy", "patch_model",

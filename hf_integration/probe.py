@@ -16,12 +16,15 @@ RoPE tables, masks, scaling, soft-cap, norms):
    modules back. An exception on any rank during 1 or 2 reaches every rank as an
    :class:`~ds_twolevel.parallel.agreement.AgreementError`.
 
-``load_partitioned`` never holds a dense layer: it probes the first layer of each kind by gathering
-its slices into a dense copy of the HF module (:func:`probe_loaded`).
+``load_partitioned`` never holds a whole dense model: it probes every layer, one at a time, by gathering
+its slices into a dense copy of the HF module (:func:`probe_loaded`). Every layer, because layers of
+one class can differ in what the spec must describe (SmolLM3's NoPE layers, sliding and full layers,
+dense MLPs among MoE blocks).
 
 Cost: one dense forward of 8 tokens, plus one partitioned forward of every layer (``patch_model``)
-or of the whole model and one gathered dense layer of each kind (``load_partitioned``); memory: the
-recorded (1, 8, H) inputs and outputs of every layer.
+or of the whole model, then every layer gathered and run dense on 8 tokens (``load_partitioned``: the
+gathers move each partitioned weight once, as a dense ``save_pretrained`` does); memory: the recorded
+(1, 8, H) inputs and outputs of every layer, and one gathered dense layer at a time.
 """
 from __future__ import annotations
 
@@ -166,7 +169,7 @@ def refusal(name: str, records: dict[str, LayerIO], errors: list[float], kinds: 
     more = f" and {len(bad) - 3} more layer(s)" if len(bad) > 3 else ""
     return (f"{name}: the parity probe refuses this model, the partitioned layer computes something else than "
             f"the dense module on a {PROBE_TOKENS}-token input: {'; '.join(bad[:3])}{more}. The ArchSpec does not "
-            f"describe this module (check rope_style, norm_style, softcap, scaling); nothing was partitioned. Fix "
+            f"describe this module (check rope_style, use_rope, norm_style, softcap, scaling); nothing was partitioned. Fix "
             f"the spec, or pass probe=False to skip this check")
 
 
@@ -204,9 +207,9 @@ def materialize_copy(copy: nn.Module, live: nn.Module, gathered: dict[str, torch
 
 def probe_loaded(model: nn.Module, copies: dict[str, nn.Module], owners: list[tuple[str, nn.Module]], *,
                  name: str) -> None:
-    """``load_partitioned``'s probe: record the partitioned model's first layer of each kind on the probe
-    ids, gather its slices into ``copies[path]`` (meta copies of the HF modules, made before patching),
-    run the dense copy on the same inputs and refuse on every rank on a mismatch.
+    """``load_partitioned``'s probe: record every partitioned layer on the probe ids, gather its slices
+    into ``copies[path]`` (meta copies of the HF modules, made before patching), run the dense copy on
+    the same inputs and refuse on every rank on a mismatch.
 
     ``owners``: (path of the HF module it replaced, partitioned layer) of every partitioned layer; the
     ones inside a probed module are gathered (collective over each layer's tensor-parallel axis).

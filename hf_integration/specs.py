@@ -9,6 +9,8 @@ Packed QKV layouts (``fused_layout``), as rows of the fused weight (h heads, d d
 
     "concat"   (GPT-2 c_attn, Phi3 qkv_proj): [ q: h*d | k: g*d | v: g*dv ]   feature = block + head*d + t
     "per_head" (GPT-NeoX):      [ q0 k0 v0 | q1 k1 v1 | ... ]  (d each) feature = head*3d + block + t
+    "grouped"  (Falcon, new decoder architecture): per KV group c, its h/g query heads, then k_c, v_c:
+               [ q_0 .. q_{h/g-1} k_0 v_0 | q_{h/g} .. k_1 v_1 | ... ]  (d each)
 
 Packed MLP input (``MLPLayout.gate_up``, Phi3 ``gate_up_proj``; MoE experts ``gate_up_proj``)::
 
@@ -29,7 +31,7 @@ import torch
 from ds_twolevel.costmodel.roofline import ModelConfig
 from ds_twolevel.sharding.partition import AttentionSpec
 
-FusedLayout = Literal["concat", "per_head"]
+FusedLayout = Literal["concat", "per_head", "grouped"]
 BoolOrAttr = bool | str
 DEFAULT_CACHE_ARGS = ("cache", "past_key_values", "layer_past")
 """``AttentionLayout.cache_args`` unless a spec says otherwise."""
@@ -114,6 +116,14 @@ class AttentionLayout:
     arrives through HF's mask; the layer refuses a call without a mask that the window would cut."""
     layer_idx: str = "layer_idx"
     """attribute holding the layer index used with the KV cache."""
+    sinks: str | None = None
+    """parameter of the owner holding one sink logit per query head (GPT-OSS ``sinks``): it joins each
+    row's softmax as an extra key and is dropped after it. Computed by score_allreduce and qk_allgather
+    (explicit scores); seq_rows and kv_shard (fused attention) refuse the call by name."""
+    use_rope: str | None = None
+    """attribute of the owner saying whether this layer rotates q/k (SmolLM3 ``use_rope``, from
+    ``config.no_rope_layers``): a false value builds that layer without RoPE (NoPE). None: every layer
+    rotates as ``rope_style`` says."""
     cache_args: tuple[str, ...] = DEFAULT_CACHE_ARGS
     """names the HF forward's KV-cache argument goes by, positional or keyword (the first one bound
     and not None is the cache; transformers 5.x renames ``past_key_values`` to ``cache``)."""
@@ -153,6 +163,9 @@ class MLPLayout:
     """weights stored (in, out) (GPT-2 Conv1D)."""
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (BERT's BertOutput.dense runs inside the partitioned MLP)."""
+    width: str | None = None
+    """attribute of the owner holding its intermediate size I (Qwen2-MoE's shared expert and dense
+    layers: ``intermediate_size``); None: the config's (``intermediate_size``, GPT-2's ``n_inner``)."""
 
     @property
     def gated(self) -> bool:
@@ -180,8 +193,18 @@ class MoELayout:
     """(E, H, I) down weights."""
     num_experts_attr: str = "num_local_experts"
     """config attribute with E."""
-    act: str = "experts.act_fn"
-    """the experts' activation (reused as is)."""
+    intermediate_attr: str = "intermediate_size"
+    """config attribute with each expert's I (Qwen2-MoE, Qwen3-MoE: ``moe_intermediate_size``)."""
+    transposed: bool = False
+    """experts stored (E, H, 2I) / (E, I, H) (GPT-OSS) rather than (E, 2I, H) / (E, H, I)."""
+    packing: Literal["concat", "interleaved"] = "concat"
+    """gate/up features of ``gate_up``: [gate: I | up: I] (Mixtral) or interleaved [g0 u0 g1 u1 ...] (GPT-OSS)."""
+    bias: bool = False
+    """experts have ``gate_up_proj_bias`` (E, 2I), sliced like gate_up, and ``down_proj_bias`` (E, H), added
+    once (on tensor-parallel rank 0) before the all-reduce (GPT-OSS)."""
+    act: str | None = "experts.act_fn"
+    """the experts' activation (reused as is); None where the experts' own gate computes it (GPT-OSS's
+    clamped SwiGLU ``_apply_gate`` runs as is on each rank's [gate, up] pairs)."""
     identity: tuple[str, ...] = ()
     """modules made nn.Identity (none for Mixtral)."""
 
@@ -201,8 +224,9 @@ class ArchSpec:
     """``config.model_type``."""
     attention: AttentionLayout
     mlp: MLPLayout | MoELayout
-    rope_style: Literal["none", "half", "interleaved"] = "half"
-    """RoPE pairing; partial rotary comes from ``rope_parameters["partial_rotary_factor"]``."""
+    rope_style: Literal["none", "half", "interleaved", "interleaved_half"] = "half"
+    """RoPE pairing and cos/sin table layout (:class:`~ds_twolevel.sharding.partition.AttentionSpec`);
+    partial rotary comes from ``rope_parameters["partial_rotary_factor"]``."""
     num_kv_heads_attr: str | None = "num_key_value_heads"
     """config attribute with g (None: MHA, g = h)."""
     qkv_bias: BoolOrAttr = False
@@ -217,6 +241,18 @@ class ArchSpec:
     """(config attribute, value or :class:`Predicate`) pairs this integration refuses (e.g. BERT as a
     decoder, ``("use_qk_norm", TRUTHY)``)."""
     notes: str = ""
+    dense_mlp: MLPLayout | None = None
+    """a second MLP kind of an MoE model: its dense layers (``mlp_only_layers``) and shared experts
+    (Qwen2-MoE ``shared_expert``; its sigmoid gate stays replicated in the MoE block)."""
+
+    @property
+    def mlp_layouts(self) -> tuple[MLPLayout | MoELayout, ...]:
+        """Every MLP kind of the architecture (``mlp``, then ``dense_mlp``)."""
+        return (self.mlp,) if self.dense_mlp is None else (self.mlp, self.dense_mlp)
+
+    def mlp_layout(self, owner_class: str) -> MLPLayout | MoELayout:
+        """The MLP layout whose owner is ``owner_class``."""
+        return next(lay for lay in self.mlp_layouts if lay.owner == owner_class)
 
     # -- derived from a config -----------------------------------------------------------------
     def head_dim(self, config: Any) -> int:
@@ -267,7 +303,7 @@ def _llama_like(model_type: str, prefix: str, *, qkv_bias: BoolOrAttr = "attenti
     ``spec_fields``: ArchSpec fields (rope_style, unsupported, ...) and AttentionLayout fields
     (softcap, sliding_window, ...), told apart by name.
     """
-    layout_keys = {"softcap", "sliding_window", "o", "signature"}
+    layout_keys = {"softcap", "sliding_window", "o", "signature", "use_rope", "sinks"}
     layout_kw = {k: spec_fields.pop(k) for k in list(spec_fields) if k in layout_keys}
     attention = AttentionLayout(
         owner=f"{prefix}Attention", signature=layout_kw.pop("signature", LLAMA_SIGNATURE),
@@ -313,6 +349,48 @@ SPECS: dict[str, ArchSpec] = {
     "cohere": _llama_like("cohere", "Cohere", mlp_bias=False, rope_style="interleaved",
                           unsupported=(("use_qk_norm", TRUTHY),),
                           notes="interleaved RoPE; parallel attention + MLP residual (outside the layers)"),
+    "starcoder2": ArchSpec(
+        "starcoder2",
+        AttentionLayout(owner="Starcoder2Attention", signature=LLAMA_SIGNATURE, sliding_window="config.sliding_window"),
+        MLPLayout(owner="Starcoder2MLP", up="c_fc", down="c_proj", act="act"),
+        qkv_bias="use_bias", o_bias="use_bias", mlp_bias="use_bias", unsupported=(("residual_dropout", TRUTHY),),
+        notes="GQA, biases (use_bias), plain GELU MLP; residual dropout refused (applied inside HF's modules)",
+    ),
+    "olmo3": _llama_like("olmo3", "Olmo3", mlp_bias=False, qk_norm=True, norm_style=OLMO2_NORM,
+                         sliding_window="sliding_window",
+                         notes="OLMo2's projection-wide q/k norms; sliding and full layers through HF's masks"),
+    "smollm3": _llama_like("smollm3", "SmolLM3", use_rope="use_rope", sliding_window="sliding_window",
+                           notes="per-layer NoPE (no_rope_layers): those layers are built without RoPE"),
+    "glm4": _llama_like("glm4", "Glm4", o_bias=False, mlp_bias=False, rope_style="interleaved_half",
+                        mlp=MLPLayout(owner="Glm4MLP", up=None, gate_up="gate_up_proj", down="down_proj",
+                                      act="activation_fn"),
+                        notes="interleaved RoPE from a half-layout table, partial rotary (0.5); fused gate_up; "
+                              "post-attention/post-MLP norms stay replicated"),
+    "helium": _llama_like("helium", "Helium", o_bias=False, rope_style="interleaved_half",
+                          notes="interleaved RoPE from a half-layout table"),
+    "qwen2_moe": _llama_like(
+        "qwen2_moe", "Qwen2Moe", qkv_bias="qkv_bias", o_bias=False, mlp_bias=False,
+        mlp=MoELayout(owner="Qwen2MoeSparseMoeBlock", num_experts_attr="num_experts",
+                      intermediate_attr="moe_intermediate_size"),
+        dense_mlp=MLPLayout(owner="Qwen2MoeMLP", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn",
+                            width="intermediate_size"),
+        unsupported=(("use_sliding_window", TRUTHY),),
+        notes="MoE (experts of moe_intermediate_size) with a shared expert split like a dense MLP and its sigmoid "
+              "gate replicated; mlp_only_layers dense"),
+    "qwen3_moe": _llama_like(
+        "qwen3_moe", "Qwen3Moe", mlp_bias=False, qk_norm=True, sliding_window="sliding_window",
+        mlp=MoELayout(owner="Qwen3MoeSparseMoeBlock", num_experts_attr="num_experts",
+                      intermediate_attr="moe_intermediate_size"),
+        dense_mlp=MLPLayout(owner="Qwen3MoeMLP", gate="gate_proj", up="up_proj", down="down_proj", act="act_fn",
+                            width="intermediate_size"),
+        notes="MoE (experts of moe_intermediate_size), per-head q/k norms; mlp_only_layers dense"),
+    "gpt_oss": _llama_like(
+        "gpt_oss", "GptOss", mlp_bias=False, sinks="sinks", sliding_window="sliding_window",
+        mlp=MoELayout(owner="GptOssMLP", num_experts_attr="num_local_experts", act=None, transposed=True,
+                      packing="interleaved", bias=True),
+        notes="attention sinks (a logit per head, split with the head groups; score_allreduce and qk_allgather, "
+              "fused strategies refuse); experts stored transposed with interleaved gate_up, biases and HF's "
+              "clamped SwiGLU; RoPE table of r/2 frequencies; sliding and full layers"),
     "phi3": ArchSpec(
         "phi3",
         AttentionLayout(owner="Phi3Attention", q=None, k=None, v=None, fused="qkv_proj", fused_layout="concat",
@@ -356,6 +434,20 @@ SPECS: dict[str, ArchSpec] = {
         num_kv_heads_attr=None, qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=True,
         notes="per-head interleaved fused QKV; partial rotary (rotary_pct)",
     ),
+    "falcon": ArchSpec(
+        "falcon",
+        AttentionLayout(owner="FalconAttention", q=None, k=None, v=None, fused="query_key_value",
+                        fused_layout="grouped", o="dense", scaling="inv_norm_factor",
+                        signature=("alibi", "attention_mask", "position_ids", "layer_past", "use_cache",
+                                   "output_attentions", "position_embeddings")),
+        MLPLayout(owner="FalconMLP", up="dense_h_to_4h", down="dense_4h_to_h", act="act",
+                  width="config.ffn_hidden_size"),
+        num_kv_heads_attr="num_kv_heads", qkv_bias="bias", o_bias="bias", mlp_bias="bias",
+        unsupported=(("new_decoder_architecture", False), ("alibi", TRUTHY), ("attention_dropout", TRUTHY)),
+        notes="new decoder architecture: fused QKV packed per KV group [q x h/g | k | v] (GQA); MLP width "
+              "ffn_hidden_size; ALiBi and the older packings refused; attention_dropout refused (HF's rotary path "
+              "applies none)",
+    ),
     "bert": ArchSpec(
         "bert",
         AttentionLayout(owner="BertAttention", target="self", q="self.query", k="self.key", v="self.value",
@@ -388,9 +480,9 @@ def spec_for(config: Any, *, model_name: str | None = None) -> ArchSpec:
     return SPECS[model_type]
 
 
-COST_MODEL_FAMILIES: dict[str, str] = {"qwen3": "qwen3", "olmo2": "olmo2", "olmo3": "olmo2", "gemma3": "gemma3_text"}
+COST_MODEL_FAMILIES: dict[str, str] = {"qwen3": "qwen3", "olmo2": "olmo2", "olmo3": "olmo3", "gemma3": "gemma3_text"}
 """model_type prefix -> the spec whose cost-model facts a variant without a spec of its own shares
-(qwen3_moe, olmo3, the multimodal gemma3 config)."""
+(qwen3_next, the multimodal gemma3 config)."""
 COST_MODEL_ONLY: dict[str, dict[str, Any]] = {"opt": dict(gated=False, rope_style="none"), "gptj": dict(gated=False)}
 """cost-model facts of architectures without a spec (the planner models them; ``patch_model`` refuses them)."""
 
@@ -421,7 +513,14 @@ def cost_model_config(config: Any, name: str = "model") -> ModelConfig:
         >>> cost_model_config({"model_type": "qwen3", "hidden_size": 1024, "num_attention_heads": 16}).qk_norm
         True
     """
-    data = config if isinstance(config, dict) else config.to_dict()
+    data = dict(config if isinstance(config, dict) else config.to_dict())
+    spec = SPECS.get(str(data.get("model_type") or ""))
+    if spec is not None:  # shapes under the spec's own names (Falcon: num_kv_heads, ffn_hidden_size)
+        if spec.num_kv_heads_attr and data.get(spec.num_kv_heads_attr) is not None:
+            data.setdefault("num_key_value_heads", data[spec.num_kv_heads_attr])
+        width = getattr(spec.mlp, "width", None) or ""
+        if width.startswith("config.") and data.get(width[len("config."):]) is not None:
+            data["intermediate_size"] = data[width[len("config."):]]
     return ModelConfig.from_hf_config(data, name, **_facts_for(str(data.get("model_type") or "")))
 
 

@@ -61,6 +61,14 @@ def fused_feature_map(layout: str, kind: str, spec: AttentionSpec) -> torch.Tens
     feat = torch.arange(width)
     if layout == "concat":  # [q | k | v]
         return feat + {"q": 0, "k": h * d, "v": h * d + g * d}[kind]
+    if layout == "grouped":  # [q_{c*h/g} .. q_{(c+1)*h/g - 1} k_c v_c] per KV group c (Falcon)
+        per = h // g  # query heads per KV group
+        group_rows = (per + 2) * d  # assumes dv == d (Falcon)
+        if kind == "q":
+            head, t = feat // d, feat % d
+            return (head // per) * group_rows + (head % per) * d + t
+        group, t = feat // d, feat % d
+        return group * group_rows + (per if kind == "k" else per + 1) * d + t
     assert layout == "per_head" and g == h, "per_head packing needs g == h (checked in validation)"
     size = d if kind != "v" else dv
     head, t = feat // size, feat % size
@@ -72,7 +80,7 @@ def _weight_shape(out_features: int, in_features: int, conv1d: bool) -> tuple[in
 
 
 def attention_tensor_maps(layout: AttentionLayout, spec: AttentionSpec, hidden: int, *, qkv_bias: bool,
-                          o_bias: bool, qk_norm: bool) -> dict[str, TensorMap]:
+                          o_bias: bool, qk_norm: bool, sinks: bool = False) -> dict[str, TensorMap]:
     """Core name -> TensorMap for one attention layer."""
     h, g, d, dv, c = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dv, layout.conv1d
     widths = {"q": h * d, "k": g * d, "v": g * dv}
@@ -90,6 +98,8 @@ def attention_tensor_maps(layout: AttentionLayout, spec: AttentionSpec, hidden: 
                                       field="AttentionLayout.o")
     if o_bias:
         maps["o_bias"] = TensorMap(f"{layout.o}.bias", (hidden,), None, field="AttentionLayout.o, o_bias")
+    if sinks:  # one logit per query head, sliced with the head groups
+        maps["sinks"] = TensorMap(layout.sinks, (h,), 0, field="AttentionLayout.sinks")
     if qk_norm:
         whole = layout.norm_style.scope == "projection"  # one weight per feature of the projection
         scope = f"norm_style.scope={layout.norm_style.scope!r}"
@@ -128,12 +138,20 @@ def mlp_tensor_maps(layout: MLPLayout, hidden: int, intermediate: int, *, bias: 
 
 
 def moe_tensor_maps(layout: MoELayout, hidden: int, intermediate: int, experts: int) -> dict[str, TensorMap]:
-    """Core name -> TensorMap for a fused-experts block: (E, 2I, H) gate_up, (E, H, I) down, sliced
-    along the intermediate dim of every expert (the core names are the HF attribute names)."""
-    return {
-        "gate_up_proj": TensorMap(layout.gate_up, (experts, 2 * intermediate, hidden), 1, field="MoELayout.gate_up"),
-        "down_proj": TensorMap(layout.down, (experts, hidden, intermediate), 2, field="MoELayout.down"),
-    }
+    """Core name -> TensorMap for a fused-experts block: (E, 2I, H) gate_up, (E, H, I) down (or, transposed,
+    (E, H, 2I) and (E, I, H)), sliced along the intermediate dim of every expert; with biases, (E, 2I)
+    gate_up bias sliced likewise and (E, H) down bias replicated (the core names are the HF attribute names)."""
+    if layout.transposed:
+        gate_up, up_dim, down, down_dim = (experts, hidden, 2 * intermediate), 2, (experts, intermediate, hidden), 1
+    else:
+        gate_up, up_dim, down, down_dim = (experts, 2 * intermediate, hidden), 1, (experts, hidden, intermediate), 2
+    maps = {"gate_up_proj": TensorMap(layout.gate_up, gate_up, up_dim, field="MoELayout.gate_up"),
+            "down_proj": TensorMap(layout.down, down, down_dim, field="MoELayout.down")}
+    if layout.bias:
+        maps["gate_up_proj_bias"] = TensorMap(f"{layout.gate_up}_bias", (experts, 2 * intermediate), 1,
+                                              field="MoELayout.bias")
+        maps["down_proj_bias"] = TensorMap(f"{layout.down}_bias", (experts, hidden), None, field="MoELayout.bias")
+    return maps
 
 
 def dense_numel(maps: dict[str, TensorMap]) -> int:

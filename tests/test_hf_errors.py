@@ -285,3 +285,13 @@ def test_sliding_window_without_a_mask_is_refused():
     rope = model.model.rotary_emb(x, torch.arange(12).unsqueeze(0))
     with pytest.raises(ValueError, match=r"sliding window 10 < 12 keys but no attention mask"):
         model.model.layers[0].self_attn(x, position_embeddings=rope, attention_mask=None)
+
+
+@pytest.mark.parametrize("strategy", ["seq_rows"])
+def test_attention_sinks_are_refused_by_fused_strategies(strategy):
+    """GPT-OSS's sinks join the softmax: a fused strategy cannot add them and refuses the call by name
+    (here in the parity probe's first partitioned forward), leaving the model as it was."""
+    model = tiny_model("gpt_oss")
+    with pytest.raises(ValueError, match=f"{strategy} runs fused attention, which has no attention sinks"):
+        patch_model(model, TwoLevelLayout(n=1, m=1).build(), strategy=strategy)
+    assert type(model.model.layers[0].self_attn).__name__ == "GptOssAttention"

@@ -28,7 +28,7 @@ LAYOUTS = [
     ("n2_m4", dict(n=2, m=4, dp=1), "score_allreduce", False),
     ("n4_m2_kvrep", dict(n=4, m=2, dp=1), "qk_allgather", True),
 ]
-SHARDED = ("llama", "gpt2", "bert", "mixtral")
+SHARDED = ("llama", "gpt2", "bert", "mixtral", "qwen2_moe")
 """architectures whose round trip starts from a sharded checkpoint (model.safetensors.index.json)."""
 EXTRA = [  # (case, arch, layout, strategy, overrides)
     ("llama_eager_n2_m4", "llama", dict(n=2, m=4, dp=1), "auto", dict(attn_implementation="eager")),
@@ -100,17 +100,79 @@ def _bad_layout() -> str:
     return "no error"
 
 
+def _spec_less_model(arch: str) -> torch.nn.Module:
+    """A tiny seeded model of an architecture with no ArchSpec (GPT-J, OPT)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if arch == "gptj":
+        config = transformers.GPTJConfig(vocab_size=96, n_embd=64, n_head=4, n_layer=2, rotary_dim=8, n_positions=64,
+                                         bos_token_id=None, eos_token_id=None)
+    else:
+        config = transformers.OPTConfig(vocab_size=96, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                        ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64,
+                                        pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+NO_SPEC = ("gptj", "opt")
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all_single",
+                "barrier", "broadcast", "broadcast_object_list", "reduce_scatter_tensor", "send", "recv")
+
+
+def _refused_without_spec(arch: str, mesh) -> dict:
+    """patch_model(strict=True) on an architecture with no spec: every call into torch.distributed during the
+    call is counted (zero expected), and the model must be left as it was."""
+    import torch.distributed.distributed_c10d as c10d
+
+    model = _spec_less_model(arch)
+    ids = torch.randint(1, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    calls: list[str] = []
+
+    def counting(name: str, fn):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return call
+
+    originals = [(ns, name, getattr(ns, name)) for ns in (dist, c10d) for name in _COLLECTIVES if hasattr(ns, name)]
+    for ns, name, fn in originals:
+        setattr(ns, name, counting(name, fn))
+    try:
+        patch_model(model, mesh, strict=True)
+        message = "not refused"
+    except ValueError as err:
+        message = f"{type(err).__name__}: {err}"
+    finally:
+        for ns, name, fn in originals:
+            setattr(ns, name, fn)
+    with torch.no_grad():
+        untouched = not verify(model).replaced and torch.equal(model(input_ids=ids).logits, before)
+    return {"message": message, "collectives": calls, "untouched": untouched}
+
+
 WRONG_SPECS = {  # the parity probe's cases: specs no shape check can fault
     "gemma2_no_softcap": ("gemma2", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
         s.attention, softcap=None))),
     "gemma3_norm_w": ("gemma3_text", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
         s.attention, norm_style=dataclasses.replace(s.attention.norm_style, formula="w")))),
     "llama_rope_interleaved": ("llama", lambda s: dataclasses.replace(s, rope_style="interleaved")),
+    # llama-style: every layer rotated; wrong only on SmolLM3's NoPE layer 1
+    "smollm3_rope_everywhere": ("smollm3", lambda s: dataclasses.replace(s, attention=dataclasses.replace(
+        s.attention, use_rope=None))),
+    # GLM4's pairs read from an interleaved table: the half-layout table is what HF passes
+    "glm4_interleaved_table": ("glm4", lambda s: dataclasses.replace(s, rope_style="interleaved")),
 }
+REFUSED_AT = {"smollm3_rope_everywhere": "model.layers.1.self_attn"}
+"""the layer each wrong spec's refusal names (default: the first attention layer)."""
+LOAD_REFUSALS = ("llama_rope_interleaved", "smollm3_rope_everywhere")
+"""wrong specs that load_partitioned (every layer gathered and probed) must refuse as well."""
 
 
 def _refused(case: str, mesh, root: Path) -> dict:
-    """A wrong spec registered for one call: patch_model (and, for the RoPE case, load_partitioned)
+    """A wrong spec registered for one call: patch_model (and, for LOAD_REFUSALS, load_partitioned)
     must refuse on every rank with the same ProbeError and leave the model as it was."""
     arch, wrong = WRONG_SPECS[case]
     good = SPECS[arch]
@@ -126,7 +188,7 @@ def _refused(case: str, mesh, root: Path) -> dict:
             out["patch"] = "not refused"
         except ValueError as err:
             out["patch"] = f"{type(err).__name__}: {err}"
-        if case == "llama_rope_interleaved":
+        if case in LOAD_REFUSALS:
             out["load"] = _refused_load(arch, mesh, root)
     finally:
         SPECS[arch] = good
@@ -176,7 +238,9 @@ def _rank_body(root: str) -> dict:
     lap("extra, minilm, bad layout")
     for case in WRONG_SPECS:
         out[("refused", case)] = _refused(case, meshes[0][1], Path(root))
-    lap("probe refusals")
+    for arch in NO_SPEC:
+        out[("no_spec", arch)] = _refused_without_spec(arch, meshes[0][1])
+    lap("probe refusals, no spec")
     return out
 
 
@@ -234,10 +298,20 @@ def test_kv_cache_stays_partitioned(results, arch, layout):
         assert r[(arch, layout)]["cache_shape"] == r[(arch, layout)]["local_kv_shape"]
 
 
+EXPECTED_LAYERS = {
+    "qwen2_moe": {"Qwen2MoeAttention": 2, "Qwen2MoeSparseMoeBlock": 1, "Qwen2MoeMLP": 2},  # shared expert + dense
+    "qwen3_moe": {"Qwen3MoeAttention": 2, "Qwen3MoeSparseMoeBlock": 1, "Qwen3MoeMLP": 1},  # layer 1 dense
+}
+"""partitioned modules per class where they are not 2 attention + 2 MLP layers."""
+
+
 @pytest.mark.parametrize("arch,layout", CASES)
 def test_every_layer_partitioned(results, arch, layout):
     case = results[0][(arch, layout)]
-    assert sorted(case["replaced"].values()) == [2, 2]  # 2 attention + 2 MLP layers
+    if arch in EXPECTED_LAYERS:
+        assert case["replaced"] == EXPECTED_LAYERS[arch]
+    else:
+        assert sorted(case["replaced"].values()) == [2, 2]  # 2 attention + 2 MLP layers
     assert case["share"] < 0.75  # this rank holds 1/(n*m) of every attention and MLP weight
 
 
@@ -284,11 +358,28 @@ def test_probe_refuses_wrong_spec_on_every_rank(results, case):
     assert len(messages) == 1, messages  # the same refusal on every rank (errors max-reduced first)
     msg = messages.pop()
     assert msg.startswith("ProbeError: ") and "parity probe refuses" in msg and "nothing was partitioned" in msg
-    assert "model.layers.0.self_attn" in msg and "relative error" in msg, msg
+    layer = REFUSED_AT.get(case, "model.layers.0.self_attn")
+    assert f"{layer} (" in msg and "relative error" in msg, msg
+    if case in REFUSED_AT:  # the layers before it agree with the spec: only the wrong layer is named
+        assert "model.layers.0.self_attn (" not in msg, msg
     assert all(o["untouched"] for o in outcomes)  # the dense modules were put back: same logits as before
-    if case == "llama_rope_interleaved":  # load_partitioned gathers the first layers and refuses too
+    if case in LOAD_REFUSALS:  # load_partitioned gathers and probes every layer: it refuses too, naming it
         loads = {o["load"] for o in outcomes}
-        assert len(loads) == 1 and "ProbeError" in loads.pop()
+        assert len(loads) == 1, loads
+        load = loads.pop()
+        assert load.startswith("ProbeError: ") and f"{layer} (" in load and "the model was not returned" in load, load
+
+
+@pytest.mark.parametrize("arch", NO_SPEC)
+def test_strict_refuses_an_architecture_without_spec_on_every_rank(results, arch):
+    outcomes = [r[("no_spec", arch)] for r in results]
+    messages = {o["message"] for o in outcomes}
+    assert len(messages) == 1, messages  # the same refusal on every rank
+    msg = messages.pop()
+    assert msg.startswith("ValueError: ") and f"architecture {arch!r} has no two-level spec" in msg, msg
+    assert "strict=False" in msg and "falcon" in msg and "gpt_oss" in msg  # the supported list names the new ones
+    assert all(o["collectives"] == [] for o in outcomes), [o["collectives"] for o in outcomes]  # zero collectives
+    assert all(o["untouched"] for o in outcomes)
 
 
 def test_verify_reports_counts():

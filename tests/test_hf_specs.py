@@ -24,7 +24,9 @@ def test_every_architecture_has_a_spec_and_a_tiny_model():
 def test_spec_finds_every_layer(arch):
     model = tiny_model(arch)
     attn, mlp, refused = find_owners(model, SPECS[arch])
-    assert len(attn) == len(mlp) == 2 and refused == []
+    # Qwen2-MoE: MoE block + its shared expert on layer 0, a dense MLP on layer 1; Qwen3-MoE: no shared expert
+    mlps = {"qwen2_moe": 3}.get(arch, 2)
+    assert len(attn) == 2 and len(mlp) == mlps and refused == []
 
 
 def test_per_head_fused_map_matches_gpt_neox_split():
@@ -34,6 +36,40 @@ def test_per_head_fused_map_matches_gpt_neox_split():
     q, k, v = rows.chunk(3, dim=-1)  # (1, h, 1, d) each
     for kind, want in (("q", q), ("k", k), ("v", v)):
         assert torch.equal(fused_feature_map("per_head", kind, spec), want.transpose(1, 2).reshape(-1))
+
+
+def test_grouped_fused_map_matches_falcon_split():
+    """Falcon's new decoder architecture packs [q x h/g | k | v] per KV group; FalconAttention._split_heads
+    applied to the row numbers gives each q/k/v feature's row."""
+    import transformers
+
+    config = transformers.FalconConfig(hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                                       new_decoder_architecture=True, num_hidden_layers=1)
+    attn = transformers.models.falcon.modeling_falcon.FalconAttention(config, layer_idx=0)
+    h, g, d = 4, 2, 16
+    q, k, v = attn._split_heads(torch.arange((h + 2 * g) * d).view(1, 1, -1))  # (1, 1, h, d) each, k/v broadcast
+    spec = AttentionSpec(h, g, d)
+    assert torch.equal(fused_feature_map("grouped", "q", spec), q.reshape(-1))
+    for kind, got in (("k", k), ("v", v)):  # HF broadcasts each KV head to its h/g query heads: take one per group
+        assert torch.equal(fused_feature_map("grouped", kind, spec), got[0, 0, :: h // g].reshape(-1))
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_interleaved_half_rope_matches_glm4(rotary_dim):
+    """rope_style "interleaved_half": pairs (2t, 2t+1) rotated with frequency t of HF's half-layout table,
+    as GLM4's (and Helium's) apply_rotary_pos_emb computes it, partial rotary included."""
+    from transformers.models.glm4.modeling_glm4 import apply_rotary_pos_emb
+
+    from ds_twolevel.layers.rope import apply_rope_dense, rope_cos_sin
+
+    spec = AttentionSpec(2, 2, 16, rope_style="interleaved_half", rotary_dim=rotary_dim)
+    half = AttentionSpec(2, 2, 16, rope_style="half", rotary_dim=rotary_dim)
+    cos, sin = rope_cos_sin(torch.arange(5)[None], half, dtype=torch.float64)  # HF's table: cat(freqs, freqs)
+    assert torch.equal(torch.stack(rope_cos_sin(torch.arange(5)[None], spec, dtype=torch.float64)),
+                       torch.stack((cos, sin)))
+    x = torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    want, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    assert torch.equal(apply_rope_dense(x, cos, sin, spec), want)
 
 
 def test_concat_fused_map_matches_gpt2_split():
@@ -140,8 +176,7 @@ def test_cost_model_config_of_architectures_without_a_spec():
     shapes = {"hidden_size": 64, "num_attention_heads": 4}
     facts = lambda t: (lambda c: (c.gated, c.qk_norm, c.qk_norm_scope, c.rope_style))(
         cost_model_config(dict(shapes, model_type=t)))
-    assert facts("qwen3_moe") == (True, True, "head", "half")  # the qwen3 family
-    assert facts("olmo3") == (True, True, "projection", "half")
+    assert facts("qwen3_next") == (True, True, "head", "half")  # the qwen3 family
     assert facts("opt") == (False, False, "head", "none") and facts("gptj")[0] is False
     assert facts("some_new_model") == (True, False, "head", "half")  # the cost model's defaults
 
@@ -156,3 +191,48 @@ def test_attention_dropout_is_read_where_the_spec_says(arch, attr):
     rates = {layer.dropout for _, layer in partitioned_layers(model) if hasattr(layer, "part")}
     assert rates == {0.25}, (arch, rates)
     assert SPECS[arch].attention.attention_dropout == f"config.{attr}"
+
+
+DRAFTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "mixtral", "granite", "cohere", "phi",
+           "starcoder2", "glm4", "helium", "qwen2_moe", "qwen3_moe")
+"""architectures whose base_model_tp_plan, plus the RoPE style and norm formula, makes an exact spec."""
+
+
+def _patch_with(arch: str, spec) -> None:
+    """patch_model (n = m = 1, parity probe on) of the tiny model with ``spec`` registered for the call."""
+    good = SPECS[arch]
+    SPECS[arch] = spec
+    try:
+        patch_model(tiny_model(arch), TwoLevelLayout(n=1, m=1).build())
+    finally:
+        SPECS[arch] = good
+
+
+@pytest.mark.parametrize("arch", DRAFTED)
+def test_spec_drafted_from_the_tp_plan_is_exact(arch):
+    """draft_spec reads q/k/v/o, gate/up/down (or packed gate_up, experts), per-head norms from the plan and
+    owners, signature, biases from the model; given what the plan cannot say, the parity probe accepts it."""
+    from hf_integration.tp_plan import draft_spec
+
+    good = SPECS[arch]
+    draft = draft_spec(tiny_model(arch), rope_style=good.rope_style, norm_style=good.attention.norm_style)
+    assert (draft.attention.owner, draft.mlp.owner) == (good.attention.owner, good.mlp.owner)
+    assert (draft.attention.q, draft.attention.fused, draft.attention.o) == (good.attention.q, good.attention.fused,
+                                                                             good.attention.o)
+    _patch_with(arch, draft)  # raises ProbeError / ValueError if the draft describes the model wrongly
+
+
+def test_glm4_draft_with_the_default_rope_is_refused_by_the_probe():
+    """What the plan cannot say: GLM4's rotation. The draft's default rope_style="half" is refused by name."""
+    from hf_integration.probe import ProbeError
+    from hf_integration.tp_plan import draft_spec
+
+    with pytest.raises(ProbeError, match=r"model\.layers\.0\.self_attn \(Glm4Attention\): relative error"):
+        _patch_with("glm4", draft_spec(tiny_model("glm4")))
+
+
+def test_draft_without_a_tp_plan_is_refused():
+    from hf_integration.tp_plan import draft_spec
+
+    with pytest.raises(ValueError, match="names no attention projections.*write the ArchSpec by hand"):
+        draft_spec(tiny_model("falcon"))

@@ -13,7 +13,7 @@ def spec_and_layout(draw):
     g = draw(st.sampled_from([1, 2, 3, 4, 8]))
     h = g * draw(st.sampled_from([1, 2, 3, 4]))
     d = 2 * draw(st.integers(1, 24))
-    style = draw(st.sampled_from(["none", "half", "interleaved"]))
+    style = draw(st.sampled_from(["none", "half", "interleaved", "interleaved_half"]))
     rotary = None if style == "none" else 2 * draw(st.integers(1, d // 2))
     dv = draw(st.sampled_from([None, d, 2 * d, 4]))
     spec = AttentionSpec(h, g, d, v_head_dim=dv, rope_style=style, rotary_dim=rotary)

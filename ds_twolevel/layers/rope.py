@@ -12,7 +12,8 @@ def rope_cos_sin(
     """cos, sin of shape (*positions.shape, r), one value per rotated dim, HF convention.
 
     "half": dims t and t + r/2 share a frequency (``cat(freqs, freqs)``); "interleaved": dims
-    2t and 2t+1 do (``repeat_interleave(freqs, 2)``).
+    2t and 2t+1 do (``repeat_interleave(freqs, 2)``); "interleaved_half": dims 2t and 2t+1 rotate, but the
+    table is the half layout (``cat(freqs, freqs)``, as GLM4 and Helium receive it).
     """
     r = spec.rot_dim
     inv_freq = 1.0 / (base ** (torch.arange(0, r, 2, device=positions.device, dtype=torch.float32) / r))
@@ -25,7 +26,7 @@ def rope_cos_sin(
 
 
 def _rotate(x: torch.Tensor, style: str) -> torch.Tensor:
-    if style == "interleaved":
+    if style in ("interleaved", "interleaved_half"):
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((-x2, x1), dim=-1).flatten(-2)
     half = x.shape[-1] // 2
@@ -35,6 +36,8 @@ def _rotate(x: torch.Tensor, style: str) -> torch.Tensor:
 def apply_rope_dense(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     """RoPE on (b, heads, s, d) with cos/sin (b, s, r): the first r dims rotate, the rest pass."""
     r = spec.rot_dim
+    if spec.rope_style == "interleaved_half":  # HF GLM4: the half table's r/2 frequencies, each twice
+        cos, sin = (t[..., : r // 2].repeat_interleave(2, dim=-1) for t in (cos, sin))
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b, 1, s, r)
     x_rot, x_pass = x[..., :r], x[..., r:]
     x_rot = x_rot * cos + _rotate(x_rot, spec.rope_style) * sin

@@ -32,7 +32,8 @@ def gather_dense_state(layer: nn.Module) -> dict[str, torch.Tensor]:
             dist.all_gather(shards, local, group=tp.group)
         size = int(max(int(idx[name][0].max()) for idx in indices)) + 1
         out[name] = unshard_dim([(indices[r][name][0], shards[r]) for r in range(tp.size)], size, dim)
-    for name, attr in (("o_bias", "o_bias"), ("down_proj.bias", "down_bias")):
+    replicated = {"o_bias": "o_bias", "down_proj.bias": "down_bias", **getattr(layer, "replicated_tensors", dict)()}
+    for name, attr in replicated.items():  # e.g. the experts' down_proj_bias
         if getattr(layer, attr, None) is not None:
             out[name] = getattr(layer, attr).detach().clone()
     return out

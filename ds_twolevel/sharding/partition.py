@@ -18,8 +18,8 @@ from typing import Literal, Sequence
 
 import torch
 
-RopeStyle = Literal["none", "half", "interleaved"]
-ROPE_STYLES: tuple[str, ...] = ("none", "half", "interleaved")
+RopeStyle = Literal["none", "half", "interleaved", "interleaved_half"]
+ROPE_STYLES: tuple[str, ...] = ("none", "half", "interleaved", "interleaved_half")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,9 @@ class AttentionSpec:
     v_head_dim: int | None = None
     """dv: value dims per head (defaults to d)."""
     rope_style: RopeStyle = "none"
-    """"half" (HF rotate_half, pairs (t, t+r/2)), "interleaved" (GPT-J, pairs (2t, 2t+1)) or "none"."""
+    """"half" (HF rotate_half, pairs (t, t+r/2)), "interleaved" (GPT-J, pairs (2t, 2t+1), interleaved cos/sin
+    table), "interleaved_half" (GLM4, Helium: pairs (2t, 2t+1) whose cos/sin come from a half-layout table,
+    ``cos[..., :r/2].repeat_interleave(2)``) or "none"."""
     rotary_dim: int | None = None
     """r: number of leading dims that are rotated (partial rotary); defaults to d when RoPE is on."""
     name: str = "model"
@@ -88,7 +90,7 @@ def dim_atoms(spec: AttentionSpec) -> list[tuple[int, ...]]:
     r, d = spec.rot_dim, spec.head_dim
     if spec.rope_style == "half":
         pairs = [(t, t + r // 2) for t in range(r // 2)]
-    elif spec.rope_style == "interleaved":
+    elif spec.rope_style in ("interleaved", "interleaved_half"):
         pairs = [(2 * t, 2 * t + 1) for t in range(r // 2)]
     else:
         pairs = []
@@ -254,9 +256,10 @@ class AttentionPartition:
             elif self.spec.rope_style == "half":
                 mate = t + half if t < half else t - half
                 cos_index.append(t), partner.append(pos[mate]), sign.append(-1.0 if t < half else 1.0)
-            else:
+            else:  # pairs (2u, 2u+1): frequency u sits at table column 2u+t%2 (interleaved) or u (half table)
                 mate = t + 1 if t % 2 == 0 else t - 1
-                cos_index.append(t), partner.append(pos[mate]), sign.append(-1.0 if t % 2 == 0 else 1.0)
+                column = t // 2 if self.spec.rope_style == "interleaved_half" else t
+                cos_index.append(column), partner.append(pos[mate]), sign.append(-1.0 if t % 2 == 0 else 1.0)
         return torch.tensor(cos_index), torch.tensor(partner), torch.tensor(sign)
 
     # -- weight rows/columns -------------------------------------------------------------------

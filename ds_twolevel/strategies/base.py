@@ -189,6 +189,9 @@ class AttentionCall:
     """autograd will differentiate the call."""
     softcap: bool = False
     """scores are soft-capped (Gemma2): fused SDPA cannot compute them."""
+    sinks: bool = False
+    """attention sinks (GPT-OSS): a learnable logit per head joins each row's softmax and is dropped after
+    it; the score strategies add it to the softmax's denominator, the fused ones refuse the call."""
     cache_layout: str = "segments"
     """layout of the KV cache the call reads and writes (see :data:`CACHE_LAYOUTS`)."""
     cached: int = 0
@@ -245,6 +248,8 @@ class AttendContext:
     """the call being attended (the score strategies read their variant from it)."""
     softcap: float | None = None
     """Gemma2's score soft-cap (None: none)."""
+    sinks: Any = None
+    """(h/n,) sink logits of this head group's query heads (GPT-OSS; None: none), replicated over segments."""
     dropout: Callable[..., Any] | None = None
     """``dropout(probs, q_len, row0)`` with the call's keyed mask (None: no dropout)."""
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ds_twolevel.parallel.collectives import all_gather_dim, reduce_scatter_dim
 from ds_twolevel.strategies.base import AttendContext, AttentionCall
-from ds_twolevel.strategies.common import rows_to_segments, softcap, softmax
+from ds_twolevel.strategies.common import rows_to_segments, softcap, softmax_sinks
 
 
 def block_rows(m: int, q_len: int, min_rows: int = 128, max_pairs: int = 4) -> int:
@@ -111,7 +111,7 @@ def _probs(bl: _Blocks, ctx: AttendContext, mine: list[torch.Tensor], cs: list[i
             scores = scores.masked_fill(F.pad(tile, (c * rows, 0)), low)
         else:  # inference: mask the diagonal tile in place, no full-width temporary
             scores[..., c * rows:].masked_fill_(tile, low)
-        out.append(softmax(scores))
+        out.append(softmax_sinks(ctx, scores))
     return out
 
 

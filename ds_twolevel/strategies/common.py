@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_twolevel.layers.masks import additive_mask
-from ds_twolevel.parallel.collectives import all_to_all_dim0
+from ds_twolevel.parallel.collectives import all_to_all_dim0, copy_to_axis
 from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.strategies.base import AttendContext, AttentionCall, Op
 
@@ -39,6 +39,25 @@ def softcap(ctx: AttendContext, scores: torch.Tensor) -> torch.Tensor:
     if ctx.softcap is None:
         return scores
     return torch.tanh(scores / ctx.softcap) * ctx.softcap
+
+
+def softmax_sinks(ctx: AttendContext, scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys with the layer's attention sinks (GPT-OSS), or :func:`softmax` without them.
+
+    Each head's sink logit joins every row as one more key and is dropped after the softmax (HF's
+    ``eager_attention_forward``): ``p_j = e^(x_j - M) / (sum_k e^(x_k - M) + e^(s - M))``. ``scores`` is
+    (b, h/n, rows, keys) or a view of it grouped by KV head. Every segment rank computes the same rows'
+    probabilities, but each gets only its own value dims' share of their gradient, so the sink's gradient
+    is summed over the segment axis (copy_to_axis: identity forward, all-reduce backward).
+    """
+    if ctx.sinks is None:
+        return softmax(scores)
+    heads, keys = ctx.sinks.shape[0], scores.shape[-1]
+    grouped = scores.reshape(scores.shape[0], heads, -1, keys)  # (b, hl, rows, keys)
+    sinks = copy_to_axis(ctx.sinks, ctx.seg, "sinks").to(scores.dtype).view(1, heads, 1, 1)
+    logits = torch.cat([grouped, sinks.expand(grouped.shape[0], heads, grouped.shape[2], 1)], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # as HF does (bf16/fp16 overflow guard)
+    return F.softmax(logits, dim=-1)[..., :-1].reshape(scores.shape)
 
 
 def softmax(scores: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,9 @@ def why_not(call: AttentionCall) -> str | None:
     if call.softcap:
         return ("kv_shard runs fused attention, which cannot soft-cap the scores (Gemma2); use score_allreduce or "
                 "qk_allgather for this model")
+    if getattr(call, "sinks", False):
+        return ("kv_shard runs fused attention, which has no attention sinks (GPT-OSS); use score_allreduce or "
+                "qk_allgather for this model")
     if getattr(call, "cache_layout", "segments") != "kv_shard":
         return "kv_shard reads a cache held by position: build the cache with layout='kv_shard'"
     if not getattr(call, "cached", call.kv_len - call.q_len):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ds_twolevel.parallel.collectives import all_gather_dim
 from ds_twolevel.strategies.base import AttendContext, AttentionCall, Collective, Op
-from ds_twolevel.strategies.common import dropout, expand_kv, layer_mask, mlp_activation, projection_ops, softcap
+from ds_twolevel.strategies.common import (dropout, expand_kv, layer_mask, mlp_activation, projection_ops, softcap,
+                                           softmax_sinks)
 
 if TYPE_CHECKING:
     from ds_twolevel.strategies.base import ModelConfig
@@ -72,15 +73,16 @@ def attend(ctx: AttendContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
            mask: torch.Tensor | None) -> torch.Tensor:
     """(b, hl, s, dv/m) outputs for the row-parallel o_proj; ``mask`` is the layer's raw mask."""
     call = ctx.call
-    fused_causal = call.causal_blocks and ctx.softcap is None
+    fused_causal = call.causal_blocks and ctx.softcap is None and ctx.sinks is None
     plain = fused_causal or (call.plain_causal and call.q_len == 1)
     additive = None if plain else layer_mask(ctx, mask, q)
     q_full = all_gather_dim(q, ctx.seg, -1, "q")  # (b, hl, sq, d), dims in segment order
     k_full = all_gather_dim(k, ctx.seg, -1, "k")  # (b, gl, skv, d)
     hl = q.shape[1]
-    if ctx.dropout is not None or ctx.softcap is not None:  # explicit scores: keyed dropout, softcap
+    if ctx.dropout is not None or ctx.softcap is not None or ctx.sinks is not None:  # explicit: dropout, cap, sinks
         scores = softcap(ctx, q_full @ expand_kv(k_full, hl).transpose(-1, -2) * ctx.scaling)
-        probs = F.softmax(scores if additive is None else scores + additive, dim=-1, dtype=torch.float32)
+        scores = scores if additive is None else scores + additive
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32) if ctx.sinks is None else softmax_sinks(ctx, scores)
         return dropout(ctx, probs.to(q.dtype)) @ expand_kv(v, hl)
     # enable_gqa: SDPA maps query head h to KV head h // (hl/gl) itself, without copying K/V
     return F.scaled_dot_product_attention(q_full, k_full, v, attn_mask=additive, is_causal=fused_causal,

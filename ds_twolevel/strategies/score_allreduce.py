@@ -26,7 +26,7 @@ from ds_twolevel.parallel.collectives import all_gather_dim, all_reduce_both, re
 from ds_twolevel.strategies import causal_blocks
 from ds_twolevel.strategies.base import AttendContext, AttentionCall, Collective, Op
 from ds_twolevel.strategies.common import (dropout, layer_mask, mlp_activation, projection_ops, rows_to_segments,
-                                           softcap, softmax)
+                                           softcap, softmax_sinks)
 
 if TYPE_CHECKING:
     from ds_twolevel.strategies.base import ModelConfig
@@ -141,7 +141,7 @@ def attend(ctx: AttendContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     scores = softcap(ctx, scores)
     if additive is not None:
         scores = scores + additive
-    probs = dropout(ctx, softmax(scores), sq, row0)
+    probs = dropout(ctx, softmax_sinks(ctx, scores), sq, row0)
     return _values(ctx, probs, v, rows, sq, scores_partial.numel())
 
 

@@ -49,6 +49,9 @@ def why_not(call: AttentionCall) -> str | None:
     if call.softcap:
         return ("seq_rows runs fused attention, which cannot soft-cap the scores (Gemma2); use score_allreduce or "
                 "qk_allgather for this model")
+    if getattr(call, "sinks", False):
+        return ("seq_rows runs fused attention, which has no attention sinks (GPT-OSS); use score_allreduce or "
+                "qk_allgather for this model")
     if call.q_len < 2:
         return f"seq_rows splits query rows; a call with q_len={call.q_len} has none to split (decode)"
     if getattr(call, "dropout", False):
