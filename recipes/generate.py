@@ -24,7 +24,8 @@ from pathlib import Path
 from ds_twolevel.tools.cli import OneLineParser, positive_int
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "gemma2", "gemma3_text", "olmo2",
-         "mixtral", "granite", "cohere", "phi", "stablelm")  # hf_integration.testing.DECODERS (a test keeps them equal)
+         "mixtral", "granite", "cohere", "phi", "stablelm", "starcoder2", "olmo3", "smollm3", "glm4", "helium",
+         "qwen2_moe", "qwen3_moe", "falcon", "gpt_oss")  # hf_integration.testing.DECODERS (a test keeps them equal)
 
 
 def fail(message: str) -> None:
