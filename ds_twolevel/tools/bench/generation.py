@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import torch
 
+from ds_twolevel.tools.bench.measure import step_time
+
 MD, JSON = "generation_bench.md", "generation_bench.json"
 
 
@@ -95,17 +97,6 @@ class GenerationRow:
     times: list[float] = field(default_factory=list)
 
 
-def _barrier_time(fn: Callable[[], Any], alone: bool) -> float:
-    import torch.distributed as dist
-
-    dist.barrier()
-    start = time.perf_counter()
-    if not alone or dist.get_rank() == 0:
-        fn()
-    dist.barrier()
-    return time.perf_counter() - start
-
-
 def _prompt(cfg: GenerationBenchConfig, batch: int, length: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * batch + length)
     return torch.randint(2, cfg.vocab, (batch, length), generator=gen)
@@ -118,10 +109,10 @@ def _measure(row: GenerationRow, generate: Callable[..., Any], ids: torch.Tensor
     full = lambda: generate(ids, max_new_tokens=row.new_tokens, min_new_tokens=row.new_tokens, **kw)
     prefill = lambda: generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
     out: dict[str, Any] = {}
-    _barrier_time(lambda: out.setdefault("tokens", full()), alone)  # warm-up, and the tokens
-    row.times = [_barrier_time(full, alone) for _ in range(repeats)]
+    step_time(lambda: out.setdefault("tokens", full()), alone)  # warm-up, and the tokens
+    row.times = [step_time(full, alone) for _ in range(repeats)]
     row.seconds = min(row.times)
-    row.prefill_seconds = min(_barrier_time(prefill, alone) for _ in range(repeats))
+    row.prefill_seconds = min(step_time(prefill, alone) for _ in range(repeats))
     row.tokens_per_s = row.batch * row.new_tokens / row.seconds
     decode = row.seconds - row.prefill_seconds  # <= 0 only when other load swamps the run: no figure then
     row.tpot_ms = 1e3 * decode / max(row.new_tokens - 1, 1) if decode > 0 else float("nan")

@@ -21,7 +21,7 @@ def median_ms(times: list[float]) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _step_time(fn: Callable[[], Any], alone: bool) -> float:
+def step_time(fn: Callable[[], Any], alone: bool) -> float:
     """Seconds of one step on all ranks, barrier to barrier."""
     import torch.distributed as dist
 
@@ -38,7 +38,7 @@ def time_variants(variants: list[Variant], cfg: BenchConfig) -> None:
     for phase in ("prefill", "decode"):
         for k in range(cfg.warmup + cfg.repeats):
             for v in variants:
-                seconds = _step_time(getattr(v, phase), v.alone)
+                seconds = step_time(getattr(v, phase), v.alone)
                 if k >= cfg.warmup:
                     getattr(v.result, f"{phase}_times").append(seconds)
     for v in variants:
