@@ -30,6 +30,7 @@ from hf_integration.fused_sources import FusedReader, fused_tensors
 from hf_integration.partitioned import owner_path, partitioned_layers
 from hf_integration.policy import PatchReport, dense_copies, model_name, patch_model
 from hf_integration.probe import probe_loaded
+from hf_integration.sequence_parallel import whole_sequence
 from hf_integration.vocab_parallel import retie
 from hf_integration.weights import ROW_BLOCK_BYTES, SafetensorsReader, assign_tensor, load_shards
 
@@ -209,7 +210,8 @@ def _open_checkpoint(directory: Path, model_class: type | None,
 def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_class: type | None = None,
                      strict: bool = True, strategy: str = "cost_model", kv_replication: bool = False,
                      dtype: torch.dtype | None = None, probe: bool = True, hardware: Any = None,
-                     reduce_dtype: Any = torch.float32, vocab_parallel: bool = False) -> tuple[nn.Module, PatchReport]:
+                     reduce_dtype: Any = torch.float32, sequence_parallel: bool = False,
+                     vocab_parallel: bool = False) -> tuple[nn.Module, PatchReport]:
     """Build ``model_class`` (default: ``config.architectures[0]``) from a ``save_pretrained``
     directory with each rank reading only its slices; return (patched model in eval mode, report).
 
@@ -218,8 +220,9 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     REPORT for checkpoint tensors the model does not use. A rank that fails (a file only it reads is
     truncated, ...) makes every rank raise the same ``AgreementError`` naming that rank and file.
 
-    ``strategy``, ``kv_replication``, ``hardware``, ``reduce_dtype`` and ``vocab_parallel`` are :func:`patch_model`'s
-    (with ``vocab_parallel`` each rank reads only its vocab rows of the embedding and the LM head).
+    ``strategy``, ``kv_replication``, ``hardware``, ``reduce_dtype``, ``sequence_parallel`` and ``vocab_parallel``
+    are :func:`patch_model`'s (with ``vocab_parallel`` each rank reads only its vocab rows of the embedding and the
+    LM head; with ``sequence_parallel`` the model's forward takes this rank's shard of each batch).
     ``probe``: the parity probe (:func:`hf_integration.probe.probe_loaded`): every attention and MLP
     layer, one at a time, is gathered into a dense HF module and compared with the partitioned one on
     8 tokens; a mismatch raises ``ProbeError`` on every rank (collective).
@@ -233,7 +236,8 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     try:
         copies = dense_copies(model) if probe else {}  # meta: no memory until the probe fills them
         report = patch_model(model, mesh, strict=strict, strategy=strategy, kv_replication=kv_replication,
-                             probe=False, hardware=hardware, reduce_dtype=reduce_dtype, vocab_parallel=vocab_parallel)
+                             probe=False, hardware=hardware, reduce_dtype=reduce_dtype,
+                             sequence_parallel=sequence_parallel, vocab_parallel=vocab_parallel)
         with _agreed("reading checkpoint slices (load_partitioned)"):
             for path, layer in partitioned_layers(model):
                 if getattr(layer, "tied", False):
@@ -250,5 +254,6 @@ def load_partitioned(directory: str | os.PathLike, mesh: TwoLevelMesh, *, model_
     model.eval()
     if copies:
         owners = [(owner_path(path, layer), layer) for path, layer in partitioned_layers(model)]
-        probe_loaded(model, copies, owners, name=model_name(model))
+        with whole_sequence(model):  # the probe runs the same ids on every rank
+            probe_loaded(model, copies, owners, name=model_name(model))
     return model, report

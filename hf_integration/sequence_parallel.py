@@ -21,13 +21,13 @@ this rank's shard of every sequence, as :func:`hf_integration.sequence_data.shar
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ds_twolevel.parallel import collectives as comm
 from ds_twolevel.parallel.layout import TwoLevelMesh
 from ds_twolevel.parallel.sequence import gather_tokens_no_grad, sum_replicated_grads
 
@@ -48,6 +48,8 @@ class SequenceParallelState:
     """the last forward ran sequence-parallel (read again by the gradient hooks in its backward)."""
     layers: list[nn.Module] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
+    paused: bool = False
+    """inside :func:`whole_sequence`: every call runs the whole sequence on every rank."""
 
 
 def check_supported(model: nn.Module, arch: Any, spec: Any, left_dense: list[str]) -> None:
@@ -82,6 +84,27 @@ def enable(model: nn.Module, mesh: TwoLevelMesh) -> SequenceParallelState:
     return state
 
 
+@contextlib.contextmanager
+def whole_sequence(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, the model's forward takes the whole sequence on every rank, as without sequence parallelism
+    (``load_partitioned``'s parity probe runs the same probe ids on every rank); a model without the switch
+    is left as it is.
+
+    Example:
+        >>> with whole_sequence(model):
+        ...     logits = model(input_ids=ids).logits   # ids: the whole sequence, the same on every rank
+    """
+    state = getattr(model, "_twolevel_sequence_parallel", None)
+    if state is None:
+        yield model
+        return
+    state.paused = True
+    try:
+        yield model
+    finally:
+        state.paused = False
+
+
 def _set_active(state: SequenceParallelState, active: bool, mask: torch.Tensor | None = None) -> None:
     state.active = active
     for layer in state.layers:
@@ -93,7 +116,7 @@ def _set_active(state: SequenceParallelState, active: bool, mask: torch.Tensor |
 def _pre_forward(state: SequenceParallelState, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Decide whether this call is sharded; gather the whole sequence's positions and mask."""
     tp = state.mesh.axes.tp
-    if tp.size == 1 or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
+    if state.paused or tp.size == 1 or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
         _set_active(state, False)  # generation: the whole prompt on every rank
         return args, kwargs
     kwargs = dict(kwargs)
@@ -102,6 +125,7 @@ def _pre_forward(state: SequenceParallelState, model: nn.Module, args: tuple, kw
     tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
     _check_call(model, kwargs, tokens, positions, mask, tp.size)
+    batch = _agree_on_batch(model, kwargs, tokens, mask, tp)  # (p, BATCH_FIELDS): before any shaped collective
     local = positions.expand(tokens.shape[0], -1).long()  # (b, s/p)
     stacked = local.unsqueeze(0) if mask is None else torch.stack([local, mask.long()])  # (1|2, b, s/p)
     whole = gather_tokens_no_grad(stacked, tp, "positions", dim=2)  # (1|2, b, s)
@@ -117,7 +141,7 @@ def _pre_forward(state: SequenceParallelState, model: nn.Module, args: tuple, kw
     kwargs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=tokens.device)
     kwargs["use_cache"] = False
     if kwargs.get("labels") is not None and kwargs.get("num_items_in_batch") is None:
-        kwargs["num_items_in_batch"] = _count_labels(kwargs["shift_labels"], tp)
+        kwargs["num_items_in_batch"] = batch[:, LABEL_COUNT].sum().to(torch.float32)  # the whole batch's labels
     return args, kwargs
 
 
@@ -143,8 +167,39 @@ def _check_call(model: nn.Module, kwargs: dict, tokens: Any, positions: Any, mas
                          f"(hf_integration.sequence_data.shard_batch gives them)")
 
 
-def _count_labels(shift_labels: torch.Tensor, tp: Any, ignore_index: int = -100) -> torch.Tensor:
-    """Real label tokens of the whole sequence: an all-reduce of this rank's count (tag "loss_count")."""
-    count = (shift_labels != ignore_index).sum().to(torch.float32).reshape(1)
-    with torch.no_grad():
-        return comm.reduce_from_axis(count, tp, "loss_count").reshape(())
+BATCH_FIELDS = ("batch size", "tokens per rank", "padding mask", "hidden size of inputs_embeds", "labels",
+                "num_items_in_batch", "label tokens")
+"""what each rank of a layer says about its shard before the first collective whose shape depends on it."""
+LABEL_COUNT = BATCH_FIELDS.index("label tokens")
+
+
+def _batch_row(kwargs: dict, tokens: torch.Tensor, mask: Any, ignore_index: int = -100) -> torch.Tensor:
+    """(1, BATCH_FIELDS) int64: this rank's shard described (-1: not given)."""
+    items = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    count = int((labels != ignore_index).sum()) if labels is not None else 0
+    hidden = tokens.shape[2] if tokens.dim() == 3 else 0
+    row = [tokens.shape[0], tokens.shape[1], int(mask is not None), hidden, int(kwargs.get("labels") is not None),
+           -1 if items is None else int(items), count]
+    return torch.tensor([row], dtype=torch.int64, device=tokens.device)
+
+
+def _agree_on_batch(model: nn.Module, kwargs: dict, tokens: torch.Tensor, mask: Any, tp: Any) -> torch.Tensor:
+    """The ranks' shard descriptions (p, BATCH_FIELDS), one all-gather of a fixed size (tag "batch"): the
+    ranks of a layer hold different tokens of ONE batch, so batch size, shard length, mask, labels and
+    num_items_in_batch must agree; ValueError on every rank of the layer naming each rank's numbers."""
+    table = gather_tokens_no_grad(_batch_row(kwargs, tokens, mask), tp, "batch", dim=0)  # (p, fields)
+    agreed = table[:, :LABEL_COUNT]
+    if bool((agreed == agreed[0]).all()):
+        return table
+    differ = [i for i in range(LABEL_COUNT) if bool((agreed[:, i] != agreed[0, i]).any())]
+    ranks = "; ".join(f"tp rank {r}: " + ", ".join(f"{BATCH_FIELDS[i]} {_shown(int(agreed[r, i]))}" for i in differ)
+                      for r in range(agreed.shape[0]))
+    raise ValueError(f"{type(model).__name__}: sequence_parallel: the ranks of a layer were given shards of different "
+                     f"batches ({ranks}); every rank of a layer must get its shard of the same whole batch: give the "
+                     f"{agreed.shape[0]} ranks the same batch and cut it with hf_integration.sequence_data.shard_batch "
+                     f"(the whole sequence is {agreed.shape[0]} x the tokens per rank)")
+
+
+def _shown(value: int) -> str:
+    return "none" if value == -1 else str(value)

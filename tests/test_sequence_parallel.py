@@ -99,15 +99,19 @@ def _case(arch: str, n: int, m: int, dp: int) -> dict[str, float]:
     return errors
 
 
-def _engine(stage: int, mesh, sequence_parallel: bool):
+def _engine(stage: int, mesh, sequence_parallel: bool, *, keyword: bool = False):
+    """``keyword``: the switch given as ``initialize(..., sequence_parallel=)`` to a config without the key."""
     import ds_twolevel
 
+    two_level = {"n": mesh.layout.n, "m": mesh.layout.m}
+    if not keyword:
+        two_level["sequence_parallel"] = sequence_parallel
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
                                                        "weight_decay": 0.01, "torch_adam": True}},
-           "zero_optimization": {"stage": stage},
-           "two_level": {"n": mesh.layout.n, "m": mesh.layout.m, "sequence_parallel": sequence_parallel}}
-    return ds_twolevel.initialize(model=tiny_model("qwen3", seed=4).train(), config=cfg, mesh=mesh)[0]
+           "zero_optimization": {"stage": stage}, "two_level": two_level}
+    switch = {"sequence_parallel": sequence_parallel} if keyword else {}
+    return ds_twolevel.initialize(model=tiny_model("qwen3", seed=4).train(), config=cfg, mesh=mesh, **switch)[0]
 
 
 def _deepspeed_case(stage: int) -> dict[str, float]:
@@ -120,22 +124,46 @@ def _deepspeed_case(stage: int) -> dict[str, float]:
 
     mesh = TwoLevelLayout(n=2, m=2).build()
     sp, plain = _engine(stage, mesh, True), _engine(stage, mesh, False)
-    errors = {}
+    keyword = _engine(stage, mesh, True, keyword=True)  # the same switch as initialize(..., sequence_parallel=True)
+    errors = {"keyword_switch": float(not keyword.two_level.config.sequence_parallel)}
     for step in range(STEPS):
         batch = _batch(20 + step)
         loss_plain = plain(**batch).loss
         plain.backward(loss_plain)
         plain.step()
-        loss = sp(**shard_batch(batch, mesh)).loss
-        sp.backward(loss)
-        sp.step()
+        shard = shard_batch(batch, mesh)
+        loss, loss_keyword = sp(**shard).loss, keyword(**shard).loss
+        sp.backward(loss), keyword.backward(loss_keyword)
+        sp.step(), keyword.step()
         errors[f"loss{step}"] = rel_err(whole_loss(loss, mesh), loss_plain)
-    params = [*sp.module.parameters(), *plain.module.parameters()]
+        errors[f"keyword_loss{step}"] = rel_err(loss_keyword, loss)  # this rank's share: the same computation
+    params = [*sp.module.parameters(), *plain.module.parameters(), *keyword.module.parameters()]
     with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
         ref = dict(plain.module.named_parameters())
         scale = max(float(p.abs().max()) for p in ref.values())
         errors["weights"] = max(rel_err(p, ref[name], scale) for name, p in sp.module.named_parameters())
+        errors["keyword_weights"] = max(rel_err(p, ref[name], scale) for name, p in keyword.module.named_parameters())
     return errors
+
+
+def _checkpointing_case(reentrant: bool) -> dict[str, float]:
+    """HF gradient checkpointing on a model patched with sequence_parallel and vocab_parallel (tied Llama, 2x2):
+    the loss and every gradient against the dense model; the layers' forwards ran again in the backward
+    (twice the sequence gathers of the attention inputs)."""
+    mesh = TwoLevelLayout(n=2, m=2).build()
+    dense = tiny_model("llama", seed=3, attention_bias=False, tie_word_embeddings=True).train()
+    model = tiny_model("llama", seed=3, attention_bias=False, tie_word_embeddings=True).train()
+    patch_model(model, mesh, sequence_parallel=True, vocab_parallel=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    batch = _batch(7)
+    loss_ref = dense(**batch).loss
+    loss_ref.backward()
+    with CommCounter() as comm:
+        loss = model(**shard_batch(batch, mesh)).loss
+        loss.backward()
+    return {"loss": rel_err(whole_loss(loss, mesh), loss_ref), "grads": shard_grad_errors(dense, model),
+            "gathers_per_layer": comm.count(op="all_gather", tag="attn_in", backward=False)
+            / dense.config.num_hidden_layers}
 
 
 def _all_cases() -> dict[str, dict[str, float]]:
@@ -145,6 +173,8 @@ def _all_cases() -> dict[str, dict[str, float]]:
             out[f"{arch}-n{n}m{m}dp{dp}"] = _case(arch, n, m, dp)
     for stage in (2, 3):
         out[f"deepspeed_zero{stage}"] = _deepspeed_case(stage)
+    for reentrant in (False, True):
+        out[f"checkpointing_reentrant{reentrant}"] = _checkpointing_case(reentrant)
     out["refusals"] = _refusals()
     return out
 
@@ -173,6 +203,27 @@ def _refusals() -> dict[str, str]:
         ref = tiny_model("llama", seed=3).generate(batch["input_ids"][:1, :6], max_new_tokens=4, do_sample=False)
         got = model.generate(batch["input_ids"][:1, :6], max_new_tokens=4, do_sample=False)
     out["generate_same"] = "yes" if torch.equal(ref, got) else f"{ref.tolist()} != {got.tolist()}"
+    out.update(_batch_mismatches(model, mesh))
+    return out
+
+
+def _batch_mismatches(model, mesh) -> dict[str, str]:
+    """Rank 0 given its shard of another batch (fewer rows, a longer sequence, another num_items_in_batch):
+    refused on every rank of the layer, naming each rank's numbers, before a collective whose shape depends
+    on the shard."""
+    out = {}
+    first = mesh.axes.tp.rank == 0
+    whole = _batch(2)
+    longer = {k: torch.cat([v, v[:, :4]], dim=1) for k, v in whole.items()}  # 18 tokens: 5 per rank, not 4
+    shards = {"batch_size": shard_batch({k: v[1:] for k, v in whole.items()} if first else whole, mesh),
+              "seq_length": shard_batch(longer if first else whole, mesh),
+              "num_items": {**shard_batch(whole, mesh), **({"num_items_in_batch": torch.tensor(3)} if first else {})}}
+    for name, shard in shards.items():
+        try:
+            model(**shard)
+            out[f"mismatch_{name}"] = ""
+        except ValueError as err:
+            out[f"mismatch_{name}"] = str(err)
     return out
 
 
@@ -200,6 +251,36 @@ def test_deepspeed_initialize_with_sequence_parallel(rank_results, stage):
     for rank, res in enumerate(rank_results):
         bad = {k: v for k, v in res[f"deepspeed_zero{stage}"].items() if not v <= TOL}
         assert not bad, f"rank {rank}: relative errors above {TOL}: {bad}"
+
+
+def test_initialize_keyword_equals_config_key(rank_results):
+    """initialize(..., sequence_parallel=True) on a config without the key: the config key's losses and weights."""
+    for rank, res in enumerate(rank_results):
+        for stage in (2, 3):
+            errors = res[f"deepspeed_zero{stage}"]
+            assert errors["keyword_switch"] == 0.0
+            bad = {k: v for k, v in errors.items() if k.startswith("keyword") and not v <= TOL}
+            assert not bad, f"rank {rank}, ZeRO-{stage}: {bad}"
+
+
+@pytest.mark.parametrize("reentrant", (False, True))
+def test_gradient_checkpointing_matches_dense(rank_results, reentrant):
+    for rank, res in enumerate(rank_results):
+        errors = dict(res[f"checkpointing_reentrant{reentrant}"])
+        assert errors.pop("gathers_per_layer") == 2  # the forward, and its recomputation in the backward
+        bad = {k: v for k, v in errors.items() if not v <= TOL}
+        assert not bad, f"rank {rank}: relative errors above {TOL}: {bad}"
+
+
+def test_ranks_of_a_layer_must_shard_one_batch(rank_results):
+    """A rank given a shard of another batch is refused on every rank, naming the numbers of each."""
+    expected = {"batch_size": ("tp rank 0: batch size 1", "tp rank 3: batch size 2"),
+                "seq_length": ("tp rank 0: tokens per rank 5", "tp rank 3: tokens per rank 4"),
+                "num_items": ("tp rank 0: num_items_in_batch 3", "tp rank 3: num_items_in_batch 23")}
+    for res in rank_results:
+        for name, texts in expected.items():
+            got = res["refusals"][f"mismatch_{name}"]
+            assert "shards of different batches" in got and all(t in got for t in texts), (name, got)
 
 
 def test_sequence_parallel_refusals_and_generate(rank_results):

@@ -86,7 +86,8 @@ def _mesh_for(config: Any, tl: TwoLevelConfig, ds: dict[str, Any], mesh: TwoLeve
 
 def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mapping[str, Any] | None = None, *,
                args: Any = None, mesh: TwoLevelMesh | None = None, policy: Policy | None = None,
-               vocab_parallel: bool | None = None, **deepspeed_kwargs: Any) -> tuple[Any, Any, Any, Any]:
+               sequence_parallel: bool | None = None, vocab_parallel: bool | None = None,
+               **deepspeed_kwargs: Any) -> tuple[Any, Any, Any, Any]:
     """Partition ``model`` m x n and wrap it in a DeepSpeed engine; returns DeepSpeed's own tuple
     ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
@@ -96,6 +97,8 @@ def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mappi
         args: as for ``deepspeed.initialize`` (``local_rank``, ``deepspeed_config``).
         mesh: a mesh from :func:`build_mesh` to reuse; built from the config otherwise.
         policy: ``policy(model, mesh, two_level_config) -> model``; default :func:`default_policy`.
+        sequence_parallel: overrides the config's ``two_level.sequence_parallel`` (None: the config's); feed the
+            engine each rank's shard (``hf_integration.sequence_data.SequenceShardLoader``).
         vocab_parallel: overrides the config's ``two_level.vocab_parallel`` (None: the config's).
         **deepspeed_kwargs: passed to ``deepspeed.initialize`` (optimizer, model_parameters,
             training_data, lr_scheduler, collate_fn, ...). ``mpu`` is ours.
@@ -112,8 +115,10 @@ def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mappi
         raise ValueError("mpu= is set by ds_twolevel.initialize (the two-level mesh); do not pass it")
     config, args = _resolve_config(config, args)
     tl, ds = load_deepspeed_config(config)
-    if vocab_parallel is not None:
-        tl = dataclasses.replace(tl, vocab_parallel=bool(vocab_parallel))
+    switches = {k: bool(v) for k, v in (("sequence_parallel", sequence_parallel), ("vocab_parallel", vocab_parallel))
+                if v is not None}
+    if switches:
+        tl = dataclasses.replace(tl, **switches)
     mesh = _mesh_for(config, tl, ds, mesh)
     if is_zero_partitioned(model) and zero_stage(ds) != 3:
         raise ValueError(f"the model was built under deepspeed.zero.Init but the config has ZeRO stage {zero_stage(ds)};"
