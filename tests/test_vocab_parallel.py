@@ -218,8 +218,22 @@ def _roundtrip(arch: str, overrides: dict, mesh, root: Path) -> dict:
     with torch.no_grad():  # the same shards compute the same logits, bit for bit
         out["loaded_logits_equal"] = bool(torch.equal(lazy(input_ids=ids, attention_mask=mask).logits,
                                                       patched.eval()(input_ids=ids, attention_mask=mask).logits))
+    out["sequence_parallel_loss_err"] = _loaded_sequence_parallel(dst, mesh, dense)
     dist.barrier()
     return out
+
+
+def _loaded_sequence_parallel(path: Path, mesh, dense: torch.nn.Module) -> float:
+    """load_partitioned(..., sequence_parallel=True, vocab_parallel=True) (its parity probe runs the whole
+    sequence): the loss of each rank's shard, the shares added, against the dense model's."""
+    from hf_integration.sequence_data import shard_batch, whole_loss
+
+    model, _ = load_partitioned(path, mesh, model_class=type(dense), sequence_parallel=True, vocab_parallel=True)
+    ids, mask = sample_batch(9)
+    ids = ids % dense.config.vocab_size
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": _labels(ids, mask)}
+    with torch.no_grad():
+        return rel_err(whole_loss(model(**shard_batch(batch, mesh)).loss, mesh), dense.eval()(**batch).loss)
 
 
 VOCAB_TAGS = ("embed", "embed_ids", "head_in", "labels", "ce_max", "ce_sums", "loss_grad")
@@ -269,23 +283,53 @@ CLIP = 0.05
 (vocab shards counted as shards, the tied parameter once), compared with the dense one."""
 
 
+def _ds_config(mesh, stage: int, *, sequence_parallel: bool, vocab_parallel: bool) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
+            "zero_optimization": {"stage": stage},
+            "two_level": {"n": mesh.layout.n, "m": mesh.layout.m, "sequence_parallel": sequence_parallel,
+                          "vocab_parallel": vocab_parallel}}
+
+
+def _engine_step(engine, step: int, sequence_parallel: bool) -> torch.Tensor:
+    """One step on batch ``30 + step``; returns the batch's loss (with sequence_parallel: the shares added)."""
+    from hf_integration.sequence_data import shard_batch, whole_loss
+
+    ids, mask = sample_batch(30 + step)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": _labels(ids, mask)}
+    mesh = engine.two_level.mesh
+    loss = engine(**(shard_batch(batch, mesh) if sequence_parallel else batch)).loss
+    engine.backward(loss)
+    engine.step()
+    return (whole_loss(loss, mesh) if sequence_parallel else loss).detach()
+
+
+def _dense_state(engine) -> dict:
+    """The engine's dense fp32 weights and Adam moments (collective)."""
+    from ds_twolevel.deepspeed.checkpoint import current_manifest
+    from ds_twolevel.deepspeed.engine_state import dense_state
+
+    return dense_state(engine, engine.two_level.mesh, current_manifest(engine))
+
+
+def _state_error(got: dict, want: dict) -> float:
+    return max(rel_err(got[kind][name], tensor) for kind in want for name, tensor in want[kind].items())
+
+
 def _deepspeed_case(meshes: dict, stage: int, root: Path) -> dict:
-    """ds_twolevel.initialize with two_level.vocab_parallel, ZeRO ``stage``: 2 clipped AdamW steps vs dense;
-    the checkpoint resumed at the same layout, and refused at another."""
+    """ds_twolevel.initialize with sequence_parallel and vocab_parallel, ZeRO ``stage``: 2 clipped AdamW steps vs
+    dense; the checkpoint resumed at the same layout; resumed at 1x4 with both switches off (the weights and
+    moments identical to the saved ones, the next step's loss the uninterrupted run's), saved there and resumed
+    at 2x2 with both on again (the same checks). A tied Llama with 98 tokens: vocab shards of 24 and 25 rows."""
     mesh = meshes["2x2"]
     import ds_twolevel
 
-    arch, overrides = MODELS["llama"]
+    arch, overrides = MODELS["llama"][0], {**MODELS["llama"][1], "vocab_size": 98}
     dense = tiny_model(arch, seed=6, **overrides).train()
     patched = copy.deepcopy(dense)
-
-    def config(mesh) -> dict:
-        return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
-                "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01, "torch_adam": True}},
-                "zero_optimization": {"stage": stage}, "two_level": {"n": mesh.layout.n, "m": mesh.layout.m,
-                                                                     "vocab_parallel": True}}
-
-    engine, *_ = ds_twolevel.initialize(model=patched, config=config(mesh), mesh=mesh)
+    both = dict(sequence_parallel=True, vocab_parallel=True)
+    off = dict(sequence_parallel=False, vocab_parallel=False)
+    engine, *_ = ds_twolevel.initialize(model=patched, config=_ds_config(mesh, stage, **both), mesh=mesh)
     opt = torch.optim.AdamW(dense.parameters(), lr=LR, weight_decay=0.01)
     losses, norms, engine_norms = [], [], []
     for step in range(2):
@@ -294,10 +338,7 @@ def _deepspeed_case(meshes: dict, stage: int, root: Path) -> dict:
         loss_d.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(dense.parameters(), CLIP)))
         opt.step(), opt.zero_grad()
-        loss = engine(input_ids=ids, attention_mask=mask, labels=_labels(ids, mask)).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(rel_err(loss, loss_d))
+        losses.append(rel_err(_engine_step(engine, step, True), loss_d))
         engine_norms.append(float(engine.get_global_grad_norm()))
     module = engine.module
     import deepspeed
@@ -307,19 +348,30 @@ def _deepspeed_case(meshes: dict, stage: int, root: Path) -> dict:
     out = {"loss_err": max(losses), "weights_err": weights, "dense_norms": norms, "engine_norms": engine_norms,
            "vocab": type(module.get_output_embeddings()).__name__}
     ckpt = root / f"ds_zero{stage}"
-    ds_twolevel.save_checkpoint(engine, ckpt)
-    resumed, *_ = ds_twolevel.initialize(model=tiny_model(arch, seed=9, **overrides).train(), config=config(mesh),
-                                         mesh=mesh)
+    tag_dir = ds_twolevel.save_checkpoint(engine, ckpt)
+    saved = _dense_state(engine)
+    from ds_twolevel.deepspeed.checkpoint import dense_from_checkpoint  # what ds-twolevel convert writes
+
+    out["convert_err"] = _state_error(dense_from_checkpoint(tag_dir, states=tuple(saved)), saved)
+    resumed, *_ = ds_twolevel.initialize(model=tiny_model(arch, seed=9, **overrides).train(),
+                                         config=_ds_config(mesh, stage, **both), mesh=mesh)
     ds_twolevel.load_checkpoint(resumed, ckpt)
     with deepspeed.zero.GatheredParameters(list(resumed.module.parameters()), enabled=stage == 3):
         out["resumed_err"] = _shard_value_errors(dense, resumed.module)
-    other, *_ = ds_twolevel.initialize(model=tiny_model(arch, seed=9, **overrides).train(),
-                                       config=config(meshes["1x4"]), mesh=meshes["1x4"])
-    try:
-        ds_twolevel.load_checkpoint(other, ckpt)
-        out["other_layout"] = "loaded"
-    except ValueError as err:
-        out["other_layout"] = str(err)
+    # 2x2 with both switches -> 1x4 with both off -> 2x2 with both on, each compared with the uninterrupted engine
+    plain, *_ = ds_twolevel.initialize(model=tiny_model(arch, seed=9, **overrides).train(),
+                                       config=_ds_config(meshes["1x4"], stage, **off), mesh=meshes["1x4"])
+    ds_twolevel.load_checkpoint(plain, ckpt)
+    out["off_1x4_vocab"] = type(plain.module.get_output_embeddings()).__name__
+    out["off_1x4_state_err"] = _state_error(_dense_state(plain), saved)
+    out["off_1x4_next_loss_err"] = rel_err(_engine_step(plain, 2, False), _engine_step(engine, 2, True))
+    ds_twolevel.save_checkpoint(plain, root / f"ds_zero{stage}_off_1x4")
+    saved = _dense_state(plain)
+    back, *_ = ds_twolevel.initialize(model=tiny_model(arch, seed=9, **overrides).train(),
+                                      config=_ds_config(mesh, stage, **both), mesh=mesh)
+    ds_twolevel.load_checkpoint(back, root / f"ds_zero{stage}_off_1x4")
+    out["on_2x2_state_err"] = _state_error(_dense_state(back), saved)
+    out["on_2x2_next_loss_err"] = rel_err(_engine_step(back, 3, True), _engine_step(engine, 3, True))
     return out
 
 
@@ -425,6 +477,7 @@ def test_save_and_load_partitioned_round_trip(results, case):
     for res in results:
         r = res[f"roundtrip_{case}"]
         assert r["extra_names"] == [] and r["loaded_exact"] and r["loaded_logits_equal"], r
+        assert r["sequence_parallel_loss_err"] < TOL, r
         assert r["loaded_tied"] == (case == "llama")
 
 
@@ -448,8 +501,18 @@ def test_deepspeed_initialize_with_vocab_parallel(results, stage):
         assert rel_err(torch.tensor(r["engine_norms"]), torch.tensor(r["dense_norms"])) < TOL, r
         assert r["loss_err"] < TOL and r["weights_err"] < TOL, r
         assert r["resumed_err"] < TOL, r  # same layout: the saved shards come back
-        assert "resuming vocab-parallel embedding rows at other shards is not supported" in r["other_layout"]
-        assert "dp=1 x n=2 x m=2 with vocab_parallel" in r["other_layout"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_resharded_with_switches_flipped(results, stage):
+    """2x2 with sequence_parallel and vocab_parallel -> 1x4 with both off -> 2x2 with both on: each resume holds
+    exactly the saved dense weights and Adam moments, and its next step's loss is the uninterrupted run's."""
+    for res in results:
+        r = res[f"deepspeed_zero{stage}"]
+        assert r["off_1x4_vocab"] == "Linear"
+        assert r["convert_err"] == 0, r  # the dense weights and moments of the saved vocab shards
+        assert r["off_1x4_state_err"] == 0 and r["on_2x2_state_err"] == 0, r
+        assert r["off_1x4_next_loss_err"] < TOL and r["on_2x2_next_loss_err"] < TOL, r
 
 
 # -- single process: errors ------------------------------------------------------------------------

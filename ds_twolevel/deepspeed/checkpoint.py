@@ -443,8 +443,6 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     with agreement(None, what=f"loading checkpoint {load_dir}"):
         tag = find_checkpoint(load_dir, tag)
         plan, saved, current = plan_resume(engine, load_dir / tag)
-        if plan != "native":
-            _refuse_vocab_reshard(engine.module, saved, current)
     if FILES_KEY not in saved.info and dist.get_rank() == 0:
         print(f"[ds_twolevel] warning: {load_dir / tag} records no file checksums (saved by an older ds_twolevel): "
               f"its files are not verified; re-save it to add them", file=sys.stderr, flush=True)
@@ -463,23 +461,6 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
         print(f"[ds_twolevel] resharding {load_dir / tag}: {_layouts(saved, current)}", file=sys.stderr, flush=True)
     return reshard_load(engine, load_dir / tag, saved, current, load_optimizer_states=load_optimizer_states,
                         load_lr_scheduler_states=load_lr_scheduler_states)
-
-
-def _refuse_vocab_reshard(model: Any, saved: ShardManifest, current: ShardManifest) -> None:
-    """ValueError when a resume would reshard vocab-parallel embedding rows (a checkpoint written with
-    ``vocab_parallel``, or a model patched with it, at another layout or with the switch flipped): only the
-    same shards resume; the dense export goes anywhere."""
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    name = next((f"{path}.weight" if path else "weight" for path, mod in model.named_modules() if mod is emb), None)
-    sharded = [m.describe() + (" with vocab_parallel" if m.entries.get(name, None) is not None and
-                               m.entries[name].dim is not None else " without vocab_parallel") for m in (saved, current)]
-    if name is None or all(m.entries.get(name) is None or m.entries[name].dim is None for m in (saved, current)):
-        return
-    raise ValueError(f"the checkpoint was written at {sharded[0]}, the model is patched at {sharded[1]}: resuming "
-                     f"vocab-parallel embedding rows at other shards is not supported; resume at the checkpoint's "
-                     f"layout and vocab_parallel setting, or export it dense (ds_twolevel.export_dense) and load that "
-                     f"with load_partitioned(..., vocab_parallel=...)")
 
 
 def reshard_load(engine: Any, tag_dir: Path, saved: ShardManifest, current: ShardManifest, *,

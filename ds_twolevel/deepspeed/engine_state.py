@@ -17,13 +17,14 @@ DeepSpeed attributes used here (checked against DeepSpeed 0.19.8; anything priva
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_twolevel.sharding.shard_manifest import ShardManifest, assemble
+from ds_twolevel.sharding.shard_manifest import ShardManifest, assemble, local_shape
 from ds_twolevel.deepspeed.compat import relink_optimizer_fragments
 from ds_twolevel.deepspeed.zero_files import RankTensors
 
@@ -127,15 +128,24 @@ def dense_state(engine: Any, mesh: Any, manifest: ShardManifest) -> dict[str, di
 
 
 def _gather_tp(local: dict[str, torch.Tensor], mesh: Any, manifest: ShardManifest) -> dict[str, torch.Tensor]:
+    """Every tp rank's local tensors, assembled dense. Shards of unequal size (vocab rows when n*m does not
+    divide V) travel padded to the largest one (their shapes come from the manifest)."""
     tp = mesh.axes.tp
     per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp.size)]
     for name in sorted(local):
         tensor = local[name].contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(tp.size)] if tp.size > 1 else [tensor]
-        if tp.size > 1:
-            dist.all_gather(parts, tensor, group=tp.group)
-        for r, part in enumerate(parts):
-            per_rank[r][name] = part
+        if tp.size == 1:
+            per_rank[0][name] = tensor
+            continue
+        shapes = [local_shape(manifest, name, r) if name in manifest.entries else tuple(tensor.shape)
+                  for r in range(tp.size)]
+        width = max(math.prod(shape) for shape in shapes)
+        flat = torch.zeros(width, dtype=tensor.dtype, device=tensor.device)
+        flat[:tensor.numel()] = tensor.flatten()
+        parts = [torch.empty_like(flat) for _ in range(tp.size)]
+        dist.all_gather(parts, flat, group=tp.group)
+        for r, (part, shape) in enumerate(zip(parts, shapes)):
+            per_rank[r][name] = part[:math.prod(shape)].view(shape)  # (this rank's local shape)
     return assemble(manifest, per_rank)
 
 

@@ -214,7 +214,11 @@ def _add_frozen(out: RankTensors, model_state: dict, per_dp: list[dict]) -> None
     for name, shape in (model_state.get("frozen_param_shapes") or {}).items():
         parts = [s["frozen_param_fragments"][name] for s in per_dp]
         out.fp32[name] = torch.cat([p.flatten() for p in parts])[:math.prod(shape)].view(shape).float()
-    for alias, source in (model_state.get("shared_params") or {}).items():
+
+
+def _add_shared(out: RankTensors, shared: dict[str, str]) -> None:
+    """Tied parameters (``shared_params``: alias -> the name DeepSpeed stored) under both names."""
+    for alias, source in shared.items():
         if source in out.fp32:
             out.fp32[alias] = out.fp32[source]
             for moments in out.moments.values():
@@ -255,4 +259,8 @@ def read_checkpoint(tag_dir: str | Path, manifest: ShardManifest) -> CheckpointT
     if stage not in READERS:
         raise ValueError(f"{tag_dir}: ZeRO stage {stage} is not one ds_twolevel can read (0, 1, 2, 3)")
     ranks = [READERS[stage](tag_dir, manifest, r) for r in range(manifest.tp_size)]
+    # DeepSpeed records the tied names on global rank 0 only; every tp rank's module ties the same names
+    shared = _load(model_file(tag_dir, stage, 0)).get("shared_params") or {} if stage > 0 else {}
+    for rank in ranks:
+        _add_shared(rank, shared)
     return CheckpointTensors(ranks, common_state(tag_dir, manifest))
