@@ -37,7 +37,9 @@ one more all-gather (80 int64 per rank) for the message. ``"first"`` checks the 
 all-gather of 3 int64 per parameter tensor over the n*m ranks, one hash pass over this rank's
 parameters, and :func:`~ds_twolevel.parallel.agreement.agree`'s 4-byte all-reduce). A caller whose ranks
 of a layer legitimately get different tensors (a sequence-parallel split) declares what they must
-agree on with :func:`declare_inputs`.
+agree on with :func:`declare_inputs`. A model patched with ``sequence_parallel`` compares its token
+shards by shape and dtype here; before that, its own pre-hook has refused shards of different batches
+(batch size, tokens per rank, mask, labels, ``num_items_in_batch``: ``hf_integration.sequence_parallel``).
 
 Example:
     >>> install(model, mesh)                             # patch_model does this; check_inputs="always"

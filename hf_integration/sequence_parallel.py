@@ -174,14 +174,17 @@ LABEL_COUNT = BATCH_FIELDS.index("label tokens")
 
 
 def _batch_row(kwargs: dict, tokens: torch.Tensor, mask: Any, ignore_index: int = -100) -> torch.Tensor:
-    """(1, BATCH_FIELDS) int64: this rank's shard described (-1: not given)."""
+    """(1, BATCH_FIELDS) int64 on the tokens' device: this rank's shard described (-1: not given). No host
+    read: the label count and ``num_items_in_batch`` stay on the device."""
+    device = tokens.device
+    shape = [tokens.shape[0], tokens.shape[1], int(mask is not None), tokens.shape[2] if tokens.dim() == 3 else 0,
+             int(kwargs.get("labels") is not None)]
     items = kwargs.get("num_items_in_batch")
+    items = torch.as_tensor(-1 if items is None else items, device=device).to(torch.int64).reshape(1)
     labels = kwargs.get("shift_labels")
-    count = int((labels != ignore_index).sum()) if labels is not None else 0
-    hidden = tokens.shape[2] if tokens.dim() == 3 else 0
-    row = [tokens.shape[0], tokens.shape[1], int(mask is not None), hidden, int(kwargs.get("labels") is not None),
-           -1 if items is None else int(items), count]
-    return torch.tensor([row], dtype=torch.int64, device=tokens.device)
+    count = (labels != ignore_index).sum().reshape(1) if labels is not None else torch.zeros(1, device=device)
+    row = torch.cat([torch.tensor(shape, dtype=torch.int64, device=device), items, count.to(torch.int64)])
+    return row.unsqueeze(0)  # (1, fields)
 
 
 def _agree_on_batch(model: nn.Module, kwargs: dict, tokens: torch.Tensor, mask: Any, tp: Any) -> torch.Tensor:
