@@ -260,6 +260,50 @@ def test_plain_trainer_ddp_is_refused(runs, layout):
     check_refused(out, "trainer_plain", "DistributedDataParallel (made by accelerate's Accelerator.prepare)")
 
 
+# -- sequence and vocab parallelism ----------------------------------------------------------------
+@pytest.mark.parametrize("case", ["accelerate_sp", "trainer_sp"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sequence_and_vocab_parallel_match_dense(runs, layout, case):
+    """``"two_level": {"sequence_parallel": true, "vocab_parallel": true}``, ZeRO-2, a tiny Llama on padded
+    sequences of 13 tokens: through ``ds_twolevel.accelerate.accelerator(cfg).prepare`` (accelerate's loop,
+    unchanged) and through ``TwoLevelTrainer``, every rank trains on its shard of each batch. Against the
+    dense run on every replica's batches (computed on each rank): every step's loss (the Trainer's logged
+    loss; accelerate's the shares added, averaged over dp) and pre-clip gradient norm, every parameter's
+    gradient at step 1, every weight after 4 steps, within 1e-5."""
+    out, dp, n, m = runs(layout)
+    recs = records(out, case)
+    for r, rec in enumerate(recs):
+        assert rec["error"] is None, f"{case} rank {r}: {rec['error']['trace']}"
+        assert len(rec["losses"]) == len(rec["grad_norms"]) == R.STEPS, rec
+        assert rec["clipped"], "clipping must be active for the norm to matter"
+        bad = {k: v for k, v in rec["errors"].items() if not v <= TOL}
+        assert not bad, f"{case} rank {r}: relative errors above {TOL}: {bad}"
+    if case == "accelerate_sp":  # prepare() returned a loader of this rank's shards: shard_batch of accelerate's batch
+        assert all(rec["loader"] == "SequenceShardLoader" and len(rec["shards_match"]) == R.STEPS * R.GAS
+                   and all(rec["shards_match"]) for rec in recs)
+    print(f"\n{case} at {layout}: {recs[0]['errors']}")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sequence_parallel_fed_whole_batches_or_patched_otherwise_is_refused(runs, layout):
+    """accelerate's own Accelerator feeds a sequence-parallel model whole batches: the model's error at the
+    first forward, on every rank, before any step. A model patched without sequence_parallel under a config
+    that has it: refused by prepare."""
+    out, dp, n, m = runs(layout)
+    for case, fragments in {
+            "accelerate_sp_plain_loader": ["sequence_parallel: pass position_ids", "ds_twolevel.accelerate.accelerator(cfg)",
+                                           "ds_twolevel.hf_trainer.TwoLevelTrainer"],
+            "accelerate_sp_switch": ["Accelerator.prepare: LlamaForCausalLM was patched with sequence_parallel=False "
+                                     "but the DeepSpeed config's \"two_level\" section says sequence_parallel=True",
+                                     "patch_model(model, mesh, sequence_parallel=True, vocab_parallel=True)"]}.items():
+        errors = [rec["error"] for rec in records(out, case)]
+        assert all(e is not None and e["type"] == "ValueError" for e in errors), (case, errors)
+        assert len({e["message"] for e in errors}) == 1, "ranks disagree"
+        for fragment in fragments:
+            assert fragment in errors[0]["message"], (case, fragment, errors[0]["message"])
+        assert all(rec["losses"] == [] for rec in records(out, case)), "refused after a step"
+
+
 # -- DDP ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_ddp_over_the_dp_group_matches_dense(runs, layout):
