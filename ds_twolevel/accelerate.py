@@ -108,7 +108,8 @@ class TwoLevelAccelerator(Accelerator):
     is accelerate's ``Accelerator``.
 
     Example:
-        >>> acc = ds_twolevel.accelerate.accelerator("ds_configs/zero2_n2_m2_sp.json")
+        >>> acc = ds_twolevel.accelerate.accelerator({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+        ...     "two_level": {"n": 2, "m": 2, "sequence_parallel": True, "vocab_parallel": True}})
         >>> patch_model(model, build_mesh(acc), sequence_parallel=True, vocab_parallel=True)
         >>> model, opt, loader = acc.prepare(model, opt, loader)   # loader: dicts of whole sequences
     """
