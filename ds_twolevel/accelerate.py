@@ -31,7 +31,8 @@ import torch
 from accelerate import Accelerator
 
 from ds_twolevel.parallel import watchdog
-from ds_twolevel.deepspeed.config import SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config
+from ds_twolevel.deepspeed.config import (SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config,
+                                          read_json)
 from ds_twolevel.parallel.layout import TwoLevelMesh
 
 def deepspeed_config(config: str | os.PathLike | Mapping[str, Any], *, world_size: int | None = None) -> dict[str, Any]:
@@ -126,6 +127,8 @@ class TwoLevelAccelerator(Accelerator):
         result = super().prepare(*args, device_placement=device_placement)
         if tl is None or not tl.sequence_parallel:
             return result
+        for engine in self._models:
+            allow_sharded_inputs(engine)
         loaders = [i for i, obj in enumerate(args) if _is_loader(obj)]
         if not loaders:
             return result
@@ -137,8 +140,6 @@ class TwoLevelAccelerator(Accelerator):
         items = list(result) if isinstance(result, tuple) else [result]
         for i in loaders:
             items[i] = shard_loader(items[i], model)
-        for engine in self._models:
-            allow_sharded_inputs(engine)
         return tuple(items) if isinstance(result, tuple) else items[0]
 
 
@@ -151,7 +152,9 @@ def settings_of(source: Any) -> TwoLevelConfig | None:
         True
     """
     config = getattr(source, "deepspeed_config", None) or getattr(source, "config", None) or source
-    if config is None or (isinstance(config, Mapping) and SECTION not in config):
+    if isinstance(config, (str, os.PathLike)):
+        config = read_json(config)
+    if not isinstance(config, Mapping) or SECTION not in config:
         return None
     return load_deepspeed_config(config)[0]
 
@@ -187,8 +190,13 @@ def shard_loader(loader: Any, model: Any) -> Any:
     """
     from hf_integration.sequence_data import SequenceShardLoader
 
+    return SequenceShardLoader(loader, _sp_state(model).mesh, pad_token_id=_pad_token_id(model))
+
+
+def _pad_token_id(model: Any) -> int:
+    """The id ``shard_batch`` pads a sequence with (masked and ignored: any id is exact; the model's own if set)."""
     pad = getattr(getattr(_unwrap(model), "config", None), "pad_token_id", None)
-    return SequenceShardLoader(loader, _sp_state(model).mesh, pad_token_id=pad if isinstance(pad, int) else 0)
+    return pad if isinstance(pad, int) else 0
 
 
 def allow_sharded_inputs(engine: Any) -> None:

@@ -33,7 +33,8 @@ from typing import Any, Mapping
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ds_twolevel.accelerate import _device_type, allow_sharded_inputs, check_switches, deepspeed_config, settings_of
+from ds_twolevel.accelerate import (_device_type, _pad_token_id, allow_sharded_inputs, check_switches, deepspeed_config,
+                                    settings_of)
 from ds_twolevel.parallel.agreement import agreement
 from ds_twolevel.deepspeed.config import load_deepspeed_config
 
@@ -145,8 +146,7 @@ class TwoLevelTrainer(Trainer):
             return batches, count
         from hf_integration.sequence_data import shard_batch, whole_batch
 
-        pad = getattr(self.model.config, "pad_token_id", None)
-        pad = pad if isinstance(pad, int) else 0
+        pad = _pad_token_id(self.model)
         return [shard_batch(whole_batch(b), self.sequence_mesh, pad_token_id=pad) for b in batches], count
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:

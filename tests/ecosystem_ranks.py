@@ -298,12 +298,12 @@ SP_LR, SP_EPS = 1e-3, 1e-4
 tests/test_sequence_parallel.py); 1e-4 keeps the 1e-5 comparison of the weights meaningful."""
 
 
-def sp_model():
-    """The dense tiny Llama of tests/test_sequence_parallel.py (no q/k/v biases: the key bias's gradient is
-    analytically zero, and Adam turns its fp32 noise into steps of up to lr)."""
+def sp_model(arch: str):
+    """The dense tiny Llama or Qwen3 of tests/test_sequence_parallel.py (Llama without q/k/v biases: the key
+    bias's gradient is analytically zero, and Adam turns its fp32 noise into steps of up to lr)."""
     from hf_integration.testing import tiny_model
 
-    return tiny_model("llama", seed=3, attention_bias=False).train()
+    return tiny_model(arch, seed=3, **({"attention_bias": False} if arch == "llama" else {})).train()
 
 
 def sp_rows(count: int, seed: int = 7) -> list[dict]:
@@ -356,11 +356,11 @@ def _replica_batches(mine: list[dict], mesh) -> list[list[dict]]:
     return [everyone[r] for r in range(0, dist.get_world_size(), mesh.layout.tp_size)]
 
 
-def sp_dense(replicas: list[list[dict]], *, per_token: bool, weight_decay: float) -> dict:
+def sp_dense(arch: str, replicas: list[list[dict]], *, per_token: bool, weight_decay: float) -> dict:
     """The dense run of the same steps: each step's loss is Σ token losses / real tokens over the step's
     micro-batches (``per_token``: the Trainer's num_items_in_batch), or the mean of the micro-batches' mean
     losses (DeepSpeed's accumulation and dp averaging in accelerate's loop); clip_grad_norm_, torch AdamW."""
-    model = sp_model()
+    model = sp_model(arch)
     opt = torch.optim.AdamW(model.parameters(), lr=SP_LR, betas=BETAS, eps=SP_EPS, weight_decay=weight_decay)
     out: dict[str, Any] = {"losses": [], "grad_norms": []}
     for step in range(STEPS):
@@ -380,7 +380,7 @@ def sp_dense(replicas: list[list[dict]], *, per_token: bool, weight_decay: float
     return out
 
 
-def sp_errors(record: Run, engine, dense: dict, losses: list[float], grads: dict, norms: list) -> None:
+def sp_errors(record: Run, arch: str, engine, dense: dict, losses: list[float], grads: dict, norms: list) -> None:
     """Relative errors against the dense run: every step's loss and pre-clip gradient norm, every
     parameter's gradient at step 1 (each shard against its dense slice), every weight after STEPS steps
     (relative to the largest weight)."""
@@ -389,7 +389,7 @@ def sp_errors(record: Run, engine, dense: dict, losses: list[float], grads: dict
     from hf_integration.testing import shard_grad_errors
 
     module = engine.module
-    reference = sp_model()
+    reference = sp_model(arch)
     for name, p in reference.named_parameters():
         p.grad = dense["grads"][name]
     for name, p in module.named_parameters():
@@ -405,7 +405,7 @@ def sp_errors(record: Run, engine, dense: dict, losses: list[float], grads: dict
 
 
 @scenario
-def accelerate_sequence_parallel(args, record: Run) -> None:
+def accelerate_sequence_parallel(args, record: Run, arch: str) -> None:
     """``"two_level": {"sequence_parallel": true, "vocab_parallel": true}``, ZeRO-2, through
     ``ds_twolevel.accelerate.accelerator(cfg)``: ``prepare(model, opt, loader)`` returns a loader of
     this rank's shards; the loop is accelerate's, unchanged."""
@@ -417,7 +417,7 @@ def accelerate_sequence_parallel(args, record: Run) -> None:
 
     accelerator = two_level_accelerate.accelerator(sp_config(2, args.n, args.m))
     mesh = two_level_accelerate.build_mesh(accelerator)
-    model = sp_model()
+    model = sp_model(arch)
     patch_model(model, mesh, sequence_parallel=True, vocab_parallel=True)
     opt = torch.optim.AdamW(model.parameters(), lr=SP_LR, betas=BETAS, eps=SP_EPS, weight_decay=0.01)
     data = torch.utils.data.DataLoader(sp_rows(STEPS * GAS * MICRO * mesh.layout.dp), batch_size=MICRO)
@@ -440,8 +440,8 @@ def accelerate_sequence_parallel(args, record: Run) -> None:
     steps = torch.stack(micro).view(STEPS, GAS).mean(1)  # the replica's step losses
     dist.all_reduce(steps, group=mesh.get_data_parallel_group())
     record.data["losses"] = (steps / mesh.layout.dp).tolist()
-    dense = sp_dense(_replica_batches(whole, mesh), per_token=False, weight_decay=0.01)
-    sp_errors(record, engine, dense, record.data["losses"], grads["grads"], record.data["grad_norms"])
+    dense = sp_dense(arch, _replica_batches(whole, mesh), per_token=False, weight_decay=0.01)
+    sp_errors(record, arch, engine, dense, record.data["losses"], grads["grads"], record.data["grad_norms"])
 
 
 @scenario
@@ -461,7 +461,7 @@ def accelerate_sequence_parallel_refused(args, record: Run, kind: str) -> None:
     else:
         accelerator = two_level_accelerate.accelerator(cfg)
     mesh = two_level_accelerate.build_mesh(accelerator)
-    model = sp_model()
+    model = sp_model("llama")
     patch_model(model, mesh, sequence_parallel=kind == "plain_loader", vocab_parallel=True)
     opt = torch.optim.AdamW(model.parameters(), lr=SP_LR)
     data = torch.utils.data.DataLoader(sp_rows(4 * mesh.layout.dp), batch_size=MICRO)
@@ -473,7 +473,7 @@ def accelerate_sequence_parallel_refused(args, record: Run, kind: str) -> None:
 
 
 @scenario
-def trainer_sequence_parallel(args, record: Run) -> None:
+def trainer_sequence_parallel(args, record: Run, arch: str) -> None:
     """TwoLevelTrainer + DeepSpeed ZeRO-2 with both switches: the Trainer's own loop, sampler and logging;
     each rank trains on its shard of every batch, the logged loss is the whole step's."""
     import ds_twolevel
@@ -484,7 +484,7 @@ def trainer_sequence_parallel(args, record: Run) -> None:
     cfg = sp_config(2, args.n, args.m)
     targs = _trainer_args(args, out, cfg, save_steps=None, learning_rate=SP_LR, adam_epsilon=SP_EPS)
     mesh = ds_twolevel.build_mesh(cfg)
-    model = sp_model()
+    model = sp_model(arch)
     patch_model(model, mesh, sequence_parallel=True, vocab_parallel=True)
     whole: list[dict] = []
 
@@ -503,8 +503,8 @@ def trainer_sequence_parallel(args, record: Run) -> None:
     logs = [h for h in run.state.log_history if "loss" in h]
     record.data["losses"] = [h["loss"] for h in logs]
     record.data["grad_norms"] = [h["grad_norm"] for h in logs]
-    dense = sp_dense(_replica_batches(whole, mesh), per_token=True, weight_decay=0.0)
-    sp_errors(record, run.model_wrapped, dense, record.data["losses"], grads["grads"], record.data["grad_norms"])
+    dense = sp_dense(arch, _replica_batches(whole, mesh), per_token=True, weight_decay=0.0)
+    sp_errors(record, arch, run.model_wrapped, dense, record.data["losses"], grads["grads"], record.data["grad_norms"])
 
 
 # -- plain DDP ---------------------------------------------------------------------------------------
@@ -688,10 +688,12 @@ SCENARIOS = [
     ("accelerate_ds_nogloo", accelerate_deepspeed, (2, True, False)),
     ("accelerate_ds_z2", accelerate_deepspeed, (2,)),
     ("accelerate_ds_z3", accelerate_deepspeed, (3,)),
-    ("accelerate_sp", accelerate_sequence_parallel, ()),
+    ("accelerate_sp", accelerate_sequence_parallel, ("llama",)),
+    ("accelerate_sp_qwen3", accelerate_sequence_parallel, ("qwen3",)),
     ("accelerate_sp_plain_loader", accelerate_sequence_parallel_refused, ("plain_loader",)),
     ("accelerate_sp_switch", accelerate_sequence_parallel_refused, ("switch",)),
-    ("trainer_sp", trainer_sequence_parallel, ()),
+    ("trainer_sp", trainer_sequence_parallel, ("llama",)),
+    ("trainer_sp_qwen3", trainer_sequence_parallel, ("qwen3",)),
     ("accelerate_ddp", accelerate_ddp, ()),
     ("trainer_ds", trainer, ("two_level",)),
     ("trainer_ds_plain_save", trainer, ("plain_ds",)),

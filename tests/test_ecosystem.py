@@ -3,7 +3,8 @@ single-process run, and the guard that refuses the ways that would corrupt the m
 
 Two launches run every scenario of tests/ecosystem_ranks.py: dp x n x m = 2 x 1 x 2 under torchrun
 and 1 x 2 x 2 under the deepspeed launcher. The model is a seeded tiny Qwen3 (GQA, per-head q/k
-norms). Exact paths are compared with a dense run on the same rows (taken from what the ranks
+norms); the sequence- and vocab-parallel cases train tiny Llama and Qwen3 models on padded sequences
+and compare with a dense run each rank computes itself. Exact paths are compared with a dense run on the same rows (taken from what the ranks
 recorded): torch AdamW (eps 1e-5: Adam amplifies fp32 noise by lr/eps, see test_deepspeed_e2e.py),
 clip_grad_norm_, every step's loss and pre-clip gradient norm and every final weight within 1e-5
 (relative). Refused paths must raise the guard's error on every rank at the first forward, before
@@ -261,11 +262,11 @@ def test_plain_trainer_ddp_is_refused(runs, layout):
 
 
 # -- sequence and vocab parallelism ----------------------------------------------------------------
-@pytest.mark.parametrize("case", ["accelerate_sp", "trainer_sp"])
+@pytest.mark.parametrize("case", ["accelerate_sp", "trainer_sp", "accelerate_sp_qwen3", "trainer_sp_qwen3"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sequence_and_vocab_parallel_match_dense(runs, layout, case):
-    """``"two_level": {"sequence_parallel": true, "vocab_parallel": true}``, ZeRO-2, a tiny Llama on padded
-    sequences of 13 tokens: through ``ds_twolevel.accelerate.accelerator(cfg).prepare`` (accelerate's loop,
+    """``"two_level": {"sequence_parallel": true, "vocab_parallel": true}``, ZeRO-2, a tiny Llama (Qwen3: the
+    ``_qwen3`` cases) on padded sequences of 13 tokens: through ``ds_twolevel.accelerate.accelerator(cfg).prepare`` (accelerate's loop,
     unchanged) and through ``TwoLevelTrainer``, every rank trains on its shard of each batch. Against the
     dense run on every replica's batches (computed on each rank): every step's loss (the Trainer's logged
     loss; accelerate's the shares added, averaged over dp) and pre-clip gradient norm, every parameter's
@@ -278,7 +279,7 @@ def test_sequence_and_vocab_parallel_match_dense(runs, layout, case):
         assert rec["clipped"], "clipping must be active for the norm to matter"
         bad = {k: v for k, v in rec["errors"].items() if not v <= TOL}
         assert not bad, f"{case} rank {r}: relative errors above {TOL}: {bad}"
-    if case == "accelerate_sp":  # prepare() returned a loader of this rank's shards: shard_batch of accelerate's batch
+    if case.startswith("accelerate"):  # prepare() returned a loader of this rank's shards: shard_batch of accelerate's batch
         assert all(rec["loader"] == "SequenceShardLoader" and len(rec["shards_match"]) == R.STEPS * R.GAS
                    and all(rec["shards_match"]) for rec in recs)
     print(f"\n{case} at {layout}: {recs[0]['errors']}")
