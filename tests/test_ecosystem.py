@@ -561,3 +561,22 @@ def test_an_auto_value_would_be_caught(tmp_path, fresh_accelerate_state):
     plugin = DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)
     with pytest.raises(ValueError, match="`two_level.strategy` not found in kwargs"):
         plugin.deepspeed_config_process(must_match=False)
+
+
+def test_sequence_shard_loader_is_the_prepared_loader_but_for_its_batches():
+    """What TwoLevelAccelerator.prepare returns under sequence parallelism: shard_batch of each batch; every
+    other attribute the wrapped loader's; bare tensors refused with what a sequence-parallel loader needs."""
+    from ds_twolevel.parallel.layout import AxisGroup
+    from hf_integration.sequence_data import SequenceShardLoader, shard_batch
+
+    rows = R.sp_rows(4)
+    loader = torch.utils.data.DataLoader(rows, batch_size=2)
+    tp = AxisGroup(name="tp", size=2, rank=1)  # shard_batch needs no process group
+    wrapped = SequenceShardLoader(loader, tp)
+    assert wrapped.dataset is rows and wrapped.batch_size == 2 and len(wrapped) == 2
+    for got, whole in zip(wrapped, loader, strict=True):
+        want = shard_batch(whole, tp)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert got["input_ids"].shape == (2, 7)  # 13 tokens padded to 14, this rank's second half
+    with pytest.raises(ValueError, match=r"each batch must be a dict with input_ids \(b, s\).*the loader gave a Tensor"):
+        next(iter(SequenceShardLoader(torch.utils.data.DataLoader(torch.zeros(4, 13, dtype=torch.long), batch_size=2), tp)))
