@@ -13,6 +13,10 @@ Example:
     >>> mesh = ds_twolevel.accelerate.build_mesh(accelerator)
     >>> patch_model(model, mesh)
     >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+With ``"two_level": {"sequence_parallel": true}`` the model takes each rank's shard of every batch:
+:class:`TwoLevelAccelerator` (what :func:`accelerator` makes) wraps every loader ``prepare`` returns so
+that it yields them (:class:`hf_integration.sequence_data.SequenceShardLoader`).
 """
 from __future__ import annotations
 
@@ -23,8 +27,12 @@ import os
 import sys
 from typing import Any, Callable, Iterator, Mapping
 
+import torch
+from accelerate import Accelerator
+
 from ds_twolevel.parallel import watchdog
-from ds_twolevel.deepspeed.config import SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config
+from ds_twolevel.deepspeed.config import (SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config,
+                                          read_json)
 from ds_twolevel.parallel.layout import TwoLevelMesh
 
 def deepspeed_config(config: str | os.PathLike | Mapping[str, Any], *, world_size: int | None = None) -> dict[str, Any]:
@@ -72,21 +80,158 @@ def kwargs_handlers(config: str | os.PathLike | Mapping[str, Any] | None = None)
     return [InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=tl.timeout_s))]
 
 
-def accelerator(config: str | os.PathLike | Mapping[str, Any], **accelerator_kwargs: Any) -> Any:
-    """``Accelerator`` with :func:`deepspeed_plugin` and :func:`kwargs_handlers` of ``config``.
+def accelerator(config: str | os.PathLike | Mapping[str, Any], **accelerator_kwargs: Any) -> "TwoLevelAccelerator":
+    """:class:`TwoLevelAccelerator` with :func:`deepspeed_plugin` and :func:`kwargs_handlers` of ``config``.
 
     Example:
         >>> acc = accelerator("ds_configs/zero2_n2_m2.json")
         >>> acc.distributed_type
         <DistributedType.DEEPSPEED: 'DEEPSPEED'>
     """
-    from accelerate import Accelerator
-
     from ds_twolevel.deepspeed.env import quiet_launch
 
     handlers = kwargs_handlers(config) + list(accelerator_kwargs.pop("kwargs_handlers", []))
     with quiet_launch():  # accelerate calls deepspeed.init_distributed: the shm op with a message, once per node
-        return Accelerator(deepspeed_plugin=deepspeed_plugin(config), kwargs_handlers=handlers, **accelerator_kwargs)
+        return TwoLevelAccelerator(deepspeed_plugin=deepspeed_plugin(config), kwargs_handlers=handlers,
+                                   **accelerator_kwargs)
+
+
+class TwoLevelAccelerator(Accelerator):
+    """accelerate's ``Accelerator`` that feeds a sequence-parallel model its shards.
+
+    With ``"two_level": {"sequence_parallel": true}`` in the DeepSpeed config, every DataLoader that
+    ``prepare`` returns yields this rank's shard of each batch
+    (:class:`hf_integration.sequence_data.SequenceShardLoader`: labels shifted before the cut, s padded to
+    a multiple of n*m, global ``position_ids``, ``num_items_in_batch``; accelerate's loader gives every
+    rank of a layer the same batch, so no collective is needed to cut it). ``model(**batch).loss`` is then
+    this rank's share of the batch's loss: ``accelerator.backward`` it as it is (no gradient is scaled by
+    the group size) and log ``hf_integration.sequence_data.whole_loss(loss, mesh)``. Without the switch it
+    is accelerate's ``Accelerator``.
+
+    Example:
+        >>> acc = ds_twolevel.accelerate.accelerator({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+        ...     "two_level": {"n": 2, "m": 2, "sequence_parallel": True, "vocab_parallel": True}})
+        >>> patch_model(model, build_mesh(acc), sequence_parallel=True, vocab_parallel=True)
+        >>> model, opt, loader = acc.prepare(model, opt, loader)   # loader: dicts of whole sequences
+    """
+
+    def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:
+        """accelerate's ``prepare``; under sequence parallelism its loaders yield this rank's shards.
+
+        A model whose ``sequence_parallel`` / ``vocab_parallel`` patching contradicts the config is refused
+        (ValueError) before anything is wrapped."""
+        tl = settings_of(getattr(self.state, "deepspeed_plugin", None))
+        models = [obj for obj in args if _is_module(obj)]
+        for model in models:
+            check_switches(model, tl, where="Accelerator.prepare")
+        result = super().prepare(*args, device_placement=device_placement)
+        if tl is None or not tl.sequence_parallel:
+            return result
+        for engine in self._models:
+            allow_sharded_inputs(engine)
+        loaders = [i for i, obj in enumerate(args) if _is_loader(obj)]
+        if not loaders:
+            return result
+        model = next((m for m in [*models, *self._models] if _sp_state(m) is not None), None)
+        if model is None:
+            raise ValueError("Accelerator.prepare: the DeepSpeed config says \"two_level\": {\"sequence_parallel\": "
+                             "true} but no model patched with sequence_parallel=True was prepared with or before this "
+                             "dataloader; prepare(model, optimizer, loader) together")
+        items = list(result) if isinstance(result, tuple) else [result]
+        for i in loaders:
+            items[i] = shard_loader(items[i], model)
+        return tuple(items) if isinstance(result, tuple) else items[0]
+
+
+def settings_of(source: Any) -> TwoLevelConfig | None:
+    """The ``"two_level"`` section of a DeepSpeed config (dict, path, ``DeepSpeedPlugin``,
+    ``HfTrainerDeepSpeedConfig``), None when there is none.
+
+    Example:
+        >>> settings_of(accelerator.state.deepspeed_plugin).sequence_parallel
+        True
+    """
+    config = getattr(source, "deepspeed_config", None) or getattr(source, "config", None) or source
+    if isinstance(config, (str, os.PathLike)):
+        config = read_json(config)
+    if not isinstance(config, Mapping) or SECTION not in config:
+        return None
+    return load_deepspeed_config(config)[0]
+
+
+def check_switches(model: Any, tl: TwoLevelConfig | None, *, where: str) -> None:
+    """ValueError when a partitioned model's ``sequence_parallel`` / ``vocab_parallel`` patching is not what
+    the config's ``"two_level"`` section says (sharded batches fed to a model that reads them as whole
+    sequences would train it wrongly). No-op for a model that is not partitioned, or without a config.
+
+    Example:
+        >>> check_switches(model, settings_of(cfg), where="Accelerator.prepare")
+    """
+    from hf_integration.partitioned import partitioned_layers
+    from hf_integration.vocab_parallel import vocab_head
+
+    if tl is None or not partitioned_layers(model):
+        return
+    patched = {"sequence_parallel": _sp_state(model) is not None, "vocab_parallel": vocab_head(model) is not None}
+    wrong = [k for k, v in patched.items() if v != getattr(tl, k)]
+    if wrong:
+        want = ", ".join(f"{k}={getattr(tl, k)}" for k in patched)
+        raise ValueError(f"{where}: {type(_unwrap(model)).__name__} was patched with "
+                         f"{', '.join(f'{k}={patched[k]}' for k in wrong)} but the DeepSpeed config's \"two_level\" "
+                         f"section says {', '.join(f'{k}={getattr(tl, k)}' for k in wrong)}; patch it as the config "
+                         f"says (hf_integration.patch_model(model, mesh, {want})) or change the config")
+
+
+def shard_loader(loader: Any, model: Any) -> Any:
+    """``loader`` yielding this rank's shard of each batch, for ``model`` patched with ``sequence_parallel=True``.
+
+    Example:
+        >>> loader = shard_loader(accelerator.prepare(loader), model)
+    """
+    from hf_integration.sequence_data import SequenceShardLoader
+
+    return SequenceShardLoader(loader, _sp_state(model).mesh, pad_token_id=_pad_token_id(model))
+
+
+def _pad_token_id(model: Any) -> int:
+    """The id ``shard_batch`` pads a sequence with (masked and ignored: any id is exact; the model's own if set)."""
+    pad = getattr(getattr(_unwrap(model), "config", None), "pad_token_id", None)
+    return pad if isinstance(pad, int) else 0
+
+
+def allow_sharded_inputs(engine: Any) -> None:
+    """Remove the check of the first forward's inputs that DeepSpeed's engine puts on a model when
+    ``tensor_parallel.autotp_size`` is set (``first_dataloader_check``: every rank of a tp group must be given
+    equal tensors). Under sequence parallelism the ranks of a layer hold different tokens by design; the
+    two-level guard (``ds_twolevel.guard``) still checks at every forward what they must agree on. No-op
+    for an engine without that check or whose model is not sequence-parallel.
+
+    Example:
+        >>> allow_sharded_inputs(trainer.model_wrapped)
+    """
+    handle = getattr(engine, "first_dataloader_check", None)
+    if handle is not None and _sp_state(engine) is not None:
+        handle.remove()
+
+
+def _sp_state(model: Any) -> Any:
+    from hf_integration.sequence_parallel import sequence_parallel_state
+
+    return sequence_parallel_state(model)
+
+
+def _unwrap(model: Any) -> Any:
+    while getattr(model, "module", None) is not None:
+        model = model.module
+    return model
+
+
+def _is_module(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.Module)
+
+
+def _is_loader(obj: Any) -> bool:
+    return isinstance(obj, torch.utils.data.DataLoader)
 
 
 def build_mesh(source: Any) -> TwoLevelMesh:
@@ -144,8 +289,6 @@ def prepare_problem(accelerator: Any, mesh: TwoLevelMesh) -> str | None:
 
 
 def _device_type() -> str:
-    import torch
-
     return "cpu" if not torch.accelerator.is_available() else torch.accelerator.current_accelerator().type
 
 

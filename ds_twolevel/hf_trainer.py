@@ -9,6 +9,9 @@ accelerate's dataloader gives one batch per layer group). Two things need help:
   0 writes a dense checkpoint that plain ``from_pretrained`` loads (checkpoints made during training
   get it too, beside DeepSpeed's own files for resuming). With the plain ``Trainer`` the guard refuses
   ``save_strategy`` other than ``"no"`` before the first step, and ``save_model`` at once.
+- **Sequence parallelism.** With ``"two_level": {"sequence_parallel": true}`` :class:`TwoLevelTrainer`
+  gives each rank its shard of every batch it draws from the train dataloader (the count of label tokens
+  taken on the whole batches first) and logs the whole batch's loss.
 - **CPU.** Under DeepSpeed, ``TrainingArguments`` creates accelerate's state without a backend, so
   on CPU every process believes it is rank 0 of 1 (``num_processes=1``, the same batches everywhere).
   :func:`training_arguments` creates that state with gloo first and passes
@@ -30,7 +33,8 @@ from typing import Any, Mapping
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-from ds_twolevel.accelerate import _device_type, deepspeed_config
+from ds_twolevel.accelerate import (_device_type, _pad_token_id, allow_sharded_inputs, check_switches, deepspeed_config,
+                                    settings_of)
 from ds_twolevel.parallel.agreement import agreement
 from ds_twolevel.deepspeed.config import load_deepspeed_config
 
@@ -101,6 +105,13 @@ def training_arguments(output_dir: str | os.PathLike, *, deepspeed: str | os.Pat
     return TrainingArguments(str(output_dir), deepspeed=ds, **kwargs)
 
 
+def _sp_mesh(model: Any) -> Any:
+    from hf_integration.sequence_parallel import sequence_parallel_state
+
+    state = sequence_parallel_state(model)
+    return None if state is None else state.mesh
+
+
 class TwoLevelTrainer(Trainer):
     """``transformers.Trainer`` whose ``save_model`` gathers the shards on every rank and writes a dense
     checkpoint (plain ``from_pretrained`` loads it); everything else is the Trainer's.
@@ -112,6 +123,43 @@ class TwoLevelTrainer(Trainer):
 
     two_level_saves = True
     """read by the guard: this Trainer saves with every rank."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's; a model whose ``sequence_parallel`` / ``vocab_parallel`` patching contradicts the
+        DeepSpeed config's ``"two_level"`` section is refused (ValueError) here, before any step."""
+        super().__init__(*args, **kwargs)
+        tl = settings_of(self.args.hf_deepspeed_config) if self.is_deepspeed_enabled else None
+        check_switches(self.model, tl, where=type(self).__name__)
+        self.sequence_mesh = _sp_mesh(self.model) if tl is not None and tl.sequence_parallel else None
+        """the mesh whose tp ranks share each batch's tokens (sequence parallelism), else None."""
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The Trainer's batches and their count of label tokens, then, under sequence parallelism, this
+        rank's shard of each (``hf_integration.sequence_data.shard_batch``).
+
+        The count is taken on the whole batches, as the Trainer takes it: summed over the world and divided
+        by ``autotp_size`` (every rank of a layer holds the same whole batches), it is the step's real label
+        tokens, so each rank's loss is its tokens' sum over that count and the shares add up to the step's
+        loss: no gradient is scaled by the group size."""
+        batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sequence_mesh is None:
+            return batches, count
+        from hf_integration.sequence_data import shard_batch, whole_batch
+
+        pad = _pad_token_id(self.model)
+        return [shard_batch(whole_batch(b), self.sequence_mesh, pad_token_id=pad) for b in batches], count
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """The Trainer's step; under sequence parallelism it returns (for logging) the sum of the layer's
+        shares, the loss of the whole batch, where the Trainer would log this rank's share (and lets the
+        ranks of a layer be given different tokens: :func:`ds_twolevel.accelerate.allow_sharded_inputs`)."""
+        if self.sequence_mesh is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        allow_sharded_inputs(model)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        from hf_integration.sequence_data import whole_loss
+
+        return whole_loss(loss, self.sequence_mesh)
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator, with DeepSpeed's gradient accumulation steps set now.

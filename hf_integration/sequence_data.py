@@ -75,6 +75,9 @@ def shard_batch(batch: Mapping[str, Any], mesh: TwoLevelMesh | AxisGroup, *, pad
 class SequenceShardLoader:
     """Wrap a DataLoader of whole-sequence batches: yields :func:`shard_batch` of each.
 
+    Every other attribute (``dataset``, ``batch_size``, ``set_epoch``, ...) is the wrapped loader's, so
+    code that inspects a prepared loader (accelerate, the Hugging Face Trainer) sees the loader it made.
+
     Example:
         >>> loader = SequenceShardLoader(DataLoader(data, batch_size=1), mesh, pad_token_id=tok.pad_token_id)
     """
@@ -85,10 +88,31 @@ class SequenceShardLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
-            yield shard_batch(batch, self.mesh, pad_token_id=self.pad_token_id)
+            yield shard_batch(whole_batch(batch), self.mesh, pad_token_id=self.pad_token_id)
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+def whole_batch(batch: Any) -> Mapping[str, Any]:
+    """``batch`` if it is a mapping with 2-D ``input_ids``; ValueError naming what a sequence-parallel
+    loader needs otherwise (before any collective).
+
+    Example:
+        >>> whole_batch({"input_ids": ids})      # ids: (b, s)
+    """
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        got = (f"a {type(batch).__name__}" if not isinstance(batch, Mapping) else
+               f"keys {sorted(batch)}" if ids is None else f"input_ids of shape {tuple(getattr(ids, 'shape', ()))}")
+        raise ValueError(f"sequence_parallel: each batch must be a dict with input_ids (b, s) (and optionally "
+                         f"attention_mask, labels, position_ids) of whole sequences; the loader gave {got}")
+    return batch
 
 
 def whole_loss(loss: torch.Tensor, mesh: TwoLevelMesh | AxisGroup) -> torch.Tensor:

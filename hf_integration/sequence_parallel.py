@@ -35,6 +35,10 @@ from hf_integration.modules import HFTwoLevelAttention
 from hf_integration.partitioned import PARTITIONED
 
 CACHE_KWARGS = ("cache", "past_key_values")
+FEEDERS = ("hf_integration.sequence_data.shard_batch / SequenceShardLoader cut it; through accelerate, "
+           "ds_twolevel.accelerate.accelerator(cfg).prepare(model, optimizer, loader), and the Hugging Face "
+           "Trainer, ds_twolevel.hf_trainer.TwoLevelTrainer, feed the shards")
+"""the ways that give each rank its shard, named by the errors of a forward that got a whole batch."""
 SHARDED_INPUTS = ("input_ids", "inputs_embeds", "labels", "shift_labels")
 """per-token inputs whose values differ between the ranks of a layer (shapes agree)."""
 
@@ -105,6 +109,21 @@ def whole_sequence(model: nn.Module) -> Iterator[nn.Module]:
         state.paused = False
 
 
+def sequence_parallel_state(model: Any) -> SequenceParallelState | None:
+    """The state of a model patched with ``sequence_parallel=True``, or of the model a wrapper holds
+    (a DeepSpeed engine's or DDP's ``module``); None when it has none.
+
+    Example:
+        >>> sequence_parallel_state(engine).mesh      # the mesh patch_model was given
+    """
+    while model is not None:
+        state = getattr(model, "_twolevel_sequence_parallel", None)
+        if state is not None:
+            return state
+        model = getattr(model, "module", None)
+    return None
+
+
 def _set_active(state: SequenceParallelState, active: bool, mask: torch.Tensor | None = None) -> None:
     state.active = active
     for layer in state.layers:
@@ -132,8 +151,8 @@ def _pre_forward(state: SequenceParallelState, model: nn.Module, args: tuple, kw
     chunks = whole[0].chunk(tp.size, dim=1)
     if all(torch.equal(c, chunks[0]) for c in chunks[1:]):
         raise ValueError(f"{type(model).__name__}: sequence_parallel: every rank of the layer passed the same "
-                         f"position_ids {tuple(local.shape)}; pass each rank its shard of the sequence "
-                         f"(hf_integration.sequence_data.shard_batch), or a KV cache to run the whole sequence")
+                         f"position_ids {tuple(local.shape)}; pass each rank its shard of the sequence ({FEEDERS}), "
+                         f"or a KV cache to run the whole sequence")
     full_mask = None if mask is None or bool(whole[1].all()) else whole[1].bool()  # (b, s)
     _set_active(state, True, full_mask)
     kwargs["position_ids"] = whole[0]
@@ -152,8 +171,7 @@ def _check_call(model: nn.Module, kwargs: dict, tokens: Any, positions: Any, mas
         raise ValueError(f"{name}: pass input_ids or inputs_embeds")
     if positions is None:
         raise ValueError(f"{name}: sequence_parallel: pass position_ids, the global positions of this rank's "
-                         f"{tokens.shape[1]} tokens (hf_integration.sequence_data.shard_batch gives them), or a KV "
-                         f"cache to run the whole sequence on every rank")
+                         f"{tokens.shape[1]} tokens ({FEEDERS}), or a KV cache to run the whole sequence on every rank")
     if positions.shape[-1] != tokens.shape[1]:
         raise ValueError(f"{name}: sequence_parallel: position_ids cover {positions.shape[-1]} tokens, the input "
                          f"{tokens.shape[1]}; both are this rank's shard")

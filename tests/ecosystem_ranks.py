@@ -9,6 +9,7 @@ dense weights, gathered). pytest compares them with a dense single-process run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -233,7 +234,8 @@ def _recording(trainer_cls: type, record: Run) -> type:
     return Recording
 
 
-def _trainer_args(args, out: Path, deepspeed: dict | None, save_steps: int | None, helper: bool = True):
+def _trainer_args(args, out: Path, deepspeed: dict | None, save_steps: int | None, helper: bool = True,
+                  **overrides: Any):
     """``helper=False``: ``TrainingArguments(out, deepspeed=path)`` as a user without
     ``ds_twolevel.hf_trainer.training_arguments`` writes it."""
     from transformers import TrainingArguments
@@ -245,6 +247,7 @@ def _trainer_args(args, out: Path, deepspeed: dict | None, save_steps: int | Non
                   max_grad_norm=CLIP, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[],
                   save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True,
                   seed=3, dataloader_drop_last=True)
+    common.update(overrides)
     if deepspeed is None:
         return TrainingArguments(str(out), use_cpu=True, ddp_backend="gloo", **common)
     import torch.distributed as dist
@@ -285,6 +288,223 @@ def trainer(args, record: Run, kind: str) -> dict:
         run.save_model(str(out / "final"))
         record.data["saved"] = sorted(p.name for p in out.iterdir())
     return ds_twolevel.dense_state_dict(run.model_wrapped)
+
+
+# -- sequence and vocab parallelism through accelerate and the Trainer --------------------------------
+SP_SEQ = 13
+"""divisible by neither 2 nor 4: the shards are cut from a padded sequence."""
+SP_LR, SP_EPS = 1e-3, 1e-4
+"""eps 1e-4: Adam moves a near-zero-gradient weight by lr/eps per unit of gradient error (see
+tests/test_sequence_parallel.py); 1e-4 keeps the 1e-5 comparison of the weights meaningful."""
+
+
+def sp_model(arch: str):
+    """The dense tiny Llama or Qwen3 of tests/test_sequence_parallel.py (Llama without q/k/v biases: the key
+    bias's gradient is analytically zero, and Adam turns its fp32 noise into steps of up to lr)."""
+    from hf_integration.testing import tiny_model
+
+    return tiny_model(arch, seed=3, **({"attention_bias": False} if arch == "llama" else {})).train()
+
+
+def sp_rows(count: int, seed: int = 7) -> list[dict]:
+    """``count`` sequences of SP_SEQ tokens, row i right-padded by i % 4 tokens (mask 0, labels -100)."""
+    from hf_integration.testing import VOCAB as SP_VOCAB
+
+    ids = torch.randint(1, SP_VOCAB, (count, SP_SEQ), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(count, SP_SEQ, dtype=torch.long)
+    for i in range(count):
+        if i % 4:
+            mask[i, -(i % 4):] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": ids[i].masked_fill(mask[i] == 0, -100)}
+            for i in range(count)]
+
+
+def sp_config(stage: int, n: int, m: int, *, sequence_parallel: bool = True) -> dict:
+    cfg = ds_config(stage, n, m)
+    cfg["two_level"].update(sequence_parallel=sequence_parallel, vocab_parallel=True)
+    return cfg
+
+
+@contextlib.contextmanager
+def first_step_grads(out: dict):
+    """Record, at the first optimizer step of any DeepSpeed engine, every parameter's full (ZeRO-gathered,
+    pre-clipping) gradient into ``out`` (``deepspeed.utils.safe_get_full_grad``, collective over dp)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import safe_get_full_grad
+
+    original = DeepSpeedEngine.step
+
+    def step(engine, *args: Any, **kwargs: Any) -> Any:
+        if "grads" not in out and engine.is_gradient_accumulation_boundary():
+            out["grads"] = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()}
+        return original(engine, *args, **kwargs)
+
+    DeepSpeedEngine.step = step
+    try:
+        yield out
+    finally:
+        DeepSpeedEngine.step = original
+
+
+def _replica_batches(mine: list[dict], mesh) -> list[list[dict]]:
+    """Every data-parallel replica's whole micro-batches, in dp order (from the ranks with tp rank 0)."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return [everyone[r] for r in range(0, dist.get_world_size(), mesh.layout.tp_size)]
+
+
+def sp_dense(arch: str, replicas: list[list[dict]], *, per_token: bool, weight_decay: float) -> dict:
+    """The dense run of the same steps: each step's loss is Σ token losses / real tokens over the step's
+    micro-batches (``per_token``: the Trainer's num_items_in_batch), or the mean of the micro-batches' mean
+    losses (DeepSpeed's accumulation and dp averaging in accelerate's loop); clip_grad_norm_, torch AdamW."""
+    model = sp_model(arch)
+    opt = torch.optim.AdamW(model.parameters(), lr=SP_LR, betas=BETAS, eps=SP_EPS, weight_decay=weight_decay)
+    out: dict[str, Any] = {"losses": [], "grad_norms": []}
+    for step in range(STEPS):
+        micro = [rep[k] for rep in replicas for k in range(step * GAS, (step + 1) * GAS)]
+        if per_token:
+            loss = model(**{key: torch.cat([b[key] for b in micro]) for key in micro[0]}).loss
+        else:
+            loss = sum(model(**b).loss for b in micro) / len(micro)
+        loss.backward()
+        if step == 0:
+            out["grads"] = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        out["grad_norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        opt.step()
+        opt.zero_grad()
+        out["losses"].append(float(loss))
+    out["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return out
+
+
+def sp_errors(record: Run, arch: str, engine, dense: dict, losses: list[float], grads: dict, norms: list) -> None:
+    """Relative errors against the dense run: every step's loss and pre-clip gradient norm, every
+    parameter's gradient at step 1 (each shard against its dense slice), every weight after STEPS steps
+    (relative to the largest weight)."""
+    import ds_twolevel
+    from ds_twolevel.testing import rel_err
+    from hf_integration.testing import shard_grad_errors
+
+    module = engine.module
+    reference = sp_model(arch)
+    for name, p in reference.named_parameters():
+        p.grad = dense["grads"][name]
+    for name, p in module.named_parameters():
+        p.grad = grads[name]
+    state = ds_twolevel.dense_state_dict(engine)
+    scale = max(float(v.abs().max()) for v in dense["weights"].values())
+    record.data["errors"] = {
+        "loss": max(rel_err(torch.tensor(a), torch.tensor(b)) for a, b in zip(losses, dense["losses"], strict=True)),
+        "grad_norm": max(rel_err(torch.tensor(a), torch.tensor(b)) for a, b in zip(norms, dense["grad_norms"], strict=True)),
+        "grads": shard_grad_errors(reference, module),
+        "weights": max(rel_err(state[k], v, scale) for k, v in dense["weights"].items())}
+    record.data["clipped"] = all(norm > CLIP for norm in dense["grad_norms"])
+
+
+@scenario
+def accelerate_sequence_parallel(args, record: Run, arch: str) -> None:
+    """``"two_level": {"sequence_parallel": true, "vocab_parallel": true}``, ZeRO-2, through
+    ``ds_twolevel.accelerate.accelerator(cfg)``: ``prepare(model, opt, loader)`` returns a loader of
+    this rank's shards; the loop is accelerate's, unchanged."""
+    import torch.distributed as dist
+
+    from ds_twolevel import accelerate as two_level_accelerate
+    from hf_integration import patch_model
+    from hf_integration.sequence_data import shard_batch, whole_loss
+
+    accelerator = two_level_accelerate.accelerator(sp_config(2, args.n, args.m))
+    mesh = two_level_accelerate.build_mesh(accelerator)
+    model = sp_model(arch)
+    patch_model(model, mesh, sequence_parallel=True, vocab_parallel=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=SP_LR, betas=BETAS, eps=SP_EPS, weight_decay=0.01)
+    data = torch.utils.data.DataLoader(sp_rows(STEPS * GAS * MICRO * mesh.layout.dp), batch_size=MICRO)
+    engine, opt, loader = accelerator.prepare(model, opt, data)
+    record.data["loader"] = type(loader).__name__
+    whole = list(loader.loader)  # the batches accelerate gives this rank (the same on every rank of a layer)
+    micro, grads = [], {}
+    with first_step_grads(grads):
+        for k, batch in enumerate(loader):
+            record.data.setdefault("shards_match", []).append(
+                all(torch.equal(v, batch[key]) for key, v in shard_batch(whole[k], mesh).items()))
+            with accelerator.accumulate(engine):
+                loss = engine(**batch).loss
+                accelerator.backward(loss)
+                opt.step()
+                opt.zero_grad()
+            micro.append(whole_loss(loss, mesh))
+            if (k + 1) % GAS == 0:
+                record.data["grad_norms"].append(float(engine.get_global_grad_norm()))
+    steps = torch.stack(micro).view(STEPS, GAS).mean(1)  # the replica's step losses
+    dist.all_reduce(steps, group=mesh.get_data_parallel_group())
+    record.data["losses"] = (steps / mesh.layout.dp).tolist()
+    dense = sp_dense(arch, _replica_batches(whole, mesh), per_token=False, weight_decay=0.01)
+    sp_errors(record, arch, engine, dense, record.data["losses"], grads["grads"], record.data["grad_norms"])
+
+
+@scenario
+def accelerate_sequence_parallel_refused(args, record: Run, kind: str) -> None:
+    """``kind`` "plain_loader": a sequence-parallel model fed whole batches by accelerate's own
+    ``Accelerator`` (not ``ds_twolevel.accelerate.accelerator``): the model's error at the first forward.
+    "switch": the config says sequence_parallel, the model was patched without it: refused at prepare."""
+    from accelerate import Accelerator
+
+    from ds_twolevel import accelerate as two_level_accelerate
+    from hf_integration import patch_model
+
+    cfg = sp_config(2, args.n, args.m)
+    if kind == "plain_loader":
+        accelerator = Accelerator(deepspeed_plugin=two_level_accelerate.deepspeed_plugin(cfg),
+                                  kwargs_handlers=two_level_accelerate.kwargs_handlers(cfg))
+    else:
+        accelerator = two_level_accelerate.accelerator(cfg)
+    mesh = two_level_accelerate.build_mesh(accelerator)
+    model = sp_model("llama")
+    patch_model(model, mesh, sequence_parallel=kind == "plain_loader", vocab_parallel=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=SP_LR)
+    data = torch.utils.data.DataLoader(sp_rows(4 * mesh.layout.dp), batch_size=MICRO)
+    engine, opt, loader = accelerator.prepare(model, opt, data)
+    for batch in loader:
+        loss = engine(**batch).loss
+        record.data["losses"].append(float(loss))
+        accelerator.backward(loss)
+
+
+@scenario
+def trainer_sequence_parallel(args, record: Run, arch: str) -> None:
+    """TwoLevelTrainer + DeepSpeed ZeRO-2 with both switches: the Trainer's own loop, sampler and logging;
+    each rank trains on its shard of every batch, the logged loss is the whole step's."""
+    import ds_twolevel
+    from ds_twolevel.hf_trainer import TwoLevelTrainer
+    from hf_integration import patch_model
+
+    out = Path(args.out) / f"{record.case}_out"
+    cfg = sp_config(2, args.n, args.m)
+    targs = _trainer_args(args, out, cfg, save_steps=None, learning_rate=SP_LR, adam_epsilon=SP_EPS)
+    mesh = ds_twolevel.build_mesh(cfg)
+    model = sp_model(arch)
+    patch_model(model, mesh, sequence_parallel=True, vocab_parallel=True)
+    whole: list[dict] = []
+
+    class Recording(TwoLevelTrainer):
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            def tee():
+                for batch in epoch_iterator:
+                    whole.append({k: v.clone() for k, v in batch.items()})
+                    yield batch
+            return super().get_batch_samples(tee(), num_batches, device)
+
+    run = Recording(model=model, args=targs, train_dataset=sp_rows(64 * mesh.layout.dp))
+    grads: dict = {}
+    with first_step_grads(grads):
+        run.train()
+    logs = [h for h in run.state.log_history if "loss" in h]
+    record.data["losses"] = [h["loss"] for h in logs]
+    record.data["grad_norms"] = [h["grad_norm"] for h in logs]
+    dense = sp_dense(arch, _replica_batches(whole, mesh), per_token=True, weight_decay=0.0)
+    sp_errors(record, arch, run.model_wrapped, dense, record.data["losses"], grads["grads"], record.data["grad_norms"])
 
 
 # -- plain DDP ---------------------------------------------------------------------------------------
@@ -468,6 +688,12 @@ SCENARIOS = [
     ("accelerate_ds_nogloo", accelerate_deepspeed, (2, True, False)),
     ("accelerate_ds_z2", accelerate_deepspeed, (2,)),
     ("accelerate_ds_z3", accelerate_deepspeed, (3,)),
+    ("accelerate_sp", accelerate_sequence_parallel, ("llama",)),
+    ("accelerate_sp_qwen3", accelerate_sequence_parallel, ("qwen3",)),
+    ("accelerate_sp_plain_loader", accelerate_sequence_parallel_refused, ("plain_loader",)),
+    ("accelerate_sp_switch", accelerate_sequence_parallel_refused, ("switch",)),
+    ("trainer_sp", trainer_sequence_parallel, ("llama",)),
+    ("trainer_sp_qwen3", trainer_sequence_parallel, ("qwen3",)),
     ("accelerate_ddp", accelerate_ddp, ()),
     ("trainer_ds", trainer, ("two_level",)),
     ("trainer_ds_plain_save", trainer, ("plain_ds",)),

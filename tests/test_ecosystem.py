@@ -3,7 +3,8 @@ single-process run, and the guard that refuses the ways that would corrupt the m
 
 Two launches run every scenario of tests/ecosystem_ranks.py: dp x n x m = 2 x 1 x 2 under torchrun
 and 1 x 2 x 2 under the deepspeed launcher. The model is a seeded tiny Qwen3 (GQA, per-head q/k
-norms). Exact paths are compared with a dense run on the same rows (taken from what the ranks
+norms); the sequence- and vocab-parallel cases train tiny Llama and Qwen3 models on padded sequences
+and compare with a dense run each rank computes itself. Exact paths are compared with a dense run on the same rows (taken from what the ranks
 recorded): torch AdamW (eps 1e-5: Adam amplifies fp32 noise by lr/eps, see test_deepspeed_e2e.py),
 clip_grad_norm_, every step's loss and pre-clip gradient norm and every final weight within 1e-5
 (relative). Refused paths must raise the guard's error on every rank at the first forward, before
@@ -258,6 +259,50 @@ def test_plain_trainer_ddp_is_refused(runs, layout):
     out, *_ = runs(layout)
     assert records(out, "trainer_plain")[0]["trainer"] == ["DistributedType.MULTI_CPU", WORLD]
     check_refused(out, "trainer_plain", "DistributedDataParallel (made by accelerate's Accelerator.prepare)")
+
+
+# -- sequence and vocab parallelism ----------------------------------------------------------------
+@pytest.mark.parametrize("case", ["accelerate_sp", "trainer_sp", "accelerate_sp_qwen3", "trainer_sp_qwen3"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sequence_and_vocab_parallel_match_dense(runs, layout, case):
+    """``"two_level": {"sequence_parallel": true, "vocab_parallel": true}``, ZeRO-2, a tiny Llama (Qwen3: the
+    ``_qwen3`` cases) on padded sequences of 13 tokens: through ``ds_twolevel.accelerate.accelerator(cfg).prepare`` (accelerate's loop,
+    unchanged) and through ``TwoLevelTrainer``, every rank trains on its shard of each batch. Against the
+    dense run on every replica's batches (computed on each rank): every step's loss (the Trainer's logged
+    loss; accelerate's the shares added, averaged over dp) and pre-clip gradient norm, every parameter's
+    gradient at step 1, every weight after 4 steps, within 1e-5."""
+    out, dp, n, m = runs(layout)
+    recs = records(out, case)
+    for r, rec in enumerate(recs):
+        assert rec["error"] is None, f"{case} rank {r}: {rec['error']['trace']}"
+        assert len(rec["losses"]) == len(rec["grad_norms"]) == R.STEPS, rec
+        assert rec["clipped"], "clipping must be active for the norm to matter"
+        bad = {k: v for k, v in rec["errors"].items() if not v <= TOL}
+        assert not bad, f"{case} rank {r}: relative errors above {TOL}: {bad}"
+    if case.startswith("accelerate"):  # prepare() returned a loader of this rank's shards: shard_batch of accelerate's batch
+        assert all(rec["loader"] == "SequenceShardLoader" and len(rec["shards_match"]) == R.STEPS * R.GAS
+                   and all(rec["shards_match"]) for rec in recs)
+    print(f"\n{case} at {layout}: {recs[0]['errors']}")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sequence_parallel_fed_whole_batches_or_patched_otherwise_is_refused(runs, layout):
+    """accelerate's own Accelerator feeds a sequence-parallel model whole batches: the model's error at the
+    first forward, on every rank, before any step. A model patched without sequence_parallel under a config
+    that has it: refused by prepare."""
+    out, dp, n, m = runs(layout)
+    for case, fragments in {
+            "accelerate_sp_plain_loader": ["sequence_parallel: pass position_ids", "ds_twolevel.accelerate.accelerator(cfg)",
+                                           "ds_twolevel.hf_trainer.TwoLevelTrainer"],
+            "accelerate_sp_switch": ["Accelerator.prepare: LlamaForCausalLM was patched with sequence_parallel=False "
+                                     "but the DeepSpeed config's \"two_level\" section says sequence_parallel=True",
+                                     "patch_model(model, mesh, sequence_parallel=True, vocab_parallel=True)"]}.items():
+        errors = [rec["error"] for rec in records(out, case)]
+        assert all(e is not None and e["type"] == "ValueError" for e in errors), (case, errors)
+        assert len({e["message"] for e in errors}) == 1, "ranks disagree"
+        for fragment in fragments:
+            assert fragment in errors[0]["message"], (case, fragment, errors[0]["message"])
+        assert all(rec["losses"] == [] for rec in records(out, case)), "refused after a step"
 
 
 # -- DDP ---------------------------------------------------------------------------------------------
@@ -516,3 +561,22 @@ def test_an_auto_value_would_be_caught(tmp_path, fresh_accelerate_state):
     plugin = DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)
     with pytest.raises(ValueError, match="`two_level.strategy` not found in kwargs"):
         plugin.deepspeed_config_process(must_match=False)
+
+
+def test_sequence_shard_loader_is_the_prepared_loader_but_for_its_batches():
+    """What TwoLevelAccelerator.prepare returns under sequence parallelism: shard_batch of each batch; every
+    other attribute the wrapped loader's; bare tensors refused with what a sequence-parallel loader needs."""
+    from ds_twolevel.parallel.layout import AxisGroup
+    from hf_integration.sequence_data import SequenceShardLoader, shard_batch
+
+    rows = R.sp_rows(4)
+    loader = torch.utils.data.DataLoader(rows, batch_size=2)
+    tp = AxisGroup(name="tp", size=2, rank=1)  # shard_batch needs no process group
+    wrapped = SequenceShardLoader(loader, tp)
+    assert wrapped.dataset is rows and wrapped.batch_size == 2 and len(wrapped) == 2
+    for got, whole in zip(wrapped, loader, strict=True):
+        want = shard_batch(whole, tp)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert got["input_ids"].shape == (2, 7)  # 13 tokens padded to 14, this rank's second half
+    with pytest.raises(ValueError, match=r"each batch must be a dict with input_ids \(b, s\).*the loader gave a Tensor"):
+        next(iter(SequenceShardLoader(torch.utils.data.DataLoader(torch.zeros(4, 13, dtype=torch.long), batch_size=2), tp)))
