@@ -230,8 +230,16 @@ def test_gpu_recipe_small_on_cpu(tmp_path, capsys):
     assert len(result["overhead"]) == 2 and all(r["max_rel_diff"] < 1e-5 for r in result["overhead"])
     printed = capsys.readouterr().out
     assert "ratio to ideal" in printed and "HF LlamaAttention (sdpa)" in printed
+    steps = {(r["family"], r["n"], r["m"], r["cache_layout"]): r for r in result["decode_steps"]}
+    assert {("dense", 1, 1, "segments"), ("head-wise", 4, 1, "segments"), ("two-level", 2, 2, "kv_shard"),
+            ("two-level", 1, 4, "segments"), ("helix", 2, 2, "kv_shard"), ("helix", 1, 4, "kv_shard")} <= set(steps)
+    assert steps[("two-level", 2, 2, "kv_shard")]["ran"] == "kv_shard" and steps[("helix", 1, 4, "kv_shard")]["ran"] == "helix"
+    # rank (0, 0)'s cache: 1/4 of the dense one in every 4-rank layout (8 KV heads: no replication)
+    dense_kv = steps[("dense", 1, 1, "segments")]["kv_bytes"]
+    assert all(4 * r["kv_bytes"] == dense_kv for k, r in steps.items() if k[0] != "dense")
     section = _gpu_section(out)  # the report's section 8 renders whatever device the recipe ran on
     assert "Measured on cpu" in section and "| prefill | 1 | 256 | 2 x 2 | score_allreduce |" in section
+    assert "End-to-end decode step" in section and "| helix | 2 x 2 | kv_shard | helix |" in section
     assert "No GPU results" in _gpu_section(tmp_path / "missing.json")
 
 

@@ -282,10 +282,18 @@ def write_report(results: dict, out: Path) -> Path:
     overhead_text, overhead_verdict = _overhead_section(results)
     sections = {"regenerate": REGENERATE, "layouts": _layouts_section(results), "shard": shard_text,
                 "shard_verdict": shard_verdict, "overhead": overhead_text, "overhead_verdict": overhead_verdict,
-                "planner": planner_section(), "paper": paper_section(), "gpu": gpu_section(out / GPU_JSON)}
+                "planner": planner_section(), "paper": paper_section(), "gpu": gpu_section(out / GPU_JSON),
+                "load": _load_text(results)}
     path = out / "performance.md"
     path.write_text(render(results, sections))
     return path
+
+
+def _load_text(results: dict) -> str:
+    """"load average A at the start and B at the end" (other jobs on the machine), or "" when not recorded."""
+    load = results.get("load_average") or []
+    return (f", load average {load[0]:.1f} at the start and {load[-1]:.1f} at the end of the measurements"
+            if len(load) == 2 else "")
 
 
 def render(results: dict, sections: dict[str, str]) -> str:

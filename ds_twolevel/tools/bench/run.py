@@ -25,14 +25,20 @@ def run_all(cfg: BenchConfig) -> dict:
     torch.set_num_threads(1)
     started = time.time()
     out: dict[str, Any] = {"config": asdict(cfg), "torch": torch.__version__, "threads_per_rank": 1,
-                           "cpu_count": os.cpu_count()}
+                           "cpu_count": os.cpu_count(), "load_average": [_load()]}
     out["overhead"] = sdpa_overhead(cfg)
     out["allocator"] = "THP_MEM_ALLOC_ENABLE=" + os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     out["shard"] = shard_compute(cfg)
     out["shard_thp"] = shard_compute_thp(cfg)
     out["layouts"] = run_distributed(layout_rank, cfg.ranks, cfg, timeout=900)[0]
     out["seconds"] = time.time() - started
+    out["load_average"].append(_load())
     return out
+
+
+def _load() -> float:
+    """The 1-minute load average (other jobs on a shared machine), NaN where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

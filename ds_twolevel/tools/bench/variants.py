@@ -94,11 +94,12 @@ def hf_variant(model: nn.Module, inp: dict, res: VariantResult, ref: dict | None
     (None: all); error against ``ref`` (None: it is the reference). ``alone``: other ranks build nothing."""
     import torch.distributed as dist
 
-    steps: dict[str, Step] = {"prefill": lambda: model(input_ids=inp["prefill"])}
+    ids = inp["prefill"]
+    steps: dict[str, Step] = {"prefill": lambda: model(input_ids=ids)}
     if alone and dist.get_rank() != 0:  # the phases' barriers only
         return Variant(res, {phase: lambda: None for phase in ("prefill", *DECODE_PHASES)}, alone)
     if ref is not None:
-        res.max_error = _error(model(input_ids=inp["prefill"]).last_hidden_state, ref["prefill"])
+        res.max_error = _error(model(input_ids=ids).last_hidden_state, ref["prefill"])
     for phase in DECODE_PHASES:
         d = inp[phase]
         cache = hf_cache(model.config, d["kv"], heads)
@@ -121,12 +122,13 @@ def ours_variant(model: TwoLevelLlama, inp: dict, cfg: BenchConfig, res: Variant
     steps: dict[str, Step] = {}
     res.cache_layout = layout
     if prefill:
-        res.prefill_strategy = model.strategy_for(inp["prefill"], None)
+        ids = inp["prefill"]
+        res.prefill_strategy = model.strategy_for(ids, None)
         with CommCounter() as comm:
-            out = model(inp["prefill"])
+            out = model(ids)
         res.prefill_bytes_per_layer = comm.bytes_sent() // cfg.layers
         res.max_error = _error(out, ref["prefill"])
-        steps["prefill"] = lambda: model(inp["prefill"])
+        steps["prefill"] = lambda: model(ids)
     for phase in DECODE_PHASES:
         d, long = inp[phase], "long_" if phase.startswith("long") else ""
         cache = two_level_cache([b.attn for b in model.blocks], d["kv"], layout)
