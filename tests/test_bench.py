@@ -190,7 +190,9 @@ def test_report_renders_from_results(tmp_path, layout_rows):
                "overhead": [{"heads": 4, "kv_heads": 4, "head_dim": 16, "seq": 32, "hf_ms": 1.0, "ours_ms": 1.02,
                              "overhead": 0.02, "max_rel_diff": 0.0}]}
     json.dumps(results)  # JSON-able
+    results["layouts_run"] = {"seconds": 12.0, "load_average": [3.0, 4.0]}
     text = write_report(results, tmp_path).read_text()
+    assert "section 3 by `python -m ds_twolevel bench --only layouts --out docs/` in 12 s, load average 3.0" in text
     assert "python -m ds_twolevel bench --out docs/" in text
     assert "m = n = 1 overhead <= 5% against HF SDPA): holds" in text
     assert "within 1.3x of ideal): " in text and "oversubscription" in text
@@ -211,6 +213,16 @@ def test_report_renders_from_results(tmp_path, layout_rows):
     assert f"({default['name']}, running {default['long_decode_strategy']}" in verdict
     assert "Helix-style n=1 x kvp=2" in text and "| n=1 x m=2, seq_rows |" in text
     assert (tmp_path / "bench_layouts.png").stat().st_size > 0 and (tmp_path / "bench_shard.png").stat().st_size > 0
+
+
+def test_layouts_only_refuses_saved_results_of_other_single_process_settings():
+    """``bench --only layouts`` keeps sections 4 and 5 from a saved run only when they were measured with the same
+    settings; otherwise it says which and asks for the whole run, before launching any rank."""
+    from ds_twolevel.tools.bench.run import run_layouts
+
+    saved = {"config": {**json.loads(json.dumps(asdict(QUICK))), "shard_seqs": [4096]}}
+    with pytest.raises(ValueError, match=r"other settings for \['shard_seqs'\]: run the whole bench"):
+        run_layouts(QUICK, saved)
 
 
 def test_gpu_recipe_small_on_cpu(tmp_path, capsys):

@@ -290,10 +290,18 @@ def write_report(results: dict, out: Path) -> Path:
 
 
 def _load_text(results: dict) -> str:
-    """"load average A at the start and B at the end" (other jobs on the machine), or "" when not recorded."""
-    load = results.get("load_average") or []
-    return (f", load average {load[0]:.1f} at the start and {load[-1]:.1f} at the end of the measurements"
-            if len(load) == 2 else "")
+    """The load average (other jobs on the machine) around the measurements, where recorded."""
+    def load(run: dict) -> str:
+        avg = run.get("load_average") or []
+        return f"load average {avg[0]:.1f} at the start and {avg[-1]:.1f} at the end" if len(avg) == 2 else ""
+
+    text = f", {load(results)}" if load(results) else ""
+    part = results.get("layouts_run")
+    if part:  # section 3 measured on its own (--only layouts); sections 4 and 5 kept from the whole run
+        text += (f"; section 3 by `python -m ds_twolevel bench --only layouts --out docs/` in {part['seconds']:.0f} s, "
+                 f"{load(part)}, the other measured sections (4, 5) kept from the whole command's results in "
+                 "`bench_results.json`")
+    return text
 
 
 def render(results: dict, sections: dict[str, str]) -> str:
