@@ -209,7 +209,8 @@ def test_report_renders_from_results(tmp_path, layout_rows):
     verdict = next(li for li in text.splitlines() if li.startswith("**Verdict (b = 2, s_kv = 64"))
     default = next(r for r in layout_rows if r["default"])
     for peer in (r for r in layout_rows if r["kind"].startswith("AutoTP") or r["name"] == "n=2 x m=1"):
-        assert f"{peer['name']} {peer['long_decode_ms']:.2f} ms ({default['long_decode_ms'] / peer['long_decode_ms']:.2f}x)" in verdict
+        name = peer["name"] if peer["kind"].startswith("AutoTP") else f"head-wise TP + KV replication ({peer['name']})"
+        assert f"{name} {peer['long_decode_ms']:.2f} ms ({default['long_decode_ms'] / peer['long_decode_ms']:.2f}x)" in verdict
     assert f"({default['name']}, running {default['long_decode_strategy']}" in verdict
     assert "Helix-style n=1 x kvp=2" in text and "| n=1 x m=2, seq_rows |" in text
     assert (tmp_path / "bench_layouts.png").stat().st_size > 0 and (tmp_path / "bench_shard.png").stat().st_size > 0

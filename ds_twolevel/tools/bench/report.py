@@ -102,7 +102,7 @@ def _long_decode_section(results: dict) -> str:
     autotp = next((r for r in rows if r["kind"].startswith("AutoTP")), None)
     replicated = next((r for r in rows if r["kind"] == "head-wise TP + KV replication"), None)
     peers = [p for p in (autotp, replicated) if p is not None]
-    head = ["layout", "kind", "ran", "KV cache", "decode ms median [min]"] + [f"vs {p['name']}" for p in peers] + [
+    head = ["layout", "kind", "ran", "KV cache", "decode ms median [min]"] + [f"vs {_peer(p)}" for p in peers] + [
         "B/layer sent (counted / model)", "KV MiB/rank", "params MiB/rank", "max abs err vs dense"]
     table = [[("**" + r["name"] + "** (default)") if r.get("default") else r["name"], r["kind"], _ran(r, "long_decode"),
               r.get("cache_layout") or "DynamicCache", _ms(r, "long_decode")]
@@ -125,7 +125,7 @@ def long_decode_verdict(results: dict) -> str:
     if ours is None or not peers:
         return "Verdict at the long-context decode shape: no figure (the default row or the peers did not run)."
     worst = max(ours["long_decode_ms"] / p["long_decode_ms"] for p in peers)
-    against = " and ".join(f"{p['name']} {p['long_decode_ms']:.2f} ms ({ours['long_decode_ms'] / p['long_decode_ms']:.2f}x)"
+    against = " and ".join(f"{_peer(p)} {p['long_decode_ms']:.2f} ms ({ours['long_decode_ms'] / p['long_decode_ms']:.2f}x)"
                            for p in peers)
     two_level = [r for r in rows if r["kind"].startswith("two-level") and r.get("long_decode_times")]
     best = min(two_level, key=lambda r: r["long_decode_ms"])
@@ -140,7 +140,15 @@ def long_decode_verdict(results: dict) -> str:
         fast = min(helix, key=lambda r: r["long_decode_ms"])
         line += (f"; fastest Helix-style row: {fast['name']} {fast['long_decode_ms']:.2f} ms "
                  f"(default / Helix-style = {ours['long_decode_ms'] / fast['long_decode_ms']:.2f}x)")
+    if any(p["kind"].startswith("AutoTP") for p in peers):
+        line += ("; AutoTP's row decodes on Hugging Face's DynamicCache, whose per-step copy of the cache is part of "
+                 "its time, while head-wise TP + KV replication runs on the same preallocated cache as two-level")
     return line + "."
+
+
+def _peer(row: dict) -> str:
+    """A peer's name with its kind: "head-wise TP + KV replication (n=4 x m=1)", "DeepSpeed AutoTP tp=4"."""
+    return row["name"] if row["kind"].startswith("AutoTP") else f"{row['kind']} ({row['name']})"
 
 
 def _shard_label(r: dict) -> str:
