@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ds_twolevel.costmodel.hardware import profile as hw_profile
-from ds_twolevel.layers.attention import attention_call
+from ds_twolevel.layers.attention import TwoLevelAttention, attention_call
 from ds_twolevel.strategies import registry
 from ds_twolevel.strategies.base import CACHE_LAYOUTS
 
@@ -48,7 +48,7 @@ def _layers(model: nn.Module) -> list[HFTwoLevelAttention]:
     return [m for m in model.modules() if isinstance(m, HFTwoLevelAttention)]
 
 
-def _call(layer: HFTwoLevelAttention, *, batch: int, q_len: int, cached: int, layout: str, masked: bool):
+def _call(layer: TwoLevelAttention, *, batch: int, q_len: int, cached: int, layout: str, masked: bool):
     """The :class:`AttentionCall` ``layer`` would see for one generate() forward (no tensor is allocated)."""
     hidden = torch.empty(batch, q_len, layer.hidden_size, device="meta", dtype=layer.q_proj.weight.dtype)
     mask = torch.empty(1, device="meta") if masked else None
@@ -57,7 +57,7 @@ def _call(layer: HFTwoLevelAttention, *, batch: int, q_len: int, cached: int, la
     return dataclasses.replace(call, cache_layout=layout, cached=cached, grad=False, dropout=False)
 
 
-def _layer_time(layer: HFTwoLevelAttention, layout: str, *, batch: int, prompt: int, new_tokens: int,
+def _layer_time(layer: TwoLevelAttention, layout: str, *, batch: int, prompt: int, new_tokens: int,
                 masked: bool) -> float:
     """Predicted seconds of ``layer``'s attention over one generate() call with a ``layout`` cache:
     the prefill, then ``new_tokens - 1`` decode steps at the mean context length (ValueError: the layout
@@ -89,11 +89,23 @@ def choose_kv_layout(model: nn.Module, *, batch: int, prompt: int, new_tokens: i
         return "segments"
     kw = dict(batch=batch, prompt=prompt, new_tokens=new_tokens, masked=masked)
     try:
-        sharded = sum(_layer_time(layer, "kv_shard", **kw) for layer in layers)
+        sharded = predicted_generate_time(layers, "kv_shard", **kw)
     except ValueError:  # some layer cannot read a cache held by position (e.g. soft-capped scores)
         return "segments"
-    segments = sum(_layer_time(layer, "segments", **kw) for layer in layers)
+    segments = predicted_generate_time(layers, "segments", **kw)
     return "kv_shard" if sharded < segments else "segments"
+
+
+def predicted_generate_time(layers: list[TwoLevelAttention], layout: str, *, batch: int, prompt: int,
+                            new_tokens: int, masked: bool = False) -> float:
+    """Predicted seconds of ``layers``' attention over one ``generate()`` call with a ``layout`` cache: the
+    criterion of :func:`choose_kv_layout` (ValueError: the layout cannot serve a layer).
+
+    Example:
+        >>> predicted_generate_time(layers, "kv_shard", batch=8, prompt=16384, new_tokens=64)
+    """
+    kw = dict(batch=batch, prompt=prompt, new_tokens=new_tokens, masked=masked)
+    return sum(_layer_time(layer, layout, **kw) for layer in layers)
 
 
 def _generate_shape(generation_config: Any, model_kwargs: dict, batch: int,

@@ -4,7 +4,10 @@ One rank's shard of an n x m layer (H = 4096, 32 heads x 128, bf16) is timed on 
 no process group: ``ds_twolevel.tools.bench.shard_layer``), whose collectives run local ops of the same
 output shapes, so the number is exactly one rank's compute; the ideal is dense time / (m n). Prefill (batch x seq tokens) and
 decode (one token per sequence against a cache of seq). Then our layer at m = n = 1 against Hugging Face's
-LlamaAttention (sdpa) on the same weights and input: time and largest difference.
+LlamaAttention (sdpa) on the same weights and input: time and largest difference. Last, the end-to-end
+decode step: one rank's whole step of the paper's 2-layer model (attention and MLP, every block) on 16
+simulated ranks - head-wise TP, two-level at every m > 1 on both KV-cache layouts with ``cost_model``, the
+Helix-style layer - against the dense step (``ds_twolevel.tools.bench.decode_step``).
 
     python recipes/bench_gpu_shard.py                      # CUDA (or any accelerator), bf16, paper shapes
     python recipes/bench_gpu_shard.py --device cpu --small # the same code at small shapes (tests)
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ds_twolevel.tools.bench import BenchConfig, ShardCase, sdpa_overhead, time_shards  # noqa: E402
 from ds_twolevel.tools.bench.config import decode_strategies, prefill_strategies  # noqa: E402
+from ds_twolevel.tools.bench.decode_step import DecodeModel, decode_layouts, time_decode_steps  # noqa: E402
 from ds_twolevel.sharding.partition import AttentionSpec  # noqa: E402
 
 PAPER_LAYOUTS = ((16, 1, "qk_allgather"), (8, 2, "score_allreduce"), (8, 2, "qk_allgather"),
@@ -59,6 +63,28 @@ def overhead_config(args: argparse.Namespace) -> BenchConfig:
                        overhead_repeats=3 * args.repeats)
 
 
+def decode_model(args: argparse.Namespace) -> tuple[DecodeModel, int]:
+    """The end-to-end decode step's model and rank count: the paper's (small with --small)."""
+    kw = {"device": args.device, "dtype": getattr(torch, args.dtype)}
+    if args.small:
+        return DecodeModel(256, AttentionSpec(8, 8, 32, rope_style="half"), 1024, 2, 2, 256, **kw), 4
+    return DecodeModel(4096, AttentionSpec(32, 32, 128, rope_style="half"), 4 * 4096, 2, args.decode_batch, args.seq,
+                       **kw), 16
+
+
+def run_decode_steps(args: argparse.Namespace, result: dict) -> None:
+    """The end-to-end decode step of every layout, printed and saved."""
+    case, ranks = decode_model(args)
+    print(f"\nend-to-end decode step, {case.layers} layers, b = {case.batch}, cache {case.seq}, rank (0, 0) of {ranks}:")
+    print("| family | n x m | KV cache | ran | step ms | dense ms | ratio to ideal |")
+    print("|---|---|---|---|---|---|---|")
+    result["decode_steps"] = time_decode_steps(case, decode_layouts(ranks, case.spec), args.repeats)
+    for r in result["decode_steps"]:
+        print(f"| {r['family']} | {r['n']} x {r['m']} | {r['cache_layout']} | {r['ran']} | {r['ms']:.3f} | "
+              f"{r['dense_ms']:.3f} | {r['ratio_to_ideal']:.2f}x |")
+    _save(args, result)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_device = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
@@ -69,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--small", action="store_true", help="small shapes (CPU tests)")
     parser.add_argument("--no-overhead", action="store_true", help="skip our m = n = 1 layer vs HF LlamaAttention (sdpa)")
+    parser.add_argument("--no-decode-step", action="store_true", help="skip the end-to-end decode step")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     start = time.time()
@@ -95,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['heads']} | {r['kv_heads']} | {r['seq']} | {r['hf_ms']:.3f} | {r['ours_ms']:.3f} | "
                   f"{r['overhead']:+.1%} | {r['overhead_median_of_rounds']:+.1%} | {r['max_rel_diff']:.1e} |")
         _save(args, result)
+    if not args.no_decode_step:
+        run_decode_steps(args, result)
     print(f"{time.time() - start:.0f} s")
     return 0
 

@@ -36,20 +36,39 @@ def layout_rows() -> list[dict]:
 
 
 def test_layout_bench_matches_dense_and_counts_modelled_bytes(layout_rows):
+    """Every row (every registered strategy, the Helix-style layer, AutoTP) matches the dense model at prefill and
+    both decode shapes, and sends the bytes the cost model lists for the strategy that ran."""
     names = [r["name"] for r in layout_rows]
     assert names[0].startswith("dense") and "n=2 x m=1" in names and "n=1 x m=2, score_allreduce" in names
+    assert {"n=1 x m=2, qk_allgather", "n=1 x m=2, seq_rows", "n=1 x m=2, kv_shard cache",
+            "Helix-style n=1 x kvp=2"} <= set(names)
     assert any(n.startswith("DeepSpeed AutoTP") for n in names)
     for r in layout_rows:
         assert r["max_error"] < 1e-4, r["name"]
-        assert len(r["prefill_times"]) == QUICK.repeats and r["prefill_ms"] > 0 and r["decode_ms"] > 0
-        for phase in ("prefill", "decode"):
-            modelled = _modelled_bytes(asdict(QUICK_AUTOTP), r["name"], phase)
+        for phase in ("prefill", "decode", "long_decode"):
+            if not r[f"{phase}_times"]:  # the Helix-style layer is a decode layout
+                assert phase == "prefill" and r["name"].startswith("Helix-style"), (r["name"], phase)
+                continue
+            assert len(r[f"{phase}_times"]) == QUICK.repeats and r[f"{phase}_ms"] > 0
+            modelled = _modelled_bytes(asdict(QUICK_AUTOTP), r, phase)
             if modelled is not None:
                 assert r[f"{phase}_bytes_per_layer"] == modelled, (r["name"], phase)
+            else:
+                assert r["name"].startswith("dense")
+    by = {r["name"]: r for r in layout_rows}
+    seq, kv, helix = by["n=1 x m=2, seq_rows"], by["n=1 x m=2, kv_shard cache"], by["Helix-style n=1 x kvp=2"]
+    assert seq["prefill_strategy"] == "seq_rows" and seq["cache_layout"] == "segments"
+    assert kv["decode_strategy"] == kv["long_decode_strategy"] == "kv_shard" and kv["cache_layout"] == "kv_shard"
+    # by position: the bytes of a decode step do not grow with the context (same batch at both shapes here)
+    assert QUICK.decode_batch == QUICK.long_decode[0] and QUICK.decode_seq < QUICK.long_decode[1]
+    for r in (kv, helix):
+        assert r["decode_bytes_per_layer"] == r["long_decode_bytes_per_layer"] > 0, r["name"]
+    assert sum(r["default"] for r in layout_rows) == 1
     two_level = next(r for r in layout_rows if r["name"].startswith("n=1 x m=2"))
     replicated = next(r for r in layout_rows if r["name"] == "n=2 x m=1")
-    # g=1 < n=2: replicated KV costs cache memory; segments split it
+    # g=1 < n=2: replicated KV costs cache memory; segments split it, so does the position split
     assert replicated["kv_cache_bytes"] == 2 * two_level["kv_cache_bytes"]
+    assert replicated["long_kv_cache_bytes"] == 2 * kv["long_kv_cache_bytes"] == 2 * helix["long_kv_cache_bytes"]
 
 
 def test_simulated_shard_keeps_shapes_counts_and_module_globals():
@@ -171,7 +190,9 @@ def test_report_renders_from_results(tmp_path, layout_rows):
                "overhead": [{"heads": 4, "kv_heads": 4, "head_dim": 16, "seq": 32, "hf_ms": 1.0, "ours_ms": 1.02,
                              "overhead": 0.02, "max_rel_diff": 0.0}]}
     json.dumps(results)  # JSON-able
+    results["layouts_run"] = {"seconds": 12.0, "load_average": [3.0, 4.0]}
     text = write_report(results, tmp_path).read_text()
+    assert "section 3 by `python -m ds_twolevel bench --only layouts --out docs/` in 12 s, load average 3.0" in text
     assert "python -m ds_twolevel bench --out docs/" in text
     assert "m = n = 1 overhead <= 5% against HF SDPA): holds" in text
     assert "within 1.3x of ideal): " in text and "oversubscription" in text
@@ -185,7 +206,24 @@ def test_report_renders_from_results(tmp_path, layout_rows):
         assert label in line
     assert "Not covered: qk_allgather n=2 x m=2, s=64" in line and "head-wise n=4 x m=1, s=64" in line
     assert "llama-3-8b" in text and "paper's claim" in text
+    verdict = next(li for li in text.splitlines() if li.startswith("**Verdict (b = 2, s_kv = 64"))
+    default = next(r for r in layout_rows if r["default"])
+    for peer in (r for r in layout_rows if r["kind"].startswith("AutoTP") or r["name"] == "n=2 x m=1"):
+        name = peer["name"] if peer["kind"].startswith("AutoTP") else f"head-wise TP + KV replication ({peer['name']})"
+        assert f"{name} {peer['long_decode_ms']:.2f} ms ({default['long_decode_ms'] / peer['long_decode_ms']:.2f}x)" in verdict
+    assert f"({default['name']}, running {default['long_decode_strategy']}" in verdict
+    assert "Helix-style n=1 x kvp=2" in text and "| n=1 x m=2, seq_rows |" in text
     assert (tmp_path / "bench_layouts.png").stat().st_size > 0 and (tmp_path / "bench_shard.png").stat().st_size > 0
+
+
+def test_layouts_only_refuses_saved_results_of_other_single_process_settings():
+    """``bench --only layouts`` keeps sections 4 and 5 from a saved run only when they were measured with the same
+    settings; otherwise it says which and asks for the whole run, before launching any rank."""
+    from ds_twolevel.tools.bench.run import run_layouts
+
+    saved = {"config": {**json.loads(json.dumps(asdict(QUICK))), "shard_seqs": [4096]}}
+    with pytest.raises(ValueError, match=r"other settings for \['shard_seqs'\]: run the whole bench"):
+        run_layouts(QUICK, saved)
 
 
 def test_gpu_recipe_small_on_cpu(tmp_path, capsys):
@@ -205,8 +243,16 @@ def test_gpu_recipe_small_on_cpu(tmp_path, capsys):
     assert len(result["overhead"]) == 2 and all(r["max_rel_diff"] < 1e-5 for r in result["overhead"])
     printed = capsys.readouterr().out
     assert "ratio to ideal" in printed and "HF LlamaAttention (sdpa)" in printed
+    steps = {(r["family"], r["n"], r["m"], r["cache_layout"]): r for r in result["decode_steps"]}
+    assert {("dense", 1, 1, "segments"), ("head-wise", 4, 1, "segments"), ("two-level", 2, 2, "kv_shard"),
+            ("two-level", 1, 4, "segments"), ("helix", 2, 2, "kv_shard"), ("helix", 1, 4, "kv_shard")} <= set(steps)
+    assert steps[("two-level", 2, 2, "kv_shard")]["ran"] == "kv_shard" and steps[("helix", 1, 4, "kv_shard")]["ran"] == "helix"
+    # rank (0, 0)'s cache: 1/4 of the dense one in every 4-rank layout (8 KV heads: no replication)
+    dense_kv = steps[("dense", 1, 1, "segments")]["kv_bytes"]
+    assert all(4 * r["kv_bytes"] == dense_kv for k, r in steps.items() if k[0] != "dense")
     section = _gpu_section(out)  # the report's section 8 renders whatever device the recipe ran on
     assert "Measured on cpu" in section and "| prefill | 1 | 256 | 2 x 2 | score_allreduce |" in section
+    assert "End-to-end decode step" in section and "| helix | 2 x 2 | kv_shard | helix |" in section
     assert "No GPU results" in _gpu_section(tmp_path / "missing.json")
 
 

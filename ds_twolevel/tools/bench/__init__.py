@@ -3,10 +3,12 @@
 ``python -m ds_twolevel bench --out docs/`` runs, in one go and on one set of ranks:
 
 1. **layouts** - a small HF Llama (built from a config) on ``ranks`` gloo ranks: every n x m
-   layout of the ranks (n > g means KV-head replication; m = 1 is head-wise TP), both score
-   strategies, DeepSpeed AutoTP at tp = ranks, and the dense model on one rank. Prefill and
-   decode (one token against a KV cache). Medians of repeated steps, bytes per layer, per-rank
-   parameter and KV-cache bytes, and the output error against the dense model.
+   layout of the ranks (n > g means KV-head replication; m = 1 is head-wise TP) with every
+   registered strategy (seq_rows at prefill, kv_shard on a cache held by position), a Helix-style
+   layer, DeepSpeed AutoTP at tp = ranks, and the dense model on one rank. Prefill, decode (one
+   token against a KV cache) and a long-context decode. Medians of repeated steps, bytes per layer,
+   per-rank parameter and KV-cache bytes, the output error against the dense model, and the verdict
+   of the default decode step against AutoTP and head-wise TP with KV replication.
 2. **per-shard compute** - one process, one thread: the compute of one rank's shard of an
    n x m attention layer on simulated axes (collectives run as local ops of the same output
    shapes) against the dense layer; ideal = 1/(m*n).
@@ -17,7 +19,9 @@ It writes ``performance.md``, ``bench_results.json`` and two PNG plots into ``--
 
 Modules, one job each: ``config`` (BenchConfig, the strategies iterated), ``model`` (the bench's
 Llama of TwoLevelBlocks, the HF weight mapper), ``variants`` / ``measure`` (the layout benchmark on
-ranks), ``autotp`` (DeepSpeed AutoTP rows), ``shard`` (single-process shard timing on simulated
+ranks), ``kvfill`` (its decode caches, from one dense cache state), ``helix`` (the Helix-style layer),
+``autotp`` (DeepSpeed AutoTP rows), ``decode_step`` (one rank's end-to-end decode step on simulated axes,
+for ``recipes/bench_gpu_shard.py``), ``shard`` (single-process shard timing on simulated
 axes), ``thp`` (the huge-page rerun in a subprocess), ``report`` + ``report.md`` (the page, rendered
 from the JSON results), ``modelled`` (planner and paper sections), ``gpu`` (section 8), ``plots``,
 ``run`` (the sub-command).

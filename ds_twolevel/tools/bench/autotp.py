@@ -29,10 +29,22 @@ def autotp_variant(hf_model: nn.Module, inp: dict, cfg: BenchConfig, ref: dict) 
     model = engine.module.model
     uneven = f" (attention on {cfg.kv_heads} of {cfg.ranks} ranks)" if cfg.ranks > cfg.kv_heads else ""
     res = VariantResult(f"DeepSpeed AutoTP tp={cfg.ranks}", "AutoTP" + uneven, param_bytes=layer_param_bytes(model.layers))
-    variant = hf_variant(model, inp, cfg, res, ref)
-    res.prefill_bytes_per_layer = _ds_counted_bytes(variant.prefill, cfg.ranks) // cfg.layers
-    res.decode_bytes_per_layer = _ds_counted_bytes(variant.decode, cfg.ranks) // cfg.layers
+    variant = hf_variant(model, inp, res, ref, heads=_kv_heads(model, cfg))
+    for phase, step in variant.steps.items():
+        setattr(res, f"{phase}_bytes_per_layer", _ds_counted_bytes(step, cfg.ranks) // cfg.layers)
     return variant
+
+
+def _kv_heads(model: nn.Module, cfg: BenchConfig) -> list[int]:
+    """The KV heads this rank's AutoTP shard holds: its k_proj rows / d, after those of the ranks before it
+    (DeepSpeed deals whole KV heads out in rank order)."""
+    import torch.distributed as dist
+
+    local = model.layers[0].self_attn.k_proj.weight.shape[0] // cfg.head_dim
+    counts: list[int] = [0] * dist.get_world_size()
+    dist.all_gather_object(counts, local)
+    first = sum(counts[:dist.get_rank()])
+    return list(range(first, first + local))
 
 
 def _ds_counted_bytes(step: Callable[[], Any], ranks: int) -> int:

@@ -50,6 +50,33 @@ def strategies_for(m: int) -> tuple[str, ...]:
     return (HEADWISE_STRATEGY,) if m == 1 else bench_strategies()
 
 
+def layout_rows(m: int) -> tuple[tuple[str, str], ...]:
+    """(layer strategy, KV-cache layout) of the layout benchmark's rows at ``m`` segments: every universal
+    strategy on the dimension-layout cache, each prefill-only one (its decode falls back to "cost_model"),
+    and "cost_model" on the cache layout of each strategy the cache selects (kv_shard: its prefill is
+    whatever "cost_model" runs).
+
+    Example:
+        >>> layout_rows(2)[-1]
+        ('cost_model', 'kv_shard')
+    """
+    from ds_twolevel.strategies import registry
+
+    if m == 1:
+        return ((HEADWISE_STRATEGY, "segments"),)
+    return (tuple((st, "segments") for st in bench_strategies() + prefill_strategies())
+            + tuple((registry.AUTO, registry.layouts(registry.get(st))[0]) for st in decode_strategies()))
+
+
+DECODE_PHASES = ("decode", "long_decode")
+"""the layout benchmark's decode shapes: a short cache, and a long one where reading the KV cache dominates."""
+
+
+def decode_shapes(cfg: "BenchConfig") -> dict[str, tuple[int, int]]:
+    """Phase -> (batch, cached positions) of the layout benchmark's decode steps."""
+    return {"decode": (cfg.decode_batch, cfg.decode_seq), "long_decode": cfg.long_decode}
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """Shapes, repeats and what to run."""
@@ -69,6 +96,10 @@ class BenchConfig:
     decode_batch: int = 4
     decode_seq: int = 1024
     """KV-cache length before the timed decode step."""
+    long_decode: tuple[int, int] = (8, 16384)
+    """(batch, KV length) of the long-context decode step, where the KV read dominates."""
+    generate_new_tokens: int = 64
+    """new tokens of the generate() call whose cache layout the cost model picks (the default decode step)."""
     repeats: int = 9
     warmup: int = 2
     autotp: bool = True
@@ -92,7 +123,7 @@ class BenchConfig:
     def quick(cls) -> "BenchConfig":
         """Tiny shapes for tests: seconds, not minutes."""
         return cls(ranks=2, hidden=64, heads=4, kv_heads=1, head_dim=16, intermediate=128, layers=1, vocab=32,
-                   prefill_seq=16, decode_batch=2, decode_seq=16, repeats=2, warmup=1, autotp=False,
+                   prefill_seq=16, decode_batch=2, decode_seq=16, long_decode=(2, 64), repeats=2, warmup=1, autotp=False,
                    shard_hidden=64, shard_heads=4, shard_head_dim=16, shard_seqs=(32,), shard_decode=(2, 32),
                    shard_repeats=2, shard_decode_repeats=2, overhead_seq=32, overhead_repeats=3)
 

@@ -305,8 +305,9 @@ def report(rows: list[dict], cfg: GenerationBenchConfig, meta: dict) -> str:
         "Two-level rows name the KV layout the cost model chose. CPU times say which layout moves less and "
         "waits less on 4 processes; they are not GPU figures.\n",
         "Where each wins:\n", "\n".join(verdicts(rows) + [long_context_verdict(rows, cfg)]) + "\n",
-        "The Helix-style layout (KV sharded by sequence, W_q/W_k/W_v replicated) has no run-time implementation "
-        "in this repository; it is compared in the model (decode_study.md, \"Two-level against Helix\").\n"]
+        "The Helix-style layout (KV sharded by sequence, W_q/W_k/W_v replicated) is not a `generate()` peer here: "
+        "its layer (`ds_twolevel/tools/bench/helix.py`) is measured per decode step, exact against the dense model, "
+        "in performance.md section 3, and compared in the model in decode_study.md (\"Two-level against Helix\").\n"]
     for key in sorted({(r["model"], r["batch"], r["prompt"]) for r in rows}):
         sel = [r for r in rows if (r["model"], r["batch"], r["prompt"]) == key]
         parts.append(f"## {key[0]}, batch {key[1]}, prompt {key[2]:,}\n\n"

@@ -15,7 +15,8 @@ def gpu_section(path: Path) -> str:
     how = (f"`recipes/bench_gpu_shard.py` times one rank's shard of the paper's attention layer (H = 4096, 32 heads x "
            f"128, bf16, s = 10000 prefill, decode of 128 sequences against a 10000-token cache) against the dense layer "
            f"on one accelerator, with the same placeholder-axes method as section 4, then our layer at m = n = 1 against "
-           f"HF `LlamaAttention` (sdpa). It cannot run in this command (no GPU here); run it by hand on a GPU - "
+           f"HF `LlamaAttention` (sdpa), then one rank's end-to-end decode step of the 2-layer model for every layout "
+           f"of 16 ranks (head-wise, two-level on both cache layouts, Helix-style). It cannot run in this command (no GPU here); run it by hand on a GPU - "
            f"`python recipes/bench_gpu_shard.py --json docs/{GPU_JSON}` - and re-render this page with "
            f"`python -m ds_twolevel bench --from-json docs/bench_results.json --out docs/`.")
     if not path.exists():
@@ -57,6 +58,23 @@ def gpu_section(path: Path) -> str:
                  + "; ".join(f"h = {r['heads']}, g = {r['kv_heads']}, s = {r['seq']}: {r['overhead']:+.1%} "
                              f"(median of rounds {r['overhead_median_of_rounds']:+.1%}), largest difference "
                              f"{r['max_rel_diff']:.1e} of the largest output" for r in over) + "."]
-    return "\n".join(text)
+    return "\n".join(text + _decode_steps_text(res.get("decode_steps") or []))
+
+
+def _decode_steps_text(rows: list[dict]) -> list[str]:
+    """The recipe's end-to-end decode step table (rank (0, 0) of every layout against the dense step)."""
+    if not rows:
+        return []
+    r0 = rows[0]
+    head = ["family", "n x m (Helix: n x kvp)", "KV cache", "ran", "step ms", "ideal ms (dense/(m n))", "ratio to ideal",
+            "KV GiB on the rank"]
+    table = [[r["family"], f"{r['n']} x {r['m']}", r["cache_layout"], r["ran"], f"{r['ms']:.3f}",
+              f"{r['dense_ms'] / (r['n'] * r['m']):.3f}", f"{r['ratio_to_ideal']:.2f}x", f"{r['kv_bytes'] / 2**30:.2f}"]
+             for r in rows]
+    return ["", f"End-to-end decode step (`ds_twolevel.tools.bench.decode_step`): one rank's whole step of a "
+            f"{r0['layers']}-layer model (attention and MLP of every block), one token for each of {r0['batch']} "
+            f"sequences against {r0['seq']:,} cached positions, on simulated axes (collectives as local ops: compute "
+            "only), fastest of the recipe's repeats, against the dense step on the same device:", "",
+            md_table(head, table)]
 
 

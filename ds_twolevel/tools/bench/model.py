@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ds_twolevel.layers.attention import TwoLevelAttention
 from ds_twolevel.layers.block import TwoLevelBlock
 from ds_twolevel.layers.cache import KVCache
+from ds_twolevel.layers.seq_cache import SeqShardCache
 from ds_twolevel.sharding.partition import AttentionSpec
 from ds_twolevel.testing.reference import DenseBlock
 
@@ -36,6 +38,15 @@ class TwoLevelLlama(nn.Module):
             x = block(x, position_embeddings=rope, kv_cache=cache)
         return self.norm(x)
 
+    def strategy_for(self, ids: torch.Tensor, cache: Any = None) -> str:
+        """The strategy the first layer runs for ``ids`` against ``cache`` (what "cost_model", a prefill-only
+        strategy's fallback or the cache layout resolve to); "helix" for the Helix-style layer."""
+        layer = self.blocks[0].attn
+        if not isinstance(layer, TwoLevelAttention):
+            return "helix"
+        hidden = torch.empty(*ids.shape, layer.hidden_size, device="meta")  # shapes only
+        return layer.resolve_strategy(layer.attention_call(hidden, None, cache), None, ids.device)
+
 
 def dense_block_from_hf(layer: nn.Module, spec: AttentionSpec, cfg) -> DenseBlock:
     """A DenseBlock holding the weights of an HF LlamaDecoderLayer."""
@@ -49,8 +60,11 @@ def dense_block_from_hf(layer: nn.Module, spec: AttentionSpec, cfg) -> DenseBloc
 
 
 def crop_cache(cache: Any, length: int) -> None:
-    """Drop what a timed decode step appended (ours or a HF DynamicCache)."""
-    if isinstance(cache, KVCache):
+    """Drop what a timed decode step appended (ours, preallocated or not, or a HF DynamicCache)."""
+    if isinstance(cache, SeqShardCache):  # O(1): the buffers stay
+        for store in cache.stores.values():
+            store.crop(length)
+    elif isinstance(cache, KVCache):
         for store in (cache.keys, cache.values):
             for idx, t in store.items():
                 store[idx] = t[..., :length, :]
@@ -61,7 +75,7 @@ def crop_cache(cache: Any, length: int) -> None:
 
 
 def cache_bytes(cache: Any) -> int:
-    if isinstance(cache, KVCache):
+    if isinstance(cache, (KVCache, SeqShardCache)):
         return cache.nbytes()
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 

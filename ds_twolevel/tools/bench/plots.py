@@ -18,11 +18,14 @@ def plot_layouts(results: dict, out: Path) -> str:
     plt = _pyplot()
     rows = results["layouts"]
     base = next((r for r in rows if r["kind"].startswith("AutoTP")), rows[1])
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     labels = [r["name"].replace("DeepSpeed ", "") for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["prefill_ms"] / base["prefill_ms"] for r in rows], 0.4, label="prefill")
-    ax.bar([i + 0.2 for i in x], [r["decode_ms"] / base["decode_ms"] for r in rows], 0.4, label="decode")
+    phases = [p for p in ("prefill", "decode", "long_decode") if base.get(f"{p}_ms")]
+    width = 0.8 / len(phases)
+    for k, phase in enumerate(phases):  # a row without a phase (Helix-style: no prefill) draws no bar
+        ax.bar([i + (k - (len(phases) - 1) / 2) * width for i in x],
+               [r.get(f"{phase}_ms", 0.0) / base[f"{phase}_ms"] for r in rows], width, label=phase.replace("_", " "))
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"step time / {base['name']}")
@@ -39,7 +42,7 @@ def plot_shard(results: dict, out: Path) -> str:
     plt = _pyplot()
     shard = [r for r in results["shard"] if r["n"] * r["m"] > 1]
     shard = [r for r in shard if r["phase"] == "prefill"] + [r for r in shard if r["phase"] != "prefill"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     labels = [f"{r['phase'][:3]} s={r['seq']}\n{r['n']}x{r['m']} {r['strategy'][:5] if r['m'] > 1 else ''}" for r in shard]
     xs = range(len(shard))
     ax.bar([i - 0.2 for i in xs], [r["ratio_to_ideal"] for r in shard], 0.4, label="vs dense (fused SDPA)")

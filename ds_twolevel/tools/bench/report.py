@@ -17,45 +17,138 @@ TEMPLATE = "report.md"
 """the report's prose, in this package."""
 
 
-def modelled_bytes(cfg: dict, name: str, phase: str) -> int | None:
-    """Bytes per layer the cost model predicts for a benchmark row (None for rows it does not model)."""
-    from ds_twolevel.costmodel import ModelConfig, block_collectives, attention_call
+def _phase_shape(cfg: dict, phase: str) -> tuple[int, int, int]:
+    """(batch, new tokens, KV length) of a layout-benchmark phase."""
+    if phase == "prefill":
+        return cfg["prefill_batch"], cfg["prefill_seq"], cfg["prefill_seq"]
+    b, s = (cfg["decode_batch"], cfg["decode_seq"]) if phase == "decode" else tuple(cfg["long_decode"])
+    return b, 1, s + 1
 
-    b, q, kv = ((cfg["prefill_batch"], cfg["prefill_seq"], cfg["prefill_seq"]) if phase == "prefill"
-                else (cfg["decode_batch"], 1, cfg["decode_seq"] + 1))
+
+def _layout_of(name: str) -> tuple[int, int]:
+    """(n, m) of "n=2 x m=2, ..." or (n, kvp) of "Helix-style n=2 x kvp=2"."""
+    first, second = name.split(" x ")[:2]
+    return int(first.split("n=")[-1]), int(second.split("=")[1].split(",")[0])
+
+
+def modelled_bytes(cfg: dict, row: dict, phase: str) -> int | None:
+    """Bytes per layer the cost model predicts for a benchmark row's phase (None for rows it does not model):
+    ours from the strategy that ran, the Helix-style rows from the decode study's Helix collectives."""
+    from ds_twolevel.costmodel import ModelConfig, attention_call, block_collectives
+    from ds_twolevel.costmodel.study import helix_collectives
+
+    b, q, kv = _phase_shape(cfg, phase)
+    name = row["name"]
     if name.startswith("DeepSpeed AutoTP"):  # row-parallel o_proj and down_proj: one all-reduce of T x H each
         return 2 * ring_bytes("all_reduce", b * q * cfg["hidden"] * 4, cfg["ranks"])
-    if not name.startswith("n="):
-        return None
-    n, m = int(name.split(" x ")[0][2:]), int(name.split(" x ")[1].split(",")[0][2:])
-    strategy = name.split(", ")[1] if ", " in name else "qk_allgather"
     model = ModelConfig("bench", cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["intermediate"],
                         cfg["layers"])
-    return sum(c.bytes_sent(4) for c in block_collectives(attention_call(model, n, m, b, q, kv), strategy))
+    if name.startswith("Helix-style"):
+        return None if phase == "prefill" else sum(c.bytes_sent(4) for c in helix_collectives(model, *_layout_of(name),
+                                                                                             b, q, kv, 4))
+    if not name.startswith("n="):
+        return None
+    strategy = row.get(f"{phase}_strategy") or "qk_allgather"
+    return sum(c.bytes_sent(4) for c in block_collectives(attention_call(model, *_layout_of(name), b, q, kv), strategy))
+
+
+def _ms(r: dict, phase: str) -> str:
+    times = r.get(f"{phase}_times") or []
+    return f"{r[f'{phase}_ms']:.2f} [{1e3 * min(times):.2f}]" if times else "-"
+
+
+def _ratio(r: dict, base: dict, phase: str) -> str:
+    return f"{r[f'{phase}_ms'] / base[f'{phase}_ms']:.2f}x" if r.get(f"{phase}_times") and base.get(f"{phase}_ms") else "-"
+
+
+def _bytes(cfg: dict, r: dict, phase: str) -> str:
+    if not r.get(f"{phase}_times"):
+        return "-"
+    modelled = modelled_bytes(cfg, r, phase)
+    return f"{r[f'{phase}_bytes_per_layer']:,}" + ("" if modelled is None else f" / {modelled:,}")
+
+
+def _ran(r: dict, phase: str) -> str:
+    return r.get(f"{phase}_strategy") or "-"
 
 
 def _layouts_section(results: dict) -> str:
     rows, cfg = results["layouts"], results["config"]
     base = next((r for r in rows if r["kind"].startswith("AutoTP")), None) or next(r for r in rows if r["kind"].startswith("head-wise"))
-    table = []
-    for r in rows:
-        mod_p, mod_d = modelled_bytes(cfg, r["name"], "prefill"), modelled_bytes(cfg, r["name"], "decode")
-        table.append([r["name"], r["kind"], f"{r['prefill_ms']:.2f} [{1e3 * min(r['prefill_times']):.2f}]",
-                      f"{r['prefill_ms'] / base['prefill_ms']:.2f}x",
-                      f"{r['decode_ms']:.2f} [{1e3 * min(r['decode_times']):.2f}]", f"{r['decode_ms'] / base['decode_ms']:.2f}x",
-                      f"{r['prefill_bytes_per_layer']:,}" + ("" if mod_p is None else f" / {mod_p:,}"),
-                      f"{r['decode_bytes_per_layer']:,}" + ("" if mod_d is None else f" / {mod_d:,}"),
-                      f"{r['param_bytes'] / 2**20:.2f}", f"{r['kv_cache_bytes'] / 2**20:.2f}", f"{r['max_error']:.1e}"])
-    head = ["layout", "kind", "prefill ms median [min]", "vs baseline", "decode ms median [min]", "vs baseline",
-            "prefill B/layer sent (counted / model)", "decode B/layer sent (counted / model)",
-            "params MiB/rank", "KV MiB/rank", "max abs err vs dense"]
+    table = [[r["name"], r["kind"], _ran(r, "prefill"), _ms(r, "prefill"), _ratio(r, base, "prefill"), _ran(r, "decode"),
+              _ms(r, "decode"), _ratio(r, base, "decode"), _bytes(cfg, r, "prefill"), _bytes(cfg, r, "decode"),
+              f"{r['param_bytes'] / 2**20:.2f}", f"{r['kv_cache_bytes'] / 2**20:.2f}", f"{r['max_error']:.1e}"]
+             for r in rows]
+    head = ["layout", "kind", "prefill ran", "prefill ms median [min]", "vs baseline", "decode ran",
+            "decode ms median [min]", "vs baseline", "prefill B/layer sent (counted / model)",
+            "decode B/layer sent (counted / model)", "params MiB/rank", "KV MiB/rank", "max abs err vs dense"]
     return (f"Model: HF `LlamaForCausalLM` built from a config: H={cfg['hidden']}, h={cfg['heads']}, g={cfg['kv_heads']}, "
             f"d={cfg['head_dim']}, I={cfg['intermediate']}, {cfg['layers']} layers, fp32, on {cfg['ranks']} gloo ranks "
             f"(1 thread each). Prefill: batch {cfg['prefill_batch']} x {cfg['prefill_seq']} tokens. Decode: one token for "
             f"each of {cfg['decode_batch']} sequences against a KV cache of {cfg['decode_seq']}. Median of "
             f"{cfg['repeats']} steps after {cfg['warmup']} warm-up steps, barrier to barrier, the variants timed "
             f"round-robin (one step of each per round) so that load from other jobs hits all alike; [min] is the "
-            f"fastest step. Baseline: **{base['name']}**, same run, same weights and inputs.\n\n" + md_table(head, table))
+            f"fastest step. \"ran\": the strategy that computed the phase (the layer's own, or what `cost_model` or "
+            f"the cache layout chose). Baseline: **{base['name']}**, same run, same weights and inputs.\n\n"
+            + md_table(head, table) + "\n\n" + _long_decode_section(results))
+
+
+def _long_decode_section(results: dict) -> str:
+    """The long-context decode table and its verdict line."""
+    rows, cfg = [r for r in results["layouts"] if r.get("long_decode_times")], results["config"]
+    if not rows:
+        return ""
+    b, s = cfg["long_decode"]
+    autotp = next((r for r in rows if r["kind"].startswith("AutoTP")), None)
+    replicated = next((r for r in rows if r["kind"] == "head-wise TP + KV replication"), None)
+    peers = [p for p in (autotp, replicated) if p is not None]
+    head = ["layout", "kind", "ran", "KV cache", "decode ms median [min]"] + [f"vs {_peer(p)}" for p in peers] + [
+        "B/layer sent (counted / model)", "KV MiB/rank", "params MiB/rank", "max abs err vs dense"]
+    table = [[("**" + r["name"] + "** (default)") if r.get("default") else r["name"], r["kind"], _ran(r, "long_decode"),
+              r.get("cache_layout") or "DynamicCache", _ms(r, "long_decode")]
+             + [_ratio(r, p, "long_decode") for p in peers]
+             + [_bytes(cfg, r, "long_decode"), f"{r['long_kv_cache_bytes'] / 2**20:.2f}", f"{r['param_bytes'] / 2**20:.2f}",
+                f"{r['max_error']:.1e}"] for r in rows]
+    return (f"**Long-context decode**: one token for each of {b} sequences against a KV cache of {s:,} positions, "
+            f"where reading the cache dominates the step (same run, same ranks, same timing; every row's output "
+            f"checked against the dense model's):\n\n" + md_table(head, table) + "\n\n" + long_decode_verdict(results))
+
+
+def long_decode_verdict(results: dict) -> str:
+    """The verdict line at the long-context decode shape: two-level's default decode step against DeepSpeed
+    AutoTP and head-wise TP with KV replication, measured in the same run."""
+    rows, cfg = results["layouts"], results["config"]
+    b, s = cfg["long_decode"]
+    ours = next((r for r in rows if r.get("default") and r.get("long_decode_times")), None)
+    peers = [r for r in rows if r.get("long_decode_times")
+             and (r["kind"].startswith("AutoTP") or r["kind"] == "head-wise TP + KV replication")]
+    if ours is None or not peers:
+        return "Verdict at the long-context decode shape: no figure (the default row or the peers did not run)."
+    worst = max(ours["long_decode_ms"] / p["long_decode_ms"] for p in peers)
+    against = " and ".join(f"{_peer(p)} {p['long_decode_ms']:.2f} ms ({ours['long_decode_ms'] / p['long_decode_ms']:.2f}x)"
+                           for p in peers)
+    two_level = [r for r in rows if r["kind"].startswith("two-level") and r.get("long_decode_times")]
+    best = min(two_level, key=lambda r: r["long_decode_ms"])
+    helix = [r for r in rows if r["kind"].startswith("Helix") and r.get("long_decode_times")]
+    line = (f"**Verdict (b = {b}, s_kv = {s:,}, {cfg['ranks']} ranks, g = {cfg['kv_heads']}): two-level's default "
+            f"decode step ({ours['name']}, running {ours['long_decode_strategy']}: the n x m and KV layout the cost "
+            f"model picks for a generate() of {cfg.get('generate_new_tokens', 64)} tokens after this prompt) "
+            f"{ours['long_decode_ms']:.2f} ms median against {against}: "
+            f"{'at most both, met' if worst <= 1.0 else 'slower, not met'}.** ")
+    line += f"Fastest two-level row: {best['name']} {best['long_decode_ms']:.2f} ms"
+    if helix:
+        fast = min(helix, key=lambda r: r["long_decode_ms"])
+        line += (f"; fastest Helix-style row: {fast['name']} {fast['long_decode_ms']:.2f} ms "
+                 f"(default / Helix-style = {ours['long_decode_ms'] / fast['long_decode_ms']:.2f}x)")
+    if any(p["kind"].startswith("AutoTP") for p in peers):
+        line += ("; AutoTP's row decodes on Hugging Face's DynamicCache, whose per-step copy of the cache is part of "
+                 "its time, while head-wise TP + KV replication runs on the same preallocated cache as two-level")
+    return line + "."
+
+
+def _peer(row: dict) -> str:
+    """A peer's name with its kind: "head-wise TP + KV replication (n=4 x m=1)", "DeepSpeed AutoTP tp=4"."""
+    return row["name"] if row["kind"].startswith("AutoTP") else f"{row['kind']} ({row['name']})"
 
 
 def _shard_label(r: dict) -> str:
@@ -197,10 +290,26 @@ def write_report(results: dict, out: Path) -> Path:
     overhead_text, overhead_verdict = _overhead_section(results)
     sections = {"regenerate": REGENERATE, "layouts": _layouts_section(results), "shard": shard_text,
                 "shard_verdict": shard_verdict, "overhead": overhead_text, "overhead_verdict": overhead_verdict,
-                "planner": planner_section(), "paper": paper_section(), "gpu": gpu_section(out / GPU_JSON)}
+                "planner": planner_section(), "paper": paper_section(), "gpu": gpu_section(out / GPU_JSON),
+                "load": _load_text(results)}
     path = out / "performance.md"
     path.write_text(render(results, sections))
     return path
+
+
+def _load_text(results: dict) -> str:
+    """The load average (other jobs on the machine) around the measurements, where recorded."""
+    def load(run: dict) -> str:
+        avg = run.get("load_average") or []
+        return f"load average {avg[0]:.1f} at the start and {avg[-1]:.1f} at the end" if len(avg) == 2 else ""
+
+    text = f", {load(results)}" if load(results) else ""
+    part = results.get("layouts_run")
+    if part:  # section 3 measured on its own (--only layouts); sections 4 and 5 kept from the whole run
+        text += (f"; section 3 by `python -m ds_twolevel bench --only layouts --out docs/` in {part['seconds']:.0f} s, "
+                 f"{load(part)}, the other measured sections (4, 5) kept from the whole command's results in "
+                 "`bench_results.json`")
+    return text
 
 
 def render(results: dict, sections: dict[str, str]) -> str:
