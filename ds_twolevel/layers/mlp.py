@@ -12,7 +12,7 @@ from ds_twolevel.parallel.collectives import copy_to_axis, reduce_dtype as check
 from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.parallel.sequence import gather_sequence, scatter_sequence
 from ds_twolevel.sharding.partition import even_chunk, shard_dim
-from ds_twolevel.layers.activations import ACTIVATIONS
+from ds_twolevel.layers.activations import ACTIVATIONS, gated_product
 
 
 class TwoLevelMLP(nn.Module):
@@ -90,7 +90,7 @@ class TwoLevelMLP(nn.Module):
         """(b, s, H) replicated -> (b, s, H) replicated; with ``sequence_parallel`` (b, s/p, H) -> (b, s/p, H)."""
         act, sp = self.act_fn, self.sequence_parallel and self.tp.size > 1
         x = gather_sequence(x, self.tp, "mlp_in") if sp else copy_to_axis(x, self.tp, "mlp_in")  # (b, s, H)
-        inner = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))  # (b, s, I/p)
+        inner = gated_product(act, self.gate_proj(x), self.up_proj(x)) if self.gated else act(self.up_proj(x))  # (b, s, I/p)
         partial = self.down_proj(inner)  # (b, s, H) this rank's share of the sum
         if not sp:
             y = reduce_from_axis(partial, self.tp, "mlp_out")  # (b, s, H)
