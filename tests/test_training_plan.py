@@ -36,9 +36,10 @@ def test_memory_breakdown_matches_a_hand_count():
     assert shard_parameters(TINY, 2, 1, True) == (params, layer, embed)
     setup = TrainSetup(batch=1, seq=32, zero=0, checkpointing=False)
     mem = memory(TINY, TrainLayout(1, 1, 2, 1), setup)
-    # per layer, elements: 4 H on 32/2 residual tokens; on 32 tokens q and attention output (4*16/2 each),
-    # k and v at full width (1 KV head x 16), MLP 4 * 128/2
-    per_layer = 4 * 64 * 16 + 32 * (2 * 32 + 2 * 16 + 4 * 64)
+    # per layer, elements: the 2 norms' inputs (H) on 32/2 residual tokens; on 32 tokens the 2 norms' outputs
+    # gathered (H each), q and attention output (4*16/2 each), k and v at full width (1 KV head x 16), MLP
+    # gate and up (2 * 128/2)
+    per_layer = 2 * 64 * 16 + 32 * (2 * 64 + 2 * 32 + 2 * 16 + 2 * 64)
     assert (mem.weights, mem.gradients, mem.optimizer, mem.gathered) == (2 * params, 2 * params, 12 * params, 0)
     assert mem.activations == 2 * per_layer * 2  # 2 layers, bf16
     assert mem.loss == 32 * 64 * 2 + 32 * 100 // 2 * 10  # gathered head input; (s, V/2) logits at 10 bytes
@@ -189,8 +190,8 @@ def test_docs_quote_the_generated_table():
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_partitioned_mlp_stores_what_the_model_counts_with_the_gradients_of_the_plain_expression(activation):
-    """The gated MLP keeps its input, gate, up and their product for backward (the model's ``3 I`` per token
-    plus the norm output it counts separately), not act(gate); gradients equal the plain expression's bit for bit."""
+    """The gated MLP keeps its input, gate and up for backward (the model's ``2 I`` per token plus the norm
+    output it counts separately), not act(gate) or the product; gradients equal the plain expression's."""
     import torch
 
     from ds_twolevel.layers.activations import ACTIVATIONS
@@ -211,7 +212,7 @@ def test_partitioned_mlp_stores_what_the_model_counts_with_the_gradients_of_the_
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = mlp(x)
-    assert sum(stored.values()) == b * s * (H + 3 * inter)
+    assert sum(stored.values()) == b * s * (H + 2 * inter)
     y.square().sum().backward()
     act = ACTIVATIONS[activation]
     xx = x.detach().clone().requires_grad_()

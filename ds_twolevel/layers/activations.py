@@ -1,5 +1,6 @@
 """MLP activations by name (what ``TwoLevelMLP(activation=...)`` and the dense reference accept), and the
-gated product ``act(gate) * up`` that keeps two tensors for backward instead of three."""
+gated MLP's tail ``(act(gate) * up) @ W_down^T`` that keeps ``gate`` and ``up`` for backward and
+recomputes the elementwise part there (no matmul is recomputed)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -10,36 +11,51 @@ import torch.nn.functional as F
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
-class _GatedProduct(torch.autograd.Function):
-    """forward: ``act(gate) * up``, keeping ``gate`` and ``up`` only; backward: recompute ``act(gate)``
-    and differentiate the same operations autograd would have recorded (bit-identical gradients)."""
+class _GatedDown(torch.autograd.Function):
+    """forward: ``(act(gate) * up) @ weight^T``, keeping ``gate``, ``up`` and ``weight``; backward:
+    recompute ``act(gate) * up`` (elementwise), then the gradients the unfused expression's autograd
+    computes: ``grad @ weight`` for the product, its outer product with ``grad`` for ``weight``."""
 
     @staticmethod
-    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         ctx.act = act
-        ctx.save_for_backward(gate, up)
-        return act(gate) * up
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(act(gate) * up, weight)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        gate, up = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gate, up, weight = ctx.saved_tensors
         with torch.enable_grad():
             g = gate.detach().requires_grad_(ctx.needs_input_grad[0])
             u = up.detach().requires_grad_(ctx.needs_input_grad[1])
-            out = ctx.act(g) * u
+            inner = ctx.act(g) * u  # (..., I/p)
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            flat_grad, flat_inner = grad.reshape(-1, grad.shape[-1]), inner.detach().reshape(-1, inner.shape[-1])
+            grad_weight = flat_grad.t().mm(flat_inner)  # (H, I/p), as linear's backward gives it
         wanted = [t for t in (g, u) if t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-        return (next(grads) if g.requires_grad else None), (next(grads) if u.requires_grad else None), None
+        grads = iter(torch.autograd.grad(inner, wanted, grad.matmul(weight)) if wanted else ())
+        return (next(grads) if g.requires_grad else None), (next(grads) if u.requires_grad else None), grad_weight, None
 
 
-def gated_product(act: Callable[[torch.Tensor], torch.Tensor], gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``act(gate) * up`` whose backward recomputes ``act(gate)`` instead of storing it: the MLP keeps
-    ``gate`` and ``up`` ((b, s, I/p) each) for backward, not a third tensor of that size. The values and
-    gradients are those of the plain expression, bit for bit.
+class GatedDownProj(torch.nn.Linear):
+    """The gated MLP's row-parallel ``down_proj``: ``down_proj(inner)`` is a plain linear layer;
+    ``down_proj(gate, up, act)`` computes ``(act(gate) * up) @ W^T`` keeping only ``gate`` and ``up``
+    ((b, s, I/p) each) for backward, where the unfused expression keeps act(gate) and the product too.
+    A module call, so hooks on the projection (ZeRO-3's parameter gathering) see it.
 
     Example:
-        >>> inner = gated_product(F.silu, gate_proj(x), up_proj(x))   # (b, s, I/p)
+        >>> down = GatedDownProj(1024, 256, bias=False)
+        >>> y = down(gate_proj(x), up_proj(x), F.silu)   # (b, s, 256)
     """
-    if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad):
-        return act(gate) * up
-    return _GatedProduct.apply(gate, up, act)
+
+    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None,
+                act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        if up is None:
+            return super().forward(x)
+        if self.bias is not None:
+            raise ValueError("GatedDownProj(gate, up, act) takes no bias: add it after the sum over ranks")
+        if not torch.is_grad_enabled() or not (x.requires_grad or up.requires_grad or self.weight.requires_grad):
+            return F.linear(act(x) * up, self.weight)
+        return _GatedDown.apply(x, up, self.weight, act)
