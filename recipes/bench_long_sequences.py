@@ -300,6 +300,7 @@ def render(results: dict[str, Any], command: str) -> str:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['seq']} | {r['what']} | {r['peak_mib']:.0f} | {r['vs_dense']:.2f} | {fmt(r['vs_ulysses'], '.2f')} "
                      f"| {r['sent_mib']:.1f} | {r['cpu_s']:.2f} | {fmt(r['cpu_vs_ulysses'], '.2f')} | {r['loss_err']:.1e} |")
+    lines += ["", *verdicts(results["rows"])]
     e = results["eight"]
     d = e["dense"]
     lines += ["", f"8 ranks, 4 attention heads (head_dim 64), s = {e['seq']}: Ulysses refuses "
@@ -311,6 +312,20 @@ def render(results: dict[str, Any], command: str) -> str:
         lines.append(f"| two-level {key} SP+VP | {w['peak_mib']:.0f} | {w['peak_mib'] / d['peak_mib']:.2f} | "
                      f"{abs(w['loss'] - d['loss']) / abs(d['loss']):.1e} |")
     return "\n".join(lines) + "\n"
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per s: two-level with both switches on against Ulysses and dense (the targets: at most 1.1x
+    Ulysses' peak, at most 0.3x the dense peak)."""
+    out = []
+    for r in rows:
+        if r["what"] == "two-level 2x2 SP+VP":
+            met = r["vs_ulysses"] <= 1.1 and r["vs_dense"] <= 0.3
+            out.append(f"- s = {r['seq']}: two-level 2x2 with sequence_parallel and vocab_parallel holds "
+                       f"{r['vs_ulysses']:.2f}x Ulysses' peak per rank and {r['vs_dense']:.2f}x the dense peak "
+                       f"({'within' if met else 'outside'} 1.1x Ulysses and 0.3x dense); it sends "
+                       f"{r['sent_mib']:.1f} MiB per rank.")
+    return out
 
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
