@@ -1,7 +1,7 @@
 """Long sequences side by side: DeepSpeed Ulysses vs two-level with sequence_parallel vs dense.
 
-    python recipes/bench_long_sequences.py                      # s = 2048, 8192; writes docs/long_sequences.md
-    python recipes/bench_long_sequences.py --seq 2048 8192 32768 --json out.json
+    python recipes/bench_long_sequences.py                      # s = 2048, 8192, 32768; writes docs/long_sequences.md
+    python recipes/bench_long_sequences.py --seq 2048 --json out.json --no-page
 
 A tiny Llama (hidden 256, 8 heads, 2 KV heads, head_dim 32, intermediate 1024, 2 layers, vocab 1000,
 fp32, batch 1, sdpa), one forward + backward of the causal-LM loss, every configuration in fresh
@@ -13,8 +13,9 @@ tensors leave the resident set:
   (DeepSpeed's own calls), each rank given its quarter of the tokens, global position ids and labels shifted
   before the cut (what ``UlyssesSPDataLoaderAdapter`` hands it), backpropagating its own share of the loss,
   then every gradient summed over the 4 ranks (what DeepSpeed's engine does after backward);
-* two-level: ``patch_model(model, mesh, sequence_parallel=True)`` at 2 x 2 and 1 x 4, each rank's shard
-  from ``shard_batch``.
+* two-level: ``patch_model(model, mesh, sequence_parallel=True)`` at 2 x 2, and with ``vocab_parallel=True``
+  too at 2 x 2 and 1 x 4 (the embedding, LM head and cross entropy split by vocabulary rows), each rank's
+  shard from ``shard_batch``.
 
 Per rank: peak resident memory of the step above the level before it (VmHWM after, VmRSS before,
 reset through /proc/self/clear_refs; the second of two steps), bytes sent (two-level: ``CommCounter``;
@@ -219,7 +220,7 @@ def _refusal_rank_message(fn: Callable[[], str]) -> str:
 
 
 def eight_rank_case(seq: int, n: int, m: int) -> dict[str, float]:
-    """Two-level with sequence_parallel on 8 ranks, 4 heads (the case Ulysses refuses)."""
+    """Two-level with sequence_parallel and vocab_parallel on 8 ranks, 4 heads (the case Ulysses refuses)."""
     import torch.distributed as dist
 
     from ds_twolevel import TwoLevelLayout
@@ -229,7 +230,8 @@ def eight_rank_case(seq: int, n: int, m: int) -> dict[str, float]:
     torch.set_num_threads(1)
     mesh = TwoLevelLayout.from_world_size(dist.get_world_size(), n=n, m=m).build()
     model = tiny_llama(seq, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    patch_model(model, mesh, sequence_parallel=True, strategy="seq_rows", probe=False, kv_replication=n > 2)
+    patch_model(model, mesh, sequence_parallel=True, vocab_parallel=True, strategy="seq_rows", probe=False,
+                kv_replication=n > 2)
     shard = shard_batch(whole_batch(seq), mesh)
 
     def step() -> float:
@@ -261,7 +263,7 @@ def _worst(ranks: list[dict[str, float]]) -> dict[str, float]:
             "sent_mib": max(r.get("sent_mib", 0.0) for r in ranks), "loss": ranks[0]["loss"]}
 
 
-def bench(seqs: list[int], vocab_parallel: bool) -> dict[str, Any]:
+def bench(seqs: list[int]) -> dict[str, Any]:
     from ds_twolevel.testing import run_distributed
 
     rows = []
@@ -269,9 +271,8 @@ def bench(seqs: list[int], vocab_parallel: bool) -> dict[str, Any]:
         dense = run_distributed(dense_rank, 1, seq, timeout=3600)[0]
         configs = {"Ulysses sp=4": run_distributed(ulysses_rank, 4, seq, timeout=3600),
                    "two-level 2x2 SP": run_distributed(twolevel_rank, 4, seq, 2, 2, timeout=3600),
-                   "two-level 1x4 SP": run_distributed(twolevel_rank, 4, seq, 1, 4, timeout=3600)}
-        if vocab_parallel:
-            configs["two-level 2x2 SP+VP"] = run_distributed(twolevel_rank, 4, seq, 2, 2, True, timeout=3600)
+                   "two-level 2x2 SP+VP": run_distributed(twolevel_rank, 4, seq, 2, 2, True, timeout=3600),
+                   "two-level 1x4 SP+VP": run_distributed(twolevel_rank, 4, seq, 1, 4, True, timeout=3600)}
         ulysses = _worst(configs["Ulysses sp=4"])
         rows.append({"seq": seq, "what": "dense (1 process)", **dense, "vs_dense": 1.0, "vs_ulysses": None,
                      "cpu_vs_ulysses": None, "loss_err": 0.0})
@@ -299,6 +300,7 @@ def render(results: dict[str, Any], command: str) -> str:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {r['seq']} | {r['what']} | {r['peak_mib']:.0f} | {r['vs_dense']:.2f} | {fmt(r['vs_ulysses'], '.2f')} "
                      f"| {r['sent_mib']:.1f} | {r['cpu_s']:.2f} | {fmt(r['cpu_vs_ulysses'], '.2f')} | {r['loss_err']:.1e} |")
+    lines += ["", *verdicts(results["rows"])]
     e = results["eight"]
     d = e["dense"]
     lines += ["", f"8 ranks, 4 attention heads (head_dim 64), s = {e['seq']}: Ulysses refuses "
@@ -307,9 +309,23 @@ def render(results: dict[str, Any], command: str) -> str:
               f"| dense (1 process) | {d['peak_mib']:.0f} | 1.00 | 0 |"]
     for key in ("1x8", "2x4"):
         w = e[key]
-        lines.append(f"| two-level {key} SP | {w['peak_mib']:.0f} | {w['peak_mib'] / d['peak_mib']:.2f} | "
+        lines.append(f"| two-level {key} SP+VP | {w['peak_mib']:.0f} | {w['peak_mib'] / d['peak_mib']:.2f} | "
                      f"{abs(w['loss'] - d['loss']) / abs(d['loss']):.1e} |")
     return "\n".join(lines) + "\n"
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per s: two-level with both switches on against Ulysses and dense (the targets: at most 1.1x
+    Ulysses' peak, at most 0.3x the dense peak)."""
+    out = []
+    for r in rows:
+        if r["what"] == "two-level 2x2 SP+VP":
+            met = r["vs_ulysses"] <= 1.1 and r["vs_dense"] <= 0.3
+            out.append(f"- s = {r['seq']}: two-level 2x2 with sequence_parallel and vocab_parallel holds "
+                       f"{r['vs_ulysses']:.2f}x Ulysses' peak per rank and {r['vs_dense']:.2f}x the dense peak "
+                       f"({'within' if met else 'outside'} 1.1x Ulysses and 0.3x dense); it sends "
+                       f"{r['sent_mib']:.1f} MiB per rank.")
+    return out
 
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -325,12 +341,11 @@ def write_page(section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--vocab-parallel", action="store_true", help="also two-level with vocab_parallel=True")
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-page", action="store_true", help="do not rewrite docs/long_sequences.md")
     args = parser.parse_args(argv)
-    results = bench(args.seq, args.vocab_parallel)
+    results = bench(args.seq)
     command = "python recipes/bench_long_sequences.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = render(results, command.strip())
     print(section)

@@ -103,6 +103,11 @@ def rank_main(phase: str, work: Path) -> None:
             for _ in range(3000):
                 dist.all_reduce(total)
                 time.sleep(0.2)
+        return
+    # leave together and tear the process group down before the interpreter does (a gloo group destroyed
+    # by interpreter exit while a peer is still leaving can abort the process)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # -- test side ---------------------------------------------------------------------------------------

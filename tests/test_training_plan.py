@@ -36,9 +36,10 @@ def test_memory_breakdown_matches_a_hand_count():
     assert shard_parameters(TINY, 2, 1, True) == (params, layer, embed)
     setup = TrainSetup(batch=1, seq=32, zero=0, checkpointing=False)
     mem = memory(TINY, TrainLayout(1, 1, 2, 1), setup)
-    # per layer, elements: 4 H on 32/2 residual tokens; on 32 tokens q and attention output (4*16/2 each),
-    # k and v at full width (1 KV head x 16), MLP 4 * 128/2
-    per_layer = 4 * 64 * 16 + 32 * (2 * 32 + 2 * 16 + 4 * 64)
+    # per layer, elements: the 2 norms' inputs (H) on 32/2 residual tokens; on 32 tokens the 2 norms' outputs
+    # gathered (H each), q and attention output (4*16/2 each), k and v at full width (1 KV head x 16), MLP
+    # gate and up (2 * 128/2)
+    per_layer = 2 * 64 * 16 + 32 * (2 * 64 + 2 * 32 + 2 * 16 + 2 * 64)
     assert (mem.weights, mem.gradients, mem.optimizer, mem.gathered) == (2 * params, 2 * params, 12 * params, 0)
     assert mem.activations == 2 * per_layer * 2  # 2 layers, bf16
     assert mem.loss == 32 * 64 * 2 + 32 * 100 // 2 * 10  # gathered head input; (s, V/2) logits at 10 bytes
@@ -65,10 +66,11 @@ def test_sequence_parallel_and_vocab_parallel_reduce_what_they_must():
     no_sp = memory(LLAMA_8B, lay, TrainSetup(**base, sequence_parallel=False))
     no_vp = memory(LLAMA_8B, lay, TrainSetup(**base, vocab_parallel=False))
     none = memory(LLAMA_8B, lay, TrainSetup(**base, sequence_parallel=False, vocab_parallel=False))
-    # the L checkpointed layer inputs and the recomputed layer's 4 residual tensors hold s/16 tokens, not s
+    # the L checkpointed layer inputs and the recomputed layer's 2 norm inputs hold s/16 tokens, not s (the
+    # norms' outputs enter the projections gathered: s tokens either way)
     s, H, L = 131072, 4096, 32
-    assert no_sp.activations - both.activations == (L + 4) * H * (s - s // 16) * 2
-    assert both.activations < no_sp.activations / 10
+    assert no_sp.activations - both.activations == (L + 2) * H * (s - s // 16) * 2
+    assert both.activations < no_sp.activations / 5
     head_in = 131072 * 4096 * 2  # the head's input, all s tokens (gathered, or never split)
     assert none.loss - head_in == 16 * (both.loss - head_in)  # full (s, V) logits on every rank
     assert no_vp.weights > both.weights and shard_parameters(LLAMA_8B, 4, 4, True)[2] * 16 == 2 * 128256 * 4096
@@ -184,3 +186,37 @@ def test_docs_quote_the_generated_table():
     page = (ROOT / "docs" / "which_parallelism.md").read_text()
     assert "python -m ds_twolevel.tools.train_table" in page
     assert table(zero=3) in page
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_partitioned_mlp_stores_what_the_model_counts_with_the_gradients_of_the_plain_expression(activation):
+    """The gated MLP keeps its input, gate and up for backward (the model's ``2 I`` per token plus the norm
+    output it counts separately), not act(gate) or the product; gradients equal the plain expression's."""
+    import torch
+
+    from ds_twolevel.layers.activations import ACTIVATIONS
+    from ds_twolevel.layers.mlp import TwoLevelMLP
+    from ds_twolevel.parallel.layout import AxisGroup
+
+    torch.manual_seed(0)
+    b, s, H, inter = 2, 5, 8, 24
+    mlp = TwoLevelMLP(H, inter, AxisGroup("tp", 1, 0), activation=activation)
+    x = torch.randn(b, s, H, requires_grad=True)
+    stored: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            stored[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = mlp(x)
+    assert sum(stored.values()) == b * s * (H + 2 * inter)
+    y.square().sum().backward()
+    act = ACTIVATIONS[activation]
+    xx = x.detach().clone().requires_grad_()
+    ref = mlp.down_proj(act(mlp.gate_proj(xx)) * mlp.up_proj(xx))
+    grads = torch.autograd.grad(ref.square().sum(), [xx, *mlp.parameters()])
+    assert torch.equal(ref, y) and torch.equal(grads[0], x.grad)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads[1:], mlp.parameters()))

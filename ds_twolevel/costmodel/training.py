@@ -12,14 +12,17 @@ Per-rank memory (bytes), Psi = parameters of this rank's n * m shard, D = dp * s
   3 / 2 / 1 on (stage 0: nothing divided). ZeRO-3 adds ``gathered``: two layers' bf16 weights live at a
   time (the layer computing and the one prefetched), or the embedding or head table when larger.
 * **activations**, stored for backward, bf16, fused (flash) attention (no s x s scores), per layer:
-  ``4 H`` per residual token (the layer input, the first norm's output, the attention residual, the
-  second norm's output; under sequence parallelism a rank holds s / (sp n m) residual tokens, else
-  s / sp), plus per token of the rank's s / sp: q and the attention output (``h d / (n m)`` each), the
+  ``2 H`` per residual token (the inputs of the two norms; under sequence parallelism a rank holds
+  s / (sp n m) residual tokens, else s / sp) and ``2 H`` per token of the rank's s / sp (the norms'
+  outputs as the projections see them: all-gathered along the sequence under sequence parallelism),
+  plus per token of the rank's s / sp: q and the attention output (``h d / (n m)`` each), the
   relaid output that enters o_proj when sp > 1 or m > 1 (the all-to-all back), k and v at full head
   width (``seq_rows`` gathers them over m; past Ulysses' KV limit each rank holds a copy:
-  ``sp * max(g_n / sp, 1) * d`` each, g_n = max(g / n, 1)), and the MLP's ``4 I / (n m)`` (gate, up,
-  act(gate), product; ``2 I / (n m)`` ungated). With activation checkpointing only each layer's input
-  is kept (``H`` per residual token) plus one layer's full set while it recomputes.
+  ``sp * max(g_n / sp, 1) * d`` each, g_n = max(g / n, 1)), and the MLP's ``2 I / (n m)`` when
+  partitioned (gate and up: the partitioned MLP recomputes act(gate) * up, elementwise, in its backward)
+  or ``4 I`` when Hugging Face's own MLP runs it (n m = 1: act(gate) and the product stored too);
+  ``2 I / (n m)`` ungated. With activation checkpointing only each layer's input is kept (``H`` per residual token)
+  plus one layer's full set while it recomputes.
 * **loss**: the head's input and the logits: bf16 logits, their fp32 copy for the cross entropy and
   its fp32 gradient (10 bytes per logit). With the vocab-parallel head a rank holds (s / sp) x V / (n m)
   logits; without it s / (sp n m) x V under sequence parallelism, else (s / sp) x V.
@@ -253,8 +256,9 @@ def layer_activation_elements(model: ModelConfig, layout: TrainLayout, setup: Tr
     q = model.heads * d / (n * m)  # per token: h/n heads x d/m
     kv_full = sp * max(kv_heads_per_group(model, n) // sp, 1) * d  # k (or v) at full width, per token
     relaid = q if sp > 1 or m > 1 else 0.0
-    mlp = (4 if model.gated else 2) * model.intermediate / layout.tp
-    return 4 * model.hidden * resid + tokens * (2 * q + relaid + 2 * kv_full + mlp)
+    stored = (2 if layout.tp > 1 else 4) if model.gated else 2  # GatedDownProj keeps gate and up only
+    mlp = stored * model.intermediate / layout.tp
+    return 2 * model.hidden * resid + tokens * (2 * model.hidden + 2 * q + relaid + 2 * kv_full + mlp)
 
 
 def loss_elements(model: ModelConfig, layout: TrainLayout, setup: TrainSetup) -> tuple[float, float]:

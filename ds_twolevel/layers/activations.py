@@ -1,6 +1,61 @@
-"""MLP activations by name (what ``TwoLevelMLP(activation=...)`` and the dense reference accept)."""
+"""MLP activations by name (what ``TwoLevelMLP(activation=...)`` and the dense reference accept), and the
+gated MLP's tail ``(act(gate) * up) @ W_down^T`` that keeps ``gate`` and ``up`` for backward and
+recomputes the elementwise part there (no matmul is recomputed)."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+class _GatedDown(torch.autograd.Function):
+    """forward: ``(act(gate) * up) @ weight^T``, keeping ``gate``, ``up`` and ``weight``; backward:
+    recompute ``act(gate) * up`` (elementwise), then the gradients the unfused expression's autograd
+    computes: ``grad @ weight`` for the product, its outer product with ``grad`` for ``weight``."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
+                act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        ctx.act = act
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(act(gate) * up, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gate, up, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            g = gate.detach().requires_grad_(ctx.needs_input_grad[0])
+            u = up.detach().requires_grad_(ctx.needs_input_grad[1])
+            inner = ctx.act(g) * u  # (..., I/p)
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            flat_grad, flat_inner = grad.reshape(-1, grad.shape[-1]), inner.detach().reshape(-1, inner.shape[-1])
+            grad_weight = flat_grad.t().mm(flat_inner)  # (H, I/p), as linear's backward gives it
+        wanted = [t for t in (g, u) if t.requires_grad]
+        grads = iter(torch.autograd.grad(inner, wanted, grad.matmul(weight)) if wanted else ())
+        return (next(grads) if g.requires_grad else None), (next(grads) if u.requires_grad else None), grad_weight, None
+
+
+class GatedDownProj(torch.nn.Linear):
+    """The gated MLP's row-parallel ``down_proj``: ``down_proj(inner)`` is a plain linear layer;
+    ``down_proj(gate, up, act)`` computes ``(act(gate) * up) @ W^T`` keeping only ``gate`` and ``up``
+    ((b, s, I/p) each) for backward, where the unfused expression keeps act(gate) and the product too.
+    A module call, so hooks on the projection (ZeRO-3's parameter gathering) see it.
+
+    Example:
+        >>> down = GatedDownProj(1024, 256, bias=False)
+        >>> y = down(gate_proj(x), up_proj(x), F.silu)   # (b, s, 256)
+    """
+
+    def forward(self, x: torch.Tensor, up: torch.Tensor | None = None,
+                act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        if up is None:
+            return super().forward(x)
+        if self.bias is not None:
+            raise ValueError("GatedDownProj(gate, up, act) takes no bias: add it after the sum over ranks")
+        if not torch.is_grad_enabled() or not (x.requires_grad or up.requires_grad or self.weight.requires_grad):
+            return F.linear(act(x) * up, self.weight)
+        return _GatedDown.apply(x, up, self.weight, act)

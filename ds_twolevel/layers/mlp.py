@@ -12,7 +12,7 @@ from ds_twolevel.parallel.collectives import copy_to_axis, reduce_dtype as check
 from ds_twolevel.parallel.layout import AxisGroup
 from ds_twolevel.parallel.sequence import gather_sequence, scatter_sequence
 from ds_twolevel.sharding.partition import even_chunk, shard_dim
-from ds_twolevel.layers.activations import ACTIVATIONS
+from ds_twolevel.layers.activations import ACTIVATIONS, GatedDownProj
 
 
 class TwoLevelMLP(nn.Module):
@@ -49,7 +49,7 @@ class TwoLevelMLP(nn.Module):
         local, kw = stop - start, {"device": device, "dtype": dtype}
         self.gate_proj = nn.Linear(hidden_size, local, bias=bias, **kw) if gated else None
         self.up_proj = nn.Linear(hidden_size, local, bias=bias, **kw)
-        self.down_proj = nn.Linear(local, hidden_size, bias=False, **kw)
+        self.down_proj = GatedDownProj(local, hidden_size, bias=False, **kw)
         self.down_bias = nn.Parameter(torch.zeros(hidden_size, **kw)) if bias else None
         for proj in (self.gate_proj, self.up_proj):
             for p in proj.parameters() if proj is not None else ():
@@ -90,8 +90,10 @@ class TwoLevelMLP(nn.Module):
         """(b, s, H) replicated -> (b, s, H) replicated; with ``sequence_parallel`` (b, s/p, H) -> (b, s/p, H)."""
         act, sp = self.act_fn, self.sequence_parallel and self.tp.size > 1
         x = gather_sequence(x, self.tp, "mlp_in") if sp else copy_to_axis(x, self.tp, "mlp_in")  # (b, s, H)
-        inner = act(self.gate_proj(x)) * self.up_proj(x) if self.gated else act(self.up_proj(x))  # (b, s, I/p)
-        partial = self.down_proj(inner)  # (b, s, H) this rank's share of the sum
+        if self.gated:  # keeps gate and up (b, s, I/p) for backward, not act(gate) and the product
+            partial = self.down_proj(self.gate_proj(x), self.up_proj(x), act)  # (b, s, H) this rank's share of the sum
+        else:
+            partial = self.down_proj(act(self.up_proj(x)))  # (b, s, H)
         if not sp:
             y = reduce_from_axis(partial, self.tp, "mlp_out")  # (b, s, H)
             return y if self.down_bias is None else y + self.down_bias
