@@ -37,7 +37,7 @@ def check_ulysses(name: str, *, heads: int, kv_heads: int, n: int, sp: int, head
     if sp == 1:
         return
     local = heads // n
-    fits = ", ".join(f"n={a}" for a in range(1, heads + 1) if heads % a == 0 and (heads // a) % sp == 0)
+    fits = ", ".join(str(a) for a in range(1, heads + 1) if heads % a == 0 and (heads // a) % sp == 0)
     if heads % n or local % sp:
         raise ValueError(f"{name}: Ulysses sp={sp} splits each head group's h/n = {heads}/{n} query heads over sp "
                          f"ranks, which needs (h/n) % sp == 0; with sp={sp} use n in {{{fits or 'none'}}}, or a "
