@@ -171,8 +171,8 @@ def _ulysses_model(arch: str):
     return tiny_model(arch, seed=3, **({"attention_bias": False} if arch == "llama" else {})).train()
 
 
-def _modelled_all_to_alls(arch: str, n: int, m: int) -> list[tuple]:
-    """The cost model's Ulysses all-to-alls of one step (both layers, forward and backward) at sp = 2."""
+def _modelled_all_to_alls(arch: str, n: int, m: int, dp: int = 1) -> list[tuple]:
+    """The cost model's Ulysses all-to-alls of one step (both layers, forward and backward) at dp x 2 x n x m."""
     from ds_twolevel.costmodel.training import TrainLayout, TrainSetup, ulysses_collectives
     from ds_twolevel.strategies.base import ModelConfig
     from hf_integration.testing import tiny_config
@@ -180,9 +180,9 @@ def _modelled_all_to_alls(arch: str, n: int, m: int) -> list[tuple]:
     cfg = tiny_config(arch)
     model = ModelConfig(arch, hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
                         head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers)
-    setup = TrainSetup(batch=2, seq=U_SEQ + 1, checkpointing=False, sequence_parallel=False, vocab_parallel=False)
+    setup = TrainSetup(batch=2 * dp, seq=U_SEQ + 1, checkpointing=False, sequence_parallel=False, vocab_parallel=False)
     return sorted((c.tag, c.numel, c.ranks, c.backward)
-                  for c in ulysses_collectives(model, TrainLayout(1, 2, n, m), setup) * model.layers)
+                  for c in ulysses_collectives(model, TrainLayout(dp, 2, n, m), setup) * model.layers)
 
 
 def _grad_error(engine, dense) -> float:
@@ -204,32 +204,38 @@ def _grad_error(engine, dense) -> float:
                 p.grad = g
 
 
-def _ulysses_case(arch: str, n: int, m: int, stage: int) -> dict[str, float]:
+def _ulysses_case(arch: str, n: int, m: int, stage: int, dp: int = 1) -> dict[str, float]:
+    """dp x 2 x n x m through ds_twolevel.initialize vs the dense model (each replica its own batch, the dense
+    run on their mean loss): every step's loss and clipped gradient norm, step 0's gradients and all-to-alls
+    (against the cost model), the weights after 4 steps."""
     import ds_twolevel
 
     dense = _ulysses_model(arch)
-    mesh = TwoLevelLayout(n=n, m=m, sp=2).build()
+    mesh = TwoLevelLayout(n=n, m=m, dp=dp, sp=2).build()
     engine = ds_twolevel.initialize(model=_ulysses_model(arch), config=_ulysses_config(n, m, stage), mesh=mesh)[0]
-    mesh = engine.two_level.mesh
     opt = torch.optim.AdamW(dense.parameters(), lr=LR, eps=EPS, betas=BETAS, weight_decay=0.01)
     errors: dict[str, float] = {}
     for step in range(STEPS):
-        batch = _batch(30 + step, U_SEQ)
+        batches = [_batch(30 + step + 100 * r, U_SEQ) for r in range(dp)]
         opt.zero_grad()
-        loss_ref = dense(**batch).loss
+        loss_ref = _dense_loss(dense, batches)
         loss_ref.backward()
-        with CommCounter() as comm:
-            loss = engine(**shard_batch(batch, mesh.axes.sp)).loss  # this rank's share of the batch's loss
+        with CommCounter() as comm:  # this rank's share of its replica's loss
+            loss = engine(**shard_batch(batches[mesh.axes.dp.rank], mesh.axes.sp)).loss
             engine.backward(loss)
         if step == 0:
             errors["grads"] = _grad_error(engine, dense)  # before clipping
             counted = sorted((r.tag, r.numel, r.ranks, r.backward) for r in comm.select(op="all_to_all", axis="sp"))
-            errors["a2a_vs_model"] = float(counted != _modelled_all_to_alls(arch, n, m))
+            errors["a2a_vs_model"] = float(counted != _modelled_all_to_alls(arch, n, m, dp))
             errors["a2a_calls"] = float(len(counted))
         norm_ref = torch.nn.utils.clip_grad_norm_(dense.parameters(), CLIP)
         engine.step()
         opt.step()
-        errors[f"loss{step}"] = rel_err(whole_loss(loss, mesh.axes.sp), loss_ref)
+        whole = whole_loss(loss, mesh.axes.sp)
+        if dp > 1:
+            dist.all_reduce(whole, group=mesh.get_data_parallel_group())
+            whole /= dp
+        errors[f"loss{step}"] = rel_err(whole, loss_ref)
         errors[f"norm{step}"] = rel_err(torch.as_tensor(float(engine.get_global_grad_norm())), norm_ref)
     state = ds_twolevel.dense_state_dict(engine)
     ref = dense.state_dict()

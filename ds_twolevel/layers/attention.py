@@ -323,8 +323,9 @@ def ulysses_forward(layer: TwoLevelAttention, hidden_states: torch.Tensor, posit
     """
     sp, part = layer.axes.sp, layer.part
     if kv_cache is not None:
-        raise ValueError(f"layer {layer.layer_idx}: Ulysses (sp={sp.size}) runs training without a KV cache; "
-                         f"generate with a model patched at sequence_parallel_size 1")
+        raise ValueError(f"layer {layer.layer_idx}: Ulysses (sp={sp.size}) runs training and prefill without a KV "
+                         f"cache; a call with one runs the whole prompt on every rank with ``ulysses`` off (a "
+                         f"patched model switches it off for such calls)")
     b, s_local, hidden = hidden_states.shape
     whole = torch.empty((b, s_local * sp.size, hidden), dtype=hidden_states.dtype, device="meta")
     call = layer.attention_call(whole, attention_mask, None)
