@@ -88,3 +88,47 @@ def partition_over_sequence_data(model: nn.Module, ds: Mapping[str, Any], mesh: 
     for param in model.parameters():
         if param.requires_grad:
             param.register_hook(functools.partial(torch.mul, other=float(sp)))
+
+
+def zero_init_model(factory: Callable[[], nn.Module], config: str | os.PathLike | Mapping[str, Any],
+                    mesh: TwoLevelMesh) -> nn.Module:
+    """``factory()`` under :func:`zero_init`; Hugging Face models then get their weight init.
+
+    transformers' own ZeRO-3 path cannot be used: it partitions over the whole world (ranks of
+    one layer would mix different shards) and initialises on global rank 0 only. Here every rank
+    runs ``_init_weights`` on gathered parameters: with the same seed every rank draws the same
+    values. (They are a valid init, but not the same draw as ``factory()`` without ZeRO: the
+    order in which random numbers are consumed differs.)
+
+    Example:
+        >>> model = ds_twolevel.zero_init_model(lambda: LlamaForCausalLM(cfg), "ds_configs/zero3_init_n2_m2.json", mesh)
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # no transformers: nothing HF-specific to do
+        PreTrainedModel = None
+    with zero_init(config, mesh):
+        model = factory()  # post_init ran on empty shards: it drew no random numbers
+    if PreTrainedModel is not None and isinstance(model, PreTrainedModel):
+        _init_weights_gathered(model, PreTrainedModel)
+    return model
+
+
+@torch.no_grad()
+def _init_weights_gathered(model: nn.Module, pretrained_cls: type) -> None:
+    """transformers' ``initialize_weights`` order (children first), each module's parameters gathered."""
+    import deepspeed
+
+    remote = model.is_remote_code()
+    compat.hf_mark_uninitialized(model)  # post_init marked the (empty) modules initialised
+
+    def apply(module: nn.Module, fn: Callable) -> None:
+        for child in module.children():
+            apply(child, compat.hf_init_function(child) if isinstance(child, pretrained_cls) else fn)
+        params = list(module.parameters(recurse=False))
+        params += [p for c in module.children() if not isinstance(c, pretrained_cls) for p in c.parameters(recurse=False)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if params else contextlib.nullcontext():
+            fn(module, remote)  # on every rank: identical values, rank 0 of each dp group keeps them
+
+    with compat.hf_init_guard():
+        apply(model, compat.hf_init_function(model))
