@@ -486,8 +486,8 @@ def wrapper_problems(wrapper: Any, mesh: TwoLevelMesh) -> list[str]:
             return [f"DistributedDataParallel{_origin()} averages gradients over ranks {ranks}, but the ranks of one "
                     f"layer hold different shards: it may only span data-parallel replicas ({_dp_groups(mesh)}), "
                     f"and its construction broadcast rank {ranks[0]}'s parameters to the others"]
-    elif kind == "DeepSpeedEngine":
-        return _deepspeed_problems(wrapper, mesh, dp_ranks)
+    elif kind == "DeepSpeedEngine":  # ZeRO's group: dp, or dp x sp under Ulysses
+        return _deepspeed_problems(wrapper, mesh, _group_ranks(mesh.axes.zero))
     elif "FullyShardedDataParallel" in kind or kind.startswith("FSDP") or isinstance(wrapper, nn.DataParallel):
         return [f"{kind} is not supported around a two-level model (it shards or replicates parameters over ranks "
                 f"that hold different two-level shards)"]

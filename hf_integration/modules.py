@@ -65,6 +65,9 @@ class HFTwoLevelAttention(TwoLevelAttention):
         self.owner_class, self.target, self.sliding_window = owner_class, target, sliding_window
         self.cache_args = cache_args
         self.sinks = None
+        if sinks and self.axes.sp.size > 1:
+            raise ValueError(f"{owner_class}: attention sinks are not supported with Ulysses (sp={self.axes.sp.size}); "
+                             f"train with sequence_parallel_size 1")
         if sinks:
             weight = self.q_proj.weight
             self.sinks = nn.Parameter(torch.zeros(self.part.local_heads, device=weight.device, dtype=weight.dtype))
@@ -109,7 +112,7 @@ class HFTwoLevelAttention(TwoLevelAttention):
                              f"with strict=False to keep cross-attention layers dense")
         cache = self.bound_cache(bound)
         mask = bound.get("attention_mask")
-        if self.sequence_parallel and self.axes.tp.size > 1:
+        if (self.sequence_parallel and self.axes.tp.size > 1) or (self.ulysses and self.axes.sp.size > 1):
             return self._sequence_parallel_forward(hidden_states, bound), None
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise ValueError(f"{self.owner_class}: attention_mask of type {type(mask).__name__} is not supported; "
@@ -126,8 +129,9 @@ class HFTwoLevelAttention(TwoLevelAttention):
         return out, None
 
     def _sequence_parallel_forward(self, hidden_states: torch.Tensor, bound: dict[str, Any]) -> torch.Tensor:
-        """(b, s/p, H) local tokens -> (b, s/p, H), with the whole sequence's padding mask."""
-        whole = hidden_states.shape[1] * self.axes.tp.size
+        """(b, s/p, H) local tokens -> (b, s/p, H), with the whole sequence's padding mask (p = n*m, or sp
+        under Ulysses)."""
+        whole = hidden_states.shape[1] * (self.axes.sp.size if self.ulysses else self.axes.tp.size)
         if self.sliding_window is not None and whole > self.sliding_window:
             raise ValueError(f"{self.owner_class}: sequence_parallel does not apply a sliding window "
                              f"({self.sliding_window} < {whole} positions); train this model with sequence_parallel "

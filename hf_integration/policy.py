@@ -396,10 +396,12 @@ def _check_modules(model: nn.Module, arch: ArchSpec, mesh: TwoLevelMesh, *, stri
     if not attn_paths:
         _refuse_or_warn(strict, f"{model_name(model)}: no {arch.attention.owner} module found")
     check_layers(model, arch, attn_paths, mlp_paths, ranks=mesh.layout.n * mesh.layout.m)
-    if sequence_parallel:
+    if sequence_parallel or mesh.layout.sp > 1:
         from hf_integration.sequence_parallel import check_supported
 
-        check_supported(model, arch, attention_spec(model, arch), [] if strict else find_attention_like(model))
+        check_supported(model, arch, attention_spec(model, arch), [] if strict else find_attention_like(model),
+                        sp=mesh.layout.sp, n=mesh.layout.n, sequence_parallel=sequence_parallel,
+                        kv_replication=kv_replication)
     return attn_paths, mlp_paths
 
 
@@ -457,7 +459,7 @@ def patch_model(model: nn.Module, mesh: TwoLevelMesh, *, strict: bool = True, st
     if vocab is not None:
         install_vocab_parallel(model, mesh, vocab, reduce_dtype=reduce_dtype)
     report = _finish(model, mesh, report)
-    if sequence_parallel:
+    if sequence_parallel or layout.sp > 1:  # sp > 1: Ulysses' shards (hf_integration.sequence_parallel)
         from hf_integration.sequence_parallel import enable
 
         enable(model, mesh)

@@ -18,6 +18,12 @@ this rank's shard of every sequence, as :func:`hf_integration.sequence_data.shar
   hook sums them over tp (:func:`~ds_twolevel.parallel.sequence.sum_replicated_grads`).
 - A call with a KV cache (``generate``) runs with sequence parallelism off: every rank passes the
   whole prompt, as without it.
+
+The same hook serves Ulysses outside the layer (a mesh with sp > 1, DeepSpeed's
+``"sequence_parallel_size"``): the shards are then cut over the sp axis (the n*m ranks of a layer hold the
+same s/sp tokens), positions stay local (RoPE is applied before the all-to-alls), the attention layers run
+:func:`~ds_twolevel.layers.attention.ulysses_forward`, and no gradient hook is installed: DeepSpeed's engine
+sums every gradient over sp (its sequence-data-parallel group, see ``ds_twolevel.parallel.layout.UlyssesMesh``).
 """
 from __future__ import annotations
 
@@ -28,7 +34,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ds_twolevel.parallel.layout import TwoLevelMesh
+from ds_twolevel.layers.attention import TwoLevelAttention
+from ds_twolevel.parallel.layout import AxisGroup, TwoLevelMesh
+from ds_twolevel.parallel.ulysses import check_ulysses
 from ds_twolevel.parallel.sequence import gather_tokens_no_grad, sum_replicated_grads
 
 from hf_integration.modules import HFTwoLevelAttention
@@ -48,6 +56,8 @@ class SequenceParallelState:
     """``model._twolevel_sequence_parallel``: the mesh and whether the current call is sharded."""
 
     mesh: TwoLevelMesh
+    ulysses: bool = False
+    """the shards are cut over the sp axis (Ulysses), not over the layer's n*m ranks."""
     active: bool = False
     """the last forward ran sequence-parallel (read again by the gradient hooks in its backward)."""
     layers: list[nn.Module] = field(default_factory=list)
@@ -55,10 +65,24 @@ class SequenceParallelState:
     paused: bool = False
     """inside :func:`whole_sequence`: every call runs the whole sequence on every rank."""
 
+    @property
+    def axis(self) -> AxisGroup:
+        """The ranks that hold different tokens of one sequence: sp (Ulysses) or the layer's n*m."""
+        return self.mesh.axes.sp if self.ulysses else self.mesh.axes.tp
 
-def check_supported(model: nn.Module, arch: Any, spec: Any, left_dense: list[str]) -> None:
-    """ValueError naming what cannot run sequence-parallel exactly (before any module is touched)."""
+
+def check_supported(model: nn.Module, arch: Any, spec: Any, left_dense: list[str], *, sp: int = 1,
+                    n: int = 1, sequence_parallel: bool = True, kv_replication: bool = False) -> None:
+    """ValueError naming what cannot run sequence-parallel (or Ulysses at ``sp`` > 1) exactly, before any
+    module is touched."""
     name = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+    if sp > 1 and sequence_parallel:
+        raise ValueError(f"{name}: Ulysses (sequence_parallel_size={sp}) and \"two_level.sequence_parallel\" "
+                         f"together are not supported; set \"two_level.sequence_parallel\": false (the n*m ranks of "
+                         f"a layer then hold the same s/sp tokens)")
+    if sp > 1:
+        check_ulysses(name, heads=spec.num_heads, kv_heads=spec.num_kv_heads, n=n, sp=sp,
+                      head_dim=spec.head_dim, v_head_dim=spec.dv, kv_replication=kv_replication)
     if not arch.causal or not spec.rot_dim:
         raise ValueError(f"{name}: sequence_parallel supports causal decoders with rotary positions (Llama, Qwen, "
                          f"Mistral, GPT-NeoX, ...); this model {'is an encoder' if not arch.causal else 'adds learned position embeddings'}; "
@@ -69,19 +93,21 @@ def check_supported(model: nn.Module, arch: Any, spec: Any, left_dense: list[str
 
 
 def enable(model: nn.Module, mesh: TwoLevelMesh) -> SequenceParallelState:
-    """Switch a patched model to sequence-parallel training and prefill (see the module docstring).
+    """Switch a patched model to sequence-parallel training and prefill (see the module docstring); over
+    the sp axis when the mesh has sp > 1 (Ulysses).
 
     Example:
         >>> patch_model(model, mesh, sequence_parallel=True)   # calls enable(model, mesh)
         >>> out = model(**shard_batch(batch, mesh))             # this rank's tokens
     """
-    state = SequenceParallelState(mesh)
+    state = SequenceParallelState(mesh, ulysses=mesh.layout.sp > 1)
     layers = [mod for mod in model.modules() if isinstance(mod, PARTITIONED)]
     state.layers = layers
     inside = {id(p) for layer in layers for p in layer.parameters()}
     replicated = [p for p in model.parameters()
                   if id(p) not in inside and not getattr(p, "tensor_model_parallel", False)]
-    state.handles = sum_replicated_grads(replicated, mesh.axes.tp, when=lambda: state.active)
+    if not state.ulysses:  # under Ulysses DeepSpeed sums every gradient over sp
+        state.handles = sum_replicated_grads(replicated, mesh.axes.tp, when=lambda: state.active)
     state.handles.append(model.register_forward_pre_hook(
         lambda module, args, kwargs: _pre_forward(state, module, args, kwargs), with_kwargs=True, prepend=True))
     model._twolevel_sequence_parallel = state
@@ -127,14 +153,17 @@ def sequence_parallel_state(model: Any) -> SequenceParallelState | None:
 def _set_active(state: SequenceParallelState, active: bool, mask: torch.Tensor | None = None) -> None:
     state.active = active
     for layer in state.layers:
-        layer.sequence_parallel = active
+        if not state.ulysses:
+            layer.sequence_parallel = active
+        elif isinstance(layer, TwoLevelAttention):
+            layer.ulysses = active
         if isinstance(layer, HFTwoLevelAttention):
             layer.sequence_mask = mask if active else None
 
 
 def _pre_forward(state: SequenceParallelState, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Decide whether this call is sharded; gather the whole sequence's positions and mask."""
-    tp = state.mesh.axes.tp
+    tp = state.axis
     if state.paused or tp.size == 1 or any(kwargs.get(k) is not None for k in CACHE_KWARGS):
         _set_active(state, False)  # generation: the whole prompt on every rank
         return args, kwargs
@@ -150,12 +179,13 @@ def _pre_forward(state: SequenceParallelState, model: nn.Module, args: tuple, kw
     whole = gather_tokens_no_grad(stacked, tp, "positions", dim=2)  # (1|2, b, s)
     chunks = whole[0].chunk(tp.size, dim=1)
     if all(torch.equal(c, chunks[0]) for c in chunks[1:]):
-        raise ValueError(f"{type(model).__name__}: sequence_parallel: every rank of the layer passed the same "
-                         f"position_ids {tuple(local.shape)}; pass each rank its shard of the sequence ({FEEDERS}), "
-                         f"or a KV cache to run the whole sequence")
+        raise ValueError(f"{type(model).__name__}: sequence_parallel: every rank of the {'sp group' if state.ulysses else 'layer'} "
+                         f"passed the same position_ids {tuple(local.shape)}; pass each rank its shard of the sequence "
+                         f"({FEEDERS}), or a KV cache to run the whole sequence")
     full_mask = None if mask is None or bool(whole[1].all()) else whole[1].bool()  # (b, s)
     _set_active(state, True, full_mask)
-    kwargs["position_ids"] = whole[0]
+    if not state.ulysses:  # Ulysses rotates q/k on the local tokens, before its all-to-alls
+        kwargs["position_ids"] = whole[0]
     # HF's mask functions return a 4-D mask as is; the partitioned layers apply ``full_mask`` instead
     kwargs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=tokens.device)
     kwargs["use_cache"] = False

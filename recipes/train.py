@@ -3,6 +3,10 @@
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 8 recipes/train.py \\
         --deepspeed_config ds_configs/zero2_n2_m2.json --export
     torchrun --nproc_per_node 4 recipes/train.py --deepspeed_config ds_configs/zero2_n1_m2.json
+    torchrun --nproc_per_node 4 recipes/train.py --deepspeed_config ds_configs/zero2_sp2_n1_m2.json
+
+With DeepSpeed's ``"sequence_parallel_size"`` (Ulysses outside the n x m group) each rank feeds its s/sp tokens
+and no checkpoint is written (two-level checkpoints are per dp x n x m shard).
 
 Byte-level tokens (vocab 256, nothing to download) over the public-domain texts in
 ``recipes/data/``. Writes to ``--out``: checkpoints (``ckpt/``, atomic), ``metrics.json`` (loss,
@@ -25,7 +29,7 @@ from ds_twolevel.tools.cli import OneLineParser, positive_int
 import torch
 
 import ds_twolevel
-from ds_twolevel.deepspeed.config import check_config_file, load_deepspeed_config
+from ds_twolevel.deepspeed.config import check_config_file, load_deepspeed_config, sequence_parallel_size
 from ds_twolevel.sharding.partition import AttentionSpec, check_partition, feasible_layouts
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -88,10 +92,13 @@ def check_launch(args: argparse.Namespace) -> None:
     """Refuse, before any rank talks, a config, world size or layout the recipe's model cannot take."""
     if not Path(args.deepspeed_config).is_file():
         fail(f"--deepspeed_config {args.deepspeed_config}: no such file (the shipped ones are in ds_configs/)")
-    tl, _ = check_config_file(args.deepspeed_config, prog="recipes/train.py")
+    tl, ds = check_config_file(args.deepspeed_config, prog="recipes/train.py")
     spec = AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, rope_style="half", name=MODEL)
     check_partition(spec, tl.n, tl.m, kv_replication=tl.kv_replication)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (args.resume or args.save_every) and sequence_parallel_size(ds) > 1:
+        fail(f"--resume and --save_every need checkpoints, which \"sequence_parallel_size\" = "
+             f"{sequence_parallel_size(ds)} ({args.deepspeed_config}) does not write; drop them or set it to 1")
     if world % tl.tp_size:
         layouts = [f"dp={world // p} x n={n} x m={m}" for p in range(world, 0, -1) if world % p == 0
                    for n, m in feasible_layouts(spec, p, kv_replication=tl.kv_replication)]
@@ -130,12 +137,11 @@ def train(engine, mesh, args: argparse.Namespace, tokens: torch.Tensor, first: i
         rows = ds_twolevel.replica_rows(global_batch(tokens, step, micro * gas * dp, args.seq, args.seed), mesh)
         total = torch.zeros((), device=engine.device)
         for ids in rows.split(micro):  # same rows on every tp rank of this replica
-            ids = ids.to(engine.device)
-            loss = engine(input_ids=ids, labels=ids).loss
+            loss = engine(**micro_batch(ids.to(engine.device), mesh)).loss
             engine.backward(loss)
             engine.step()
             total += loss.detach().float()
-        dist.all_reduce(total, group=mesh.get_data_parallel_group())
+        dist.all_reduce(total, group=mesh.axes.zero.group)  # the replicas' losses (sp ranks: their shares)
         norm = engine.get_global_grad_norm()
         history["losses"].append(float(total) / (gas * dp))
         history["grad_norms"].append(float(norm) if norm is not None else float("nan"))
@@ -148,6 +154,16 @@ def train(engine, mesh, args: argparse.Namespace, tokens: torch.Tensor, first: i
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": step, **history})
     return history
+
+
+def micro_batch(ids: torch.Tensor, mesh) -> dict:
+    """The engine's inputs for rows ``ids``: all of them, or under Ulysses (sp > 1) this rank's s/sp tokens
+    with its share of the loss (``hf_integration.sequence_data.shard_batch``)."""
+    if mesh.layout.sp == 1:
+        return {"input_ids": ids, "labels": ids}
+    from hf_integration.sequence_data import shard_batch
+
+    return shard_batch({"input_ids": ids}, mesh.axes.sp)
 
 
 def plot(losses: list[float], first: int, path: Path) -> None:
@@ -190,7 +206,7 @@ def write_results(out: Path, history: dict, mesh, engine, args: argparse.Namespa
     """Rank 0: metrics.json and loss.png."""
     layout = mesh.layout
     metrics = {"losses": history["losses"], "grad_norms": history["grad_norms"], "lrs": history["lrs"],
-               "layout": {"dp": layout.dp, "n": layout.n, "m": layout.m},
+               "layout": {"dp": layout.dp, "sp": layout.sp, "n": layout.n, "m": layout.m},
                "zero_stage": engine.zero_optimization_stage(), "seconds": history["seconds"],
                "steps_run": args.steps - first + 1, "resumed_from": first - 1 if first > 1 else None}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -201,18 +217,22 @@ def write_results(out: Path, history: dict, mesh, engine, args: argparse.Namespa
 
 def run(engine, mesh, args: argparse.Namespace) -> None:
     import torch.distributed as dist
+    from transformers import DynamicCache
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     tokens = corpus()
     first, history = resume(engine, args, out)
     with ds_twolevel.fail_fast(engine.two_level.config.timeout_s):
         if first <= args.steps:
             history = train(engine, mesh, args, tokens, first, out, history)
-        ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": args.steps, **history})
+        if mesh.layout.sp == 1:
+            ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": args.steps, **history})
         probe = global_batch(tokens, 0, 2, args.seq, args.seed + 1).to(engine.device)
         engine.eval()
-        with torch.no_grad():
-            logits = engine(input_ids=probe).logits.float().cpu()
+        with torch.no_grad():  # under Ulysses a KV cache runs the whole probe on every rank
+            cache = {} if mesh.layout.sp == 1 else {"past_key_values": DynamicCache()}
+            logits = engine(input_ids=probe, **cache).logits.float().cpu()
         if args.export:
             ds_twolevel.export_dense(engine, out / "dense")
     if dist.get_rank() == 0:

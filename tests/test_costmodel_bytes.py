@@ -2,7 +2,8 @@
 
 One ``run_distributed(..., 8)`` launch runs every case (layouts with n*m < 8 use dp = 8/(n*m));
 each rank returns, per case, the sorted (op, axis, tag, numel, ranks, backward) records it
-counted and the ones :mod:`ds_twolevel.costmodel` predicts; the tests below only compare.
+counted and the ones :mod:`ds_twolevel.costmodel` predicts; the tests below only compare. The same launch
+trains the composed layout dp=2 x sp=2 x n=1 x m=2 (Ulysses outside two-level) through ds_twolevel.initialize.
 """
 from __future__ import annotations
 
@@ -115,7 +116,21 @@ def matrix_rank() -> dict[str, tuple[list[tuple], list[tuple]]]:
     torch.manual_seed(0)
     out: dict[str, tuple[list[tuple], list[tuple]]] = {}
     with toy_strategy.registered():  # the toy entry joins the matrix like any registered strategy
-        return _matrix_cases()
+        out = _matrix_cases()
+    out[COMPOSED] = _composed_case()
+    return out
+
+
+COMPOSED = "composed_dp2_sp2_n1_m2"
+"""Ulysses outside two-level on all 8 ranks: dp=2 x sp=2 x n=1 x m=2 (ZeRO-2, tiny Llama, 4 steps)."""
+
+
+def _composed_case() -> dict[str, float]:
+    """The composed layout through ds_twolevel.initialize (tests/test_sequence_parallel.py's case at dp = 2):
+    its all-to-alls counted against the cost model, and its training against the dense run."""
+    from tests.test_sequence_parallel import _ulysses_case
+
+    return _ulysses_case("llama", 1, 2, 2, dp=2)
 
 
 def _matrix_cases() -> dict[str, tuple[list[tuple], list[tuple]]]:
@@ -139,7 +154,7 @@ def _matrix_cases() -> dict[str, tuple[list[tuple], list[tuple]]]:
 
 @pytest.fixture(scope="module")
 def matrix() -> list[dict]:
-    return run_distributed(matrix_rank, WORLD, timeout=240)
+    return run_distributed(matrix_rank, WORLD, timeout=1200)
 
 
 with toy_strategy.registered():
@@ -167,3 +182,14 @@ def test_counted_equals_modelled(matrix, case):
             assert "probs" in tags and "attn_rows" not in tags, tags
         if case[6] == "prefill32" or (case[6] == "prefill30" and m == 2):
             assert {"v", "attn_rows"} <= tags and "probs" not in tags, tags
+
+
+def test_composed_layout_counted_equals_modelled_and_trains_exactly(matrix):
+    """dp=2 x sp=2 x 1x2: Ulysses' all-to-alls (q, k, v, o, forward and backward, 2 layers) equal
+    ``costmodel.training.ulysses_collectives``; loss, gradients, gradient norm and weights after 4 steps within
+    1e-5 of the dense run on the two replicas' batches."""
+    for rank, result in enumerate(matrix):
+        errors = dict(result[COMPOSED])
+        assert errors.pop("a2a_calls") == 16 and errors.pop("a2a_vs_model") == 0.0, f"rank {rank}"
+        bad = {k: v for k, v in errors.items() if not v <= 1e-5}
+        assert not bad, f"rank {rank}: relative errors above 1e-5: {bad}"

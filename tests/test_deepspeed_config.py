@@ -35,9 +35,10 @@ def test_shipped_config_loads_through_dataclass_and_deepspeed(path):
 
     tl, ds = load_deepspeed_config(path, inference="inference" in path.name)
     assert "two_level" not in ds
-    world = 2 * tl.n * tl.m
+    sp = ds.get("sequence_parallel_size", 1)
+    world = 2 * sp * tl.n * tl.m
     layout = check_deepspeed_config(tl, ds, world, device_type="cuda" if path.name.startswith("gpu") else "cpu")
-    assert (layout.dp, layout.n, layout.m) == (2, tl.n, tl.m)
+    assert (layout.dp, layout.sp, layout.n, layout.m) == (2, sp, tl.n, tl.m)
     if "inference" in path.name:
         parsed = DeepSpeedInferenceConfig(**ds)
         assert not parsed.replace_with_kernel_inject
@@ -111,7 +112,7 @@ def test_world_that_does_not_factor_lists_layouts():
 @pytest.mark.parametrize("update,two_level,match", [
     ({}, {"dp": 4}, r'"two_level" says dp=4 but 8 ranks / \(n\*m = 4\) give dp=2; launch 16 ranks or remove "dp"'),
     ({"tensor_parallel": {"autotp_size": 2}}, {}, r'autotp_size" = 2 contradicts "two_level".*remove "tensor_parallel"'),
-    ({"sequence_parallel_size": 2}, {}, r'"sequence_parallel_size" = 2 is not supported'),
+    ({"sequence_parallel_size": 3}, {}, r'"sequence_parallel_size" = 3 with n\*m = 2\*2: .*sp\*n\*m = 12 ranks.*use sp=1, sp=2'),
     ({}, {"zero_init": True}, r'"two_level.zero_init" needs ZeRO stage 3 \(the config has stage 2\)'),
     ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, {},
      r'zero_hpz_partition_size" = 2 groups consecutive ranks.*set it to 1'),
@@ -430,3 +431,39 @@ def test_steps_per_print_takes_accelerates_infinity_and_nothing_else_infinite(tm
     assert ds["steps_per_print"] == float("inf")
     with pytest.raises(ValueError, match=r'"steps_per_print" must be an integer >= 0, got -Infinity'):
         _from_json_text(tmp_path, '{"two_level": {"n": 2, "m": 2}, "steps_per_print": -Infinity}')
+
+
+def test_ulysses_layout_from_sequence_parallel_size():
+    """DeepSpeed's own key sets sp: dp = world / (sp*n*m), ranks m fastest, then n, sp, dp."""
+    layout = check_deepspeed_config(*load_deepspeed_config(with_({"sequence_parallel_size": 2}, n=1, m=2)), 8)
+    assert (layout.dp, layout.sp, layout.n, layout.m) == (2, 2, 1, 2)
+    assert [layout.sp_rank(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [layout.coordinate(r)[0] for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("update, two_level, match", [
+    ({"sequence_parallel_size": 4}, {"n": 1, "m": 2}, r"needs a multiple of sp\*n\*m = 8 ranks, the world has 4; .*use sp=1, sp=2"),
+    ({"sequence_parallel_size": 2}, {"sequence_parallel": True}, r'"sequence_parallel": false'),
+    ({"sequence_parallel_size": 2}, {"vocab_parallel": True}, r'"vocab_parallel": false'),
+    ({"sequence_parallel_size": 2, "data_parallel_size": 1}, {}, r'remove "data_parallel_size"'),
+    ({"sequence_parallel_size": 2, "zero_optimization": {"stage": 3, "reduce_scatter": False}}, {},
+     r'reduce_scatter": false at ZeRO stage 3'),
+    ({"sequence_parallel_size": 0}, {}, r'"sequence_parallel_size" must be an int >= 1, got 0'),
+])
+def test_ulysses_combinations_refused(update, two_level, match):
+    tl, ds = load_deepspeed_config(with_(update, **{"n": 1, "m": 2, **two_level}))
+    with pytest.raises(ValueError, match=match):
+        check_deepspeed_config(tl, ds, 4)
+
+
+def test_ulysses_head_rules():
+    """(h/n) % sp, Ulysses' KV rule and one head size, with the n that fit."""
+    from ds_twolevel.parallel.ulysses import check_ulysses
+
+    check_ulysses("m", heads=8, kv_heads=2, n=2, sp=4, head_dim=16, v_head_dim=16)  # KV head replicated 4x
+    with pytest.raises(ValueError, match=r"\(h/n\) % sp == 0; with sp=4 use n in \{1, 2\}"):
+        check_ulysses("m", heads=8, kv_heads=8, n=4, sp=4, head_dim=16, v_head_dim=16)
+    with pytest.raises(ValueError, match=r"KV heads \(g/n = 6/2 = 3\) divisible by sp, or sp divisible by them"):
+        check_ulysses("m", heads=12, kv_heads=6, n=2, sp=2, head_dim=16, v_head_dim=16)
+    with pytest.raises(ValueError, match=r"head_dim 16 and v_head_dim 8"):
+        check_ulysses("m", heads=8, kv_heads=8, n=1, sp=2, head_dim=16, v_head_dim=8)

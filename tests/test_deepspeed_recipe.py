@@ -104,7 +104,7 @@ def test_first_launch_says_what_it_builds_and_the_second_builds_nothing(launches
 
 def test_train_recipe_logs_plots_and_checkpoints(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
-    assert metrics["layout"] == {"dp": 2, "n": 1, "m": 2} and metrics["zero_stage"] == 3
+    assert metrics["layout"] == {"dp": 2, "sp": 1, "n": 1, "m": 2} and metrics["zero_stage"] == 3
     losses = metrics["losses"]
     assert len(losses) == STEPS and all(0 < x < 10 for x in losses)
     assert losses[-1] < losses[0]  # it learns

@@ -12,6 +12,16 @@ eps 1e-5 (amplification 100) Llama's v_proj at 2x2 ends 1.5e-5 away from the den
 (:func:`_weight_error`).
 Under dp=2 each replica trains on its own batch and the gradients are averaged over dp, as DeepSpeed
 does; the dense run averages the two batches' losses.
+
+Ulysses outside the layer (dp x sp x n x m), in the same launch: ``ds_twolevel.initialize`` with DeepSpeed's
+``"sequence_parallel_size": 2`` and ``"two_level"`` n x m = 1x2 and 2x1. The n*m ranks of a layer hold the same
+s/2 tokens (``shard_batch`` over the sp axis); the attention layers all-to-all q/k/v over sp (DeepSpeed's
+``UlyssesSPAttentionHF`` exchange) and attend over the whole sequence. Llama and Qwen3, a padded batch of odd
+length, ZeRO-2 and ZeRO-3: every step's loss, every gradient (step 0, before clipping,
+``deepspeed.utils.safe_get_full_grad``), the clipped gradient norm of every step, and the weights after 4
+steps, against torch AdamW with the same clipping on the dense model, within 1e-5. At 2x1 each head group
+holds one of the 2 KV heads, which Ulysses replicates on both sp ranks. The all-to-alls counted equal the
+cost model's (``costmodel.training.ulysses_collectives``). Bad combinations are refused before any collective.
 """
 from __future__ import annotations
 
@@ -37,11 +47,11 @@ SEQ = 14
 """not divisible by 4: shard_batch pads it to 16."""
 
 
-def _batch(seed: int) -> dict[str, torch.Tensor]:
+def _batch(seed: int, seq: int = SEQ) -> dict[str, torch.Tensor]:
     """Two sequences, the second right-padded (its last 3 tokens masked)."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (2, SEQ), generator=gen)
-    mask = torch.ones(2, SEQ, dtype=torch.long)
+    ids = torch.randint(1, VOCAB, (2, seq), generator=gen)
+    mask = torch.ones(2, seq, dtype=torch.long)
     mask[1, -3:] = 0
     ids[1, -3:] = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
@@ -166,6 +176,121 @@ def _checkpointing_case(reentrant: bool) -> dict[str, float]:
             / dense.config.num_hidden_layers}
 
 
+# -- Ulysses outside the layer: dp x sp x n x m through ds_twolevel.initialize ---------------------------
+U_ARCHS = ("llama", "qwen3")
+U_LAYOUTS = ((1, 2), (2, 1))
+"""(n, m) at sp = 2."""
+U_STAGES = (2, 3)
+U_SEQ = 13
+"""odd: shard_batch pads it to 14 over sp = 2."""
+CLIP = 1.0
+
+
+def _ulysses_config(n: int, m: int, stage: int, sp: int = 2) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+            "sequence_parallel_size": sp, "steps_per_print": 10 ** 9,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
+                                                       "weight_decay": 0.01, "torch_adam": True}},
+            "zero_optimization": {"stage": stage}, "two_level": {"n": n, "m": m, "strategy": "cost_model"}}
+
+
+def _ulysses_model(arch: str):
+    # Llama without the q/k/v biases, as in _case: the key bias's gradient is analytically zero
+    return tiny_model(arch, seed=3, **({"attention_bias": False} if arch == "llama" else {})).train()
+
+
+def _modelled_all_to_alls(arch: str, n: int, m: int, dp: int = 1) -> list[tuple]:
+    """The cost model's Ulysses all-to-alls of one step (both layers, forward and backward) at dp x 2 x n x m."""
+    from ds_twolevel.costmodel.training import TrainLayout, TrainSetup, ulysses_collectives
+    from ds_twolevel.strategies.base import ModelConfig
+    from hf_integration.testing import tiny_config
+
+    cfg = tiny_config(arch)
+    model = ModelConfig(arch, hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                        head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers)
+    setup = TrainSetup(batch=2 * dp, seq=U_SEQ + 1, checkpointing=False, sequence_parallel=False, vocab_parallel=False)
+    return sorted((c.tag, c.numel, c.ranks, c.backward)
+                  for c in ulysses_collectives(model, TrainLayout(dp, 2, n, m), setup) * model.layers)
+
+
+def _grad_error(engine, dense) -> float:
+    """shard_grad_errors on the engine's reduced (pre-clip) gradients, read through DeepSpeed's API."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    params = list(engine.module.parameters())
+    grads = [safe_get_full_grad(p) for p in params]
+    stage3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(params, enabled=stage3):
+        saved = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        try:
+            return shard_grad_errors(dense, engine.module)
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+
+
+def _ulysses_case(arch: str, n: int, m: int, stage: int, dp: int = 1) -> dict[str, float]:
+    """dp x 2 x n x m through ds_twolevel.initialize vs the dense model (each replica its own batch, the dense
+    run on their mean loss): every step's loss and clipped gradient norm, step 0's gradients and all-to-alls
+    (against the cost model), the weights after 4 steps."""
+    import ds_twolevel
+
+    dense = _ulysses_model(arch)
+    mesh = TwoLevelLayout(n=n, m=m, dp=dp, sp=2).build()
+    engine = ds_twolevel.initialize(model=_ulysses_model(arch), config=_ulysses_config(n, m, stage), mesh=mesh)[0]
+    opt = torch.optim.AdamW(dense.parameters(), lr=LR, eps=EPS, betas=BETAS, weight_decay=0.01)
+    errors: dict[str, float] = {}
+    for step in range(STEPS):
+        batches = [_batch(30 + step + 100 * r, U_SEQ) for r in range(dp)]
+        opt.zero_grad()
+        loss_ref = _dense_loss(dense, batches)
+        loss_ref.backward()
+        with CommCounter() as comm:  # this rank's share of its replica's loss
+            loss = engine(**shard_batch(batches[mesh.axes.dp.rank], mesh.axes.sp)).loss
+            engine.backward(loss)
+        if step == 0:
+            errors["grads"] = _grad_error(engine, dense)  # before clipping
+            counted = sorted((r.tag, r.numel, r.ranks, r.backward) for r in comm.select(op="all_to_all", axis="sp"))
+            errors["a2a_vs_model"] = float(counted != _modelled_all_to_alls(arch, n, m, dp))
+            errors["a2a_calls"] = float(len(counted))
+        norm_ref = torch.nn.utils.clip_grad_norm_(dense.parameters(), CLIP)
+        engine.step()
+        opt.step()
+        whole = whole_loss(loss, mesh.axes.sp)
+        if dp > 1:
+            dist.all_reduce(whole, group=mesh.get_data_parallel_group())
+            whole /= dp
+        errors[f"loss{step}"] = rel_err(whole, loss_ref)
+        errors[f"norm{step}"] = rel_err(torch.as_tensor(float(engine.get_global_grad_norm())), norm_ref)
+    state = ds_twolevel.dense_state_dict(engine)
+    ref = dense.state_dict()
+    scale = max(float(v.abs().max()) for v in ref.values() if v.is_floating_point())
+    errors["weights"] = max(rel_err(v, ref[k], scale) for k, v in state.items())
+    return errors
+
+
+def _refusal(config: dict, model_kw: dict | None = None) -> str:
+    import ds_twolevel
+
+    try:
+        ds_twolevel.initialize(model=tiny_model("llama", seed=3, **(model_kw or {})), config=config)
+    except Exception as err:  # noqa: BLE001 - the message is what is checked
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
+def _ulysses_refusals() -> dict[str, str]:
+    """Each refused on every rank before the rendezvous or any collective."""
+    bad_world = _ulysses_config(1, 2, 2, sp=4)  # 4 * 2 ranks > 4
+    heads = _ulysses_config(4, 1, 2, sp=2)  # h/n = 1 query head per group, sp = 2
+    both = _ulysses_config(1, 2, 2)
+    both["two_level"]["sequence_parallel"] = True
+    return {"world": _refusal(bad_world), "heads": _refusal(heads), "both": _refusal(both)}
+
+
 def _all_cases() -> dict[str, dict[str, float]]:
     out = {}
     for arch in ARCHS:
@@ -176,6 +301,11 @@ def _all_cases() -> dict[str, dict[str, float]]:
     for reentrant in (False, True):
         out[f"checkpointing_reentrant{reentrant}"] = _checkpointing_case(reentrant)
     out["refusals"] = _refusals()
+    for stage in U_STAGES:
+        for arch in U_ARCHS:
+            for n, m in U_LAYOUTS:
+                out[f"ulysses-{arch}-n{n}m{m}-zero{stage}"] = _ulysses_case(arch, n, m, stage)
+    out["ulysses_refusals"] = _ulysses_refusals()
     return out
 
 
@@ -229,7 +359,7 @@ def _batch_mismatches(model, mesh) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rank_results() -> list[dict]:
-    return run_distributed(_all_cases, WORLD, timeout=1200)
+    return run_distributed(_all_cases, WORLD, timeout=2400)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -290,3 +420,26 @@ def test_sequence_parallel_refusals_and_generate(rank_results):
         assert "shift_labels" in got["unshifted"]
         assert "passed the same position_ids" in got["same_tokens"]
         assert got["generate_same"] == "yes"
+
+
+@pytest.mark.parametrize("stage", U_STAGES)
+@pytest.mark.parametrize("arch", U_ARCHS)
+@pytest.mark.parametrize("layout", U_LAYOUTS, ids=lambda l: f"sp2n{l[0]}m{l[1]}")
+def test_ulysses_two_level_matches_dense(rank_results, arch, layout, stage):
+    """Loss of every step, every gradient, the gradient norm, the weights after 4 steps: 1e-5 of dense."""
+    key = f"{arch}-n{layout[0]}m{layout[1]}-zero{stage}"
+    for rank, res in enumerate(rank_results):
+        errors = dict(res[f"ulysses-{key}"])
+        # per layer: q, k, v and the output, forward and backward, 2 layers; each as the cost model has it
+        assert errors.pop("a2a_calls") == 2 * 8, f"rank {rank}"
+        assert errors.pop("a2a_vs_model") == 0.0, f"rank {rank}: counted all-to-alls differ from the cost model's"
+        bad = {k: v for k, v in errors.items() if not v <= TOL}
+        assert not bad, f"rank {rank}: relative errors above {TOL}: {bad}"
+
+
+def test_ulysses_refusals(rank_results):
+    for res in rank_results:
+        got = res["ulysses_refusals"]
+        assert "sp*n*m = 8" in got["world"] and "use sp=1, sp=2" in got["world"], got["world"]
+        assert "(h/n) % sp == 0" in got["heads"] and "n in {1, 2}" in got["heads"], got["heads"]
+        assert '"sequence_parallel": false' in got["both"], got["both"]

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ds_twolevel.deepspeed import ulysses
 from ds_twolevel.deepspeed.integrity import (FILES_KEY, check_structure, estimate_save_bytes, file_record, own_files,
                                             record_tag, verify_files, write_failure)
 from ds_twolevel.parallel.agreement import AgreementError, agreement
@@ -228,6 +229,7 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     from ds_twolevel.deepspeed.engine_patch import ensure_installed
 
     ensure_installed()
+    ulysses.refuse_checkpoint(mesh_of(engine), "save_checkpoint")
     save_dir = Path(save_dir)
     tag = str(tag or f"global_step{engine.global_steps}")
     writer = is_writer(engine)
@@ -438,6 +440,7 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     """
     from ds_twolevel.deepspeed.engine_patch import ensure_installed, original
 
+    ulysses.refuse_checkpoint(mesh_of(engine), "load_checkpoint")
     ensure_installed()
     load_dir = Path(load_dir)
     with agreement(None, what=f"loading checkpoint {load_dir}"):

@@ -121,13 +121,15 @@ class TwoLevelConfig:
         """Ranks sharing one layer: n*m."""
         return self.n * self.m
 
-    def layout(self, world_size: int) -> TwoLevelLayout:
-        """The dp x n x m layout for ``world_size`` ranks (ValueError naming the layouts that fit)."""
-        layout = TwoLevelLayout.from_world_size(world_size, n=self.n, m=self.m)
+    def layout(self, world_size: int, sp: int = 1) -> TwoLevelLayout:
+        """The dp x sp x n x m layout for ``world_size`` ranks (ValueError naming the layouts that fit);
+        ``sp``: DeepSpeed's ``"sequence_parallel_size"`` (Ulysses)."""
+        layout = TwoLevelLayout.from_world_size(world_size, n=self.n, m=self.m, sp=sp)
         if self.dp is not None and self.dp != layout.dp:
+            group = self.tp_size * sp
             raise ValueError(
-                f'"two_level" says dp={self.dp} but {world_size} ranks / (n*m = {self.tp_size}) give '
-                f"dp={layout.dp}; launch {self.dp * self.tp_size} ranks or remove \"dp\"")
+                f'"two_level" says dp={self.dp} but {world_size} ranks / ({"sp*" if sp > 1 else ""}n*m = {group}) give '
+                f"dp={layout.dp}; launch {self.dp * group} ranks or remove \"dp\"")
         return layout
 
     @classmethod
@@ -253,17 +255,17 @@ def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size
     ``tl`` and ``ds`` come from :func:`load_deepspeed_config` (which checked each key on its own);
     this checks them against each other and against the world size.
 
-    Checks: world size factors into dp*n*m; no second tensor/sequence-parallel scheme; ZeRO
+    Checks: world size factors into dp*sp*n*m (sp: DeepSpeed's ``"sequence_parallel_size"``, Ulysses outside
+    the layer's n*m ranks); no second tensor-parallel scheme; ZeRO
     features whose groups span the world instead of the mpu's data-parallel group; batch sizes
     counted in data-parallel replicas; dtype supported on the device; ``zero_init`` only with
     stage 3.
     """
-    layout = tl.layout(world_size)
+    sp = sequence_parallel_size(ds)
+    _check_ulysses(tl, ds, sp, world_size)
+    layout = tl.layout(world_size, sp)
     dp = layout.dp
     _check_autotp(tl, ds)
-    sp = int(ds.get("sequence_parallel_size", 1) or 1)
-    if sp > 1:
-        raise ValueError(f'"sequence_parallel_size" = {sp} is not supported with "two_level"; remove it')
     if (ds.get("checkpoint") or {}).get("writer"):
         raise ValueError('"checkpoint.writer" (fast/decoupled checkpoint engine) asks the mpu for pipeline ranks and '
                          'data-parallel peer lists the two-level mesh does not provide; remove "checkpoint.writer" '
@@ -274,6 +276,42 @@ def check_deepspeed_config(tl: TwoLevelConfig, ds: Mapping[str, Any], world_size
         raise ValueError('"fp16.enabled" is not supported on CPU; use "bf16": {"enabled": true} or fp32 '
                          "(no fp16/bf16 section)")
     return layout
+
+
+def sequence_parallel_size(ds: Mapping[str, Any]) -> int:
+    """DeepSpeed's ``"sequence_parallel_size"`` (Ulysses' sp; 1 when absent), checked."""
+    sp = ds.get("sequence_parallel_size", 1)
+    if sp is None:
+        return 1
+    if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
+        raise ValueError(f'"sequence_parallel_size" must be an int >= 1, got {show(sp)}')
+    return sp
+
+
+def _check_ulysses(tl: TwoLevelConfig, ds: Mapping[str, Any], sp: int, world_size: int) -> None:
+    """Ulysses (sp > 1) composes with two-level as dp x sp x n x m; refuse what it does not compose with."""
+    if sp == 1:
+        return
+    group = sp * tl.tp_size
+    if world_size % group:
+        fits = [f"sp={u}" for u in range(1, world_size // tl.tp_size + 1) if world_size % (u * tl.tp_size) == 0]
+        raise ValueError(f'"sequence_parallel_size" = {sp} with n*m = {tl.n}*{tl.m}: dp x sp x n x m needs a multiple of '
+                         f"sp*n*m = {group} ranks, the world has {world_size}; with n={tl.n}, m={tl.m} on {world_size} "
+                         f"ranks use {', '.join(fits) or 'another n x m'}")
+    if tl.sequence_parallel:
+        raise ValueError(f'"sequence_parallel_size" = {sp} (Ulysses) with "two_level.sequence_parallel": true is not '
+                         'supported; set "sequence_parallel": false (the n*m ranks of a layer then hold the same s/sp tokens)')
+    if tl.vocab_parallel:
+        raise ValueError(f'"sequence_parallel_size" = {sp} (Ulysses) with "two_level.vocab_parallel": true is not '
+                         'supported; set "vocab_parallel": false')
+    if zero_stage(ds) == 3 and _zero(ds).get("reduce_scatter") is False:
+        raise ValueError(f'"zero_optimization.reduce_scatter": false at ZeRO stage 3 with "sequence_parallel_size" = {sp} '
+                         "averages gradients over dp or dp x sp depending on the bucket size; remove it (the default "
+                         "reduce-scatter is exact)")
+    if "data_parallel_size" in ds:
+        raise ValueError('"data_parallel_size" with "sequence_parallel_size" makes DeepSpeed build its own (dp, sp) '
+                         "mesh over the world, ignoring the two-level groups; remove \"data_parallel_size\" (dp = world "
+                         "size / (sp*n*m))")
 
 
 def _check_autotp(tl: TwoLevelConfig, ds: Mapping[str, Any]) -> None:

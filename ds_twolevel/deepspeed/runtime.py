@@ -36,11 +36,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ds_twolevel import guard
+from ds_twolevel.deepspeed import ulysses
 from ds_twolevel.deepspeed.compat import record_stage0_grad_norm, release_shm_workspace
 from ds_twolevel.deepspeed.config import TwoLevelConfig, check_deepspeed_config, load_deepspeed_config, zero_stage
 from ds_twolevel.deepspeed.inject import Policy, default_policy, patch
 from ds_twolevel.deepspeed.rendezvous import build_mesh, device_type, env_world_size, init_distributed
-from ds_twolevel.deepspeed.zero import is_zero_partitioned
+from ds_twolevel.deepspeed.zero import is_zero_partitioned, partition_over_sequence_data
 from ds_twolevel.parallel.layout import TwoLevelMesh
 
 __all__ = ["Policy", "TwoLevelRuntime", "build_mesh", "default_policy", "init_distributed", "init_inference",
@@ -80,7 +81,9 @@ def _mesh_for(config: Any, tl: TwoLevelConfig, ds: dict[str, Any], mesh: TwoLeve
         return build_mesh(config)
     if (mesh.layout.n, mesh.layout.m) != (tl.n, tl.m):
         raise ValueError(f"mesh has n={mesh.layout.n}, m={mesh.layout.m} but the config says n={tl.n}, m={tl.m}")
-    check_deepspeed_config(tl, ds, dist.get_world_size(), device_type=device_type())
+    layout = check_deepspeed_config(tl, ds, dist.get_world_size(), device_type=device_type())
+    if layout.sp != mesh.layout.sp:
+        raise ValueError(f'mesh has sp={mesh.layout.sp} but the config says "sequence_parallel_size" = {layout.sp}')
     return mesh
 
 
@@ -119,11 +122,13 @@ def initialize(model: nn.Module | None = None, config: str | os.PathLike | Mappi
                 if v is not None}
     if switches:
         tl = dataclasses.replace(tl, **switches)
+    ulysses.check_model(model, tl, ds)  # "sequence_parallel_size": the model's heads, before any collective
     mesh = _mesh_for(config, tl, ds, mesh)
     if is_zero_partitioned(model) and zero_stage(ds) != 3:
         raise ValueError(f"the model was built under deepspeed.zero.Init but the config has ZeRO stage {zero_stage(ds)};"
                          ' build it normally or set "zero_optimization": {"stage": 3}')
     model = patch(model, mesh, tl, policy)
+    partition_over_sequence_data(model, ds, mesh)  # ZeRO-3 under Ulysses: over dp x sp, not dp alone
     if "model_parameters" not in deepspeed_kwargs and deepspeed_kwargs.get("optimizer") is None:
         deepspeed_kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
     if getattr(model, "_twolevel_guard", None) is None:  # a policy= model: patch_model installs it otherwise
@@ -169,6 +174,7 @@ def init_inference(model: nn.Module, config: str | os.PathLike | Mapping[str, An
         init_distributed(tl)
         mesh = tl.layout(dist.get_world_size()).build(timeout=datetime.timedelta(seconds=tl.timeout_s))
     model = patch(model, mesh, tl, policy)
+    partition_over_sequence_data(model, ds, mesh)  # ZeRO-3 under Ulysses: over dp x sp, not dp alone
     engine = deepspeed.init_inference(model, config={**ds, "tensor_parallel": {"tp_size": 1},
                                                      "replace_with_kernel_inject": False})
     engine.two_level = TwoLevelRuntime(tl, mesh, ds)

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Callable, Iterator, Mapping
 
@@ -54,8 +55,39 @@ def zero_init(config: str | os.PathLike | Mapping[str, Any], mesh: TwoLevelMesh)
     if zero_stage(ds) != 3:
         raise ValueError(f"zero_init needs ZeRO stage 3, the config has stage {zero_stage(ds)}; "
                          'set "zero_optimization": {"stage": 3}')
-    with deepspeed.zero.Init(config_dict_or_path=ds, mpu=mesh, data_parallel_group=mesh.get_data_parallel_group()):
+    # axes.zero: the dp axis, or dp x sp under Ulysses (the ranks holding the same two-level shards)
+    with deepspeed.zero.Init(config_dict_or_path=ds, mpu=mesh, data_parallel_group=mesh.axes.zero.group):
         yield
+
+
+def partition_over_sequence_data(model: nn.Module, ds: Mapping[str, Any], mesh: TwoLevelMesh) -> None:
+    """ZeRO-3 under Ulysses (sp > 1): partition the patched ``model`` over dp x sp, as Ulysses does, and make
+    its gradients the sum over sp averaged over dp. Nothing to do at sp = 1 or below stage 3.
+
+    - DeepSpeed's engine would convert the model over the mpu's data-parallel group (dp alone: DeepSpeed's
+      own Ulysses mpu has none, so it takes the world) and then reduce each gradient over dp only, leaving
+      out the sum over sp; so the model is partitioned here first (a model built under zero.Init already is,
+      :func:`zero_init`).
+    - Stages 0-2 divide the gradients summed over dp x sp by dp (the sum over sp of each rank's share of the
+      loss is the batch's gradient). Stage 3's reduce-scatter (``DeepSpeedZeroOptimizer_Stage3.__avg_scatter_grads``,
+      deepspeed 0.19) divides by dp x sp: each gradient is multiplied by sp as it arrives (exact for sp a
+      power of two), so that every stage trains on the same loss shares. Its other path (``"reduce_scatter":
+      false``, which divides by dp for small buckets only) is refused by the config check.
+
+    Example:
+        >>> partition_over_sequence_data(model, ds, mesh)   # ds_twolevel.initialize calls it
+    """
+    sp = mesh.layout.sp
+    if zero_stage(ds) != 3 or sp == 1:
+        return
+    import deepspeed
+
+    if not is_zero_partitioned(model):
+        deepspeed.zero.Init(module=model, config_dict_or_path=dict(ds), mpu=mesh,
+                            data_parallel_group=mesh.axes.zero.group)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_hook(functools.partial(torch.mul, other=float(sp)))
 
 
 def zero_init_model(factory: Callable[[], nn.Module], config: str | os.PathLike | Mapping[str, Any],

@@ -6,6 +6,7 @@ dvl = dv/m, H hidden.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -23,6 +24,7 @@ from ds_twolevel.parallel.collectives import copy_to_axis, reduce_from_axis
 from ds_twolevel.parallel.collectives import reduce_dtype as check_reduce_dtype
 from ds_twolevel.parallel.layout import AxisGroup, TwoLevelAxes, TwoLevelMesh
 from ds_twolevel.parallel.sequence import gather_sequence, scatter_sequence
+from ds_twolevel.parallel.ulysses import UlyssesExchange, check_ulysses
 from ds_twolevel.sharding.partition import AttentionPartition, AttentionSpec, shard_dim
 from ds_twolevel.strategies import registry
 from ds_twolevel.strategies.base import AttendContext, AttentionCall
@@ -63,6 +65,10 @@ class TwoLevelAttention(nn.Module):
             reduce-scattered after o_proj. No KV cache (a call with one is refused); an attribute, so a
             model can switch it per call.
 
+    With ``axes.sp.size > 1`` (Ulysses outside the layer's n*m ranks) the attribute ``ulysses``, switched
+    per call like ``sequence_parallel``, makes the input and output this rank's s/sp tokens:
+    see :func:`ulysses_forward`.
+
     Example:
         >>> mesh = TwoLevelLayout(n=2, m=2).build()
         >>> attn = TwoLevelAttention.from_dense(dense_attn, mesh.axes)
@@ -101,6 +107,7 @@ class TwoLevelAttention(nn.Module):
         axes = axes.reducing_in(check_reduce_dtype(reduce_dtype))
         # validates h, g, d against (n, m) before any parameter or collective exists
         self.part = AttentionPartition(spec, axes.n, axes.m, kv_replication=kv_replication)
+        self.ulysses, self.exchange = False, _ulysses_exchange(spec, self.part, axes, kv_replication, dropout)
         if self.part.replicated_kv and axes.kv_rep.size != axes.n // spec.num_kv_heads:
             raise ValueError(f"{spec.name}: each KV head is replicated on {axes.n // spec.num_kv_heads} head groups, "
                              f"whose gradients must be summed: pass the TwoLevelMesh, or mesh.axes_for({spec.num_kv_heads})")
@@ -124,7 +131,7 @@ class TwoLevelAttention(nn.Module):
             whole = self.qk_norm.scope == "projection"  # weight slice: (head group, segment) rows, else d/m dims
             self.q_norm_weight = nn.Parameter(torch.ones(hl * dl if whole else dl, **kw))
             self.k_norm_weight = nn.Parameter(torch.ones(gl * dl if whole else dl, **kw))
-        self._tag_parameters()
+        _tag_parameters(self)
         self._register_rope_tables(device)
 
     def _register_rope_tables(self, device: torch.device | str | None) -> None:
@@ -132,25 +139,6 @@ class TwoLevelAttention(nn.Module):
         buffer_device = None if device is None or torch.device(device).type == "meta" else device
         for name, table in zip(("rope_cos_index", "rope_partner", "rope_sign"), self.part.rope_tables(self.axes.j)):
             self.register_buffer(name, table.to(buffer_device), persistent=False)
-
-    def _tag_parameters(self) -> None:
-        for p in self.q_proj.parameters():
-            tag_parallel(p, sharded=True, partition_dim=0)
-        for p in (*self.k_proj.parameters(), *self.v_proj.parameters()):
-            # a replicated KV head is counted (in gradient norms) on its first copy only
-            tag_parallel(p, sharded=self.axes.kv_rep.rank == 0, partition_dim=0)
-        tag_parallel(self.o_proj.weight, sharded=True, partition_dim=1)
-        if self.o_bias is not None:
-            tag_parallel(self.o_bias, sharded=False, partition_dim=None)
-        if self.qk_norm is not None and self.qk_norm.scope == "projection":
-            # sliced like q/k rows: q's slice has one owner, k's its replicated copies
-            tag_parallel(self.q_norm_weight, sharded=True, partition_dim=0)
-            tag_parallel(self.k_norm_weight, sharded=self.axes.kv_rep.rank == 0, partition_dim=0)
-            return
-        for w in (self.q_norm_weight, self.k_norm_weight):
-            if w is not None:
-                # sharded over segments, replicated over head groups: count it on group i == 0 only
-                tag_parallel(w, sharded=self.axes.i == 0, partition_dim=0)
 
     # -- dense <-> partition ---------------------------------------------------------------------
     def shard_index(self, tp_rank: int | None = None) -> dict[str, tuple[torch.Tensor, int]]:
@@ -225,6 +213,8 @@ class TwoLevelAttention(nn.Module):
         object with ``update(k, v, layer_idx)`` (this rank's slice is stored), or a cache in the
         kv_shard layout (``position_store``).
         """
+        if self.ulysses and self.axes.sp.size > 1:
+            return ulysses_forward(self, hidden_states, position_embeddings, attention_mask, kv_cache, strategy)
         sp = sequence_parallel_call(self, hidden_states, position_embeddings, kv_cache)
         if sp:  # (b, s/p, H) local tokens: plan for the whole sequence they belong to
             b, s_local, hidden = hidden_states.shape
@@ -285,6 +275,72 @@ class TwoLevelAttention(nn.Module):
     @property
     def _dropping(self) -> bool:
         return self.training and self.dropout > 0
+
+
+def _tag_parameters(layer: "TwoLevelAttention") -> None:
+    """Tensor-parallel attributes of a layer's parameters (:func:`tag_parallel`)."""
+    for p in layer.q_proj.parameters():
+        tag_parallel(p, sharded=True, partition_dim=0)
+    for p in (*layer.k_proj.parameters(), *layer.v_proj.parameters()):
+        # a replicated KV head is counted (in gradient norms) on its first copy only
+        tag_parallel(p, sharded=layer.axes.kv_rep.rank == 0, partition_dim=0)
+    tag_parallel(layer.o_proj.weight, sharded=True, partition_dim=1)
+    if layer.o_bias is not None:
+        tag_parallel(layer.o_bias, sharded=False, partition_dim=None)
+    if layer.qk_norm is not None and layer.qk_norm.scope == "projection":
+        # sliced like q/k rows: q's slice has one owner, k's its replicated copies
+        tag_parallel(layer.q_norm_weight, sharded=True, partition_dim=0)
+        tag_parallel(layer.k_norm_weight, sharded=layer.axes.kv_rep.rank == 0, partition_dim=0)
+        return
+    for w in (layer.q_norm_weight, layer.k_norm_weight):
+        if w is not None:
+            # sharded over segments, replicated over head groups: count it on group i == 0 only
+            tag_parallel(w, sharded=layer.axes.i == 0, partition_dim=0)
+
+
+def _ulysses_exchange(spec: AttentionSpec, part: AttentionPartition, axes: TwoLevelAxes, kv_replication: bool,
+                      dropout: float) -> UlyssesExchange | None:
+    """The layer's all-to-alls over sp (None when sp = 1), its shapes checked against Ulysses' rules."""
+    sp = axes.sp.size
+    if sp == 1:
+        return None
+    check_ulysses(spec.name, heads=spec.num_heads, kv_heads=spec.num_kv_heads, n=axes.n, sp=sp,
+                  head_dim=spec.head_dim, v_head_dim=spec.dv, kv_replication=kv_replication)
+    if dropout > 0:
+        raise ValueError(f"{spec.name}: attention dropout ({dropout}) is not supported with Ulysses sp={sp}; "
+                         f"set attention_dropout to 0 or sequence_parallel_size to 1")
+    return UlyssesExchange(axes.sp, heads=part.local_heads, kv_heads=part.local_kv_heads, head_dim=part.local_dim)
+
+
+def ulysses_forward(layer: TwoLevelAttention, hidden_states: torch.Tensor, position_embeddings: Any,
+                    attention_mask: torch.Tensor | None, kv_cache: Any, strategy: str | None) -> torch.Tensor:
+    """(b, s/sp, H) this rank's tokens (the same on the layer's n*m ranks) -> (b, s/sp, H).
+
+    Project, q/k norm and RoPE on the local tokens (``position_embeddings`` of their global positions),
+    all-to-all over sp to (b, h/(n*sp), s, d/m), the strategy over the whole sequence (``attention_mask``:
+    None or the (b, s) padding mask of the whole sequence), the inverse all-to-all, o_proj, the all-reduce
+    over the layer's n*m ranks.
+    """
+    sp, part = layer.axes.sp, layer.part
+    if kv_cache is not None:
+        raise ValueError(f"layer {layer.layer_idx}: Ulysses (sp={sp.size}) runs training and prefill without a KV "
+                         f"cache; a call with one runs the whole prompt on every rank with ``ulysses`` off (a "
+                         f"patched model switches it off for such calls)")
+    b, s_local, hidden = hidden_states.shape
+    whole = torch.empty((b, s_local * sp.size, hidden), dtype=hidden_states.dtype, device="meta")
+    call = layer.attention_call(whole, attention_mask, None)
+    call = dataclasses.replace(call, local_heads=part.local_heads // sp.size,
+                               local_kv_heads=max(part.local_kv_heads // sp.size, 1))
+    plan = layer._plan(call, strategy, hidden_states.device)
+    q, k, v = layer._project(copy_to_axis(hidden_states, layer.axes.tp, "attn_in"), position_embeddings)
+    q, k, v = layer.exchange.to_heads(q, k, v)  # (b, hl/sp, s, dl), (b, gl/sp or 1, s, dl)
+    per = part.local_heads // sp.size
+    heads = list(part.q_heads(layer.axes.i))[sp.rank * per:(sp.rank + 1) * per]
+    ctx = dataclasses.replace(layer._context(call, None, None), q_heads=heads)
+    out = plan.strategy.attend(ctx, q, k, v, attention_mask)  # (b, hl/sp, s, dvl)
+    out = zero_unattended_rows(out, attention_mask, causal=layer.causal, heads=heads)
+    y = reduce_from_axis(layer.o_proj(layer.exchange.to_sequence(out)), layer.axes.tp, "attn_out")  # (b, s/sp, H)
+    return y if layer.o_bias is None else y + layer.o_bias
 
 
 def qk_norms(layer: TwoLevelAttention, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,11 @@
-"""The dp x n x m layout: one validated object that builds the device mesh and hands out groups.
+"""The dp x sp x n x m layout: one validated object that builds the device mesh and hands out groups.
 
-Ranks are laid out with the segment axis fastest: ``rank = (dp_rank * n + i) * m + j``, so the m
+Ranks are laid out with the segment axis fastest: ``rank = ((dp_rank * sp + u) * n + i) * m + j``, so the m
 ranks of one head group, one per segment (the chattiest group: scores, norms, q/k gathers), are
-neighbours, i.e. on one node / one NVLink island whenever m divides the GPUs per node.
+neighbours, i.e. on one node / one NVLink island whenever m divides the GPUs per node; the n*m ranks of
+a layer are contiguous too. ``sp`` is DeepSpeed's Ulysses sequence axis (``"sequence_parallel_size"``),
+outside the two-level group: the n*m ranks of a layer hold the same s/sp tokens (DESIGN.md section 8);
+sp = 1 (the default) is the dp x n x m layout.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from torch._C._distributed_c10d import Backend as C10dBackend
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 MESH_AXES = ("dp", "n", "m")
+ULYSSES_AXES = ("dp", "sp", "n", "m")
+"""the mesh's axes when sp > 1 (with sp = 1 the mesh keeps the three of MESH_AXES)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,10 @@ class TwoLevelAxes:
     """data-parallel replicas (ZeRO, gradient averaging)."""
     kv_rep: AxisGroup = AxisGroup.single("kv_rep")
     """head groups holding copies of the same KV head when n > g (see ``TwoLevelMesh.axes_for``)."""
+    sp: AxisGroup = AxisGroup.single("sp")
+    """Ulysses' sequence axis: the sp layer groups that hold the same shards and different s/sp tokens."""
+    sdp: AxisGroup | None = None
+    """dp x sp: the ranks holding the same shards (ZeRO shards and sums gradients over them); None: ``dp``."""
 
     @property
     def i(self) -> int:
@@ -75,6 +84,11 @@ class TwoLevelAxes:
     def m(self) -> int:
         return self.seg.size
 
+    @property
+    def zero(self) -> AxisGroup:
+        """The ranks holding the same shards: dp, or dp x sp under Ulysses (ZeRO's group)."""
+        return self.dp if self.sdp is None else self.sdp
+
     def reducing_in(self, dtype: torch.dtype | None) -> "TwoLevelAxes":
         """These axes with every sum over them run in ``dtype`` (when wider than the tensor's; None: in
         the tensor's dtype). The process groups are the same objects.
@@ -84,7 +98,7 @@ class TwoLevelAxes:
             torch.float32
         """
         return TwoLevelAxes(*(replace(getattr(self, f), reduce_dtype=dtype)
-                              for f in ("seg", "heads", "tp", "dp", "kv_rep")))
+                              for f in ("seg", "heads", "tp", "dp", "kv_rep", "sp")), sdp=self.sdp)
 
     @staticmethod
     def single() -> "TwoLevelAxes":
@@ -110,12 +124,14 @@ def factorizations(world_size: int) -> list[tuple[int, int, int]]:
 
 @dataclass(frozen=True)
 class TwoLevelLayout:
-    """dp x n x m: data-parallel replicas x head groups x head-dim segments.
+    """dp x sp x n x m: data-parallel replicas x Ulysses sequence shards x head groups x head-dim segments.
 
     Example:
         >>> layout = TwoLevelLayout(n=2, m=2, dp=2)
         >>> layout.world_size, layout.coordinate(5)
         (8, (1, 0, 1))
+        >>> TwoLevelLayout(n=1, m=2, sp=2).world_size
+        4
     """
 
     n: int
@@ -124,9 +140,11 @@ class TwoLevelLayout:
     """head-dim segments (d/m dims per rank)."""
     dp: int = 1
     """data-parallel replicas."""
+    sp: int = 1
+    """Ulysses sequence shards (DeepSpeed's ``"sequence_parallel_size"``), outside the n*m ranks of a layer."""
 
     def __post_init__(self) -> None:
-        for name in ("n", "m", "dp"):
+        for name in ("n", "m", "dp", "sp"):
             _positive_int(name, getattr(self, name))
 
     @property
@@ -136,32 +154,42 @@ class TwoLevelLayout:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.n * self.m
+        return self.dp * self.sp * self.n * self.m
+
+    def describe(self) -> str:
+        """"dp=2 x n=1 x m=2", with "sp=2 x" when sp > 1."""
+        sp = f"sp={self.sp} x " if self.sp > 1 else ""
+        return f"dp={self.dp} x {sp}n={self.n} x m={self.m}"
 
     @classmethod
-    def from_world_size(cls, world_size: int, *, n: int, m: int) -> "TwoLevelLayout":
-        """Derive dp = world_size / (n*m); ValueError naming the layouts that fit otherwise."""
-        _positive_int("n", n), _positive_int("m", m), _positive_int("world_size", world_size)
-        if world_size % (n * m):
+    def from_world_size(cls, world_size: int, *, n: int, m: int, sp: int = 1) -> "TwoLevelLayout":
+        """Derive dp = world_size / (sp*n*m); ValueError naming the layouts that fit otherwise."""
+        _positive_int("n", n), _positive_int("m", m), _positive_int("world_size", world_size), _positive_int("sp", sp)
+        if world_size % (sp * n * m):
             fits = ", ".join(f"n={a} x m={b}" for d, a, b in factorizations(world_size) if d == 1)
+            where = f"sp*n*m = {sp}*{n}*{m} = {sp * n * m}" if sp > 1 else f"n*m = {n}*{m} = {n * m}"
             raise ValueError(
-                f"world size {world_size} is not a multiple of n*m = {n}*{m} = {n * m}; "
-                f"n x m layouts for {world_size} ranks: {fits} (or a divisor of it times dp)"
+                f"world size {world_size} is not a multiple of {where}; "
+                f"n x m layouts for {world_size} ranks: {fits} (or a divisor of it times dp{' x sp' if sp > 1 else ''})"
             )
-        return cls(n=n, m=m, dp=world_size // (n * m))
+        return cls(n=n, m=m, dp=world_size // (sp * n * m), sp=sp)
 
     def coordinate(self, rank: int) -> tuple[int, int, int]:
-        """(dp_rank, i, j) of a global rank."""
+        """(dp_rank, i, j) of a global rank (its sp coordinate: :meth:`sp_rank`)."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world of {self.world_size}")
-        return rank // self.tp_size, (rank // self.m) % self.n, rank % self.m
+        return rank // (self.sp * self.tp_size), (rank // self.m) % self.n, rank % self.m
+
+    def sp_rank(self, rank: int) -> int:
+        """The Ulysses sequence coordinate of a global rank (which s/sp tokens it holds)."""
+        return (rank // self.tp_size) % self.sp
 
     def check_world(self, world_size: int) -> None:
-        """ValueError unless world_size == dp*n*m."""
+        """ValueError unless world_size == dp*sp*n*m."""
         if world_size != self.world_size:
             fits = ", ".join(f"dp={d} x n={a} x m={b}" for d, a, b in factorizations(world_size))
             raise ValueError(
-                f"layout dp={self.dp} x n={self.n} x m={self.m} needs {self.world_size} ranks but "
+                f"layout {self.describe()} needs {self.world_size} ranks but "
                 f"the world has {world_size}; layouts for {world_size} ranks: {fits}"
             )
 
@@ -260,6 +288,8 @@ class TwoLevelMesh:
 
         device_type = device_type or _default_device_type()
         config = (dist.get_backend(), timeout)
+        if layout.sp > 1:
+            return cls._create_ulysses(layout, device_type, config)
         override = {name: _override(config) for name in MESH_AXES}
         mesh = init_device_mesh(
             device_type, (layout.dp, layout.n, layout.m), mesh_dim_names=MESH_AXES,
@@ -272,10 +302,28 @@ class TwoLevelMesh:
         )
         return cls(layout, mesh, axes, _kv_rep_axes(mesh, axes, layout.n, config))
 
+    @classmethod
+    def _create_ulysses(cls, layout: TwoLevelLayout, device_type: str,
+                        config: tuple[str, datetime.timedelta]) -> "TwoLevelMesh":
+        """The (dp, sp, n, m) mesh: tp = (n, m) flattened, sdp = (dp, sp) flattened (ZeRO's group)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, (layout.dp, layout.sp, layout.n, layout.m), mesh_dim_names=ULYSSES_AXES,
+                                backend_override={name: _override(config) for name in ULYSSES_AXES})
+        tp_mesh = mesh["n", "m"]._flatten("tp", backend_override=_override(config))
+        sdp_mesh = mesh["dp", "sp"]._flatten("sdp", backend_override=_override(config))
+        axes = TwoLevelAxes(
+            seg=_axis("m", mesh["m"]), heads=_axis("n", mesh["n"]), tp=_axis("tp", tp_mesh),
+            dp=_axis("dp", mesh["dp"]), sp=_axis("sp", mesh["sp"]), sdp=_axis("sdp", sdp_mesh),
+        )
+        return UlyssesMesh(layout, mesh, axes, _kv_rep_axes(mesh, axes, layout.n, config))
+
     def __repr__(self) -> str:
         a = self.axes
-        return (f"TwoLevelMesh(dp={self.layout.dp}, n={self.layout.n}, m={self.layout.m}; "
-                f"this rank: dp_rank={a.dp.rank}, i={a.i}, j={a.j})")
+        sp = f", sp={self.layout.sp}" if self.layout.sp > 1 else ""
+        sp_rank = f", sp_rank={a.sp.rank}" if self.layout.sp > 1 else ""
+        return (f"TwoLevelMesh(dp={self.layout.dp}{sp}, n={self.layout.n}, m={self.layout.m}; "
+                f"this rank: dp_rank={a.dp.rank}{sp_rank}, i={a.i}, j={a.j})")
 
     # -- DeepSpeed mpu duck type ---------------------------------------------------------------
     def get_model_parallel_group(self):
@@ -299,3 +347,32 @@ class TwoLevelMesh:
 
     def get_data_parallel_world_size(self) -> int:
         return self.axes.dp.size
+
+
+class UlyssesMesh(TwoLevelMesh):
+    """A dp x sp x n x m mesh (sp > 1): the mpu also answers DeepSpeed's sequence-parallel questions.
+
+    DeepSpeed's groups (``deepspeed.utils.groups``) ask the mpu for these. The engine and ZeRO then shard
+    over, and sum gradients across, the sequence-data-parallel group (dp x sp), dividing by its size / sp
+    = dp: summing each rank's share of the loss over sp is exact. ``initialize_sequence_parallel`` is
+    deliberately absent (DeepSpeed's own Ulysses mpu has it, and with it DeepSpeed ignores the mpu's
+    model-parallel group, which two-level's gradient norm needs).
+    """
+
+    def get_sequence_parallel_group(self):
+        return self.axes.sp.group
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.axes.sp.rank
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.axes.sp.size
+
+    def get_sequence_data_parallel_group(self):
+        return self.axes.zero.group
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.axes.zero.rank
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.axes.zero.size
