@@ -42,6 +42,8 @@ VOCAB = 1000
 MODEL = dict(vocab_size=VOCAB, hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
              intermediate_size=1024, num_hidden_layers=2, tie_word_embeddings=False, attention_dropout=0.0,
              pad_token_id=0, bos_token_id=None, eos_token_id=None)
+FOUR_HEADS = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+"""the model of the 8-rank cases: Ulysses cannot use 8 ranks on its 4 heads."""
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "long_sequences.md"
 
 
@@ -120,7 +122,7 @@ class CollectiveBytes:
             setattr(dist, name, counted)
 
 
-def ulysses_rank(seq: int) -> dict[str, float]:
+def ulysses_rank(seq: int, four_heads: bool = False) -> dict[str, float]:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -128,7 +130,7 @@ def ulysses_rank(seq: int) -> dict[str, float]:
     torch.set_num_threads(1)
     deepspeed.init_distributed("gloo")
     p, rank = dist.get_world_size(), dist.get_rank()
-    model = tiny_llama(seq)
+    model = tiny_llama(seq, **(FOUR_HEADS if four_heads else {}))
     mpu = UlyssesSPAttentionHF.register_with_transformers(model, "sdpa", sequence_parallel_size=p, micro_batch_size=1,
                                                           seq_length=seq, seq_length_is_variable=False)
     group = mpu.get_sequence_parallel_group()
@@ -243,6 +245,43 @@ def eight_rank_case(seq: int, n: int, m: int) -> dict[str, float]:
     return measured(step)
 
 
+
+def composed_rank(seq: int, sp: int, n: int, m: int) -> dict[str, float]:
+    """Ulysses sp x two-level n x m through ``ds_twolevel.initialize`` (DeepSpeed's "sequence_parallel_size"),
+    the 4-head model: each rank's s/sp tokens from ``shard_batch`` over sp, one forward + backward."""
+    import torch.distributed as dist
+
+    import ds_twolevel
+    from ds_twolevel import TwoLevelLayout
+    from hf_integration.sequence_data import shard_batch, whole_loss
+
+    torch.set_num_threads(1)
+    mesh = TwoLevelLayout(n=n, m=m, sp=sp, dp=dist.get_world_size() // (sp * n * m)).build()
+    config = {"train_micro_batch_size_per_gpu": 1, "sequence_parallel_size": sp, "steps_per_print": 10 ** 9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+              "zero_optimization": {"stage": 1}, "two_level": {"n": n, "m": m, "strategy": "cost_model"}}
+    engine = ds_twolevel.initialize(model=tiny_llama(seq, **FOUR_HEADS), config=config, mesh=mesh)[0]
+    shard = shard_batch(whole_batch(seq), mesh.axes.sp)
+
+    def step() -> float:
+        engine.module.zero_grad(set_to_none=True)
+        loss = engine(**shard).loss
+        engine.backward(loss)
+        return float(whole_loss(loss, mesh.axes.sp))
+
+    return measured(step)
+
+
+def composed_case(seq: int) -> dict[str, Any]:
+    """8 ranks, 4 heads, s = ``seq``: Ulysses' best (sp = 4; with dp = 2 each replica's ranks hold what sp = 4
+    on 4 ranks holds) against Ulysses sp = 4 x two-level 1 x 2 on all 8, and dense."""
+    from ds_twolevel.testing import run_distributed
+
+    return {"seq": seq, "dense": run_distributed(dense_eight, 1, seq, timeout=3600)[0],
+            "ulysses": _worst(run_distributed(ulysses_rank, 4, seq, True, timeout=3600)),
+            "composed": _worst(run_distributed(composed_rank, 8, seq, 4, 1, 2, timeout=3600))}
+
+
 def dense_eight(seq: int) -> dict[str, float]:
     torch.set_num_threads(1)
     model = tiny_llama(seq, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -311,6 +350,18 @@ def render(results: dict[str, Any], command: str) -> str:
         w = e[key]
         lines.append(f"| two-level {key} SP+VP | {w['peak_mib']:.0f} | {w['peak_mib'] / d['peak_mib']:.2f} | "
                      f"{abs(w['loss'] - d['loss']) / abs(d['loss']):.1e} |")
+    c = results.get("composed")
+    if c:
+        u, t, d = c["ulysses"], c["composed"], c["dense"]
+        lines += ["", f"8 ranks, the same 4-head model, s = {c['seq']}, composed through `ds_twolevel.initialize` (DeepSpeed's "
+                  f"`\"sequence_parallel_size\": 4` with `\"two_level\": {{\"n\": 1, \"m\": 2}}`, ZeRO-1). Ulysses' best on 8 "
+                  f"ranks is sp = 4 with dp = 2: each replica's ranks hold what sp = 4 on 4 ranks holds, measured here.", "",
+                  "| configuration | peak MiB per rank | vs dense | vs Ulysses sp=4 | loss error vs dense |", "|---|---|---|---|---|",
+                  f"| dense (1 process) | {d['peak_mib']:.0f} | 1.00 | - | 0 |",
+                  f"| Ulysses sp=4 (dp=2 on 8 ranks) | {u['peak_mib']:.0f} | {u['peak_mib'] / d['peak_mib']:.2f} | 1.00 | "
+                  f"{abs(u['loss'] - d['loss']) / abs(d['loss']):.1e} |",
+                  f"| Ulysses sp=4 x two-level 1x2 | {t['peak_mib']:.0f} | {t['peak_mib'] / d['peak_mib']:.2f} | "
+                  f"{t['peak_mib'] / u['peak_mib']:.2f} | {abs(t['loss'] - d['loss']) / abs(d['loss']):.1e} |"]
     return "\n".join(lines) + "\n"
 
 

@@ -13,8 +13,8 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, 
 
 class _GatedDown(torch.autograd.Function):
     """forward: ``(act(gate) * up) @ weight^T``, keeping ``gate``, ``up`` and ``weight``; backward:
-    recompute ``act(gate) * up`` (elementwise), then the gradients the unfused expression's autograd
-    computes: ``grad @ weight`` for the product, its outer product with ``grad`` for ``weight``."""
+    recompute ``act(gate)`` (elementwise), then the gradients the unfused expression's autograd computes,
+    in its order, each temporary freed as soon as it is used."""
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
@@ -28,15 +28,18 @@ class _GatedDown(torch.autograd.Function):
         gate, up, weight = ctx.saved_tensors
         with torch.enable_grad():
             g = gate.detach().requires_grad_(ctx.needs_input_grad[0])
-            u = up.detach().requires_grad_(ctx.needs_input_grad[1])
-            inner = ctx.act(g) * u  # (..., I/p)
+            activated = ctx.act(g)  # (..., I/p)
+        a = activated.detach()
         grad_weight = None
-        if ctx.needs_input_grad[2]:
-            flat_grad, flat_inner = grad.reshape(-1, grad.shape[-1]), inner.detach().reshape(-1, inner.shape[-1])
-            grad_weight = flat_grad.t().mm(flat_inner)  # (H, I/p), as linear's backward gives it
-        wanted = [t for t in (g, u) if t.requires_grad]
-        grads = iter(torch.autograd.grad(inner, wanted, grad.matmul(weight)) if wanted else ())
-        return (next(grads) if g.requires_grad else None), (next(grads) if u.requires_grad else None), grad_weight, None
+        if ctx.needs_input_grad[2]:  # (H, I/p), as linear's backward gives it; the product is freed at once
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm((a * up).reshape(-1, a.shape[-1]))
+        grad_inner = grad.matmul(weight)  # (..., I/p)
+        grad_up = grad_inner * a if ctx.needs_input_grad[1] else None  # mul's backward, in autograd's order
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_inner = grad_inner * up  # the gradient of act(gate)
+            (grad_gate,) = torch.autograd.grad(activated, g, grad_inner)
+        return grad_gate, grad_up, grad_weight, None
 
 
 class GatedDownProj(torch.nn.Linear):
