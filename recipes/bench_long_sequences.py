@@ -327,7 +327,8 @@ def bench(seqs: list[int]) -> dict[str, Any]:
     for n, m in ((1, 8), (2, 4)):
         ranks = run_distributed(eight_rank_case, 8, eight_seq, n, m, timeout=3600)
         eight[f"{n}x{m}"] = _worst(ranks)
-    return {"rows": rows, "eight": eight}
+    composed = composed_case(max([s for s in seqs if s <= 8192] or seqs[:1]))
+    return {"rows": rows, "eight": eight, "composed": composed}
 
 
 def render(results: dict[str, Any], command: str) -> str:
