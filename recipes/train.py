@@ -231,7 +231,7 @@ def run(engine, mesh, args: argparse.Namespace) -> None:
         probe = global_batch(tokens, 0, 2, args.seq, args.seed + 1).to(engine.device)
         engine.eval()
         with torch.no_grad():  # under Ulysses a KV cache runs the whole probe on every rank
-            cache = {} if mesh.layout.sp == 1 else {"past_key_values": DynamicCache()}
+            cache = {} if mesh.layout.sp == 1 else {"cache": DynamicCache()}
             logits = engine(input_ids=probe, **cache).logits.float().cpu()
         if args.export:
             ds_twolevel.export_dense(engine, out / "dense")
