@@ -97,6 +97,21 @@ def test_manifest_names_what_differs():
         assemble(holes, [shards[0], {**shards[1], name: shards[1][name][:32]}])
 
 
+def test_manifest_records_ulysses_sp():
+    """sp (Ulysses' sequence shards) is part of the layout: ZeRO's files are dp x sp per tp rank, the same shards
+    at another sp are resharded, and a record without sp reads as sp = 1."""
+    import json
+
+    a = manifest_for(patched_ranks(tiny_model("qwen3"), 1, 2)[0], (1, 1, 2), sp=2)
+    assert (a.describe(), a.zero_size) == ("dp=1 x sp=2 x n=1 x m=2", 2)
+    assert ShardManifest.from_json(a.to_json()) == a
+    b = manifest_for(patched_ranks(tiny_model("qwen3"), 1, 2)[0], (2, 1, 2))
+    assert (b.describe(), b.zero_size) == ("dp=2 x n=1 x m=2", 2)
+    assert not same_shards(a, b) and not model_differences(a, b)
+    assert json.loads(b.to_json())["layout"] == {"dp": 2, "n": 1, "m": 2}  # sp = 1 is written as before sp existed
+    assert ShardManifest.from_json(b.to_json()).sp == 1
+
+
 # -- the save protocol --------------------------------------------------------------------------------
 FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 RESAVE = ("linking", "linked", "latest_old", "removing", "removed", "replaced", "committed")

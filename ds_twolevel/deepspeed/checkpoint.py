@@ -1,7 +1,7 @@
 """Checkpoints of two-level DeepSpeed engines: layout record, atomic save, checked and resharded resume.
 
 Every checkpoint directory gets a ``two_level.json`` (:class:`~ds_twolevel.sharding.shard_manifest.ShardManifest`):
-the layout dp x n x m, the ZeRO stage, the dense model's shapes and each local tensor's shard
+the layout dp x sp x n x m (sp: Ulysses' sequence shards, 1 without), the ZeRO stage, the dense model's shapes and each local tensor's shard
 coordinates. It is written last, so a tag directory with it is complete.
 
 Save (:func:`save_checkpoint`): DeepSpeed writes into ``<tag>.partial/``; one rank per file system
@@ -20,7 +20,7 @@ On every rank, before any state is loaded, the saved manifest is checked (its di
 structure) and compared with the running model (one agreement step), and every file the rank
 will read is verified against the manifest's record: a file of another save, an edited manifest
 or another model is refused, naming the file or entry; the same layout and ZeRO stage load through
-DeepSpeed's own ``load_checkpoint``; any other dp x n x m (or ZeRO stage) is resharded exactly:
+DeepSpeed's own ``load_checkpoint``; any other dp x sp x n x m (or ZeRO stage) is resharded exactly:
 every rank reads the checkpoint's tensors, assembles the dense fp32 weights and optimizer moments,
 and writes its own shards of them into the engine.
 """
@@ -38,7 +38,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ds_twolevel.deepspeed import ulysses
 from ds_twolevel.deepspeed.integrity import (FILES_KEY, check_structure, estimate_save_bytes, file_record, own_files,
                                             record_tag, verify_files, write_failure)
 from ds_twolevel.parallel.agreement import AgreementError, agreement
@@ -148,7 +147,7 @@ def current_manifest(engine: Any, **info: Any) -> ShardManifest:
             "optim_prefix": "bf16_" if engine.bfloat16_enabled() else "", **info}
     if stage == 0 and isinstance(engine.optimizer, torch.optim.Optimizer):  # not DeepSpeed's fp16/bf16 wrapper
         info["optimizer_params"] = optimizer_param_order(engine)
-    return manifest_for(engine.module, (layout.dp, layout.n, layout.m), info=info)
+    return manifest_for(engine.module, (layout.dp, layout.n, layout.m), info=info, sp=layout.sp)
 
 
 def _model_info(module: Any) -> dict[str, Any]:
@@ -229,7 +228,6 @@ def save_checkpoint(engine: Any, save_dir: str | os.PathLike, tag: str | None = 
     from ds_twolevel.deepspeed.engine_patch import ensure_installed
 
     ensure_installed()
-    ulysses.refuse_checkpoint(mesh_of(engine), "save_checkpoint")
     save_dir = Path(save_dir)
     tag = str(tag or f"global_step{engine.global_steps}")
     writer = is_writer(engine)
@@ -264,7 +262,7 @@ def after_deepspeed_save(engine: Any, save_dir: Path, tag: str, *, write_scripts
                 raise OSError(failure)
             axes = mesh_of(engine).axes
             prefix = "bf16_" if engine.bfloat16_enabled() else ""
-            mine = own_files(tag_dir, zero_stage(engine), axes.tp.rank, axes.dp.rank, prefix)
+            mine = own_files(tag_dir, zero_stage(engine), axes.tp.rank, axes.zero.rank, prefix)
             records = {p.relative_to(tag_dir).as_posix(): file_record(p) for p in mine}
     except AgreementError:
         if writer:  # nothing half-written stays behind (DeepSpeed's barrier has passed: no rank writes)
@@ -313,7 +311,7 @@ def _tags(load_dir: Path) -> str:
 
 
 def _expected_files(tag_dir: Path, manifest: ShardManifest) -> list[Path]:
-    dp, stage = manifest.layout[0], int(manifest.info["zero_stage"])
+    dp, stage = manifest.zero_size, int(manifest.info["zero_stage"])
     files = [model_file(tag_dir, stage, r, d) for r in range(manifest.tp_size) for d in range(dp if stage == 3 else 1)]
     if stage > 0:
         prefix = manifest.info.get("optim_prefix", "")
@@ -361,7 +359,7 @@ def _probe_own_files(engine: Any, tag_dir: Path, saved: ShardManifest) -> None:
     so that a truncated or corrupt file fails inside the agreement step, on every rank, and not
     halfway through DeepSpeed's load while the other ranks wait in a collective."""
     mesh, stage = mesh_of(engine), int(saved.info["zero_stage"])
-    tp_rank, dp_rank = mesh.axes.tp.rank, mesh.axes.dp.rank
+    tp_rank, dp_rank = mesh.axes.tp.rank, mesh.axes.zero.rank
     files = [model_file(tag_dir, stage, tp_rank, dp_rank if stage == 3 else 0)]
     if stage > 0:
         files.append(optim_file(tag_dir, tp_rank, dp_rank, saved.info.get("optim_prefix", "")))
@@ -440,7 +438,6 @@ def load_checkpoint(engine: Any, load_dir: str | os.PathLike, tag: str | None = 
     """
     from ds_twolevel.deepspeed.engine_patch import ensure_installed, original
 
-    ulysses.refuse_checkpoint(mesh_of(engine), "load_checkpoint")
     ensure_installed()
     load_dir = Path(load_dir)
     with agreement(None, what=f"loading checkpoint {load_dir}"):

@@ -3,7 +3,8 @@
 DeepSpeed's ``"sequence_parallel_size"`` = sp puts Ulysses outside the n*m ranks of a layer (a dp x sp x n x m
 layout, ``ds_twolevel.parallel.layout.UlyssesMesh``); :func:`~ds_twolevel.deepspeed.config.check_deepspeed_config`
 checks the config against the world size, :func:`check_model` the model's heads against sp, both on every rank
-before the rendezvous; :func:`refuse_checkpoint` refuses checkpoints of such a layout.
+before the rendezvous. Checkpoints of such a layout save, resume and reshard like any other
+(:mod:`ds_twolevel.deepspeed.checkpoint`): ZeRO partitions the state over dp x sp ranks.
 """
 from __future__ import annotations
 
@@ -33,18 +34,3 @@ def check_model(model: nn.Module, tl: TwoLevelConfig, ds: Mapping[str, Any]) -> 
     # the head counts of the config; the layers check the head sizes (and any architecture's own names) when built
     check_ulysses(name, heads=heads, kv_heads=kv_heads, n=tl.n, sp=sp, head_dim=1, v_head_dim=1,
                   kv_replication=tl.kv_replication)
-
-
-def refuse_checkpoint(mesh: Any, what: str) -> None:
-    """ValueError for a checkpoint save or load of a dp x sp x n x m layout with sp > 1 (its files are
-    named by dp x n x m shard, which the sp ranks holding one shard share).
-
-    Example:
-        >>> refuse_checkpoint(engine.two_level.mesh, "save_checkpoint")   # nothing at sp = 1
-    """
-    sp = mesh.layout.sp
-    if sp > 1:
-        raise ValueError(f"{what} at \"sequence_parallel_size\" = {sp} is not supported: checkpoint files are named "
-                         f"by dp x n x m shard, and the {sp} sp ranks holding each shard would share them; export "
-                         f"the trained weights with ds_twolevel.dense_state_dict(engine) or "
-                         f"ds_twolevel.export_dense(engine, path), or checkpoint at sequence_parallel_size 1")

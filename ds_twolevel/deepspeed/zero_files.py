@@ -152,7 +152,7 @@ def _split_flat(flat: torch.Tensor, shapes: dict[str, torch.Size], paddings: lis
 
 def read_zero12(tag_dir: Path, manifest: ShardManifest, tp_rank: int) -> RankTensors:
     """ZeRO-1/2: concatenate each group's fp32 (and moment) partitions over dp, then split by parameter."""
-    dp, prefix = manifest.layout[0], manifest.info.get("optim_prefix", "")
+    dp, prefix = manifest.zero_size, manifest.info.get("optim_prefix", "")
     model_state = _load(model_file(tag_dir, 1, tp_rank))
     osds = [_load(optim_file(tag_dir, tp_rank, d, prefix))["optimizer_state_dict"] for d in range(dp)]
     per_dp = [_zero12_group_flats(osd) for osd in osds]
@@ -196,7 +196,7 @@ def _split_zero3(flats: list[torch.Tensor], shapes: dict[str, torch.Size], where
 
 def read_zero3(tag_dir: Path, manifest: ShardManifest, tp_rank: int) -> RankTensors:
     """ZeRO-3: every parameter is partitioned over dp separately (padding at its end)."""
-    dp, prefix = manifest.layout[0], manifest.info.get("optim_prefix", "")
+    dp, prefix = manifest.zero_size, manifest.info.get("optim_prefix", "")
     model_states = [_load(model_file(tag_dir, 3, tp_rank, d)) for d in range(dp)]
     per_dp = [_zero3_flats(_load(optim_file(tag_dir, tp_rank, d, prefix))["optimizer_state_dict"]) for d in range(dp)]
     shapes = {k: v for group in model_states[0]["param_shapes"] for k, v in group.items()}

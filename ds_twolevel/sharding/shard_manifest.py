@@ -69,21 +69,31 @@ class ShardManifest:
     info: dict[str, Any] = field(default_factory=dict)
     """everything else (ZeRO stage, optimizer parameter order, global steps, model class and config,
     save time): see ``ds_twolevel.deepspeed.checkpoint.write_manifest``."""
+    sp: int = 1
+    """Ulysses sequence shards (``"sequence_parallel_size"``) the checkpoint was written at: ZeRO partitions
+    the state over dp x sp ranks, whose files DeepSpeed names by their rank in that group."""
 
     @property
     def tp_size(self) -> int:
         return self.layout[1] * self.layout[2]
 
+    @property
+    def zero_size(self) -> int:
+        """dp x sp: the ranks over which ZeRO partitions each tp rank's state (one file each)."""
+        return self.layout[0] * self.sp
+
     def describe(self) -> str:
         dp, n, m = self.layout
-        return f"dp={dp} x n={n} x m={m}"
+        sp = f"sp={self.sp} x " if self.sp > 1 else ""
+        return f"dp={dp} x {sp}n={n} x m={m}"
 
     def to_json(self) -> str:
         """The manifest as JSON, with ``info["digest"]``: a hash of everything else (see :func:`digest_matches`)."""
         entries = {k: {"key": e.key, "dim": e.dim, "transpose": e.transpose, "runs": [list(map(list, r)) for r in e.runs]}
                    for k, e in self.entries.items()}
         info = {k: v for k, v in self.info.items() if k != DIGEST}
-        raw = {"format": FORMAT, "layout": dict(zip(("dp", "n", "m"), self.layout)),
+        layout = {**dict(zip(("dp", "n", "m"), self.layout)), **({"sp": self.sp} if self.sp > 1 else {})}
+        raw = {"format": FORMAT, "layout": layout,
                "dense": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.dense.items()},
                "entries": entries, "info": info}
         raw = json.loads(json.dumps(raw))  # the digest is taken over what a reader will see (int keys -> str)
@@ -107,6 +117,7 @@ class ShardManifest:
                              f"resume from another tag")
         try:
             layout = tuple(int(raw["layout"][k]) for k in ("dp", "n", "m"))
+            sp = int(raw["layout"].get("sp", 1))
             dense = {k: (tuple(v["shape"]), v["dtype"]) for k, v in raw["dense"].items()}
             entries = {k: ShardEntry(e["key"], e["dim"], e["transpose"], tuple(tuple(map(tuple, r)) for r in e["runs"]))
                        for k, e in raw["entries"].items()}
@@ -114,7 +125,7 @@ class ShardManifest:
             raise ValueError(f"{source} is damaged (missing or malformed field: {type(err).__name__}: {err}); "
                              f"resume from another tag") from None
         info = {k: v for k, v in raw.get("info", {}).items() if k != DIGEST}
-        return cls(layout, dense, entries, info)  # type: ignore[arg-type]
+        return cls(layout, dense, entries, info, sp)  # type: ignore[arg-type]
 
     @classmethod
     def read(cls, tag_dir: str | Path, *, check_digest: bool = True) -> "ShardManifest":
@@ -227,8 +238,8 @@ def shape_of(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def manifest_for(model: nn.Module, layout: tuple[int, int, int], *,
-                 info: Mapping[str, Any] | None = None) -> ShardManifest:
-    """The manifest of a patched model on this rank (pure: every rank computes the same one)."""
+                 info: Mapping[str, Any] | None = None, sp: int = 1) -> ShardManifest:
+    """The manifest of a patched model on this rank at (dp, n, m) x ``sp`` (pure: every rank computes the same one)."""
     layers = partitioned_modules(model)
     inside = tuple(p + "." for p, _ in layers)
     state = model.state_dict(keep_vars=True)
@@ -243,7 +254,7 @@ def manifest_for(model: nn.Module, layout: tuple[int, int, int], *,
         entries.update(layer_entries)
         dtype = _dtype_name(next(layer.parameters()))
         dense.update({k: (s, dtype) for k, s in layer_shapes.items()})
-    return ShardManifest(tuple(layout), dense, entries, dict(info or {}))  # type: ignore[arg-type]
+    return ShardManifest(tuple(layout), dense, entries, dict(info or {}), sp)  # type: ignore[arg-type]
 
 
 # -- resharding math ---------------------------------------------------------------------------------
@@ -329,7 +340,7 @@ def model_differences(saved: ShardManifest, current: ShardManifest, *, limit: in
 
 def same_shards(saved: ShardManifest, current: ShardManifest) -> bool:
     """True when every rank would load its own shards: same layout and identical coordinates."""
-    return saved.layout == current.layout and saved.entries == current.entries
+    return saved.layout == current.layout and saved.sp == current.sp and saved.entries == current.entries
 
 
 __all__ = ["DIGEST", "FORMAT", "MANIFEST_NAME", "ShardEntry", "ShardManifest", "assemble", "digest_matches", "extract",
