@@ -32,7 +32,7 @@ from accelerate import Accelerator
 
 from ds_twolevel.parallel import watchdog
 from ds_twolevel.deepspeed.config import (SECTION, TwoLevelConfig, check_deepspeed_config, load_deepspeed_config,
-                                          read_json)
+                                          read_json, sequence_parallel_size)
 from ds_twolevel.parallel.layout import TwoLevelMesh
 
 def deepspeed_config(config: str | os.PathLike | Mapping[str, Any], *, world_size: int | None = None) -> dict[str, Any]:
@@ -44,11 +44,25 @@ def deepspeed_config(config: str | os.PathLike | Mapping[str, Any], *, world_siz
         >>> TrainingArguments("out", deepspeed=ds_twolevel.accelerate.deepspeed_config(cfg_path))
     """
     tl, ds = load_deepspeed_config(config)
+    refuse_ulysses(ds)
     ds["tensor_parallel"] = {**(ds.get("tensor_parallel") or {}), "autotp_size": tl.tp_size}
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "0") or 0)
     if world:
         check_deepspeed_config(tl, ds, world, device_type=_device_type())
     return {**ds, SECTION: tl.to_dict()}
+
+
+def refuse_ulysses(ds: Mapping[str, Any]) -> None:
+    """ValueError for DeepSpeed's ``"sequence_parallel_size"`` > 1 through accelerate or the HF Trainer: their
+    Ulysses path (``ParallelismConfig(sp_backend="deepspeed")``) registers DeepSpeed's own sequence-parallel
+    groups over the world, which ignore the n*m ranks of a layer. The composition runs through
+    ``ds_twolevel.initialize``."""
+    sp = sequence_parallel_size(ds)
+    if sp > 1:
+        raise ValueError(f'"sequence_parallel_size" = {sp} (Ulysses composed with two-level) runs through '
+                         "ds_twolevel.initialize (or recipes/train.py under the deepspeed launcher), not through "
+                         "accelerate or the HF Trainer, whose Ulysses groups ignore the two-level ones; remove "
+                         '"sequence_parallel_size" here, or train with ds_twolevel.initialize')
 
 
 def deepspeed_plugin(config: str | os.PathLike | Mapping[str, Any], **plugin_kwargs: Any) -> Any:
@@ -251,7 +265,8 @@ def build_mesh(source: Any) -> TwoLevelMesh:
     config = getattr(plugin, "deepspeed_config", plugin)
     if not isinstance(config, Mapping) or SECTION not in config:
         config = deepspeed_config(config)
-    tl, _ = load_deepspeed_config(config)
+    tl, ds = load_deepspeed_config(config)
+    refuse_ulysses(ds)
     if not dist.is_initialized():
         raise ValueError("build_mesh needs torch.distributed initialised: create the Accelerator first")
     layout = tl.layout(dist.get_world_size())
@@ -264,8 +279,9 @@ def build_mesh(source: Any) -> TwoLevelMesh:
 def prepare_problem(accelerator: Any, mesh: TwoLevelMesh) -> str | None:
     """Why ``accelerator`` cannot train a model partitioned on ``mesh`` (None when it can): accelerate
     counting another number of processes than torch.distributed (on CPU without the gloo handler every
-    process believes it is rank 0 of 1), or a DeepSpeed config whose ``tensor_parallel.autotp_size`` is
-    not n*m (the two-level JSON given as it is, without :func:`deepspeed_config`)."""
+    process believes it is rank 0 of 1), Ulysses (:func:`refuse_ulysses`, or ``ParallelismConfig(sp_size > 1)``),
+    or a DeepSpeed config whose ``tensor_parallel.autotp_size`` is not n*m (the two-level JSON given as it is,
+    without :func:`deepspeed_config`)."""
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -274,9 +290,18 @@ def prepare_problem(accelerator: Any, mesh: TwoLevelMesh) -> str | None:
                 f"type {accelerator.distributed_type}) but torch.distributed has {world} ranks: on CPU accelerate "
                 "needs the gloo backend; pass kwargs_handlers=[InitProcessGroupKwargs(backend=\"gloo\")] "
                 "(ds_twolevel.accelerate.kwargs_handlers(cfg)) or use ds_twolevel.accelerate.accelerator(cfg)")
+    sp = getattr(getattr(accelerator, "parallelism_config", None), "sp_size", 1) or 1
+    if sp > 1:
+        return (f"accelerate's ParallelismConfig(sp_size={sp}) registers DeepSpeed's own Ulysses groups over the world, "
+                "which ignore the n*m ranks of a layer; Ulysses composed with two-level (\"sequence_parallel_size\" in "
+                "the DeepSpeed config) runs through ds_twolevel.initialize: drop sp_size here")
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if str(accelerator.distributed_type).endswith("DEEPSPEED") and plugin is not None:
         config = plugin.deepspeed_config or {}
+        try:
+            refuse_ulysses(config)
+        except ValueError as err:
+            return str(err)
         autotp = (config.get("tensor_parallel") or {}).get("autotp_size")
         if autotp != mesh.layout.tp_size:
             given = "a two-level DeepSpeed config" if SECTION in config else "a DeepSpeed config"

@@ -467,3 +467,14 @@ def test_ulysses_head_rules():
         check_ulysses("m", heads=12, kv_heads=6, n=2, sp=2, head_dim=16, v_head_dim=16)
     with pytest.raises(ValueError, match=r"head_dim 16 and v_head_dim 8"):
         check_ulysses("m", heads=8, kv_heads=8, n=1, sp=2, head_dim=16, v_head_dim=8)
+
+
+def test_accelerate_and_trainer_refuse_ulysses_before_any_process_group():
+    """accelerate's and the Trainer's Ulysses groups ignore the two-level ones: refused, pointing to initialize."""
+    from ds_twolevel.accelerate import build_mesh, deepspeed_config
+
+    cfg = with_({"sequence_parallel_size": 2}, n=1, m=2)
+    for call in (lambda: deepspeed_config(cfg, world_size=4), lambda: build_mesh(cfg)):
+        with pytest.raises(ValueError, match=r'"sequence_parallel_size" = 2 .* runs through ds_twolevel.initialize'):
+            call()
+    assert deepspeed_config(with_({}, n=1, m=2), world_size=4)["tensor_parallel"] == {"autotp_size": 2}
