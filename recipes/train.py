@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 4 recipes/train.py --deepspeed_config ds_configs/zero2_n1_m2.json
     torchrun --nproc_per_node 4 recipes/train.py --deepspeed_config ds_configs/zero2_sp2_n1_m2.json
 
-With DeepSpeed's ``"sequence_parallel_size"`` (Ulysses outside the n x m group) each rank feeds its s/sp tokens
-and no checkpoint is written (two-level checkpoints are per dp x n x m shard).
+With DeepSpeed's ``"sequence_parallel_size"`` (Ulysses outside the n x m group) each rank feeds its s/sp tokens;
+its checkpoints resume at any dp x sp x n x m.
 
 Byte-level tokens (vocab 256, nothing to download) over the public-domain texts in
 ``recipes/data/``. Writes to ``--out``: checkpoints (``ckpt/``, atomic), ``metrics.json`` (loss,
@@ -29,7 +29,7 @@ from ds_twolevel.tools.cli import OneLineParser, positive_int
 import torch
 
 import ds_twolevel
-from ds_twolevel.deepspeed.config import check_config_file, load_deepspeed_config, sequence_parallel_size
+from ds_twolevel.deepspeed.config import check_config_file, load_deepspeed_config
 from ds_twolevel.sharding.partition import AttentionSpec, check_partition, feasible_layouts
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -92,13 +92,10 @@ def check_launch(args: argparse.Namespace) -> None:
     """Refuse, before any rank talks, a config, world size or layout the recipe's model cannot take."""
     if not Path(args.deepspeed_config).is_file():
         fail(f"--deepspeed_config {args.deepspeed_config}: no such file (the shipped ones are in ds_configs/)")
-    tl, ds = check_config_file(args.deepspeed_config, prog="recipes/train.py")
+    tl, _ = check_config_file(args.deepspeed_config, prog="recipes/train.py")
     spec = AttentionSpec(HEADS, KV_HEADS, HEAD_DIM, rope_style="half", name=MODEL)
     check_partition(spec, tl.n, tl.m, kv_replication=tl.kv_replication)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if (args.resume or args.save_every) and sequence_parallel_size(ds) > 1:
-        fail(f"--resume and --save_every need checkpoints, which \"sequence_parallel_size\" = "
-             f"{sequence_parallel_size(ds)} ({args.deepspeed_config}) does not write; drop them or set it to 1")
     if world % tl.tp_size:
         layouts = [f"dp={world // p} x n={n} x m={m}" for p in range(world, 0, -1) if world % p == 0
                    for n, m in feasible_layouts(spec, p, kv_replication=tl.kv_replication)]
@@ -226,8 +223,7 @@ def run(engine, mesh, args: argparse.Namespace) -> None:
     with ds_twolevel.fail_fast(engine.two_level.config.timeout_s):
         if first <= args.steps:
             history = train(engine, mesh, args, tokens, first, out, history)
-        if mesh.layout.sp == 1:
-            ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": args.steps, **history})
+        ds_twolevel.save_checkpoint(engine, out / "ckpt", client_state={"step": args.steps, **history})
         probe = global_batch(tokens, 0, 2, args.seq, args.seed + 1).to(engine.device)
         engine.eval()
         with torch.no_grad():  # under Ulysses a KV cache runs the whole probe on every rank
