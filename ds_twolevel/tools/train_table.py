@@ -17,8 +17,8 @@ MODELS = ("llama-3-8b", "llama-3-70b")
 
 
 def table(zero: int = 3, hardware: str = "h100") -> str:
-    """The markdown table for ZeRO stage ``zero`` on ``hardware`` (activation checkpointing,
-    sequence_parallel and vocab_parallel on).
+    """The markdown table for ZeRO stage ``zero`` on ``hardware`` (activation checkpointing;
+    sequence_parallel and vocab_parallel on at sp = 1, off at sp > 1 as the runtime composes Ulysses).
 
     Example:
         >>> print(table(zero=3))
