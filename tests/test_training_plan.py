@@ -262,18 +262,22 @@ def test_plan_train_imports_neither_deepspeed_nor_transformers():
     assert "Why: Ulysses sp=16" in proc.stdout
 
 
-def test_docs_quote_the_generated_table_and_plans():
-    from ds_twolevel.costmodel.train_planner import assumption_line, format_train_plan
-    from ds_twolevel.tools.train_table import table
+def test_docs_quote_the_generated_table_and_plans(tmp_path):
+    from ds_twolevel.costmodel.train_planner import assumption_line
+    from ds_twolevel.tools.train_table import excerpt, table, update_page
 
     page = (ROOT / "docs" / "which_parallelism.md").read_text()
+    fix = "regenerate with: python -m ds_twolevel.tools.train_table --update docs/which_parallelism.md"
     assert "python -m ds_twolevel.tools.train_table" in page
-    assert table(zero=3) in page
-    setup = TrainSetup(batch=1, seq=131072)
-    plan = format_train_plan(LLAMA_8B, 16, setup, H100_SXM, plan_train(LLAMA_8B, 16, setup)).splitlines()
-    excerpt = page.split("```text\n**llama-3-8b** training on 16", 1)[1].split("```", 1)[0].splitlines()[1:]
-    assert len(excerpt) > 5 and all(line in plan for line in excerpt if line != "| ... |")
-    assert plan[0].startswith("**llama-3-8b** training on 16") and plan[0][len("**llama-3-8b** training on 16"):] in page
+    assert table(zero=3) in page, fix
+    assert "```text\n" + excerpt() + "\n```" in page, fix
+    plan = excerpt().splitlines()
+    assert plan[0].startswith("**llama-3-8b** training on 16") and "| **best** |" in plan[4] and plan[-2] == "| ... |"
+    copy = tmp_path / "page.md"
+    copy.write_text(page)
+    assert not update_page(copy) and copy.read_text() == page
+    copy.write_text(page.replace(table(zero=3), table(zero=2)).replace(plan[5], "| stale |"))
+    assert update_page(copy) and copy.read_text() == page
     assert assumption_line(TrainLayout(1, 32, 1, 2)) in page
     assert "--no-sequence-parallel --no-vocab-parallel" not in page
 
