@@ -1,6 +1,8 @@
 """Training cost model and planner: memory by hand, the switches, Ulysses' rules, the grid (pure, no ranks)."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,9 @@ from ds_twolevel.costmodel.hardware import H100_SXM
 from ds_twolevel.costmodel.planner import PRESETS
 from ds_twolevel.costmodel.roofline import ModelConfig
 from ds_twolevel.costmodel.train_planner import best_of, plan_train, why_best
-from ds_twolevel.costmodel.training import (TrainLayout, TrainSetup, layer_collectives, layout_problem, layouts,
-                                            memory, predict_train, shard_parameters, ulysses_collectives)
+from ds_twolevel.costmodel.training import (TrainLayout, TrainSetup, head_collectives, layer_collectives,
+                                            layout_problem, layouts, memory, predict_train, shard_parameters,
+                                            ulysses_collectives)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig("tiny", hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, layers=2, vocab=100)
@@ -108,10 +111,16 @@ def test_ulysses_replicates_kv_heads_past_g_in_its_all_to_alls():
     assert at_g["k"].numel == 131072 // 8 * 8 * 128  # s/8 tokens of one sequence, 8 KV heads: no copies
 
 
+def _as_run(layout, setup):
+    """What the runtime runs: with Ulysses (sp > 1) two-level's sequence_parallel and vocab_parallel are off."""
+    return dataclasses.replace(setup, sequence_parallel=False, vocab_parallel=False) if layout.sp > 1 else setup
+
+
 def _family_best(model, devices, setup, keep):
-    """The fastest layout that ``keep`` admits and that fits 80 GB, predicted here, not by the planner."""
-    times = [predict_train(model, lay, setup, H100_SXM) for lay in layouts(devices)
-             if keep(lay) and not layout_problem(model, lay, setup)]
+    """The fastest layout that ``keep`` admits and that fits 80 GB, predicted here as the runtime runs it,
+    not by the planner."""
+    times = [predict_train(model, lay, _as_run(lay, setup), H100_SXM) for lay in layouts(devices)
+             if keep(lay) and not layout_problem(model, lay, _as_run(lay, setup))]
     times = [p.time for p in times if p.memory.total <= H100_SXM.memory_bytes]
     return min(times, default=None)
 
@@ -127,10 +136,12 @@ def test_planner_best_is_never_slower_than_ulysses_or_two_level_alone(model, dev
     best = best_of(rows)
     ulysses = _family_best(cfg, devices, setup, lambda l: l.n == l.m == 1)
     two_level = _family_best(cfg, devices, setup, lambda l: l.sp == 1)
+    assert all(not (r.setup.sequence_parallel or r.setup.vocab_parallel) for r in rows if r.layout.sp > 1)
     if best is None:
-        assert ulysses is None and two_level is None
+        assert ulysses is None and two_level is None and _family_best(cfg, devices, setup, lambda l: True) is None
         return
     assert best.prediction.memory.total <= H100_SXM.memory_bytes
+    assert best.prediction.time == _family_best(cfg, devices, setup, lambda l: True)
     for rival in (ulysses, two_level):
         assert rival is None or best.prediction.time <= rival
     fit = [r.prediction.time for r in rows if r.fits]
@@ -146,6 +157,77 @@ def test_why_line_names_the_regime():
     assert why_best(LLAMA_8B, 16, setup, rows).startswith("Ulysses sp=16: fewer bytes at s=128K")
     rows = plan_train(LLAMA_70B, 16, TrainSetup(batch=1, seq=32768))
     assert "Ulysses alone needs at least" in why_best(LLAMA_70B, 16, TrainSetup(batch=1, seq=32768), rows)
+
+
+@pytest.mark.parametrize("model,devices,seq,batch", [("llama-3-8b", 64, 131072, 1), ("llama-3-70b", 16, 32768, 1),
+                                                      ("llama-3-70b", 64, 8192, 8)])
+def test_composed_rows_are_predicted_without_sequence_or_vocab_parallel(model, devices, seq, batch):
+    """The runtime refuses two-level's sequence_parallel and vocab_parallel at sp > 1: a row with sp > 1 is the
+    same layout predicted with both off, whatever the switches say; at sp = 1 the switches apply."""
+    cfg, on = PRESETS[model], TrainSetup(batch=batch, seq=seq)
+    off = TrainSetup(batch=batch, seq=seq, sequence_parallel=False, vocab_parallel=False)
+    with_on = {r.layout: r for r in plan_train(cfg, devices, on)}
+    with_off = {r.layout: r for r in plan_train(cfg, devices, off)}
+    composed = [l for l in with_on if l.family == "composed" and with_on[l].prediction is not None]
+    assert composed
+    for lay in composed:
+        row = with_on[lay]
+        assert row.setup == off and row == with_off[lay]
+        direct = predict_train(cfg, lay, off)
+        assert row.prediction.memory == direct.memory and row.prediction.bytes_by_axis == direct.bytes_by_axis
+        assert row.prediction.time == direct.time
+    two_level = [l for l in with_on if l.family == "two-level" and with_on[l].prediction is not None]
+    assert two_level and all(with_on[l].prediction.memory.total < with_off[l].prediction.memory.total
+                             for l in two_level)
+
+
+def test_composed_memory_and_bytes_by_hand():
+    """sp=2 x two-level 2x1 on TINY: the group's ranks hold the same s/2 tokens, the full-vocabulary logits,
+    the whole embedding and head; the group's reduces are all-reduces and nothing sums the tables' gradients."""
+    lay, run = TrainLayout(1, 2, 2, 1), TrainSetup(batch=1, seq=32, zero=0, checkpointing=False,
+                                                    sequence_parallel=False, vocab_parallel=False)
+    row = next(r for r in plan_train(TINY, 4, TrainSetup(batch=1, seq=32, zero=0, checkpointing=False))
+               if r.layout == lay)
+    mem = row.prediction.memory
+    tokens = 32 // 2
+    # per layer: the 2 norms' inputs and outputs (H each), q and the attention output (4*16/2), the output
+    # relaid by the all-to-all back (32), k and v at full width (sp=2 copies of the group's 1 KV head x 16),
+    # gate and up (2 * 128/2)
+    per_layer = tokens * (4 * 64 + 2 * 32 + 32 + 2 * 2 * 16 + 128)
+    assert mem.activations == 2 * per_layer * 2
+    assert mem.loss == tokens * 64 * 2 + tokens * 100 * 10
+    assert shard_parameters(TINY, 2, 1, False)[2] == 2 * 100 * 64  # the whole embedding and head on each rank
+    cols = layer_collectives(TINY, lay, row.setup)
+    assert {c.op for c in cols if c.tag in PAIR_TAGS} == {"all_reduce"}
+    assert all(c.numel == tokens * 64 for c in cols if c.tag in PAIR_TAGS)
+    assert not [c for c in cols if c.tag == "norm_weights"] and head_collectives(TINY, lay, row.setup) == []
+
+
+def test_cli_train_says_what_a_composed_winner_assumes_and_its_config_runs(capsys):
+    from ds_twolevel.deepspeed.config import check_deepspeed_config, load_deepspeed_config
+    from ds_twolevel.tools.cli import main
+
+    code = main(["plan", "--phase", "train", "--model", "llama-3-8b", "--devices", "64", "--seq", "131072",
+                 "--batch", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "sequence_parallel and vocab_parallel at sp = 1 (off at sp > 1, as the runtime composes Ulysses)" in out
+    best = next(l for l in out.splitlines() if "**best**" in l)
+    assert "| 1 x 32 x 1 x 2 | Ulysses sp=32 x two-level 1x2 |" in best
+    loss = predict_train(LLAMA_8B, TrainLayout(1, 32, 1, 2), TrainSetup(1, 131072, sequence_parallel=False,
+                                                                         vocab_parallel=False)).memory.loss
+    assert best.split("|")[-3].strip() == f"{loss / 1e9:.1f}"  # the full-vocabulary logits of s/32 tokens
+    line = next(l for l in out.splitlines() if l.startswith("Assumes: "))
+    assert line.startswith("Assumes: Ulysses sp=32 x two-level 1x2 runs two-level's sequence_parallel and "
+                           "vocab_parallel off")
+    keys = json.loads(line.split("Config: ", 1)[1])
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, **keys}
+    layout = check_deepspeed_config(*load_deepspeed_config(config), 64)
+    assert (layout.dp, layout.sp, layout.n, layout.m) == (1, 32, 1, 2)
+    for switch in ("sequence_parallel", "vocab_parallel"):
+        config["two_level"] = dict(keys["two_level"], **{switch: True})
+        with pytest.raises(ValueError, match=f'"{switch}": false'):
+            check_deepspeed_config(*load_deepspeed_config(config), 64)
 
 
 def test_cli_train_lists_the_layouts_that_fit_with_the_breakdown(capsys):
@@ -180,12 +262,62 @@ def test_plan_train_imports_neither_deepspeed_nor_transformers():
     assert "Why: Ulysses sp=16" in proc.stdout
 
 
-def test_docs_quote_the_generated_table():
-    from ds_twolevel.tools.train_table import table
+def test_docs_quote_the_generated_table_and_plans(tmp_path):
+    from ds_twolevel.costmodel.train_planner import assumption_line
+    from ds_twolevel.tools.train_table import excerpt, table, update_page
 
     page = (ROOT / "docs" / "which_parallelism.md").read_text()
+    fix = "regenerate with: python -m ds_twolevel.tools.train_table --update docs/which_parallelism.md"
     assert "python -m ds_twolevel.tools.train_table" in page
-    assert table(zero=3) in page
+    assert table(zero=3) in page, fix
+    assert "```text\n" + excerpt() + "\n```" in page, fix
+    plan = excerpt().splitlines()
+    assert plan[0].startswith("**llama-3-8b** training on 16") and "| **best** |" in plan[4] and plan[-2] == "| ... |"
+    copy = tmp_path / "page.md"
+    copy.write_text(page)
+    assert not update_page(copy) and copy.read_text() == page
+    copy.write_text(page.replace(table(zero=3), table(zero=2)).replace(plan[5], "| stale |"))
+    assert update_page(copy) and copy.read_text() == page
+    assert assumption_line(TrainLayout(1, 32, 1, 2)) in page
+    assert "--no-sequence-parallel --no-vocab-parallel" not in page
+
+
+def test_docs_verdicts_hold_over_the_grid():
+    """The claims of which_parallelism.md's verdict sections, checked against the planner over the grid."""
+    page = " ".join((ROOT / "docs" / "which_parallelism.md").read_text().split())
+    best = {}
+    for model, devices, seq, batch in GRID:
+        rows = plan_train(PRESETS[model], devices, TrainSetup(batch=batch, seq=seq))
+        best[model, devices, seq, batch] = rows
+        top = best_of(rows)
+        if best_of(rows, "Ulysses") is not None:
+            assert top.layout.family != "composed"  # composing never wins where Ulysses alone fits
+        if top is not None and batch == 8:
+            assert top.layout.family == "Ulysses" and top.layout.dp == 8
+        if top is not None and seq == 8192 and batch == 1:
+            assert top.layout.family == "two-level"
+    for seq in (32768, 131072, 1048576):  # Llama-3-8B, 64 GPUs, batch 1: the composition, sp = 32 x 1x2
+        assert best_of(best["llama-3-8b", 64, seq, 1]).layout == TrainLayout(1, 32, 1, 2)
+    ulysses_at = {(m, p, s) for m, p, s in [("llama-3-8b", 16, 32768), ("llama-3-8b", 16, 131072),
+                                             ("llama-3-70b", 32, 32768), ("llama-3-70b", 32, 131072),
+                                             *[("llama-3-70b", 64, s) for s in (32768, 131072, 1048576)],
+                                             *[("llama-3-8b", 32, s) for s in (32768, 131072, 1048576)]]}
+    for (m, p, s, b), rows in best.items():  # batch 1: Ulysses alone is the best exactly where the page says
+        top = best_of(rows)
+        assert b == 8 or (top is not None and top.layout.family == "Ulysses") == ((m, p, s) in ulysses_at)
+    rows = best["llama-3-8b", 64, 131072, 1]
+    assert (f"0.74 s at 128K against {best_of(rows, 'two-level').prediction.time:.2f} s for two-level 32x2" in page
+            and f"{best_of(rows).prediction.time:.2f}" == "0.74")
+    rows = best["llama-3-70b", 64, 131072, 1]
+    assert (f"sp = 32 x two-level 1x2 at {best_of(rows, 'composed').prediction.time:.2f} s against "
+            f"{best_of(rows, 'Ulysses').prediction.time:.2f} s for Ulysses sp = 64") in page
+    rows = {r.layout: r for r in best["llama-3-70b", 16, 32768, 1]}
+    ulysses = rows[TrainLayout(1, 16, 1, 1)].prediction.memory
+    least = min(r.prediction.memory.total for l, r in rows.items() if l.family == "composed" and r.prediction)
+    assert best_of(list(rows.values()), "composed") is None and int(least / 1e9) == 86
+    assert (f"Ulysses sp = 16 needs {ulysses.total / 1e9:.2f} GB per rank ({ulysses.gathered / 1e9:.1f} GB of it "
+            f"gathered") in page
+    assert f"two-level 16x1 fits at {rows[TrainLayout(1, 1, 16, 1)].prediction.memory.total / 1e9:.1f} GB" in page
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])

@@ -2,12 +2,16 @@
 
 :func:`plan_train` predicts each layout with :func:`~ds_twolevel.costmodel.training.predict_train`, keeps
 those whose per-rank memory fits the bound, sorts them by step time, and says why the others cannot run.
+Each layout is predicted as the runtime runs it (:func:`runtime_setup`): with sp > 1 the two-level group runs
+without its sequence_parallel and vocab_parallel, whatever the switches say; they apply to sp = 1 layouts.
 :func:`why_best` is the one line that says why the winner wins against the best of the other families
 (Ulysses alone, two-level alone, the composition). :func:`grid_table` is the modelled table of the docs.
 Pure: no torch, no process group.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 from ds_twolevel.costmodel.hardware import H100_SXM, HardwareProfile
@@ -19,6 +23,20 @@ GRID_SEQS = (8192, 32768, 131072, 1048576)
 GRID_BATCHES = (1, 8)
 
 
+def runtime_setup(layout: TrainLayout, setup: TrainSetup) -> TrainSetup:
+    """The setup ``layout`` runs with: ``setup``, except that with Ulysses (sp > 1) two-level's
+    sequence_parallel and vocab_parallel are off, as the runtime composes Ulysses with two-level (it refuses
+    either switch at sp > 1); for n * m = 1 both are no-ops anyway.
+
+    Example:
+        >>> runtime_setup(TrainLayout(1, 8, 2, 1), TrainSetup(1, 32768)).sequence_parallel
+        False
+    """
+    if layout.sp > 1 and (setup.sequence_parallel or setup.vocab_parallel):
+        return dataclasses.replace(setup, sequence_parallel=False, vocab_parallel=False)
+    return setup
+
+
 @dataclass(frozen=True)
 class TrainRow:
     """One candidate layout: its prediction (None when a rule forbids it) and why it cannot run."""
@@ -27,6 +45,8 @@ class TrainRow:
     prediction: TrainPrediction | None
     reason: str = ""
     """why it cannot run, or that it does not fit the memory bound (empty when it fits)."""
+    setup: TrainSetup | None = None
+    """what it was predicted with (:func:`runtime_setup` of the planner's setup)."""
 
     @property
     def fits(self) -> bool:
@@ -36,7 +56,8 @@ class TrainRow:
 def plan_train(model: ModelConfig, devices: int, setup: TrainSetup, hw: HardwareProfile = H100_SXM, *,
                memory_bytes: float | None = None) -> list[TrainRow]:
     """Every dp x sp x n x m layout of ``devices``: those that fit ``memory_bytes`` (default: the
-    profile's) by step time, then those over it by memory, then those a rule forbids.
+    profile's) by step time, then those over it by memory, then those a rule forbids. Each layout is
+    checked and predicted with :func:`runtime_setup` (sp > 1: sequence_parallel and vocab_parallel off).
 
     Example:
         >>> rows = plan_train(PRESETS["llama-3-8b"], 16, TrainSetup(batch=1, seq=131072))
@@ -45,11 +66,12 @@ def plan_train(model: ModelConfig, devices: int, setup: TrainSetup, hw: Hardware
     bound = hw.memory_bytes if memory_bytes is None else memory_bytes
     rows = []
     for layout in layouts(devices):
-        problem = layout_problem(model, layout, setup)
-        pred = None if problem else predict_train(model, layout, setup, hw)
+        runs = runtime_setup(layout, setup)
+        problem = layout_problem(model, layout, runs)
+        pred = None if problem else predict_train(model, layout, runs, hw)
         if pred is not None and pred.memory.total > bound:
-            problem = f"needs {pred.memory.total / 1e9:.1f} GB per rank > {bound / 1e9:.0f} GB"
-        rows.append(TrainRow(layout, pred, problem))
+            problem = f"needs {pred.memory.total / 1e9:.2f} GB per rank > {bound / 1e9:.0f} GB"
+        rows.append(TrainRow(layout, pred, problem, runs))
     fit = sorted((r for r in rows if r.fits), key=lambda r: (r.prediction.time, r.prediction.comm_bytes))
     over = sorted((r for r in rows if not r.fits and r.prediction), key=lambda r: r.prediction.memory.total)
     return fit + over + [r for r in rows if r.prediction is None]
@@ -77,7 +99,7 @@ def _unavailable(model: ModelConfig, devices: int, setup: TrainSetup, rows: list
     if not over:
         return f"{family} alone has no layout of {devices} ranks ({mine[-1].reason})"
     least = min(r.prediction.memory.total for r in over)
-    return f"{family} alone needs at least {least / 1e9:.1f} GB per rank"
+    return f"{family} alone needs at least {least / 1e9:.2f} GB per rank"
 
 
 def _compare(best: TrainRow, other: TrainRow, setup: TrainSetup) -> str:
@@ -118,17 +140,54 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:.1f}"
 
 
+def _group_switches(setup: TrainSetup) -> list[str]:
+    """The two-level group's switches as the rows use them: those on apply at sp = 1 only."""
+    named = (("sequence_parallel", setup.sequence_parallel), ("vocab_parallel", setup.vocab_parallel))
+    on = [name for name, value in named if value]
+    off = [f"no {name}" for name, value in named if not value]
+    if not on:
+        return off
+    return [f"{' and '.join(on)} at sp = 1 (off at sp > 1, as the runtime composes Ulysses)"] + off
+
+
 def setup_line(model: ModelConfig, devices: int, setup: TrainSetup, hw: HardwareProfile, bound: float) -> str:
+    """The plan's first line: model, devices, batch x seq, the switches as the rows use them, the bound."""
     switches = [f"ZeRO-{setup.zero}", "checkpointing" if setup.checkpointing else "no checkpointing",
-                "sequence_parallel" if setup.sequence_parallel else "no sequence_parallel",
-                "vocab_parallel" if setup.vocab_parallel else "no vocab_parallel"]
+                *_group_switches(setup)]
     return (f"**{model.name}** training on {devices} x {hw.name}, batch {setup.batch} x seq {setup.seq}, "
             f"{', '.join(switches)}; memory bound {bound / 1e9:.0f} GB per rank")
 
 
+def run_config(layout: TrainLayout) -> dict:
+    """The DeepSpeed config keys that run ``layout`` as the planner predicts it (dp = world / (sp * n * m)).
+
+    Example:
+        >>> run_config(TrainLayout(1, 32, 1, 2))["two_level"]
+        {'n': 1, 'm': 2, 'sequence_parallel': False, 'vocab_parallel': False}
+    """
+    two_level: dict = {"n": layout.n, "m": layout.m}
+    if layout.sp > 1:
+        two_level.update(sequence_parallel=False, vocab_parallel=False)
+        return {"sequence_parallel_size": layout.sp, "two_level": two_level}
+    return {"two_level": two_level}
+
+
+def assumption_line(layout: TrainLayout) -> str:
+    """What a composed (sp > 1, n * m > 1) layout is predicted with, and the config keys that run it.
+
+    Example:
+        >>> assumption_line(TrainLayout(2, 32, 1, 2))[:60]
+        'Assumes: Ulysses sp=32 x two-level 1x2 (dp=2) runs two-level'
+    """
+    return (f"Assumes: {layout.label} runs two-level's sequence_parallel and vocab_parallel off, as the runtime "
+            f"composes Ulysses: each rank of its {layout.n}x{layout.m} group holds the same s/{layout.sp} tokens and "
+            f"their logits over the whole vocabulary. Config: {json.dumps(run_config(layout))}")
+
+
 def format_train_plan(model: ModelConfig, devices: int, setup: TrainSetup, hw: HardwareProfile,
                       rows: list[TrainRow], *, memory_bytes: float | None = None) -> str:
-    """Markdown: the layouts that fit (best first) with memory broken down, the why line, then the rest."""
+    """Markdown: the layouts that fit (best first) with memory broken down, the why line (and, when the best
+    is composed, what it assumes), then the rest."""
     bound = hw.memory_bytes if memory_bytes is None else memory_bytes
     lines = [setup_line(model, devices, setup, hw, bound), "",
              "| | dp x sp x n x m | layout | step s | tokens/s | GB sent/rank | weights | gathered | grads | "
@@ -140,6 +199,9 @@ def format_train_plan(model: ModelConfig, devices: int, setup: TrainSetup, hw: H
                      f"{_gb(mem.gathered)} | {_gb(mem.gradients)} | {_gb(mem.optimizer)} | {_gb(mem.activations)} | "
                      f"{_gb(mem.loss)} | {_gb(mem.total)} |")
     lines += ["", f"Why: {why_best(model, devices, setup, rows)}"]
+    best = best_of(rows)
+    if best is not None and best.layout.family == "composed":
+        lines += ["", assumption_line(best.layout)]
     rest = [r for r in rows if not r.fits]
     if rest:
         lines += ["", "Does not fit or cannot run:", ""]

@@ -32,6 +32,7 @@ nearest device counts that have one, and exits with status 2.
 ranks outside the two-level group; Ulysses alone is n = m = 1): per-rank memory (weights, gradients and
 Adam states under --zero, activations with or without --checkpointing, logits), bytes sent and step
 time; it lists the layouts that fit --memory-gb, best first, and says in one line why the best wins.
+Layouts with sp > 1 are predicted as the runtime runs them: without sequence_parallel and vocab_parallel.
 Example: ds-twolevel plan --phase train --model llama-3-8b --devices 16 --seq 131072 --batch 1.
 """
 HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -99,9 +100,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                        help="activation checkpointing of every layer (default: on)")
     train.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=True,
-                       help="two-level's residual stream split over its n x m ranks (default: on)")
+                       help="two-level's residual stream split over its n x m ranks, in layouts with sp = 1 (off "
+                            "at sp > 1, as the runtime composes Ulysses) (default: on)")
     train.add_argument("--vocab-parallel", action=argparse.BooleanOptionalAction, default=True,
-                       help="embedding, LM head and loss split over n x m by vocabulary rows (default: on)")
+                       help="embedding, LM head and loss split over n x m by vocabulary rows, in layouts with sp = 1 "
+                            "(off at sp > 1) (default: on)")
     train.add_argument("--memory-gb", type=float, default=None, metavar="GB",
                        help="memory bound per device (default: the hardware profile's, 80 for h100)")
 
