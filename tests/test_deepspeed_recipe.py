@@ -4,9 +4,10 @@ ZeRO-3 under zero.Init, 2 x 1 x 2 ranks) in two launches (4 steps, then ``--resu
 (``ds_twolevel.init_inference``) under ``torchrun``, and their one-line refusals.
 
 Ulysses composed with two-level through the launcher: the command of docs/which_parallelism.md ("Compose
-two-level with Ulysses", ``ds_configs/zero2_sp2_n1_m2.json``: sp = 2 x 1x2, ZeRO-2) for 4 steps, against the
-dense Llama trained in this process from the same seed on the same batches (torch AdamW, DeepSpeed's
-WarmupLR, the same clipping): every step's loss and gradient norm, and the exported weights, within 1e-5.
+two-level with Ulysses", ``ds_configs/zero2_sp2_n1_m2.json``: sp = 2 x 1x2, ZeRO-2) for 4 steps, and the same
+command with ``ds_configs/zero3_sp2_n1_m2.json`` (ZeRO-3), each against the dense Llama trained in this process
+from the same seed on the same batches (torch AdamW, DeepSpeed's WarmupLR, the same clipping): every step's loss
+and gradient norm, and the exported weights, within 1e-5.
 
 The two training launches are also the launcher test of DeepSpeed's CPU comm op: they run with
 their own, fresh ``TORCH_EXTENSIONS_DIR`` that holds this environment's compiled objects but not the
@@ -148,6 +149,8 @@ def test_exported_dense_checkpoint_loads_with_from_pretrained_and_matches(traine
 # -- Ulysses x two-level under the deepspeed launcher, against the dense run ---------------------------
 COMPOSED_STEPS = 4
 COMPOSED_CONFIG = "ds_configs/zero2_sp2_n1_m2.json"
+"""the documented config; the ZeRO-3 one runs the same command."""
+COMPOSED_CONFIGS = (COMPOSED_CONFIG, "ds_configs/zero3_sp2_n1_m2.json")
 
 
 def _documented_command() -> list[str]:
@@ -204,33 +207,36 @@ def _dense_run(config: dict, steps: int, world: int, seq: int = 64, seed: int = 
     return {"losses": losses, "grad_norms": norms, "state": model.state_dict()}
 
 
-@pytest.fixture(scope="module")
-def composed(tmp_path_factory) -> dict:
-    """The documented composed launch (4 steps, into a temporary --out) and the dense run of the same steps."""
+@pytest.fixture(scope="module", params=COMPOSED_CONFIGS, ids=lambda path: Path(path).stem)
+def composed(request, tmp_path_factory) -> dict:
+    """The documented composed launch with one of the configs (4 steps, into a temporary --out) and the dense run
+    of the same steps."""
     from ds_twolevel.testing import free_port
 
     out = tmp_path_factory.mktemp("composed")
     words = _documented_command()
     words = [*words[:3], "--master_port", str(free_port()), *words[3:]]
     words[words.index("--out") + 1] = str(out)
+    words[words.index("--deepspeed_config") + 1] = request.param
     _, seconds = _run([*words, "--steps", str(COMPOSED_STEPS)])
-    print(f"\n{COMPOSED_CONFIG} under the deepspeed launcher, 4 ranks, {COMPOSED_STEPS} steps + export: {seconds:.0f} s")
-    config = json.loads((REPO / COMPOSED_CONFIG).read_text())
-    return {"out": out, "dense": _dense_run(config, COMPOSED_STEPS, world=4)}
+    print(f"\n{request.param} under the deepspeed launcher, 4 ranks, {COMPOSED_STEPS} steps + export: {seconds:.0f} s")
+    config = json.loads((REPO / request.param).read_text())
+    return {"out": out, "config": config, "dense": _dense_run(config, COMPOSED_STEPS, world=4)}
 
 
 def test_composed_launch_trains_exactly_like_the_dense_model(composed):
-    """sp = 2 x 1x2 (ZeRO-2) under the deepspeed launcher: each step's loss and (pre-clip) gradient norm, and the
-    exported weights after the run, within 1e-5 of the dense run. Weights are compared relative to the model's
-    largest (the norm weights, 1.0): a weight whose gradient is near zero moves by up to lr in Adam's first steps
-    whatever its size, so a per-tensor ratio would measure fp32 noise amplified by Adam."""
+    """sp = 2 x 1x2 (ZeRO-2, ZeRO-3) under the deepspeed launcher: each step's loss and (pre-clip) gradient norm,
+    and the exported weights after the run, within 1e-5 of the dense run. Weights are compared relative to the
+    model's largest (the norm weights, 1.0): a weight whose gradient is near zero moves by up to lr in Adam's first
+    steps whatever its size, so a per-tensor ratio would measure fp32 noise amplified by Adam."""
     from transformers import LlamaForCausalLM
 
     from ds_twolevel.testing import rel_err
 
     out, dense = composed["out"], composed["dense"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["layout"] == {"dp": 1, "sp": 2, "n": 1, "m": 2} and metrics["zero_stage"] == 2
+    stage = composed["config"]["zero_optimization"]["stage"]
+    assert metrics["layout"] == {"dp": 1, "sp": 2, "n": 1, "m": 2} and metrics["zero_stage"] == stage
     worst = {}
     for key in ("losses", "grad_norms"):
         errors = [rel_err(torch.tensor(a), torch.tensor(b)) for a, b in zip(metrics[key], dense[key], strict=True)]
