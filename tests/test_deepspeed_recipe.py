@@ -196,8 +196,9 @@ def _dense_run(config: dict, steps: int, world: int, seq: int = 64, seed: int = 
     rows = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * dp
     tokens, losses, norms = recipe.corpus(), [], []
     for step in range(1, steps + 1):
-        ids = recipe.global_batch(tokens, step, rows, seq, seed)  # (rows, seq): no padding, so the mean of the
-        opt.zero_grad()                                           # micro-batches' losses is the batch's
+        # every replica's micro-batches at once: no padding, so their mean loss is the whole batch's
+        ids = recipe.global_batch(tokens, step, rows, seq, seed)  # (rows, seq)
+        opt.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), config["gradient_clipping"])))
