@@ -3,7 +3,8 @@
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 8 recipes/train.py \\
         --deepspeed_config ds_configs/zero2_n2_m2.json --export
     torchrun --nproc_per_node 4 recipes/train.py --deepspeed_config ds_configs/zero2_n1_m2.json
-    torchrun --nproc_per_node 4 recipes/train.py --deepspeed_config ds_configs/zero2_sp2_n1_m2.json
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 4 recipes/train.py \\
+        --deepspeed_config ds_configs/zero2_sp2_n1_m2.json --export
 
 With DeepSpeed's ``"sequence_parallel_size"`` (Ulysses outside the n x m group) each rank feeds its s/sp tokens;
 its checkpoints resume at any dp x sp x n x m.

@@ -3,6 +3,12 @@ ZeRO-3 under zero.Init, 2 x 1 x 2 ranks) in two launches (4 steps, then ``--resu
 ``--export``), its dense export through plain ``from_pretrained``, recipes/infer_deepspeed.py
 (``ds_twolevel.init_inference``) under ``torchrun``, and their one-line refusals.
 
+Ulysses composed with two-level through the launcher: the command of docs/which_parallelism.md ("Compose
+two-level with Ulysses", ``ds_configs/zero2_sp2_n1_m2.json``: sp = 2 x 1x2, ZeRO-2) for 4 steps, and the same
+command with ``ds_configs/zero3_sp2_n1_m2.json`` (ZeRO-3), each against the dense Llama trained in this process
+from the same seed on the same batches (torch AdamW, DeepSpeed's WarmupLR, the same clipping): every step's loss
+and gradient norm, and the exported weights, within 1e-5.
+
 The two training launches are also the launcher test of DeepSpeed's CPU comm op: they run with
 their own, fresh ``TORCH_EXTENSIONS_DIR`` that holds this environment's compiled objects but not the
 library, so the first launch must build (link) ``deepspeed_shm_comm.so`` and say so; the second must
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -137,6 +144,111 @@ def test_exported_dense_checkpoint_loads_with_from_pretrained_and_matches(traine
         logits = model(input_ids=probe["input_ids"]).logits
     err = float((logits - probe["logits"]).abs().max() / probe["logits"].abs().max())
     assert err <= 1e-5, err
+
+
+# -- Ulysses x two-level under the deepspeed launcher, against the dense run ---------------------------
+COMPOSED_STEPS = 4
+COMPOSED_CONFIG = "ds_configs/zero2_sp2_n1_m2.json"
+"""the documented config; the ZeRO-3 one runs the same command."""
+COMPOSED_CONFIGS = (COMPOSED_CONFIG, "ds_configs/zero3_sp2_n1_m2.json")
+
+
+def _documented_command() -> list[str]:
+    """docs/which_parallelism.md's launch of the composed config, as argv (its environment assignments dropped:
+    :func:`_env` sets them)."""
+    from tests.test_readme import readme_commands
+
+    page = REPO / "docs" / "which_parallelism.md"
+    found = [c.text for c in readme_commands(page.read_text(encoding="utf-8"), whole=True) if COMPOSED_CONFIG in c.text]
+    assert len(found) == 1, found
+    words = shlex.split(found[0])
+    assert words[:2] == ["DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=1"] and words[2:5] == ["deepspeed", "--num_gpus", "4"]
+    return words[2:]
+
+
+def _recipe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_recipe", REPO / "recipes" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dense_run(config: dict, steps: int, world: int, seq: int = 64, seed: int = 0) -> dict:
+    """recipes/train.py's run on one dense Llama (its defaults: seq 64, seed 0): the same initial weights and
+    global batches, torch AdamW with the config's parameters, DeepSpeed's WarmupLR, clipping at the config's norm."""
+    from deepspeed.runtime.lr_schedules import WarmupLR
+    from transformers import LlamaForCausalLM
+
+    from ds_twolevel.deepspeed.env import drop_startup_lr_warning
+
+    drop_startup_lr_warning()
+    recipe = _recipe_module()
+    torch.manual_seed(seed)  # as recipes/train.py's build() before it makes the model
+    model = LlamaForCausalLM(recipe.model_config(seq)).train()
+    opt_kw = config["optimizer"]["params"]
+    opt = torch.optim.AdamW(model.parameters(), lr=opt_kw["lr"], betas=tuple(opt_kw["betas"]), eps=opt_kw["eps"],
+                            weight_decay=opt_kw["weight_decay"])
+    scheduler = WarmupLR(opt, **config["scheduler"]["params"])
+    tl = config["two_level"]
+    dp = world // (config["sequence_parallel_size"] * tl["n"] * tl["m"])
+    rows = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * dp
+    tokens, losses, norms = recipe.corpus(), [], []
+    for step in range(1, steps + 1):
+        # every replica's micro-batches at once: no padding, so their mean loss is the whole batch's
+        ids = recipe.global_batch(tokens, step, rows, seq, seed)  # (rows, seq)
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), config["gradient_clipping"])))
+        opt.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    return {"losses": losses, "grad_norms": norms, "state": model.state_dict()}
+
+
+@pytest.fixture(scope="module", params=COMPOSED_CONFIGS, ids=lambda path: Path(path).stem)
+def composed(request, tmp_path_factory) -> dict:
+    """The documented composed launch with one of the configs (4 steps, into a temporary --out) and the dense run
+    of the same steps."""
+    from ds_twolevel.testing import free_port
+
+    out = tmp_path_factory.mktemp("composed")
+    words = _documented_command()
+    words = [*words[:3], "--master_port", str(free_port()), *words[3:]]
+    words[words.index("--out") + 1] = str(out)
+    words[words.index("--deepspeed_config") + 1] = request.param
+    _, seconds = _run([*words, "--steps", str(COMPOSED_STEPS)])
+    print(f"\n{request.param} under the deepspeed launcher, 4 ranks, {COMPOSED_STEPS} steps + export: {seconds:.0f} s")
+    config = json.loads((REPO / request.param).read_text())
+    return {"out": out, "config": config, "dense": _dense_run(config, COMPOSED_STEPS, world=4)}
+
+
+def test_composed_launch_trains_exactly_like_the_dense_model(composed):
+    """sp = 2 x 1x2 (ZeRO-2, ZeRO-3) under the deepspeed launcher: each step's loss and (pre-clip) gradient norm,
+    and the exported weights after the run, within 1e-5 of the dense run. Weights are compared relative to the
+    model's largest (the norm weights, 1.0): a weight whose gradient is near zero moves by up to lr in Adam's first
+    steps whatever its size, so a per-tensor ratio would measure fp32 noise amplified by Adam."""
+    from transformers import LlamaForCausalLM
+
+    from ds_twolevel.testing import rel_err
+
+    out, dense = composed["out"], composed["dense"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    stage = composed["config"]["zero_optimization"]["stage"]
+    assert metrics["layout"] == {"dp": 1, "sp": 2, "n": 1, "m": 2} and metrics["zero_stage"] == stage
+    worst = {}
+    for key in ("losses", "grad_norms"):
+        errors = [rel_err(torch.tensor(a), torch.tensor(b)) for a, b in zip(metrics[key], dense[key], strict=True)]
+        assert len(errors) == COMPOSED_STEPS and max(errors) <= 1e-5, (key, errors)
+        worst[key] = max(errors)
+    exported = LlamaForCausalLM.from_pretrained(out / "dense").state_dict()
+    ref = dense["state"]
+    scale = max(float(v.abs().max()) for v in ref.values())
+    errors = {k: rel_err(exported[k], v, scale) for k, v in ref.items()}
+    assert exported.keys() == ref.keys() and max(errors.values()) <= 1e-5, errors
+    print(f"\ncomposed launch vs dense, relative errors: {worst}, weights {max(errors.values()):.1e}")
 
 
 def test_inference_under_torchrun_generates_like_dense(trained, tmp_path):

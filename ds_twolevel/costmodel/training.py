@@ -43,7 +43,9 @@ all-to-all backward. ``seq_rows``' segment collectives (:mod:`ds_twolevel.strate
 group. Per step: ZeRO over D (bf16): stage 0 an all-reduce of the gradients, 1-2 a reduce-scatter of
 gradients + all-gather of updated weights, 3 an all-gather of weights in forward and in backward + a
 reduce-scatter of gradients. Weights replicated inside the group while tokens are split (norms; the
-embedding and head without vocab parallelism) have their gradients all-reduced over n * m.
+embedding and head without vocab parallelism) have their gradients all-reduced over n * m. Per forward,
+the ranks that split the sequence (sp, or the group's n * m under sequence parallelism) all-gather their
+inputs' descriptions and the whole sequence's positions (with the padding mask when there is one), int64.
 
 Pure: no torch, no process group.
 """
@@ -64,6 +66,15 @@ LOGIT_BYTES = 10
 """bf16 logits + their fp32 copy for the cross entropy + its fp32 gradient, per logit."""
 INNER_STRATEGY = "seq_rows"
 """two-level attention inside a group when m > 1 (the fused, exact training path)."""
+SHARD_FIELDS = 7
+"""integers each rank describes its shard with before the first collective whose shape depends on it
+(``hf_integration.sequence_parallel.BATCH_FIELDS``: batch size, tokens, mask, ..., label tokens)."""
+INDEX_TAGS = ("batch", "positions")
+"""the all-gathers of integer inputs (shard descriptions; positions and padding mask)."""
+INDEX_SIZE = 8
+"""bytes per element of those integers (int64)."""
+SUM_AXES = ("tp", "m", "n", "kv_rep")
+"""axes whose sums run in the two-level layers' ``reduce_size``."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,9 @@ class TrainSetup:
     """bytes per element of weights and activations (bf16)."""
     reduce_size: int = 4
     """bytes per element of the two-level layers' sums over ranks (their default fp32 ``reduce_dtype``)."""
+    padding_mask: bool = False
+    """the batch carries a padding mask: attention runs the masked path (no causal-block skipping), and the
+    mask is all-gathered with the positions."""
 
     def __post_init__(self) -> None:
         if self.zero not in ZERO_STAGES:
@@ -298,7 +312,8 @@ def inner_call(model: ModelConfig, layout: TrainLayout, setup: TrainSetup) -> At
                          local_heads=model.heads // layout.n // layout.sp,
                          local_kv_heads=max(kv_heads_per_group(model, layout.n) // layout.sp, 1),
                          head_dim=model.head_dim, n=layout.n, m=layout.m, qk_norm=model.qk_norm,
-                         kv_rep=max(layout.n // model.kv_heads, 1), causal_blocks=True, plain_causal=True,
+                         kv_rep=max(layout.n // model.kv_heads, 1), causal_blocks=not setup.padding_mask,
+                         plain_causal=not setup.padding_mask,
                          qk_norm_scope=model.qk_norm_scope, grad=True, element_size=setup.element_size,
                          reduce_size=setup.reduce_size)
 
@@ -333,10 +348,12 @@ def ulysses_collectives(model: ModelConfig, layout: TrainLayout, setup: TrainSet
     return fwd + [dataclasses.replace(c, backward=True) for c in fwd]
 
 
-def layer_collectives(model: ModelConfig, layout: TrainLayout, setup: TrainSetup) -> list[Collective]:
-    """Every collective one layer issues on one rank in forward and backward (recompute not included)."""
+def layer_collectives(model: ModelConfig, layout: TrainLayout, setup: TrainSetup, *,
+                      strategy: str = INNER_STRATEGY) -> list[Collective]:
+    """Every collective one layer issues on one rank in forward and backward (recompute not included);
+    ``strategy``: the two-level attention that runs inside the group."""
     _, tokens = token_counts(layout, setup)
-    inner = [c for c in attention_collectives(inner_call(model, layout, setup), INNER_STRATEGY, backward=True)
+    inner = [c for c in attention_collectives(inner_call(model, layout, setup), strategy, backward=True)
              if c.axis != "tp" or c.tag.endswith("_sumsq")]
     out = ulysses_collectives(model, layout, setup) + inner
     out += _tp_pair("attn", tokens * model.hidden, layout.tp, setup.sequence_parallel)
@@ -366,6 +383,23 @@ def head_collectives(model: ModelConfig, layout: TrainLayout, setup: TrainSetup)
     return embed + head + loss
 
 
+def input_collectives(layout: TrainLayout, setup: TrainSetup) -> list[Collective]:
+    """The per-forward all-gathers of the inputs over the ranks that split the sequence (sp under Ulysses, the
+    group's n * m under sequence parallelism): each rank's shard description (tag "batch") and the whole
+    sequence's positions, stacked with the padding mask when there is one (tag "positions"); int64, no backward.
+
+    Example:
+        >>> [c.numel for c in input_collectives(TrainLayout(1, 2, 1, 2), TrainSetup(2, 14, padding_mask=True))]
+        [14, 56]
+    """
+    ranks = layout.sp if layout.sp > 1 else layout.tp if setup.sequence_parallel else 1
+    if ranks == 1:
+        return []
+    axis, rows = "sp" if layout.sp > 1 else "tp", 2 if setup.padding_mask else 1
+    return [Collective("all_gather", axis, "batch", SHARD_FIELDS * ranks, ranks),
+            Collective("all_gather", axis, "positions", rows * setup.batch // layout.dp * setup.seq, ranks)]
+
+
 def zero_collectives(params: float, layout: TrainLayout, setup: TrainSetup) -> list[Collective]:
     """ZeRO's collectives per step over the dp * sp ranks holding the same shard of ``params``."""
     D, numel = layout.dp * layout.sp, int(params)
@@ -380,14 +414,32 @@ def zero_collectives(params: float, layout: TrainLayout, setup: TrainSetup) -> l
             Collective("all_gather", "zero", "weights", numel, D, True), grads]
 
 
-def step_collectives(model: ModelConfig, layout: TrainLayout, setup: TrainSetup) -> list[Collective]:
-    """Every collective of one step on one rank: L layers (forward twice with checkpointing), the head,
-    ZeRO."""
-    per_layer = layer_collectives(model, layout, setup)
+def step_collectives(model: ModelConfig, layout: TrainLayout, setup: TrainSetup, *,
+                     strategy: str = INNER_STRATEGY) -> list[Collective]:
+    """Every collective of one step on one rank: the inputs' all-gathers, L layers (forward twice with
+    checkpointing), the head, ZeRO; ``strategy``: the two-level attention inside the group.
+
+    Example:
+        >>> cols = step_collectives(PRESETS["llama-3-8b"], TrainLayout(2, 2, 1, 2), TrainSetup(4, 8192, zero=2))
+    """
+    per_layer = layer_collectives(model, layout, setup, strategy=strategy)
     recompute = [c for c in per_layer if not c.backward] if setup.checkpointing else []
     params, _, _ = shard_parameters(model, layout.n, layout.m, setup.vocab_parallel)
-    return ((per_layer + recompute) * model.layers + head_collectives(model, layout, setup)
-            + zero_collectives(params, layout, setup))
+    return (input_collectives(layout, setup) + (per_layer + recompute) * model.layers
+            + head_collectives(model, layout, setup) + zero_collectives(params, layout, setup))
+
+
+def collective_bytes(c: Collective, eb: int, sum_size: int) -> int:
+    """Ring bytes one rank sends for ``c``: integer inputs at :data:`INDEX_SIZE` per element, the group's sums
+    (over :data:`SUM_AXES`) at ``sum_size``, everything else (Ulysses' all-to-alls, ZeRO) at ``eb``.
+
+    Example:
+        >>> collective_bytes(Collective("all_reduce", "tp", "attn_out", 1024, 2), 2, 4)
+        4096
+    """
+    if c.tag in INDEX_TAGS:
+        return c.bytes_sent(INDEX_SIZE)
+    return c.bytes_sent(eb, sum_size if c.axis in SUM_AXES else eb)
 
 
 def _span_stride(axis: str, layout: TrainLayout) -> int:
@@ -413,7 +465,7 @@ def collective_time(c: Collective, layout: TrainLayout, hw: HardwareProfile, eb:
     all-to-all sends the share for peers in its node at the intra-node bandwidth and the rest through
     this rank's NIC at the inter-node bandwidth."""
     stride = _span_stride(c.axis, layout)
-    sent = c.bytes_sent(eb, sum_size if c.axis in ("tp", "m", "n", "kv_rep") else eb)
+    sent = collective_bytes(c, eb, sum_size)
     if c.op != "all_to_all" or c.ranks * stride <= hw.devices_per_node:
         return hw.collective_latency + sent / ring_busbw(c.ranks, stride, hw)
     local = max(1, min(c.ranks, hw.devices_per_node // stride))  # peers (self included) in this node
@@ -472,7 +524,7 @@ def predict_train(model: ModelConfig, layout: TrainLayout, setup: TrainSetup,
     by_axis: dict[str, float] = {}
     for c in cols:
         axis = "tp" if c.axis in ("tp", "n", "kv_rep") else c.axis
-        by_axis[axis] = by_axis.get(axis, 0.0) + c.bytes_sent(eb, sums if c.axis != "zero" and c.axis != "sp" else eb)
+        by_axis[axis] = by_axis.get(axis, 0.0) + collective_bytes(c, eb, sums)
     mem = memory(model, layout, setup)
     updated = mem.optimizer / ADAM_BYTES  # parameters this rank's optimizer updates
     adam = updated * (ADAM_BYTES + 2 * eb) * 2 / hw.mem_bandwidth  # state, gradient, weight: read + write
