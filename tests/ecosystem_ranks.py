@@ -448,7 +448,8 @@ def accelerate_sequence_parallel(args, record: Run, arch: str) -> None:
 def accelerate_sequence_parallel_refused(args, record: Run, kind: str) -> None:
     """``kind`` "plain_loader": a sequence-parallel model fed whole batches by accelerate's own
     ``Accelerator`` (not ``ds_twolevel.accelerate.accelerator``): the model's error at the first forward.
-    "switch": the config says sequence_parallel, the model was patched without it: refused at prepare."""
+    "switch": the config says sequence_parallel, the model was patched without it: refused at prepare. Both: the
+    check at prepare refuses a config with DeepSpeed's "sequence_parallel_size" (Ulysses) > 1."""
     from accelerate import Accelerator
 
     from ds_twolevel import accelerate as two_level_accelerate
@@ -461,6 +462,10 @@ def accelerate_sequence_parallel_refused(args, record: Run, kind: str) -> None:
     else:
         accelerator = two_level_accelerate.accelerator(cfg)
     mesh = two_level_accelerate.build_mesh(accelerator)
+    plugin_config = accelerator.state.deepspeed_plugin.deepspeed_config  # Ulysses reaching prepare: refused
+    plugin_config["sequence_parallel_size"] = 2
+    record.data["ulysses_problem"] = two_level_accelerate.prepare_problem(accelerator, mesh) or ""
+    del plugin_config["sequence_parallel_size"]
     model = sp_model("llama")
     patch_model(model, mesh, sequence_parallel=kind == "plain_loader", vocab_parallel=True)
     opt = torch.optim.AdamW(model.parameters(), lr=SP_LR)

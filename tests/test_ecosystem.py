@@ -289,7 +289,8 @@ def test_sequence_and_vocab_parallel_match_dense(runs, layout, case):
 def test_sequence_parallel_fed_whole_batches_or_patched_otherwise_is_refused(runs, layout):
     """accelerate's own Accelerator feeds a sequence-parallel model whole batches: the model's error at the
     first forward, on every rank, before any step. A model patched without sequence_parallel under a config
-    that has it: refused by prepare."""
+    that has it: refused by prepare. Either accelerator with DeepSpeed's "sequence_parallel_size" > 1: refused by
+    the check at prepare."""
     out, dp, n, m = runs(layout)
     for case, fragments in {
             "accelerate_sp_plain_loader": ["sequence_parallel: pass position_ids", "ds_twolevel.accelerate.accelerator(cfg)",
@@ -303,6 +304,9 @@ def test_sequence_parallel_fed_whole_batches_or_patched_otherwise_is_refused(run
         for fragment in fragments:
             assert fragment in errors[0]["message"], (case, fragment, errors[0]["message"])
         assert all(rec["losses"] == [] for rec in records(out, case)), "refused after a step"
+        for rec in records(out, case):  # Ulysses composed with two-level runs through ds_twolevel.initialize only
+            assert '"sequence_parallel_size" = 2 (Ulysses composed with two-level) runs through ds_twolevel.initialize' \
+                in rec["ulysses_problem"], rec["ulysses_problem"]
 
 
 # -- DDP ---------------------------------------------------------------------------------------------
