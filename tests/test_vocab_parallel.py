@@ -240,6 +240,15 @@ VOCAB_TAGS = ("embed", "embed_ids", "head_in", "labels", "ce_max", "ce_sums", "l
 """the collectives of the embedding, the head and the loss."""
 
 
+def _modelled_inputs(mesh, batch: int, seq: int, padding_mask: bool) -> list[tuple]:
+    """The cost model's per-forward input all-gathers under sequence parallelism (shard descriptions, positions)."""
+    from ds_twolevel.costmodel.training import TrainLayout, TrainSetup, input_collectives
+
+    layout = TrainLayout(1, 1, mesh.layout.n, mesh.layout.m)
+    setup = TrainSetup(batch=batch, seq=seq, sequence_parallel=True, padding_mask=padding_mask)
+    return sorted((c.op, c.axis, c.tag, c.numel, c.ranks, c.backward) for c in input_collectives(layout, setup))
+
+
 def _sp_case(arch: str, overrides: dict, mesh) -> dict:
     """vocab_parallel with sequence_parallel: each rank feeds its shard of the batch (shard_batch); the ranks'
     loss shares add up to the dense loss, and every gradient is the dense one."""
@@ -269,7 +278,10 @@ def _sp_case(arch: str, overrides: dict, mesh) -> dict:
     counted = {(op, tag, bwd): sent for (op, _, tag, bwd), (_, sent) in comm.summary().items() if tag in VOCAB_TAGS}
     modelled = modelled_bytes(tokens=ids.shape[0] * 16, hidden=dense.config.hidden_size, vocab_size=vocab,
                               tp=mesh.axes.tp.size, sequence_parallel=True)
-    out = {"loss_err": rel_err(whole_loss(share, mesh), loss_d), "grad_err": shard_grad_errors(dense, patched),
+    out = {"inputs_counted": sorted((r.op, r.axis, r.tag, r.numel, r.ranks, r.backward) for r in comm.records
+                                    if r.tag in ("batch", "positions")),
+           "inputs_modelled": _modelled_inputs(mesh, ids.shape[0], 16, "attention_mask" in shard)}
+    out |= {"loss_err": rel_err(whole_loss(share, mesh), loss_d), "grad_err": shard_grad_errors(dense, patched),
            "head_out_shapes": shapes, "my_rows": head.rows, "bytes_counted": counted, "bytes_modelled": modelled}
     gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -490,6 +502,7 @@ def test_with_sequence_parallel_matches_dense(results, case, layout):
         assert r["gen_batched_equal"]
         assert r["head_out_shapes"] == [(2, 16, r["my_rows"])]  # V/p columns of the whole sequence, never V
         assert r["bytes_counted"] == r["bytes_modelled"]
+        assert r["inputs_counted"] == r["inputs_modelled"] and len(r["inputs_counted"]) == 2, r
 
 
 @pytest.mark.parametrize("stage", [2, 3])
