@@ -138,42 +138,11 @@ def _composed_case(arch: str, stage: int) -> dict:
     dense run on their mean loss, torch AdamW with the same clipping): relative errors of every step's loss and
     clipped gradient norm, step 0's gradients, the weights after the last step; and step 0's counted collectives
     with the cost model's."""
-    import ds_twolevel
-    import torch.distributed as dist
-    from hf_integration.sequence_data import shard_batch, whole_loss
-    from tests.test_sequence_parallel import (BETAS, CLIP, EPS, LR, STEPS, U_SEQ, _batch, _dense_loss, _grad_error,
-                                              _ulysses_config, _ulysses_model)
-    from ds_twolevel.testing import rel_err
+    from tests.test_sequence_parallel import _ulysses_train
 
     dp, sp, n, m = COMPOSED_LAYOUT
-    dense = _ulysses_model(arch)
-    mesh = TwoLevelLayout(n=n, m=m, dp=dp, sp=sp).build()
-    engine = ds_twolevel.initialize(model=_ulysses_model(arch), config=_ulysses_config(n, m, stage, sp), mesh=mesh)[0]
-    opt = torch.optim.AdamW(dense.parameters(), lr=LR, eps=EPS, betas=BETAS, weight_decay=0.01)
-    errors: dict = {}
-    for step in range(STEPS):
-        batches = [_batch(30 + step + 100 * r, U_SEQ) for r in range(dp)]
-        opt.zero_grad()
-        loss_ref = _dense_loss(dense, batches)
-        loss_ref.backward()
-        with CommCounter() as comm:  # this rank's share of its replica's loss
-            loss = engine(**shard_batch(batches[mesh.axes.dp.rank], mesh.axes.sp)).loss
-            engine.backward(loss)
-        if step == 0:
-            errors["grads"] = _grad_error(engine, dense)  # before clipping
-            errors["counted"] = [(*_key(r.op, r.axis, r.tag, r.numel, r.ranks, r.backward), r.bytes_sent)
-                                 for r in comm.records]
-        norm_ref = torch.nn.utils.clip_grad_norm_(dense.parameters(), CLIP)
-        engine.step()
-        opt.step()
-        whole = whole_loss(loss, mesh.axes.sp)
-        dist.all_reduce(whole, group=mesh.get_data_parallel_group())
-        errors[f"loss{step}"] = rel_err(whole / dp, loss_ref)
-        errors[f"norm{step}"] = rel_err(torch.as_tensor(float(engine.get_global_grad_norm())), norm_ref)
-    state = ds_twolevel.dense_state_dict(engine)
-    ref = dense.state_dict()
-    scale = max(float(v.abs().max()) for v in ref.values() if v.is_floating_point())
-    errors["weights"] = max(rel_err(v, ref[k], scale) for k, v in state.items())
+    errors, records = _ulysses_train(arch, n, m, stage, dp, sp)
+    errors["counted"] = [(*_key(r.op, r.axis, r.tag, r.numel, r.ranks, r.backward), r.bytes_sent) for r in records]
     return errors
 
 

@@ -235,15 +235,15 @@ def _grad_error(engine, dense) -> float:
                 p.grad = g
 
 
-def _ulysses_case(arch: str, n: int, m: int, stage: int, dp: int = 1) -> dict[str, float]:
-    """dp x 2 x n x m through ds_twolevel.initialize vs the dense model (each replica its own batch, the dense
-    run on their mean loss): every step's loss and clipped gradient norm, step 0's gradients and all-to-alls
-    (against the cost model), the weights after 4 steps."""
+def _ulysses_train(arch: str, n: int, m: int, stage: int, dp: int = 1, sp: int = 2) -> tuple[dict[str, float], list]:
+    """dp x sp x n x m through ds_twolevel.initialize vs the dense model (each replica its own batch, the dense
+    run on their mean loss, torch AdamW with the same clipping): relative errors of every step's loss and clipped
+    gradient norm, step 0's gradients and the weights after 4 steps; and the collectives step 0 counted."""
     import ds_twolevel
 
     dense = _ulysses_model(arch)
-    mesh = TwoLevelLayout(n=n, m=m, dp=dp, sp=2).build()
-    engine = ds_twolevel.initialize(model=_ulysses_model(arch), config=_ulysses_config(n, m, stage), mesh=mesh)[0]
+    mesh = TwoLevelLayout(n=n, m=m, dp=dp, sp=sp).build()
+    engine = ds_twolevel.initialize(model=_ulysses_model(arch), config=_ulysses_config(n, m, stage, sp), mesh=mesh)[0]
     opt = torch.optim.AdamW(dense.parameters(), lr=LR, eps=EPS, betas=BETAS, weight_decay=0.01)
     errors: dict[str, float] = {}
     for step in range(STEPS):
@@ -256,9 +256,7 @@ def _ulysses_case(arch: str, n: int, m: int, stage: int, dp: int = 1) -> dict[st
             engine.backward(loss)
         if step == 0:
             errors["grads"] = _grad_error(engine, dense)  # before clipping
-            counted = sorted((r.tag, r.numel, r.ranks, r.backward) for r in comm.select(op="all_to_all", axis="sp"))
-            errors["a2a_vs_model"] = float(counted != _modelled_all_to_alls(arch, n, m, dp))
-            errors["a2a_calls"] = float(len(counted))
+            records = list(comm.records)
         norm_ref = torch.nn.utils.clip_grad_norm_(dense.parameters(), CLIP)
         engine.step()
         opt.step()
@@ -272,6 +270,15 @@ def _ulysses_case(arch: str, n: int, m: int, stage: int, dp: int = 1) -> dict[st
     ref = dense.state_dict()
     scale = max(float(v.abs().max()) for v in ref.values() if v.is_floating_point())
     errors["weights"] = max(rel_err(v, ref[k], scale) for k, v in state.items())
+    return errors, records
+
+
+def _ulysses_case(arch: str, n: int, m: int, stage: int, dp: int = 1) -> dict[str, float]:
+    """:func:`_ulysses_train` at dp x 2 x n x m, with step 0's all-to-alls against the cost model."""
+    errors, records = _ulysses_train(arch, n, m, stage, dp)
+    counted = sorted((r.tag, r.numel, r.ranks, r.backward) for r in records if r.op == "all_to_all" and r.axis == "sp")
+    errors["a2a_vs_model"] = float(counted != _modelled_all_to_alls(arch, n, m, dp))
+    errors["a2a_calls"] = float(len(counted))
     return errors
 
 
@@ -293,18 +300,6 @@ def _u_engine(n: int, m: int, dp: int, sp: int, stage: int):
                                   config=_ulysses_config(n, m, stage, sp=sp), mesh=mesh)[0]
 
 
-def _u_state(engine) -> dict:
-    """The engine's dense fp32 weights and Adam moments (collective)."""
-    from ds_twolevel.deepspeed.checkpoint import current_manifest
-    from ds_twolevel.deepspeed.engine_state import dense_state
-
-    return dense_state(engine, engine.two_level.mesh, current_manifest(engine))
-
-
-def _u_state_error(got: dict, want: dict) -> float:
-    return max(rel_err(got[kind][name], tensor) for kind in want for name, tensor in want[kind].items())
-
-
 def _ulysses_checkpoint_case(stage: int, root: str) -> dict[str, float | str]:
     """Saved at sp = 2 x 1x2 after 2 steps; resumed at sp = 2 x 1x2 (DeepSpeed's own load), dp = 2 x 1x2 and
     1x4 (sp = 1: resharded), and, saved again at 1x4, at sp = 2 x 2x1: the dense weights and Adam moments equal
@@ -312,17 +307,18 @@ def _ulysses_checkpoint_case(stage: int, root: str) -> dict[str, float | str]:
     import ds_twolevel
     from ds_twolevel.deepspeed.checkpoint import plan_resume
     from ds_twolevel.sharding.shard_manifest import ShardManifest
+    from tests.test_vocab_parallel import _dense_state, _state_error
 
     engine = _u_engine(1, 2, 1, 2, stage)
     for step in range(2):
         _u_step(engine, step)
     ckpt = f"{root}/sp2_zero{stage}"
     tag_dir = ds_twolevel.save_checkpoint(engine, ckpt)
-    saved = _u_state(engine)
+    saved = _dense_state(engine)
     out: dict[str, float | str] = {"manifest": ShardManifest.read(tag_dir).describe()}
     from ds_twolevel.deepspeed.checkpoint import dense_from_checkpoint  # what ds-twolevel convert writes
 
-    out["convert_err"] = _u_state_error(dense_from_checkpoint(tag_dir, states=tuple(saved)), saved)
+    out["convert_err"] = _state_error(dense_from_checkpoint(tag_dir, states=tuple(saved)), saved)
     losses = {}
     for name, (n, m, dp, sp) in {"sp2_1x2": (1, 2, 1, 2), "dp2_1x2": (1, 2, 2, 1), "1x4": (1, 4, 1, 1)}.items():
         resumed = _u_engine(n, m, dp, sp, stage)
@@ -331,12 +327,12 @@ def _ulysses_checkpoint_case(stage: int, root: str) -> dict[str, float | str]:
             out["fresh_state_err"] = max(rel_err(fresh[k], v) for k, v in trained.items())
         out[f"{name}_plan"] = plan_resume(resumed, tag_dir)[0]
         ds_twolevel.load_checkpoint(resumed, ckpt)
-        out[f"{name}_state_err"] = _u_state_error(_u_state(resumed), saved)
+        out[f"{name}_state_err"] = _state_error(_dense_state(resumed), saved)
         if name == "1x4":  # saved again at sp = 1, resumed at sp = 2 x 2x1
             ds_twolevel.save_checkpoint(resumed, f"{root}/1x4_zero{stage}")
             back = _u_engine(2, 1, 1, 2, stage)
             ds_twolevel.load_checkpoint(back, f"{root}/1x4_zero{stage}")
-            out["sp2_2x1_state_err"] = _u_state_error(_u_state(back), saved)
+            out["sp2_2x1_state_err"] = _state_error(_dense_state(back), saved)
             losses["sp2_2x1"] = _u_step(back, 2)
         losses[name] = _u_step(resumed, 2)
     want = _u_step(engine, 2)
